@@ -1,0 +1,148 @@
+/* tinyllm.h - the stable C API of the tinyllm runtime.
+ *
+ * Objects are opaque handles with a *_load/*_new and *_free pair. Every function that can fail
+ * returns a tl_status; on failure tl_last_error() holds a one-line message (per thread).
+ * A model is read-only after loading and may be shared by many sessions (one per concurrent
+ * generation, each with its own KV cache).
+ */
+#ifndef TINYLLM_H
+#define TINYLLM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TL_API_VERSION 1
+
+typedef enum {
+    TL_OK = 0,
+    TL_ERR_IO = 1,          /* file missing, unreadable, mmap failed */
+    TL_ERR_FORMAT = 2,      /* wrong magic, truncated, impossible sizes */
+    TL_ERR_ARGUMENT = 3,    /* bad argument: empty prompt, token out of range, ... */
+    TL_ERR_MEMORY = 4,      /* allocation failed */
+    TL_ERR_RANGE = 5,       /* context (seq_len) exhausted */
+    TL_ERR_MISMATCH = 6,    /* model and tokenizer do not fit together */
+} tl_status;
+
+/* The message of the last failure on this thread ("" if none). */
+const char *tl_last_error(void);
+
+/* Number of threads the matmuls use; n <= 0 restores the default (physical cores). */
+void tl_set_threads(int n);
+int tl_get_threads(void);
+
+/* ----------------------------------------------------------------------------------------- */
+/* Model */
+
+typedef enum { TL_TYPE_F32 = 0, TL_TYPE_Q8 = 1 } tl_type;
+
+typedef struct {
+    int dim;          /* transformer width */
+    int hidden_dim;   /* FFN inner width */
+    int n_layers;
+    int n_heads;
+    int n_kv_heads;   /* < n_heads for grouped-query attention */
+    int vocab_size;
+    int seq_len;      /* maximum context */
+    int shared_classifier; /* 1: classifier is the token embedding */
+    float rope_theta;
+    float norm_eps;
+    int weight_type;  /* tl_type of the big matrices */
+    int group_size;   /* quantization group (0 for f32) */
+    int file_version; /* llama2.c format version: 0, 1 or 2 */
+} tl_config;
+
+typedef struct tl_model tl_model;
+
+/* Map a llama2.c model file (v0 legacy, v1 fp32, v2 int8), validating every size. */
+tl_status tl_model_load(const char *path, tl_model **out);
+void tl_model_free(tl_model *model);
+void tl_model_config(const tl_model *model, tl_config *out);
+
+/* ----------------------------------------------------------------------------------------- */
+/* Tokenizer (SentencePiece BPE, exact ids) */
+
+typedef struct tl_tokenizer tl_tokenizer;
+
+/* Read a tok.bin file holding vocab_size pieces. */
+tl_status tl_tokenizer_load(const char *path, int vocab_size, tl_tokenizer **out);
+void tl_tokenizer_free(tl_tokenizer *tok);
+int tl_tokenizer_vocab_size(const tl_tokenizer *tok);
+int tl_tokenizer_bos(const tl_tokenizer *tok);
+int tl_tokenizer_eos(const tl_tokenizer *tok);
+/* Id of a piece given by its exact text (e.g. "<|user|>"), or -1. */
+int tl_tokenizer_piece_id(const tl_tokenizer *tok, const char *piece);
+
+/* Encode UTF-8 text (need not be NUL-terminated) into at most max_ids ids.
+ * *n_ids receives the number written; TL_ERR_RANGE if max_ids is too small. */
+tl_status tl_tokenizer_encode(const tl_tokenizer *tok, const char *text, size_t text_len,
+                              int add_bos, int add_eos, int *ids, int max_ids, int *n_ids);
+/* The bytes token `id` stands for when it follows `prev` (byte tokens give one raw byte;
+ * control tokens give ""). The pointer stays valid while the tokenizer lives. */
+const char *tl_tokenizer_piece(const tl_tokenizer *tok, int prev, int id, size_t *len);
+/* Decode ids into buf (NUL-terminated). *len receives the byte count; TL_ERR_RANGE if too small. */
+tl_status tl_tokenizer_decode(const tl_tokenizer *tok, const int *ids, int n_ids,
+                              char *buf, size_t buf_size, size_t *len);
+
+/* ----------------------------------------------------------------------------------------- */
+/* Session: KV cache and scratch state for one sequence */
+
+typedef struct tl_session tl_session;
+
+/* n_ctx <= 0 means the model's seq_len; larger than seq_len is an error. */
+tl_status tl_session_new(const tl_model *model, int n_ctx, tl_session **out);
+void tl_session_free(tl_session *s);
+int tl_session_pos(const tl_session *s);   /* tokens in the cache */
+int tl_session_n_ctx(const tl_session *s);
+/* Forget cached positions from pos on (0 resets). */
+tl_status tl_session_rewind(tl_session *s, int pos);
+/* Run n tokens through the model after the cached ones. logits (may be NULL) receives
+ * vocab_size floats for the last token, or n * vocab_size if all_logits is set. */
+tl_status tl_session_feed(tl_session *s, const int *tokens, int n, float *logits, int all_logits);
+
+/* ----------------------------------------------------------------------------------------- */
+/* Sampler */
+
+typedef struct {
+    float temperature;        /* 0: greedy */
+    float top_p;              /* 1: off */
+    int top_k;                /* 0: off */
+    unsigned long long seed;
+} tl_sample_params;
+
+typedef struct tl_sampler tl_sampler;
+
+tl_sample_params tl_sample_defaults(void);
+tl_status tl_sampler_new(int vocab_size, const tl_sample_params *params, tl_sampler **out);
+void tl_sampler_free(tl_sampler *sampler);
+/* Pick the next token from logits (vocab_size floats; may be modified in place). */
+int tl_sampler_sample(tl_sampler *sampler, float *logits);
+
+/* ----------------------------------------------------------------------------------------- */
+/* Generator: prompt -> streamed text, the loop `run` and tinyllm.Runtime share */
+
+typedef struct tl_generator tl_generator;
+
+/* A generator over session s; the tokenizer must fit the model (TL_ERR_MISMATCH otherwise). */
+tl_status tl_generator_new(tl_session *s, const tl_tokenizer *tok, const tl_sample_params *params,
+                           tl_generator **out);
+void tl_generator_free(tl_generator *g);
+/* Encode text and feed it (after what the session holds); add_bos for a fresh sequence.
+ * An empty text is TL_ERR_ARGUMENT; a prompt that does not fit the context is TL_ERR_RANGE. */
+tl_status tl_generator_prompt(tl_generator *g, const char *text, size_t len, int add_bos);
+/* Feed token ids instead of text. */
+tl_status tl_generator_prompt_ids(tl_generator *g, const int *ids, int n);
+/* Sample and feed one token. *token receives it (-1 when done); *text/*text_len the newly
+ * complete UTF-8 text (never a partial character; may be empty). *done becomes 1 at EOS or
+ * when the context is full. */
+tl_status tl_generator_next(tl_generator *g, int *token, const char **text, size_t *text_len, int *done);
+/* Bytes still held back as an incomplete UTF-8 sequence (flushed as-is at the end). */
+const char *tl_generator_flush(tl_generator *g, size_t *len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

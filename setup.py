@@ -1,5 +1,64 @@
-"""Build tinyllm: the Python package, tinyllm.export (from export/) and the C runtime extension."""
+"""Build tinyllm: the Python package, tinyllm.export (from export/) and the C runtime extension.
+
+The extension compiles the same runtime/*.c sources as the Makefile, with OpenMP when the
+compiler has it. TINYLLM_NATIVE=1 adds -march=native (faster here, not portable).
+"""
+import glob
+import os
+import subprocess
+import tempfile
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+
+RUNTIME_SOURCES = sorted(s for s in glob.glob("runtime/*.c") if not s.endswith("run.c"))
+
+
+def compiler_has_openmp() -> bool:
+    """True if the C compiler builds and links a trivial program with -fopenmp."""
+    cc = os.environ.get("CC", "cc")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        result = subprocess.run([cc, "-fopenmp", src, "-o", os.path.join(tmp, "omp")], capture_output=True)
+        return result.returncode == 0
+
+
+class BuildExt(build_ext):
+    """C sources get C flags (C11), the binding gets C++ flags."""
+
+    def build_extension(self, ext):
+        original = self.compiler._compile
+
+        def compile_one(obj, src, ext_name, cc_args, extra_postargs, pp_opts):
+            if src.endswith(".c"):
+                extra_postargs = [a for a in extra_postargs if not a.startswith("-std=c++")] + ["-std=c11"]
+            return original(obj, src, ext_name, cc_args, extra_postargs, pp_opts)
+
+        self.compiler._compile = compile_one
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler._compile = original
+
+
+flags = ["-O3", "-D_GNU_SOURCE"]
+link = []
+if compiler_has_openmp():
+    flags.append("-fopenmp")
+    link.append("-fopenmp")
+if os.environ.get("TINYLLM_NATIVE") == "1":
+    flags.append("-march=native")
+
+extension = Pybind11Extension(
+    "tinyllm._runtime",
+    ["python/tinyllm/_runtime.cpp"] + RUNTIME_SOURCES,
+    include_dirs=["runtime"],
+    extra_compile_args=flags,
+    extra_link_args=link,
+    cxx_std=17,
+)
 
 setup(
     name="tinyllm",
@@ -8,6 +67,8 @@ setup(
     python_requires=">=3.10",
     packages=["tinyllm", "tinyllm.train", "tinyllm.export"],
     package_dir={"tinyllm": "python/tinyllm", "tinyllm.export": "export"},
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExt},
     install_requires=["numpy", "sentencepiece", "tqdm"],
     extras_require={
         "train": ["torch", "matplotlib"],

@@ -7,4 +7,261 @@ from __future__ import annotations
 
 # ---- model files ----------------------------------------------------------------------------
 
+import struct
+
+import numpy as np
+
+from tinyllm.config import ModelConfig
+from tinyllm.errors import FormatError
+from tinyllm.fileio import atomic_write
+
+MAGIC = 0x616B3432          # "ak42" read as a little-endian uint32
+HEADER_BYTES = 256          # v1/v2 header size, zero padded
+EXT_OFFSET = 64             # our extension inside the v1/v2 padding (stock readers ignore it)
+EXT_MAGIC = b"tlx1"         # followed by float32 rope_theta, float32 norm_eps
+DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_NORM_EPS = 1e-5
+
+# per-layer matrices in the order every version stores them
+LAYER_MATRICES = ["attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+
+
+def _state_arrays(model_or_state_dict) -> dict[str, np.ndarray]:
+    """fp32 numpy arrays by parameter name, from a torch module or state dict."""
+    sd = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
+    out = {}
+    for name, t in sd.items():
+        if hasattr(t, "detach"):
+            t = t.detach().float().cpu().numpy()
+        out[name.removeprefix("_orig_mod.").removeprefix("module.")] = np.ascontiguousarray(t, dtype=np.float32)
+    return out
+
+
+def _layer_stack(w: dict, cfg: ModelConfig, key: str) -> list[np.ndarray]:
+    return [w[f"layers.{i}.{key}.weight"] for i in range(cfg.n_layers)]
+
+
+def _has_separate_classifier(w: dict, cfg: ModelConfig) -> bool:
+    if cfg.tie_embeddings or "output.weight" not in w:
+        return False
+    return not np.array_equal(w["output.weight"], w["tok_embeddings.weight"])
+
+
+def _header_ints(cfg: ModelConfig, vocab_size: int) -> tuple:
+    return (cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, vocab_size, cfg.max_seq_len)
+
+
+def choose_group_size(cfg: ModelConfig, preferred: int = 64) -> int:
+    """Largest power-of-two group <= preferred that divides every row length (dim, hidden_dim).
+
+    Groups are at least 4 values so that the fp32 scales after each int8 tensor stay aligned."""
+    gs = preferred
+    while gs > 4 and (cfg.dim % gs or cfg.hidden_dim % gs):
+        gs //= 2
+    if cfg.dim % gs or cfg.hidden_dim % gs:
+        raise FormatError(f"v2 needs dim ({cfg.dim}) and hidden_dim ({cfg.hidden_dim}) divisible by 4")
+    return gs
+
+
+def quantize_q8(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per group of group_size consecutive values: w ~ q * scale."""
+    groups = w.reshape(-1, group_size).astype(np.float32)
+    scale = np.abs(groups).max(axis=1) / 127.0
+    safe = np.where(scale == 0, 1.0, scale)
+    q = np.rint(groups / safe[:, None]).clip(-127, 127).astype(np.int8)  # rint: half to even, like torch.round
+    return q.reshape(-1), scale.astype(np.float32)
+
+
+def dequantize_q8(q: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarray:
+    return (q.reshape(-1, group_size).astype(np.float32) * scale[:, None]).reshape(-1)
+
+
+def write_model(path, model_or_state_dict, config: ModelConfig, version: int = 1, group_size: int | None = None):
+    """Write a llama2.c model file: v0 (legacy fp32), v1 (fp32) or v2 (int8 groups). Atomic."""
+    cfg, w = config, _state_arrays(model_or_state_dict)
+    separate = _has_separate_classifier(w, cfg)
+    if version == 0:
+        if cfg.rope_theta != DEFAULT_ROPE_THETA or cfg.norm_eps != DEFAULT_NORM_EPS:
+            raise FormatError("llama2.c v0 cannot store rope_theta/norm_eps other than 10000/1e-5; use --version 1")
+        body = _v0_tensors(w, cfg, separate)
+        header = struct.pack("<7i", *_header_ints(cfg, -cfg.vocab_size if separate else cfg.vocab_size))
+    elif version == 1:
+        body = _v1_tensors(w, cfg, separate)
+        header = _v1v2_header(cfg, 1, separate)
+    elif version == 2:
+        gs = group_size or choose_group_size(cfg)
+        if gs % 4 or cfg.dim % gs or cfg.hidden_dim % gs:
+            raise FormatError(f"group size {gs} must be a multiple of 4 dividing dim {cfg.dim} "
+                              f"and hidden_dim {cfg.hidden_dim}")
+        body = _v2_tensors(w, cfg, separate, gs)
+        header = _v1v2_header(cfg, 2, separate, gs)
+    else:
+        raise FormatError(f"unknown llama2.c version {version} (expected 0, 1 or 2)")
+    with atomic_write(path) as f:
+        f.write(header)
+        for t in body:
+            f.write(np.ascontiguousarray(t).tobytes())
+
+
+def _v1v2_header(cfg: ModelConfig, version: int, separate: bool, group_size: int | None = None) -> bytes:
+    h = struct.pack("<Ii", MAGIC, version) + struct.pack("<7i", *_header_ints(cfg, cfg.vocab_size))
+    h += struct.pack("<B", 0 if separate else 1)
+    if group_size is not None:
+        h += struct.pack("<i", group_size)
+    h = h.ljust(EXT_OFFSET, b"\0") + EXT_MAGIC + struct.pack("<ff", cfg.rope_theta, cfg.norm_eps)
+    return h.ljust(HEADER_BYTES, b"\0")
+
+
+def _v0_tensors(w, cfg, separate):
+    from tinyllm.model import rope_tables  # lazy: the torch model holds the one RoPE definition
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    out = [w["tok_embeddings.weight"]]
+    out += _layer_stack(w, cfg, "attention_norm")
+    for key in LAYER_MATRICES[:4]:
+        out += _layer_stack(w, cfg, key)
+    out += _layer_stack(w, cfg, "ffn_norm")
+    for key in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+        out += _layer_stack(w, cfg, key)
+    out += [w["norm.weight"], cos.numpy(), sin.numpy()]
+    if separate:
+        out.append(w["output.weight"])
+    return out
+
+
+def _v1_tensors(w, cfg, separate):
+    out = _layer_stack(w, cfg, "attention_norm") + _layer_stack(w, cfg, "ffn_norm")
+    out += [w["norm.weight"], w["tok_embeddings.weight"]]
+    for key in LAYER_MATRICES:
+        out += _layer_stack(w, cfg, key)
+    if separate:
+        out.append(w["output.weight"])
+    return out
+
+
+def _v2_tensors(w, cfg, separate, gs):
+    out = _layer_stack(w, cfg, "attention_norm") + _layer_stack(w, cfg, "ffn_norm") + [w["norm.weight"]]
+    matrices = [w["tok_embeddings.weight"]]
+    for key in LAYER_MATRICES:
+        matrices += _layer_stack(w, cfg, key)
+    if separate:
+        matrices.append(w["output.weight"])
+    for m in matrices:
+        q, s = quantize_q8(m, gs)
+        out += [q, s]
+    return out
+
+
+def read_model(path) -> tuple[ModelConfig, dict]:
+    """Read any llama2.c model file into (config, fp32 state dict of torch tensors; v2 dequantized)."""
+    import torch
+    cfg, arrays = read_model_arrays(path)
+    return cfg, {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+
+
+def load_model(path):
+    """A torch Transformer (eval mode) holding the weights of a llama2.c file (v2 dequantized)."""
+    from tinyllm.model import Transformer
+    cfg, state = read_model(path)
+    model = Transformer(cfg)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def read_model_arrays(path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Like read_model, with numpy arrays (no torch needed)."""
+    data = open(path, "rb").read()
+    if len(data) < 28:
+        raise FormatError(f"file too small for a llama2.c header ({len(data)} bytes): {path}")
+    magic, version = struct.unpack_from("<Ii", data, 0)
+    if magic == MAGIC:
+        if version not in (1, 2) or len(data) < HEADER_BYTES:
+            raise FormatError(f"unsupported llama2.c version {version}: {path}")
+        dims = struct.unpack_from("<7i", data, 8)
+        separate = data[36] == 0
+        gs = struct.unpack_from("<i", data, 37)[0] if version == 2 else None
+        theta, eps = DEFAULT_ROPE_THETA, DEFAULT_NORM_EPS
+        if data[EXT_OFFSET:EXT_OFFSET + 4] == EXT_MAGIC:
+            # float32 on disk; 7 significant digits give back the value that was written (1e-5, not 9.99e-6)
+            theta, eps = (float(f"{v:.7g}") for v in struct.unpack_from("<ff", data, EXT_OFFSET + 4))
+        offset = HEADER_BYTES
+    else:
+        version, gs = 0, None
+        dims = struct.unpack_from("<7i", data, 0)
+        separate = dims[5] < 0
+        dims = dims[:5] + (abs(dims[5]),) + dims[6:]
+        theta, eps, offset = DEFAULT_ROPE_THETA, DEFAULT_NORM_EPS, 28
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq = dims
+    try:
+        cfg = ModelConfig(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
+                          vocab_size=vocab, max_seq_len=seq, rope_theta=float(theta), norm_eps=float(eps),
+                          tie_embeddings=not separate)
+    except ValueError as e:
+        raise FormatError(f"{e}: {path}") from None
+    reader = _TensorReader(data, offset, path)
+    w = {}
+    layer_names = lambda key: [f"layers.{i}.{key}.weight" for i in range(n_layers)]
+    shapes = {"attention.wq": (dim, dim), "attention.wk": (cfg.kv_dim, dim), "attention.wv": (cfg.kv_dim, dim),
+              "attention.wo": (dim, dim), "feed_forward.w1": (hidden, dim), "feed_forward.w2": (dim, hidden),
+              "feed_forward.w3": (hidden, dim)}
+    if version == 0:
+        w["tok_embeddings.weight"] = reader.f32((vocab, dim))
+        for n in layer_names("attention_norm"):
+            w[n] = reader.f32((dim,))
+        for key in LAYER_MATRICES[:4]:
+            for n in layer_names(key):
+                w[n] = reader.f32(shapes[key])
+        for n in layer_names("ffn_norm"):
+            w[n] = reader.f32((dim,))
+        for key in LAYER_MATRICES[4:]:
+            for n in layer_names(key):
+                w[n] = reader.f32(shapes[key])
+        w["norm.weight"] = reader.f32((dim,))
+        reader.f32((seq, cfg.head_dim // 2))  # RoPE tables: recomputed, not needed
+        reader.f32((seq, cfg.head_dim // 2))
+        matrix = lambda name, shape: reader.f32(shape)
+    else:
+        for n in layer_names("attention_norm") + layer_names("ffn_norm"):
+            w[n] = reader.f32((dim,))
+        w["norm.weight"] = reader.f32((dim,))
+        if version == 1:
+            matrix = lambda name, shape: reader.f32(shape)
+        else:
+            if gs <= 0 or gs % 4 or dim % gs or hidden % gs:
+                raise FormatError(f"bad group size {gs} for dim {dim}, hidden_dim {hidden}: {path}")
+            matrix = lambda name, shape: reader.q8(shape, gs)
+        w["tok_embeddings.weight"] = matrix("tok_embeddings", (vocab, dim))
+        for key in LAYER_MATRICES:
+            for n in layer_names(key):
+                w[n] = matrix(n, shapes[key])
+    w["output.weight"] = matrix("output", (vocab, dim)) if separate else w["tok_embeddings.weight"]
+    if reader.offset != len(data):
+        raise FormatError(f"{len(data) - reader.offset} unexpected trailing bytes after the weights: {path}")
+    return cfg, w
+
+
+class _TensorReader:
+    """Sequential reads of fp32 / int8-group tensors with size checks against the file length."""
+
+    def __init__(self, data: bytes, offset: int, path):
+        self.data, self.offset, self.path = data, offset, path
+
+    def _take(self, nbytes: int) -> memoryview:
+        if self.offset + nbytes > len(self.data):
+            raise FormatError(f"truncated model file: need {self.offset + nbytes} bytes, have {len(self.data)}: {self.path}")
+        view = memoryview(self.data)[self.offset:self.offset + nbytes]
+        self.offset += nbytes
+        return view
+
+    def f32(self, shape) -> np.ndarray:
+        n = int(np.prod(shape))
+        return np.frombuffer(self._take(4 * n), dtype="<f4").reshape(shape).copy()
+
+    def q8(self, shape, gs: int) -> np.ndarray:
+        n = int(np.prod(shape))
+        q = np.frombuffer(self._take(n), dtype=np.int8)
+        s = np.frombuffer(self._take(4 * (n // gs)), dtype="<f4")
+        return dequantize_q8(q, s, gs).reshape(shape)
+
+
 # ---- tokenizer files (tok.bin) --------------------------------------------------------------

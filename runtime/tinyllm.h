@@ -1,6 +1,6 @@
 /* tinyllm.h - the stable C API of the tinyllm runtime.
  *
- * Objects are opaque handles with a *_load/*_new and *_free pair. Every function that can fail
+ * Objects are opaque handles with a load-or-new and a free function. Every function that can fail
  * returns a tl_status; on failure tl_last_error() holds a one-line message (per thread).
  * A model is read-only after loading and may be shared by many sessions (one per concurrent
  * generation, each with its own KV cache).
@@ -76,6 +76,10 @@ int tl_tokenizer_eos(const tl_tokenizer *tok);
 /* Id of a piece given by its exact text (e.g. "<|user|>"), or -1. */
 int tl_tokenizer_piece_id(const tl_tokenizer *tok, const char *piece);
 
+/* Where a model's tokenizer is looked for when none is named: tok<vocab_size>.bin in the model's
+ * directory if it exists, else tokenizer.bin (llama2.c's name) in the current directory. */
+void tl_default_tokenizer_path(const char *model_path, int vocab_size, char *buf, size_t buf_size);
+
 /* Encode UTF-8 text (need not be NUL-terminated) into at most max_ids ids.
  * *n_ids receives the number written; TL_ERR_RANGE if max_ids is too small. */
 tl_status tl_tokenizer_encode(const tl_tokenizer *tok, const char *text, size_t text_len,
@@ -135,10 +139,15 @@ void tl_generator_free(tl_generator *g);
 tl_status tl_generator_prompt(tl_generator *g, const char *text, size_t len, int add_bos);
 /* Feed token ids instead of text. */
 tl_status tl_generator_prompt_ids(tl_generator *g, const int *ids, int n);
-/* Sample and feed one token. *token receives it (-1 when done); *text/*text_len the newly
- * complete UTF-8 text (never a partial character; may be empty). *done becomes 1 at EOS or
- * when the context is full. */
+/* Sample one token and feed it. *token receives it; *text and *text_len the newly complete UTF-8
+ * text (never a partial character; may be empty). *done becomes 1 when the token is EOS (not
+ * fed, no text) or when the context is full (the token's text is still given). */
 tl_status tl_generator_next(tl_generator *g, int *token, const char **text, size_t *text_len, int *done);
+/* Feed one user turn of the chat template: on an empty session BOS, then
+ * "<|system|>\n{system}\n" when system is non-empty, then "<|user|>\n{user}\n<|assistant|>\n".
+ * If the previous answer ended with EOS, that EOS is fed first, so the KV cache holds the whole
+ * conversation and history is never re-encoded. */
+tl_status tl_generator_chat_turn(tl_generator *g, const char *system, const char *user);
 /* Bytes still held back as an incomplete UTF-8 sequence (flushed as-is at the end). */
 const char *tl_generator_flush(tl_generator *g, size_t *len);
 

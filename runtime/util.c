@@ -61,3 +61,10 @@ int tl_read_bytes(tl_reader *r, void *dst, size_t n) {
 int tl_read_i32(tl_reader *r, int32_t *v) { return tl_read_bytes(r, v, sizeof(*v)); }
 int tl_read_u32(tl_reader *r, uint32_t *v) { return tl_read_bytes(r, v, sizeof(*v)); }
 int tl_read_f32(tl_reader *r, float *v) { return tl_read_bytes(r, v, sizeof(*v)); }
+
+void tl_default_tokenizer_path(const char *model_path, int vocab_size, char *buf, size_t buf_size) {
+    const char *slash = strrchr(model_path, '/');
+    const int dir_len = slash ? (int)(slash - model_path + 1) : 0;
+    snprintf(buf, buf_size, "%.*stok%d.bin", dir_len, model_path, vocab_size);
+    if (access(buf, R_OK) != 0) snprintf(buf, buf_size, "tokenizer.bin");
+}

@@ -19,3 +19,15 @@ class ConfigError(TinyLLMError, ValueError):
 
 class DataError(TinyLLMError, ValueError):
     """Training or evaluation data is malformed or empty."""
+
+
+class FileError(TinyLLMError, OSError):
+    """A file is missing or cannot be read."""
+
+
+class ContextLengthError(TinyLLMError, ValueError):
+    """Tokens do not fit in the model's context (seq_len)."""
+
+
+class InvalidArgumentError(TinyLLMError, ValueError):
+    """An argument the runtime cannot use (empty prompt, token id out of range, ...)."""

@@ -1,0 +1,200 @@
+// _runtime.cpp - pybind11 binding over runtime/tinyllm.h. Thin on purpose: one Python class per C
+// handle, errors turned into tinyllm.errors exceptions, the GIL released while computing.
+// Everything user-facing (defaults, stop strings, streaming) lives in tinyllm/runtime.py.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+extern "C" {
+#include "tinyllm.h"
+}
+
+namespace py = pybind11;
+
+// Raise the tinyllm.errors class that matches a C status, with tl_last_error() as the message.
+static void check(tl_status st) {
+    if (st == TL_OK) return;
+    const char *name = "TinyLLMError";
+    switch (st) {
+        case TL_ERR_IO: name = "FileError"; break;
+        case TL_ERR_FORMAT: name = "FormatError"; break;
+        case TL_ERR_ARGUMENT: name = "InvalidArgumentError"; break;
+        case TL_ERR_RANGE: name = "ContextLengthError"; break;
+        case TL_ERR_MISMATCH: name = "TokenizerError"; break;
+        default: break;
+    }
+    std::string message = tl_last_error();
+    py::object cls = py::module_::import("tinyllm.errors").attr(name);
+    PyErr_SetString(cls.ptr(), message.c_str());
+    throw py::error_already_set();
+}
+
+struct Model {
+    tl_model *ptr = nullptr;
+    explicit Model(const std::string &path) { check(tl_model_load(path.c_str(), &ptr)); }
+    ~Model() { tl_model_free(ptr); }
+    py::dict config() const {
+        tl_config c;
+        tl_model_config(ptr, &c);
+        py::dict d;
+        d["dim"] = c.dim; d["hidden_dim"] = c.hidden_dim; d["n_layers"] = c.n_layers;
+        d["n_heads"] = c.n_heads; d["n_kv_heads"] = c.n_kv_heads; d["vocab_size"] = c.vocab_size;
+        d["seq_len"] = c.seq_len; d["shared_classifier"] = c.shared_classifier != 0;
+        d["rope_theta"] = c.rope_theta; d["norm_eps"] = c.norm_eps;
+        d["weight_type"] = c.weight_type == TL_TYPE_Q8 ? "q8" : "f32";
+        d["group_size"] = c.group_size; d["file_version"] = c.file_version;
+        return d;
+    }
+};
+
+struct Tokenizer {
+    tl_tokenizer *ptr = nullptr;
+    Tokenizer(const std::string &path, int vocab_size) { check(tl_tokenizer_load(path.c_str(), vocab_size, &ptr)); }
+    ~Tokenizer() { tl_tokenizer_free(ptr); }
+    std::vector<int> encode(const py::bytes &text, bool bos, bool eos) const {
+        std::string s = text;
+        std::vector<int> ids(s.size() + 3);  // BPE never yields more ids than bytes (+ BOS/EOS)
+        int n = 0;
+        check(tl_tokenizer_encode(ptr, s.data(), s.size(), bos, eos, ids.data(), (int)ids.size(), &n));
+        ids.resize(n);
+        return ids;
+    }
+    py::bytes decode(const std::vector<int> &ids) const {
+        std::vector<char> buf(16 * ids.size() + 16);
+        size_t len = 0;
+        tl_status st;
+        while ((st = tl_tokenizer_decode(ptr, ids.data(), (int)ids.size(), buf.data(), buf.size(), &len)) ==
+               TL_ERR_RANGE)
+            buf.resize(buf.size() * 4);
+        check(st);
+        return py::bytes(buf.data(), len);
+    }
+    int vocab_size() const { return tl_tokenizer_vocab_size(ptr); }
+    int bos() const { return tl_tokenizer_bos(ptr); }
+    int eos() const { return tl_tokenizer_eos(ptr); }
+    int piece_id(const std::string &piece) const { return tl_tokenizer_piece_id(ptr, piece.c_str()); }
+};
+
+struct Session {
+    py::object model_ref;  // keeps the Model alive while the session uses its weights
+    tl_session *ptr = nullptr;
+    int vocab_size;
+    Session(py::object model, int n_ctx) : model_ref(model) {
+        Model &m = model.cast<Model &>();
+        tl_config c;
+        tl_model_config(m.ptr, &c);
+        vocab_size = c.vocab_size;
+        check(tl_session_new(m.ptr, n_ctx, &ptr));
+    }
+    ~Session() { tl_session_free(ptr); }
+    // Logits of every fed position (n, vocab) when all_logits, else of the last one (vocab,).
+    py::array_t<float> feed(const std::vector<int> &tokens, bool all_logits) {
+        const size_t rows = all_logits ? tokens.size() : 1;
+        py::array_t<float> out = all_logits ? py::array_t<float>({rows, (size_t)vocab_size})
+                                            : py::array_t<float>({(size_t)vocab_size});
+        float *dst = out.mutable_data();
+        tl_status st;
+        {
+            py::gil_scoped_release nogil;
+            st = tl_session_feed(ptr, tokens.data(), (int)tokens.size(), dst, all_logits);
+        }
+        check(st);
+        return out;
+    }
+    int pos() const { return tl_session_pos(ptr); }
+    int n_ctx() const { return tl_session_n_ctx(ptr); }
+    void rewind(int pos) { check(tl_session_rewind(ptr, pos)); }
+};
+
+struct Generator {
+    py::object session_ref, tokenizer_ref;
+    tl_generator *ptr = nullptr;
+    Generator(py::object session, py::object tokenizer, float temperature, float top_p, int top_k,
+              unsigned long long seed)
+        : session_ref(session), tokenizer_ref(tokenizer) {
+        tl_sample_params p = {temperature, top_p, top_k, seed};
+        check(tl_generator_new(session.cast<Session &>().ptr, tokenizer.cast<Tokenizer &>().ptr, &p, &ptr));
+    }
+    ~Generator() { tl_generator_free(ptr); }
+    void prompt(const py::bytes &text, bool add_bos) {
+        std::string s = text;
+        tl_status st;
+        {
+            py::gil_scoped_release nogil;
+            st = tl_generator_prompt(ptr, s.data(), s.size(), add_bos);
+        }
+        check(st);
+    }
+    void prompt_ids(const std::vector<int> &ids) {
+        tl_status st;
+        {
+            py::gil_scoped_release nogil;
+            st = tl_generator_prompt_ids(ptr, ids.data(), (int)ids.size());
+        }
+        check(st);
+    }
+    void chat_turn(const std::string &system, const std::string &user) {
+        tl_status st;
+        {
+            py::gil_scoped_release nogil;
+            st = tl_generator_chat_turn(ptr, system.c_str(), user.c_str());
+        }
+        check(st);
+    }
+    // (token, newly complete UTF-8 bytes, done)
+    py::tuple next() {
+        int token = -1, done = 0;
+        const char *text = nullptr;
+        size_t len = 0;
+        tl_status st;
+        {
+            py::gil_scoped_release nogil;
+            st = tl_generator_next(ptr, &token, &text, &len, &done);
+        }
+        check(st);
+        return py::make_tuple(token, py::bytes(text, len), done != 0);
+    }
+    py::bytes flush() {
+        size_t len = 0;
+        const char *text = tl_generator_flush(ptr, &len);
+        return py::bytes(text, len);
+    }
+};
+
+PYBIND11_MODULE(_runtime, m) {
+    m.doc() = "Low-level binding of the tinyllm C runtime; use tinyllm.Runtime instead.";
+    m.def("set_threads", &tl_set_threads, "Threads for the matmuls (<= 0: physical cores).");
+    m.def("get_threads", &tl_get_threads);
+    py::class_<Model>(m, "Model")
+        .def(py::init<const std::string &>())
+        .def("config", &Model::config);
+    py::class_<Tokenizer>(m, "Tokenizer")
+        .def(py::init<const std::string &, int>())
+        .def("encode", &Tokenizer::encode, py::arg("text"), py::arg("bos"), py::arg("eos"))
+        .def("decode", &Tokenizer::decode)
+        .def_property_readonly("vocab_size", &Tokenizer::vocab_size)
+        .def_property_readonly("bos_id", &Tokenizer::bos)
+        .def_property_readonly("eos_id", &Tokenizer::eos)
+        .def("piece_id", &Tokenizer::piece_id);
+    py::class_<Session>(m, "Session")
+        .def(py::init<py::object, int>())
+        .def("feed", &Session::feed, py::arg("tokens"), py::arg("all_logits") = false)
+        .def_property_readonly("pos", &Session::pos)
+        .def_property_readonly("n_ctx", &Session::n_ctx)
+        .def("rewind", &Session::rewind);
+    py::class_<Generator>(m, "Generator")
+        .def(py::init<py::object, py::object, float, float, int, unsigned long long>())
+        .def("prompt", &Generator::prompt)
+        .def("prompt_ids", &Generator::prompt_ids)
+        .def("chat_turn", &Generator::chat_turn)
+        .def("next", &Generator::next)
+        .def("flush", &Generator::flush);
+    m.def("default_tokenizer_path", [](const std::string &model_path, int vocab_size) {
+        char buf[4096];
+        tl_default_tokenizer_path(model_path.c_str(), vocab_size, buf, sizeof(buf));
+        return std::string(buf);
+    });
+}

@@ -1,0 +1,140 @@
+"""tinyllm.Runtime: the C runtime from Python (no torch needed)."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import _runtime
+from .config import ModelConfig
+from .errors import InvalidArgumentError
+
+
+class Runtime:
+    """A model file loaded by the C runtime, with its tokenizer.
+
+    Runtime("models/stories15M.bin").generate("从前") -> the continuation as text.
+    tokenizer_path defaults to tok<vocab>.bin beside the model (then ./tokenizer.bin);
+    threads defaults to the number of physical cores.
+    """
+
+    def __init__(self, model_path, tokenizer_path=None, threads: int | None = None):
+        if threads is not None:
+            _runtime.set_threads(int(threads))
+        self.model_path = os.fspath(model_path)
+        self._model = _runtime.Model(self.model_path)
+        self._raw_config = self._model.config()
+        vocab = self._raw_config["vocab_size"]
+        if tokenizer_path is None:
+            tokenizer_path = _runtime.default_tokenizer_path(self.model_path, vocab)
+        self.tokenizer_path = os.fspath(tokenizer_path)
+        self._tok = _runtime.Tokenizer(self.tokenizer_path, vocab)
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's shape as a ModelConfig."""
+        c = self._raw_config
+        return ModelConfig(dim=c["dim"], hidden_dim=c["hidden_dim"], n_layers=c["n_layers"], n_heads=c["n_heads"],
+                           n_kv_heads=c["n_kv_heads"], vocab_size=c["vocab_size"], max_seq_len=c["seq_len"],
+                           rope_theta=c["rope_theta"], norm_eps=c["norm_eps"],
+                           tie_embeddings=c["shared_classifier"])
+
+    @property
+    def file_info(self) -> dict:
+        """Format details: file_version, weight_type, group_size."""
+        return {k: self._raw_config[k] for k in ("file_version", "weight_type", "group_size")}
+
+    @property
+    def bos_id(self) -> int:
+        return self._tok.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._tok.eos_id
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of text, exactly as SentencePiece gives them."""
+        return self._tok.encode(text.encode("utf-8"), bos, eos)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids (byte tokens joined into characters; invalid UTF-8 replaced)."""
+        return self._tok.decode(list(ids)).decode("utf-8", errors="replace")
+
+    def logits(self, tokens: Iterable[int]) -> np.ndarray:
+        """Logits (len(tokens), vocab) of every position, computed from an empty context."""
+        tokens = list(tokens)
+        if not tokens:
+            raise InvalidArgumentError("logits() needs at least one token")
+        session = _runtime.Session(self._model, 0)
+        return session.feed(tokens, True)
+
+    def _generator(self, temperature, top_p, top_k, seed):
+        session = _runtime.Session(self._model, 0)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") or 1
+        return session, _runtime.Generator(session, self._tok, float(temperature), float(top_p), int(top_k),
+                                           int(seed) & 0xFFFFFFFFFFFFFFFF)
+
+    def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
+               top_k: int = 0, seed: int | None = None, stop: Iterable[str] | None = None) -> Iterator[str]:
+        """Yield the continuation of prompt piece by piece (never a partial character).
+
+        Stops at EOS, after max_new_tokens, when the context is full, or before the first stop string."""
+        if not prompt:
+            raise InvalidArgumentError("empty prompt")
+        _, gen = self._generator(temperature, top_p, top_k, seed)
+        gen.prompt(prompt.encode("utf-8"), True)
+        yield from _stop_at(self._pieces(gen, max_new_tokens), list(stop or []))
+
+    def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
+                 top_k: int = 0, seed: int | None = None, stop: Iterable[str] | None = None) -> str:
+        """The continuation of prompt as one string (see stream)."""
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop))
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> list[int]:
+        """Sampled token ids after prompt_ids (EOS included when it ends the text)."""
+        _, gen = self._generator(temperature, top_p, top_k, seed)
+        gen.prompt_ids(list(prompt_ids))
+        out = []
+        for _ in range(max_new_tokens):
+            token, _text, done = gen.next()
+            out.append(token)
+            if done:
+                break
+        return out
+
+    @staticmethod
+    def _pieces(gen, max_new_tokens: int) -> Iterator[str]:
+        for _ in range(max_new_tokens):
+            _token, text, done = gen.next()
+            if text:
+                yield text.decode("utf-8", errors="replace")
+            if done:
+                break
+        rest = gen.flush()
+        if rest:
+            yield rest.decode("utf-8", errors="replace")
+
+
+def _stop_at(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:
+    """Pass pieces through until a stop string appears; hold back text that may begin one."""
+    if not stops:
+        yield from pieces
+        return
+    held = ""
+    for piece in pieces:
+        held += piece
+        hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+        if hits:
+            if min(hits) > 0:
+                yield held[:min(hits)]
+            return
+        # keep the longest tail that is a prefix of some stop string
+        keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+        if len(held) > keep:
+            yield held[:len(held) - keep]
+            held = held[len(held) - keep:]
+    if held:
+        yield held

@@ -1,0 +1,34 @@
+/* model.h - the model's internal structs, shared by the format readers and the forward pass. */
+#ifndef TINYLLM_MODEL_H
+#define TINYLLM_MODEL_H
+
+#include "internal.h"
+#include "kernels.h"
+
+typedef struct {
+    const float *rms_att;   /* (dim) attention RMSNorm weight */
+    const float *rms_ffn;   /* (dim) FFN RMSNorm weight */
+    tl_matrix wq, wk, wv, wo; /* (dim,dim) (kv_dim,dim) (kv_dim,dim) (dim,dim) */
+    tl_matrix w1, w2, w3;     /* (hidden,dim) (dim,hidden) (hidden,dim) */
+} tl_layer;
+
+struct tl_model {
+    tl_config config;
+    tl_mapped_file file;      /* the weights point into this mapping */
+    tl_matrix token_embedding; /* (vocab, dim) */
+    tl_matrix classifier;      /* (vocab, dim); the embedding when shared */
+    const float *rms_final;    /* (dim) */
+    tl_layer *layers;          /* n_layers */
+    float *rope_cos, *rope_sin; /* (seq_len, head_dim/2) cos/sin of position * frequency */
+};
+
+/* Check hyper-parameters read from a file; fills a message naming the bad field. */
+tl_status tl_config_validate(const tl_config *c, const char *path);
+
+/* The model a session runs. */
+const tl_model *tl_session_model(const tl_session *s);
+
+/* Readers: fill model from the mapped file (model->file already set). */
+tl_status tl_load_llama2c(tl_model *model, const char *path);
+
+#endif

@@ -1,0 +1,130 @@
+/* sampler.c - the next token from logits: greedy, temperature, top-k, top-p, with a seedable RNG. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "internal.h"
+#include "kernels.h"
+
+typedef struct {
+    float prob;
+    int index;
+} prob_index;
+
+struct tl_sampler {
+    int vocab_size;
+    tl_sample_params params;
+    unsigned long long rng_state;
+    prob_index *candidates; /* (vocab) scratch for top-k / top-p */
+};
+
+tl_sample_params tl_sample_defaults(void) {
+    tl_sample_params p = {1.0f, 0.9f, 0, 0};
+    return p;
+}
+
+/* xorshift64*: small, fast and the same sequence on every platform for a given seed. */
+static unsigned int random_u32(unsigned long long *state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (unsigned int)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+/* Uniform in [0, 1) with 24 random bits. */
+static float random_f32(unsigned long long *state) { return (random_u32(state) >> 8) / 16777216.0f; }
+
+tl_status tl_sampler_new(int vocab_size, const tl_sample_params *params, tl_sampler **out) {
+    *out = NULL;
+    if (vocab_size <= 0) return tl_fail(TL_ERR_ARGUMENT, "vocab_size %d must be positive", vocab_size);
+    if (!(params->temperature >= 0.0f) || !isfinite(params->temperature))
+        return tl_fail(TL_ERR_ARGUMENT, "temperature %g must be >= 0", params->temperature);
+    if (!(params->top_p > 0.0f && params->top_p <= 1.0f))
+        return tl_fail(TL_ERR_ARGUMENT, "top_p %g must be in (0, 1]", params->top_p);
+    if (params->top_k < 0) return tl_fail(TL_ERR_ARGUMENT, "top_k %d must be >= 0", params->top_k);
+    tl_sampler *s = calloc(1, sizeof(*s));
+    if (s) s->candidates = malloc((size_t)vocab_size * sizeof(prob_index));
+    if (s == NULL || s->candidates == NULL) {
+        tl_sampler_free(s);
+        return tl_fail(TL_ERR_MEMORY, "out of memory for a sampler");
+    }
+    s->vocab_size = vocab_size;
+    s->params = *params;
+    /* a zero state would stay zero forever */
+    s->rng_state = params->seed ? params->seed : 0x9E3779B97F4A7C15ull;
+    *out = s;
+    return TL_OK;
+}
+
+void tl_sampler_free(tl_sampler *s) {
+    if (s == NULL) return;
+    free(s->candidates);
+    free(s);
+}
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static int by_prob_descending(const void *a, const void *b) {
+    const prob_index *x = a, *y = b;
+    if (x->prob != y->prob) return x->prob > y->prob ? -1 : 1;
+    return x->index - y->index; /* ties in id order: deterministic across qsort implementations */
+}
+
+/* Sample from probabilities that sum to 1, walking them in index order. */
+static int sample_all(const float *probs, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += probs[i];
+        if (coin < cdf) return i;
+    }
+    return n - 1; /* rounding left the sum a hair under coin */
+}
+
+/* Keep the top_k most likely tokens, then the smallest prefix whose mass exceeds top_p. */
+static int sample_truncated(tl_sampler *s, const float *probs, float coin) {
+    const int n = s->vocab_size;
+    prob_index *c = s->candidates;
+    /* Without top-k, a token below (1 - top_p) / (n - 1) cannot be in the nucleus: the tokens
+     * above it must already hold more than top_p. Dropping those first keeps the sort short. */
+    const float cutoff = (s->params.top_k == 0 && n > 1) ? (1.0f - s->params.top_p) / (n - 1) : 0.0f;
+    int n_candidates = 0;
+    for (int i = 0; i < n; i++) {
+        if (probs[i] < cutoff) continue;
+        c[n_candidates].prob = probs[i];
+        c[n_candidates].index = i;
+        n_candidates++;
+    }
+    if (n_candidates == 0) return argmax(probs, n); /* a tiny top_p over a flat distribution */
+    qsort(c, n_candidates, sizeof(*c), by_prob_descending);
+    int keep = (s->params.top_k > 0 && s->params.top_k < n_candidates) ? s->params.top_k : n_candidates;
+    float mass = 0.0f;
+    for (int i = 0; i < keep; i++) {
+        mass += c[i].prob;
+        if (mass >= s->params.top_p) {
+            keep = i + 1;
+            break;
+        }
+    }
+    float total = 0.0f;
+    for (int i = 0; i < keep; i++) total += c[i].prob;
+    const float target = coin * total;
+    float cdf = 0.0f;
+    for (int i = 0; i < keep; i++) {
+        cdf += c[i].prob;
+        if (target < cdf) return c[i].index;
+    }
+    return c[keep - 1].index;
+}
+
+int tl_sampler_sample(tl_sampler *s, float *logits) {
+    const int n = s->vocab_size;
+    if (s->params.temperature == 0.0f) return argmax(logits, n);
+    for (int i = 0; i < n; i++) logits[i] /= s->params.temperature;
+    tl_softmax(logits, n);
+    const float coin = random_f32(&s->rng_state);
+    if (s->params.top_k > 0 || s->params.top_p < 1.0f) return sample_truncated(s, logits, coin);
+    return sample_all(logits, n, coin);
+}

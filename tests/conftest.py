@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random models written in llama2.c formats, synthetic tokenizer files,
+and the paths of the built `run` binary."""
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_BIN = os.environ.get("TINYLLM_RUN", str(ROOT / "run"))
+SHARED = ROOT.parent / "shared"
+SHARED_DATA = SHARED / "data"
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
+
+# model shapes the runtime must agree with torch on
+SHAPES = {
+    "mha_tied": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=96, max_seq_len=80),
+    "gqa_odd_vocab": dict(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=101, max_seq_len=80),
+    "mqa_separate_classifier": dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=1, vocab_size=83,
+                                    max_seq_len=80, tie_embeddings=False),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    # torch and the pybind11 extension are not built with the sanitizers: under `make asan-test`
+    # only the C API (cffi) and `run` tests execute.
+    if UNDER_ASAN:
+        skip = pytest.mark.skip(reason="needs torch or the pybind11 extension, which ASan runs leave out")
+        for item in items:
+            if "noasan" in item.keywords:
+                item.add_marker(skip)
+
+
+def write_synthetic_tokenizer(path, vocab_size: int):
+    """A tok.bin (llama2.c layout, no tinyllm trailer) whose pieces after <unk> <s> </s> are distinct
+    CJK characters, so text and ids map one to one. Written with struct, independent of our exporter."""
+    pieces = [b"<unk>", b"<s>", b"</s>"] + [chr(0x4E00 + i).encode() for i in range(vocab_size - 3)]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", max(len(p) for p in pieces)))
+        for i, p in enumerate(pieces):
+            f.write(struct.pack("<fi", -float(i), len(p)) + p)
+    return pieces
+
+
+def random_model(shape: str, seed: int = 0):
+    """(config, torch model in eval mode) with random weights for one of SHAPES."""
+    import torch
+    from tinyllm.config import ModelConfig
+    from tinyllm.model import Transformer
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**SHAPES[shape])
+    model = Transformer(cfg).eval()
+    if not cfg.tie_embeddings:
+        torch.nn.init.normal_(model.output.weight, std=0.02)
+    # norm weights away from 1 so that a wrong norm layout shows up; unk and EOS (ids 0 and 2) get
+    # zero classifier rows, so their logits are 0 and practically never the largest: greedy runs
+    # go the full length. (BOS keeps its row: with tied embeddings it is also the first input.)
+    with torch.no_grad():
+        model.output.weight[0].zero_()
+        model.output.weight[2].zero_()
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return cfg, model
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """factory: model_file(shape, version) -> (cfg, torch model, path of the written .bin)."""
+    def make(shape="gqa_odd_vocab", version=1, seed=0):
+        from tinyllm.export.llama2c import write_model
+        cfg, model = random_model(shape, seed)
+        path = tmp_path / f"{shape}_v{version}.bin"
+        write_model(path, model, cfg, version=version)
+        return cfg, model, path
+    return make

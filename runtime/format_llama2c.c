@@ -10,6 +10,7 @@
  *     as int8 values followed by one fp32 scale per group.
  */
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -119,9 +120,14 @@ static tl_status read_header(tl_model *m, const char *path, size_t *body_offset)
     c->seq_len = v[6];
     tl_status st = tl_config_validate(c, path);
     if (st != TL_OK) {
-        if (magic != LLAMA2C_MAGIC)
-            return tl_fail(TL_ERR_FORMAT, "%s: not a llama2.c model file (no \"ak42\" magic and the v0 header "
-                           "is implausible: %s)", path, tl_last_error());
+        if (magic != LLAMA2C_MAGIC) {
+            const char *inner = tl_last_error();
+            const size_t prefix = strlen(path) + 2; /* the inner message starts with "path: " */
+            char reason[256];
+            snprintf(reason, sizeof(reason), "%s", strlen(inner) > prefix ? inner + prefix : inner);
+            return tl_fail(TL_ERR_FORMAT, "%s: not a llama2.c model file (no \"ak42\" magic; as a v0 header: %s)",
+                           path, reason);
+        }
         return st;
     }
     if (c->file_version == 2 && (c->group_size <= 0 || c->group_size % 4 || c->dim % c->group_size ||

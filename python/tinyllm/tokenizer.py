@@ -1,0 +1,348 @@
+"""SentencePiece BPE tokenizers: training on our corpora, a thin Tokenizer, and the model file facts.
+
+Training settings are chosen so that the C runtime (runtime/tokenizer.c, via tok.bin) can give
+exactly SentencePiece's ids: identity normalization (the default nmt_nfkc rewrites full-width
+Chinese punctuation, which the C side would have to reimplement), no dummy prefix, no whitespace
+collapsing, byte fallback for characters outside the vocabulary.
+
+Newlines: the trainer treats each input *line* as a sentence, so a corpus read line by line never
+shows it a "\n" and every newline would later cost a byte-fallback token. We therefore read the
+corpora ourselves and hand SentencePiece whole documents (newlines inside) through
+sentence_iterator, cut at line ends into chunks of at most MAX_SENTENCE_BYTES. With identity
+normalization "\n" is an ordinary character, so it gets its own piece and merges like "。\n".
+
+Importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import lzma
+import os
+import random
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tinyllm.chat import SPECIAL_TOKENS
+from tinyllm.errors import DataError, TokenizerError
+
+MAX_SENTENCE_BYTES = 16384   # documents are cut at line ends into chunks of at most this many bytes
+TEXT_FIELDS = ("text", "content")
+
+# SentencePiece's ModelProto.SentencePiece.Type numbering
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+
+
+# ---- reading corpora -----------------------------------------------------------------------------
+
+def _open_text(path: Path):
+    name = path.name
+    if name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    return open(path, "r", encoding="utf-8")
+
+
+def _base_suffix(path: Path) -> str:
+    """Suffix without the compression suffix: data.jsonl.xz -> .jsonl"""
+    suffixes = [s for s in path.suffixes if s not in (".gz", ".xz")]
+    return suffixes[-1] if suffixes else ""
+
+
+def _record_text(record, path: Path, text_field: str | None) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object with a text field, got {type(record).__name__} ({path})")
+    fields = (text_field,) if text_field else TEXT_FIELDS
+    for f in fields:
+        if isinstance(record.get(f), str):
+            return record[f]
+    raise DataError(f"JSON record has no string field {' or '.join(repr(f) for f in fields)} ({path})")
+
+
+def read_texts(paths, text_field: str | None = None) -> Iterator[str]:
+    """Documents from text files (one document per file), .jsonl and .json (a text field), .gz/.xz too."""
+    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        path = Path(p)
+        if not path.is_file():
+            raise DataError(f"corpus file not found ({path})")
+        try:
+            with _open_text(path) as f:
+                kind = _base_suffix(path)
+                if kind == ".jsonl":
+                    for i, line in enumerate(f, 1):
+                        if line.strip():
+                            try:
+                                record = json.loads(line)
+                            except json.JSONDecodeError as e:
+                                raise DataError(f"bad JSON on line {i}: {e.msg} ({path})") from None
+                            yield _record_text(record, path, text_field)
+                elif kind == ".json":
+                    try:
+                        records = json.load(f)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"bad JSON: {e.msg} ({path})") from None
+                    for record in records if isinstance(records, list) else [records]:
+                        yield _record_text(record, path, text_field)
+                else:
+                    yield f.read()
+        except (UnicodeDecodeError, EOFError, lzma.LZMAError, gzip.BadGzipFile) as e:
+            raise DataError(f"cannot read {path.name}: {e}") from None
+
+
+def _chunks(text: str, limit: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
+    """Split a document at line ends into pieces of at most limit UTF-8 bytes (keeping the newlines)."""
+    if len(text.encode("utf-8")) <= limit:
+        if text:
+            yield text
+        return
+    buf, size = [], 0
+    for line in text.splitlines(keepends=True):
+        n = len(line.encode("utf-8"))
+        if buf and size + n > limit:
+            yield "".join(buf)
+            buf, size = [], 0
+        while n > limit:  # one huge line: cut it by characters
+            cut = line[: limit // 4]
+            yield cut
+            line = line[len(cut):]
+            n = len(line.encode("utf-8"))
+        buf.append(line)
+        size += n
+    if buf:
+        yield "".join(buf)
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+def train_tokenizer(inputs, vocab_size: int, out_dir, *, model_prefix: str = "tok", character_coverage: float = 0.995,
+                    input_sentence_size: int = 2_000_000, num_threads: int | None = None, seed: int = 0,
+                    text_field: str | None = None, add_dummy_prefix: bool = False,
+                    remove_extra_whitespaces: bool = False, write_bin: bool = True) -> Path:
+    """Train a SentencePiece BPE model; return the .model path.
+
+    inputs: a corpus file, a list of them, or an iterator of texts (pass iter(list_of_texts)).
+
+    Also writes tok{vocab_size}.bin beside it for the C runtime (unless write_bin is False).
+    """
+    import sentencepiece as spm
+
+    if vocab_size < 3 + len(SPECIAL_TOKENS) + 256:
+        raise TokenizerError(f"vocab_size {vocab_size} is too small: byte fallback alone needs "
+                             f"{3 + len(SPECIAL_TOKENS) + 256} pieces")
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if isinstance(inputs, (list, tuple)):
+        for p in inputs:
+            if not isinstance(p, (str, os.PathLike)) or not Path(p).is_file():
+                raise DataError(f"corpus file not found ({p})")
+        texts = read_texts(inputs, text_field)
+    else:
+        texts = iter(inputs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seen = {"sentences": 0, "error": None}
+
+    def sentences():
+        try:
+            for text in texts:
+                if not isinstance(text, str):
+                    raise DataError(f"expected text (str), got {type(text).__name__}")
+                for chunk in _chunks(text):
+                    seen["sentences"] += 1
+                    yield chunk
+        except Exception as e:  # kept to re-raise as itself, not as SentencePiece's RuntimeError
+            seen["error"] = e
+            raise
+
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            character_coverage=character_coverage, input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True, num_threads=num_threads or os.cpu_count() or 1,
+            byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+            add_dummy_prefix=add_dummy_prefix, remove_extra_whitespaces=remove_extra_whitespaces,
+            allow_whitespace_only_pieces=True, user_defined_symbols=SPECIAL_TOKENS,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=MAX_SENTENCE_BYTES + 16,
+            minloglevel=2)
+    except Exception as e:
+        if seen["error"] is not None:
+            raise seen["error"] from None
+        if seen["sentences"] == 0:
+            raise DataError("the corpus is empty: no text to train a tokenizer on") from None
+        if isinstance(e, RuntimeError):
+            raise TokenizerError(_explain_trainer_error(str(e), vocab_size)) from None
+        raise
+    path = out_dir / f"{model_prefix}.model"
+    from tinyllm.fileio import atomic_write
+    with atomic_write(path) as f:
+        f.write(model.getvalue())
+    if write_bin:
+        from tinyllm.export.llama2c import write_tokenizer
+        write_tokenizer(path, out_dir / f"tok{vocab_size}.bin")
+    return path
+
+
+def _explain_trainer_error(message: str, vocab_size: int) -> str:
+    """One clear line out of SentencePiece's 'INTERNAL: src/...cc(744) [...] ...' messages."""
+    text = message.split("] ", 1)[-1].strip()
+    if "Vocabulary size too high" in text:
+        limit = text.rsplit("<=", 1)[-1].strip(" .")
+        return f"vocab_size {vocab_size} is larger than this corpus supports (at most {limit}); use more text or a smaller vocab"
+    if "Vocabulary size is smaller than required_chars" in text:
+        import re
+        m = re.search(r"(\d+) vs (\d+)", text)
+        need = f" ({m.group(2)} needed with the special pieces)" if m else ""
+        return (f"vocab_size {vocab_size} cannot hold the corpus's required characters{need}; "
+                "raise vocab_size or lower character_coverage")
+    return f"SentencePiece training failed: {text}"
+
+
+# ---- the model file -----------------------------------------------------------------------------------
+
+@dataclass
+class ModelFacts:
+    """What tok.bin and the C encoder need from a SentencePiece .model (read without protobuf)."""
+    pieces: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    types: list[int] = field(default_factory=list)
+    model_type: int = 1                 # unigram unless the trainer spec says otherwise
+    byte_fallback: bool = False
+    treat_whitespace_as_suffix: bool = False
+    normalizer_name: str = ""
+    precompiled_charsmap: bytes = b""
+    add_dummy_prefix: bool = True       # proto defaults
+    remove_extra_whitespaces: bool = True
+    escape_whitespaces: bool = True
+
+
+def _proto_fields(data: bytes):
+    """Yield (field number, wire type, value) of one protobuf message (value: int or bytes)."""
+    pos, n = 0, len(data)
+
+    def varint():
+        nonlocal pos
+        shift = result = 0
+        while True:
+            if pos >= n or shift > 63:
+                raise TokenizerError("malformed SentencePiece model: bad varint")
+            b = data[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return result
+
+    while pos < n:
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            yield number, wire, varint()
+        elif wire == 1 or wire == 5:
+            size = 8 if wire == 1 else 4
+            if pos + size > n:
+                raise TokenizerError("malformed SentencePiece model: truncated field")
+            yield number, wire, data[pos:pos + size]
+            pos += size
+        elif wire == 2:
+            size = varint()
+            if pos + size > n:
+                raise TokenizerError("malformed SentencePiece model: truncated field")
+            yield number, wire, data[pos:pos + size]
+            pos += size
+        else:
+            raise TokenizerError(f"malformed SentencePiece model: wire type {wire}")
+
+
+def read_model_facts(model_path) -> ModelFacts:
+    """Parse the fields we use from a SentencePiece ModelProto (sentencepiece_model.proto numbering)."""
+    try:
+        data = Path(model_path).read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"cannot read SentencePiece model ({model_path}): {e.strerror}") from None
+    facts = ModelFacts()
+    for number, wire, value in _proto_fields(data):
+        if number == 1 and wire == 2:              # repeated SentencePiece pieces
+            piece, score, type_ = "", 0.0, NORMAL
+            for n, w, v in _proto_fields(value):
+                if n == 1 and w == 2:
+                    piece = v.decode("utf-8")
+                elif n == 2 and w == 5:
+                    score = struct.unpack("<f", v)[0]
+                elif n == 3 and w == 0:
+                    type_ = v
+            facts.pieces.append(piece)
+            facts.scores.append(score)
+            facts.types.append(type_)
+        elif number == 2 and wire == 2:            # TrainerSpec
+            for n, w, v in _proto_fields(value):
+                if n == 3 and w == 0:
+                    facts.model_type = v
+                elif n == 35 and w == 0:
+                    facts.byte_fallback = bool(v)
+                elif n == 24 and w == 0:
+                    facts.treat_whitespace_as_suffix = bool(v)
+        elif number == 3 and wire == 2:            # NormalizerSpec
+            for n, w, v in _proto_fields(value):
+                if n == 1 and w == 2:
+                    facts.normalizer_name = v.decode("utf-8", "replace")
+                elif n == 2 and w == 2:
+                    facts.precompiled_charsmap = bytes(v)
+                elif n == 3 and w == 0:
+                    facts.add_dummy_prefix = bool(v)
+                elif n == 4 and w == 0:
+                    facts.remove_extra_whitespaces = bool(v)
+                elif n == 5 and w == 0:
+                    facts.escape_whitespaces = bool(v)
+    if not facts.pieces:
+        raise TokenizerError(f"not a SentencePiece model: no pieces ({model_path})")
+    return facts
+
+
+# ---- using a trained model -----------------------------------------------------------------------------
+
+class Tokenizer:
+    """A SentencePiece model: text <-> ids. Thin on purpose; the C runtime gives the same ids."""
+
+    def __init__(self, model_path):
+        import sentencepiece as spm
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise TokenizerError(f"tokenizer model not found ({self.path})")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.load(str(self.path))
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"cannot load SentencePiece model ({self.path}): {str(e).splitlines()[0]}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Ids of text, optionally framed by BOS/EOS."""
+        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def piece_id(self, piece: str) -> int:
+        """Id of an exact piece (e.g. "<|user|>"), or -1."""
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else -1

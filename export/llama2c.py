@@ -265,3 +265,97 @@ class _TensorReader:
 
 
 # ---- tokenizer files (tok.bin) --------------------------------------------------------------
+#
+# llama2.c's layout: int32 max_token_length, then per piece float32 score, int32 byte length, the
+# bytes. Piece text is UTF-8 with SentencePiece's U+2581 turned into a plain space (as llama2.c's
+# export does), so a piece's bytes are exactly what it decodes to; byte pieces stay "<0x0A>" and
+# control pieces stay "<s>", "</s>", "<unk>" (llama2.c writes "\n<s>\n"; ours are findable by text).
+# Then our trailer, which stock llama2.c never reads: b"tltk", int32 version 1, int32 flags
+# (TOK_FLAG_*), int32 n, n uint8 piece types (SentencePiece numbering, tinyllm.tokenizer.NORMAL...).
+
+TOK_TRAILER_MAGIC = b"tltk"
+TOK_TRAILER_VERSION = 1
+TOK_FLAG_ADD_DUMMY_PREFIX = 1
+TOK_FLAG_REMOVE_EXTRA_WHITESPACES = 2
+TOK_FLAG_ESCAPE_WHITESPACES = 4
+# what a file without the trailer implies: Llama 2's tokenizer settings, as llama2.c assumes
+TOK_DEFAULT_FLAGS = TOK_FLAG_ADD_DUMMY_PREFIX | TOK_FLAG_ESCAPE_WHITESPACES
+_TOK_FLAG_NAMES = {"add_dummy_prefix": TOK_FLAG_ADD_DUMMY_PREFIX,
+                   "remove_extra_whitespaces": TOK_FLAG_REMOVE_EXTRA_WHITESPACES,
+                   "escape_whitespaces": TOK_FLAG_ESCAPE_WHITESPACES}
+
+
+def write_tokenizer(sp_model_path, out_path):
+    """Write a SentencePiece BPE model (identity normalizer) as tok.bin with our trailer. Atomic."""
+    from tinyllm.errors import TokenizerError
+    from tinyllm.tokenizer import read_model_facts, MODEL_TYPES
+
+    facts = read_model_facts(sp_model_path)
+    if facts.precompiled_charsmap:
+        raise TokenizerError(f"the tokenizer normalizes text with '{facts.normalizer_name or 'custom rules'}', which "
+                             f"the C runtime cannot reproduce; retrain with normalization_rule_name='identity' "
+                             f"({sp_model_path})")
+    if facts.model_type != 2:
+        raise TokenizerError(f"the tokenizer is a {MODEL_TYPES.get(facts.model_type, facts.model_type)} model; "
+                             f"the C runtime encodes BPE only ({sp_model_path})")
+    if facts.treat_whitespace_as_suffix:
+        raise TokenizerError(f"treat_whitespace_as_suffix is not supported by the C runtime ({sp_model_path})")
+    pieces = [p.replace("\u2581", " ").encode("utf-8") for p in facts.pieces]
+    flags = ((TOK_FLAG_ADD_DUMMY_PREFIX if facts.add_dummy_prefix else 0)
+             | (TOK_FLAG_REMOVE_EXTRA_WHITESPACES if facts.remove_extra_whitespaces else 0)
+             | (TOK_FLAG_ESCAPE_WHITESPACES if facts.escape_whitespaces else 0))
+    with atomic_write(out_path) as f:
+        f.write(struct.pack("<i", max(len(p) for p in pieces)))
+        for piece, score in zip(pieces, facts.scores):
+            f.write(struct.pack("<fi", score, len(piece)))
+            f.write(piece)
+        f.write(TOK_TRAILER_MAGIC + struct.pack("<iii", TOK_TRAILER_VERSION, flags, len(pieces)))
+        f.write(bytes(facts.types))
+
+
+def _infer_piece_types(pieces: list[bytes]) -> list[int]:
+    """Types a trailer-less (stock llama2.c) file implies: 0 unk, 1-2 control, <0xXX> bytes, rest normal."""
+    import re
+    byte_piece = re.compile(rb"<0x[0-9A-F]{2}>")
+    return [2 if i == 0 else 3 if i <= 2 else 6 if byte_piece.fullmatch(p) else 1 for i, p in enumerate(pieces)]
+
+
+def read_tokenizer(path, vocab_size: int | None = None):
+    """Read tok.bin: (pieces as bytes, scores, piece types, flags as a dict of bools).
+
+    Without our trailer the types are inferred and the flags are llama2.c's (dummy prefix on).
+    vocab_size, when given, must equal the number of pieces in the file.
+    """
+    data = open(path, "rb").read()
+    if len(data) < 4:
+        raise FormatError(f"tok.bin too short for its header: {path}")
+    max_len = struct.unpack_from("<i", data, 0)[0]
+    if max_len <= 0:
+        raise FormatError(f"tok.bin max_token_length is {max_len}: {path}")
+    pos, pieces, scores = 4, [], []
+    while pos < len(data) and data[pos:pos + 4] != TOK_TRAILER_MAGIC:
+        if pos + 8 > len(data):
+            raise FormatError(f"tok.bin truncated in piece {len(pieces)} at byte {pos}: {path}")
+        score, n = struct.unpack_from("<fi", data, pos)
+        if n <= 0 or n > max_len or pos + 8 + n > len(data):
+            raise FormatError(f"tok.bin piece {len(pieces)} has length {n} (max_token_length {max_len}, "
+                              f"{len(data) - pos - 8} bytes left): {path}")
+        pieces.append(data[pos + 8:pos + 8 + n])
+        scores.append(score)
+        pos += 8 + n
+    if pos < len(data):
+        if pos + 16 > len(data):
+            raise FormatError(f"tok.bin trailer truncated: {path}")
+        version, flags, n = struct.unpack_from("<iii", data, pos + 4)
+        if version != TOK_TRAILER_VERSION:
+            raise FormatError(f"tok.bin trailer version {version} is not supported: {path}")
+        if n != len(pieces) or len(data) != pos + 16 + n:
+            raise FormatError(f"tok.bin trailer describes {n} pieces in {len(data) - pos - 16} bytes, "
+                              f"the file holds {len(pieces)} pieces: {path}")
+        types = list(data[pos + 16:])
+    else:
+        flags, types = TOK_DEFAULT_FLAGS, _infer_piece_types(pieces)
+    if vocab_size is not None and vocab_size != len(pieces):
+        from tinyllm.errors import TokenizerError
+        raise TokenizerError(f"tokenizer {path} holds {len(pieces)} pieces but the model's vocab_size is {vocab_size}")
+    return pieces, scores, types, {name: bool(flags & bit) for name, bit in _TOK_FLAG_NAMES.items()}

@@ -439,6 +439,7 @@ static void try_pair(bpe_state *b, int left, int right) {
     if (left < 0 || right < 0 || b->sym[left].freeze || b->sym[right].freeze) return;
     const bpe_symbol *l = &b->sym[left], *r = &b->sym[right];
     int32_t size = l->len + r->len;
+    if (size > b->t->max_token_length) return; /* no piece is that long: skip the hash */
     const char *s = b->text + l->start;
     const tok_slot *slot = find_slot(b->t, s, (size_t)size, hash_bytes(s, (size_t)size));
     if (slot->key < 0 || slot->merge_id < 0) return;

@@ -32,13 +32,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 def write_synthetic_tokenizer(path, vocab_size: int):
-    """A tok.bin (llama2.c layout, no tinyllm trailer) whose pieces after <unk> <s> </s> are distinct
-    CJK characters, so text and ids map one to one. Written with struct, independent of our exporter."""
+    """A tok.bin whose pieces after <unk> <s> </s> are distinct CJK characters, so text and ids map
+    one to one. Written with struct from the documented layout, independent of our exporter: the
+    llama2.c part, then the tinyllm trailer ("tltk", version 1, flags = escape whitespace only, i.e.
+    no dummy prefix; one SentencePiece piece type per token)."""
     pieces = [b"<unk>", b"<s>", b"</s>"] + [chr(0x4E00 + i).encode() for i in range(vocab_size - 3)]
+    types = [2, 3, 3] + [1] * (vocab_size - 3)  # UNKNOWN, CONTROL, CONTROL, NORMAL...
     with open(path, "wb") as f:
         f.write(struct.pack("<i", max(len(p) for p in pieces)))
         for i, p in enumerate(pieces):
             f.write(struct.pack("<fi", -float(i), len(p)) + p)
+        f.write(b"tltk" + struct.pack("<iii", 1, 4, vocab_size) + bytes(types))
     return pieces
 
 

@@ -37,7 +37,8 @@ class Runtime:
         c = self._raw_config
         return ModelConfig(dim=c["dim"], hidden_dim=c["hidden_dim"], n_layers=c["n_layers"], n_heads=c["n_heads"],
                            n_kv_heads=c["n_kv_heads"], vocab_size=c["vocab_size"], max_seq_len=c["seq_len"],
-                           rope_theta=c["rope_theta"], norm_eps=c["norm_eps"],
+                           rope_theta=_float32_as_written(c["rope_theta"]),
+                           norm_eps=_float32_as_written(c["norm_eps"]),
                            tie_embeddings=c["shared_classifier"])
 
     @property
@@ -116,6 +117,11 @@ class Runtime:
         rest = gen.flush()
         if rest:
             yield rest.decode("utf-8", errors="replace")
+
+
+def _float32_as_written(value: float) -> float:
+    """A float32 from the file as the decimal that was written (1e-05, not 9.99999974e-06)."""
+    return float(f"{value:.7g}")
 
 
 def _stop_at(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:

@@ -60,3 +60,194 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(valid)}")
         return cls(**d)
+
+
+def _opt(default, help: str):
+    """A dataclass field whose help text the CLI prints (the dataclass stays the one source of defaults)."""
+    from dataclasses import field
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimizer, schedule, batch shape, logging and the hardware to use."""
+
+    data_dir: str = _opt("data", "directory written by `tinyllm data prepare` (holds meta.json)")
+    out_dir: str = _opt("out", "where checkpoints, metrics.jsonl and loss.png go")
+    batch_size: int = _opt(32, "sequences per micro-batch (per process under torchrun)")
+    grad_accum: int = _opt(1, "micro-batches summed into one optimizer step")
+    max_steps: int = _opt(2000, "optimizer steps to train for")
+    lr: float = _opt(5e-4, "peak learning rate, reached after warmup")
+    min_lr: float = _opt(5e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _opt(100, "steps of linear warmup from 0 to lr")
+    weight_decay: float = _opt(0.1, "AdamW decay on matrices (norm weights never decay)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)")
+    eval_interval: int = _opt(200, "compute val loss every this many steps (and at the end)")
+    eval_steps: int = _opt(20, "val batches averaged per evaluation (the same batches every time)")
+    log_interval: int = _opt(10, "write a metrics line every this many steps")
+    ckpt_interval: int = _opt(500, "save a checkpoint every this many steps (and at the end)")
+    seed: int = _opt(1337, "seed for weights, batches and dropout")
+    device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = _opt("auto", "auto (bf16 autocast where the device supports it, else fp32), bf16 or fp32")
+    compile: bool = _opt(True, "torch.compile the model (falls back to eager with a warning if it fails)")
+    max_minutes: float = _opt(0.0, "stop cleanly with a checkpoint after this many minutes (0: no limit)")
+    peak_tflops: float = _opt(0.0, "device peak TFLOP/s for MFU (0: known GPUs only; CPUs show no MFU)")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the first field that cannot describe a training run."""
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps",
+                     "log_interval", "ckpt_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_minutes", "peak_tflops", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must not be negative, got {getattr(self, name)}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"TrainConfig.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build from a dict, rejecting unknown keys with the list of valid ones."""
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ValueError(f"unknown train config keys {unknown}; valid keys: {sorted(valid)}")
+        return cls(**d)
+
+
+# ---- presets and command-line overrides (shared by every training stage) ----------------------
+
+MODEL_FIELD_HELP = {
+    "dim": "width of the residual stream",
+    "n_layers": "number of transformer blocks",
+    "n_heads": "attention heads (dim must be a multiple)",
+    "n_kv_heads": "key/value heads for grouped-query attention (default: n_heads)",
+    "vocab_size": "vocabulary size (taken from the prepared data; a different value only warns)",
+    "hidden_dim": "SwiGLU hidden width (default: llama's 2/3 * 4 * dim rounded up to multiple_of)",
+    "multiple_of": "rounding for the default hidden_dim",
+    "max_seq_len": "context length trained on (the window length of every batch)",
+    "norm_eps": "RMSNorm epsilon",
+    "rope_theta": "RoPE base frequency",
+    "tie_embeddings": "share the classifier with the token embedding",
+    "dropout": "dropout probability (0 for small data-rich runs)",
+}
+
+
+def config_fields() -> dict[str, tuple[str, object]]:
+    """Every configurable key -> (section, dataclass field); model and train keys never collide."""
+    out = {}
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        for f in fields(cls):
+            out[f.name] = (section, f)
+    return out
+
+
+def _convert(name: str, type_name: str, value):
+    """Check/convert a TOML or command-line value to the field's declared type."""
+    optional = "None" in type_name
+    base = type_name.replace("| None", "").replace("None |", "").strip()
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+        return None
+    try:
+        if base == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        from .errors import ConfigError
+        raise ConfigError(f"{name} must be {type_name}, got {value!r}") from None
+
+
+def load_preset(path: str) -> dict:
+    """A TOML preset as a flat {key: value} dict; [model] and [train] tables (or bare keys) allowed."""
+    import tomllib
+
+    from .errors import ConfigError
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found ({path})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML: {e} ({path})") from None
+    flat = {}
+    for key, value in data.items():
+        if key in ("model", "train") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    check_keys(flat, path)
+    return flat
+
+
+def check_keys(values: dict, where: str | None = None):
+    """Raise ConfigError for keys that are neither ModelConfig nor TrainConfig fields, listing the valid ones."""
+    from .errors import ConfigError
+    known = config_fields()
+    unknown = sorted(k for k in values if k not in known)
+    if unknown:
+        suffix = f" ({where})" if where else ""
+        raise ConfigError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(known))}{suffix}")
+
+
+def build_configs(*layers: dict) -> tuple[ModelConfig, TrainConfig]:
+    """ModelConfig and TrainConfig from the dataclass defaults updated by each {key: value} layer in turn
+    (e.g. preset, then command line)."""
+    from .errors import ConfigError
+    known = config_fields()
+    values: dict[str, dict] = {"model": {}, "train": {}}
+    for layer in layers:
+        check_keys(layer)
+        for key, value in layer.items():
+            section, f = known[key]
+            values[section][key] = _convert(key, str(f.type), value)
+    try:
+        return ModelConfig(**values["model"]), TrainConfig(**values["train"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def add_config_arguments(parser):
+    """Add --KEY VALUE for every config field (dashes or underscores), defaulting to 'not given'."""
+    import argparse
+    for name, (section, f) in config_fields().items():
+        help_text = f.metadata.get("help") or MODEL_FIELD_HELP.get(name, "")
+        default = f.default
+        flags = [f"--{name.replace('_', '-')}"]
+        if "_" in name and str(f.type) != "bool":
+            flags.append(f"--{name}")
+        dest = f"cfg__{name}"
+        if str(f.type) == "bool":
+            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text} [{section}; default {default}]")
+        else:
+            parser.add_argument(*flags, dest=dest, default=None, metavar=name.upper(),
+                                help=f"{help_text} [{section}; default {default}]")
+
+
+def overrides_from_args(args) -> dict:
+    """The config keys given on the command line, as {key: raw value}."""
+    return {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}

@@ -1,0 +1,303 @@
+"""The `tinyllm` command: one subcommand per stage of the pipeline.
+
+    tinyllm tokenizer train   raw text -> SentencePiece .model + the runtime's tok{N}.bin
+    tinyllm data prepare      raw text -> token shards + meta.json
+    tinyllm pretrain          shards -> checkpoint
+    tinyllm export            checkpoint -> llama2.c .bin (verified against the C runtime)
+    tinyllm sample            checkpoint -> text (torch, for a quick look)
+
+A stage is a module (or object) with HELP, optionally DESCRIPTION, add_arguments(parser) and run(args)
+-> exit code; add it to STAGES (or to a group in GROUPS) and it becomes a subcommand.
+Errors the user can fix print `error: <what> (<file>)` and exit 1, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .errors import TinyLLMError
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions' line breaks; appends real defaults (not None/False) to option help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+# ---- tokenizer train ----------------------------------------------------------------------------
+
+class TokenizerTrain:
+    HELP = "train a SentencePiece BPE tokenizer and write the runtime's tok{N}.bin beside it"
+    DESCRIPTION = """\
+Train a SentencePiece BPE tokenizer (byte fallback, digits split, identity normalization so the
+C tokenizer reproduces it exactly, the chat tokens as user-defined symbols) on the given files.
+Inputs are read like `tinyllm data prepare` reads them (plain text, .jsonl/.json, .gz/.xz);
+train it on the same mix as the model."""
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("--input", action="append", required=True, metavar="FILE",
+                       help="text/JSONL/JSON file, optionally .gz/.xz; repeat for several (a ':WEIGHT' suffix "
+                            "is accepted and ignored here)")
+        p.add_argument("--vocab-size", type=int, default=5000, help="number of pieces")
+        p.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.model and tok{N}.bin")
+        p.add_argument("--character-coverage", type=float, default=0.995,
+                       help="fraction of characters covered by pieces; the rest fall back to bytes")
+        _add_reader_arguments(p)
+
+    @staticmethod
+    def run(args) -> int:
+        from .data import parse_source, read_texts
+        from .tokenizer import train_tokenizer
+        paths = [parse_source(s).path for s in args.input]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise TinyLLMError(f"input file not found ({path})")
+        texts = read_texts(paths, **_reader_kwargs(args))
+        path = train_tokenizer(texts, args.vocab_size, args.out, character_coverage=args.character_coverage)
+        print(f"wrote {path} and {os.path.join(args.out, f'tok{args.vocab_size}.bin')}", file=sys.stderr)
+        return 0
+
+
+def _add_reader_arguments(p):
+    p.add_argument("--field", default="text", help="JSON field that holds the document text")
+    p.add_argument("--doc-sep", choices=["blank", "line", "file"], default="blank",
+                   help="plain text only: documents are separated by blank lines, are single lines, "
+                        "or are whole files")
+    p.add_argument("--drop-field-values", action="append", metavar="FIELD=V1,V2",
+                   help="skip JSON records whose FIELD is one of the values, e.g. book=肉蒲团,灯草和尚; repeatable")
+    p.add_argument("--skip-invalid-utf8", action="store_true",
+                   help="drop invalid UTF-8 bytes and report how many (default: stop with the file and byte offset)")
+
+
+def _reader_kwargs(args) -> dict:
+    from .data import parse_drop_filters
+    return {"field": args.field, "doc_sep": args.doc_sep, "drop": parse_drop_filters(args.drop_field_values),
+            "skip_invalid_utf8": args.skip_invalid_utf8}
+
+
+# ---- data prepare -------------------------------------------------------------------------------
+
+class DataPrepare:
+    HELP = "tokenize text into train/val token shards for pretraining"
+    DESCRIPTION = """\
+Tokenize documents into OUT/train_NNN.bin and OUT/val_NNN.bin (uint16 when the vocab has at most
+65535 pieces, else uint32) plus OUT/meta.json (vocab, dtype, token counts, sources, weights,
+tokenizer path and sha256). Every document is stored as BOS + tokens + EOS.
+
+Inputs: plain text (documents split per --doc-sep), .jsonl (one JSON object per line) or .json
+(a list of objects), each optionally .gz/.xz/.bz2. The text is the --field of each record.
+
+Weights (--input FILE:W): each train document of FILE is written floor(W) times, plus once more
+with probability W - floor(W) (W=2.5: every document 2 or 3 times; W=0.3: 30% of them), so a
+small set can be weighted up against a large one. Val documents are written at most once (with
+probability min(W, 1)), so val measures the same mix without repeats.
+
+Split: each document goes to val with probability --val-fraction, from a generator seeded by
+--seed and the input's position; the same inputs and seed give the same split.
+
+OUT is built under a temporary name and renamed when complete, so a crash never leaves a
+directory that looks finished. An existing OUT is only replaced with --force."""
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("--input", action="append", required=True, metavar="FILE[:WEIGHT]",
+                       help="input file with an optional sampling weight (default 1); repeat for several")
+        p.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model to encode with")
+        p.add_argument("--out", required=True, metavar="DIR", help="output directory for shards and meta.json")
+        _add_reader_arguments(p)
+        p.add_argument("--val-fraction", type=float, default=0.01, help="probability that a document goes to val")
+        p.add_argument("--seed", type=int, default=1234, help="seed for the split and fractional weights")
+        p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per available core)")
+        p.add_argument("--shard-tokens", type=int, default=50_000_000, help="maximum tokens per shard file")
+        p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    @staticmethod
+    def run(args) -> int:
+        from .data import parse_source, prepare
+        meta = prepare([parse_source(s) for s in args.input], args.tokenizer, args.out,
+                       val_fraction=args.val_fraction, seed=args.seed, workers=args.workers or None,
+                       shard_tokens=args.shard_tokens, force=args.force, progress=not args.no_progress,
+                       **_reader_kwargs(args))
+        for src in meta["sources"]:
+            extra = f", {src['invalid_utf8_bytes']} invalid UTF-8 bytes dropped" if src["invalid_utf8_bytes"] else ""
+            filtered = f", {src['documents_filtered']} filtered" if src["documents_filtered"] else ""
+            print(f"{src['path']} (weight {src['weight']:g}): {src['documents_read']} documents read{filtered}, "
+                  f"{src['documents_train']} train / {src['documents_val']} val written, "
+                  f"{src['tokens_train']:,} / {src['tokens_val']:,} tokens{extra}", file=sys.stderr)
+        print(f"wrote {meta['splits']['train']['tokens']:,} train and {meta['splits']['val']['tokens']:,} val tokens "
+              f"({meta['dtype']}) to {os.path.abspath(args.out)}", file=sys.stderr)
+        return 0
+
+
+# ---- export --------------------------------------------------------------------------------------
+
+def _export_llama2c(args, model, cfg):
+    """Write a llama2.c .bin; returns True when the C runtime can check it."""
+    from tinyllm.export.llama2c import write_model
+    if args.version is None:
+        args.version = 1
+    write_model(args.out, model, cfg, version=args.version)
+    return True
+
+
+# format name -> writer(args, model, config) -> whether check_export applies; GGUF/HF add entries here
+EXPORTERS = {"llama2c": _export_llama2c}
+
+
+class Export:
+    HELP = "export a checkpoint to another file format and verify it against the C runtime"
+    DESCRIPTION = """\
+Write the checkpoint's model in another format, then run a few tokens through the C runtime and
+compare its logits with torch's; a mismatch is an error (a silently broken export gives gibberish).
+Formats: llama2c (--version 0: legacy fp32, 1: fp32 with a 256-byte header, 2: Q8_0)."""
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by training")
+        p.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="output format")
+        p.add_argument("--out", required=True, metavar="FILE", help="output file")
+        p.add_argument("--version", type=int, choices=[0, 1, 2], default=None,
+                       help="llama2c format version (default 1)")
+        p.add_argument("--tokenizer", metavar="MODEL",
+                       help="SentencePiece .model, used by the check (and by formats that embed a tokenizer)")
+
+    @staticmethod
+    def run(args) -> int:
+        from .checkpoint import load_model
+        model, cfg = load_model(args.checkpoint)
+        verify = EXPORTERS[args.format](args, model, cfg)
+        if verify:
+            try:
+                from tinyllm.export.verify import check_export
+            except ImportError as e:
+                print(f"warning: {args.out} written but NOT verified: {e}", file=sys.stderr)
+                return 0
+            check_export(args.out, model, tokenizer_path=args.tokenizer)
+            print(f"wrote {args.out} ({args.format}); the C runtime's logits match torch's", file=sys.stderr)
+        return 0
+
+
+# ---- sample --------------------------------------------------------------------------------------
+
+class Sample:
+    HELP = "generate text from a checkpoint with torch (a quick look, not the fast path)"
+    DESCRIPTION = "Generate from a checkpoint with the torch reference model. The C runtime (`run`) is the fast path."
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by training")
+        p.add_argument("--tokenizer", metavar="MODEL",
+                       help="SentencePiece .model (default: the one the training data was prepared with)")
+        p.add_argument("--prompt", default="", help="text to continue (empty: start from BOS)")
+        p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+        p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+        p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0: all)")
+        p.add_argument("--num-samples", type=int, default=1, help="how many samples to print")
+        p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+    @staticmethod
+    def run(args) -> int:
+        import torch
+
+        from .checkpoint import load_checkpoint, load_model
+        from .tokenizer import Tokenizer
+        tok_path = args.tokenizer or _tokenizer_of(load_checkpoint(args.checkpoint), args.checkpoint)
+        tok = Tokenizer(tok_path)
+        model, cfg = load_model(args.checkpoint)
+        if tok.vocab_size != cfg.vocab_size:
+            raise TinyLLMError(f"tokenizer has {tok.vocab_size} pieces but the model {cfg.vocab_size} ({tok_path})")
+        prompt = tok.encode(args.prompt, bos=True)
+        gen = torch.Generator().manual_seed(args.seed)
+        for i in range(args.num_samples):
+            out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k or None, eos_id=tok.eos_id, generator=gen)
+            if out and out[-1] == tok.eos_id:
+                out = out[:-1]
+            print(args.prompt + tok.decode(out))
+            if i + 1 < args.num_samples:
+                print("-" * 40)
+        return 0
+
+
+def _tokenizer_of(ckpt: dict, ckpt_path: str) -> str:
+    from .data import load_meta
+    data_dir = (ckpt.get("train_config") or {}).get("data_dir")
+    try:
+        return load_meta(data_dir)["tokenizer"]["path"]
+    except (TinyLLMError, TypeError, KeyError):
+        raise TinyLLMError(f"cannot find the training tokenizer; pass --tokenizer ({ckpt_path})") from None
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+# name -> stage: a module path (imported lazily, so `tinyllm --help` does not import torch) or an object
+STAGES = {
+    "pretrain": "tinyllm.train.pretrain",
+    "export": Export,
+    "sample": Sample,
+}
+GROUPS = {
+    "tokenizer": ("SentencePiece tokenizer", {"train": TokenizerTrain}),
+    "data": ("training data", {"prepare": DataPrepare}),
+}
+
+
+def _stage(spec):
+    return importlib.import_module(spec) if isinstance(spec, str) else spec
+
+
+def _add_stage(subparsers, name, spec):
+    stage = _stage(spec)
+    p = subparsers.add_parser(name, help=stage.HELP, description=getattr(stage, "DESCRIPTION", stage.HELP),
+                              formatter_class=_Formatter)
+    stage.add_arguments(p)
+    p.set_defaults(_run=stage.run, _config_keys=getattr(stage, "CONFIG_KEYS", False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinyllm", description=__doc__.split("\n\n")[0],
+                                     formatter_class=_Formatter)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for group, (help_text, stages) in GROUPS.items():
+        gp = sub.add_parser(group, help=f"{help_text}: {', '.join(stages)}", formatter_class=_Formatter)
+        gsub = gp.add_subparsers(title="commands", metavar="COMMAND", required=True)
+        for name, spec in stages.items():
+            _add_stage(gsub, name, spec)
+    for name, spec in STAGES.items():
+        _add_stage(sub, name, spec)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "_config_keys", False):
+            from .config import config_fields
+            print(f"error: unknown config keys or arguments {extra}; valid keys: "
+                  f"{', '.join('--' + k.replace('_', '-') for k in sorted(config_fields()))}", file=sys.stderr)
+            return 2
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args._run(args)
+    except TinyLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"error: {e.strerror} ({e.filename})", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

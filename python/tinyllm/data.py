@@ -1,0 +1,551 @@
+"""Training data: corpus readers, the token-shard writer (`tinyllm data prepare`) and the shard reader.
+
+A prepared data directory holds raw little-endian token arrays and a meta.json that describes them:
+
+    train_000.bin, train_001.bin, ...   val_000.bin, ...   meta.json
+
+Every document is stored as BOS, its tokens, EOS. The directory appears under its final name only
+when it is complete (it is built under a temporary name and renamed), so a directory with a
+meta.json is always whole.
+"""
+from __future__ import annotations
+
+import bz2
+import contextlib
+import gzip
+import hashlib
+import json
+import lzma
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DataError
+from .fileio import atomic_write
+
+META_FORMAT = "tinyllm-shards"
+META_VERSION = 1
+DEFAULT_SHARD_TOKENS = 50_000_000
+DOC_SEPARATORS = ("blank", "line", "file")
+
+
+# ---- reading documents ------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    """One input: a file and its sampling weight (how many times, on average, each document is used)."""
+
+    path: str
+    weight: float = 1.0
+
+
+def parse_source(spec: str) -> Source:
+    """'corpus.jsonl.xz:2.5' -> Source('corpus.jsonl.xz', 2.5); no ':WEIGHT' suffix means weight 1."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return Source(spec, 1.0)
+        if not math.isfinite(weight) or weight < 0:
+            raise DataError(f"input weight must be a non-negative number, got {tail!r} ({path})")
+        return Source(path, weight)
+    return Source(spec, 1.0)
+
+
+def parse_drop_filters(specs: list[str] | None) -> dict[str, set[str]]:
+    """['book=a,b', 'author=c'] -> {'book': {'a', 'b'}, 'author': {'c'}}."""
+    filters: dict[str, set[str]] = {}
+    for spec in specs or []:
+        name, sep, values = spec.partition("=")
+        if not sep or not name or not values:
+            raise DataError(f"--drop-field-values wants FIELD=VALUE[,VALUE...], got {spec!r}")
+        filters.setdefault(name, set()).update(v for v in values.split(",") if v)
+    return filters
+
+
+def _open_binary(path: str):
+    """Open a plain, .gz, .xz or .bz2 file for reading decompressed bytes."""
+    if not os.path.exists(path):
+        raise DataError(f"input file not found ({path})")
+    if os.path.isdir(path):
+        raise DataError(f"input is a directory, not a file ({path})")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+def _base_name(path: str) -> str:
+    for ext in (".gz", ".xz", ".bz2"):
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
+class _Utf8Decoder:
+    """Decodes byte lines; invalid UTF-8 raises DataError with the file and byte offset, or is
+    dropped and counted when skip_invalid is set."""
+
+    def __init__(self, path: str, skip_invalid: bool):
+        self.path, self.skip_invalid = path, skip_invalid
+        self.offset = 0  # offset of the next line in the decompressed stream
+        self.invalid_bytes = 0
+
+    def decode(self, line: bytes) -> str:
+        start = self.offset
+        self.offset += len(line)
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if not self.skip_invalid:
+                where = " of the decompressed stream" if _base_name(self.path) != self.path else ""
+                raise DataError(f"invalid UTF-8 at byte offset {start + e.start}{where} "
+                                f"(use --skip-invalid-utf8 to drop such bytes) ({self.path})") from None
+            text, bad = _decode_dropping(line)
+            self.invalid_bytes += bad
+            return text
+
+
+def _decode_dropping(data: bytes) -> tuple[str, int]:
+    """Decode UTF-8, dropping invalid bytes; returns the text and how many bytes were dropped."""
+    parts, bad, pos = [], 0, 0
+    while True:
+        try:
+            parts.append(data[pos:].decode("utf-8"))
+            return "".join(parts), bad
+        except UnicodeDecodeError as e:
+            parts.append(data[pos:pos + e.start].decode("utf-8"))
+            bad += e.end - e.start
+            pos += e.end
+
+
+def iter_records(path: str, *, field: str = "text", doc_sep: str = "blank",
+                 skip_invalid_utf8: bool = False, stats: dict | None = None):
+    """Yield (record, text) per document of one file. JSONL/JSON records are dicts (text = record[field]);
+    plain-text records are None. stats['invalid_utf8_bytes'] counts dropped bytes."""
+    stats = stats if stats is not None else {}
+    decoder = _Utf8Decoder(path, skip_invalid_utf8)
+    kind = os.path.splitext(_base_name(path))[1].lower()
+    with _open_binary(path) as raw:
+        try:
+            if kind == ".jsonl":
+                yield from _jsonl_records(raw, decoder, path, field)
+            elif kind == ".json":
+                yield from _json_records(raw, decoder, path, field)
+            else:
+                yield from _text_records(raw, decoder, doc_sep)
+        except (OSError, EOFError, lzma.LZMAError) as e:
+            raise DataError(f"cannot read compressed input: {e} ({path})") from None
+    stats["invalid_utf8_bytes"] = stats.get("invalid_utf8_bytes", 0) + decoder.invalid_bytes
+
+
+def _jsonl_records(raw, decoder, path, field):
+    for lineno, line in enumerate(raw, 1):
+        text = decoder.decode(line)
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"line {lineno} is not valid JSON: {e.msg} ({path})") from None
+        yield record, _field_text(record, field, f"line {lineno}", path)
+
+
+def _json_records(raw, decoder, path, field):
+    text = decoder.decode(raw.read())
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON: {e.msg} at line {e.lineno} ({path})") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"a .json input must hold a list of records ({path})")
+    for i, record in enumerate(data):
+        yield record, _field_text(record, field, f"record {i}", path)
+
+
+def _field_text(record, field, where, path) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict) or field not in record:
+        raise DataError(f"{where} has no {field!r} field (choose one with --field) ({path})")
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} is {type(value).__name__}, not text ({path})")
+    return value
+
+
+def _text_records(raw, decoder, doc_sep):
+    if doc_sep == "file":
+        yield None, decoder.decode(raw.read())
+        return
+    lines: list[str] = []
+    for line in raw:
+        text = decoder.decode(line)
+        if doc_sep == "line":
+            if text.strip():
+                yield None, text.rstrip("\r\n")
+        elif text.strip():
+            lines.append(text)
+        elif lines:
+            yield None, "".join(lines).rstrip("\r\n")
+            lines = []
+    if lines:
+        yield None, "".join(lines).rstrip("\r\n")
+
+
+def _dropped_by(record, filters: dict[str, set[str]]) -> bool:
+    if not filters or not isinstance(record, dict):
+        return False
+    return any(str(record.get(name)) in values for name, values in filters.items() if name in record)
+
+
+def read_texts(paths: list[str], *, field: str = "text", doc_sep: str = "blank",
+               skip_invalid_utf8: bool = False, drop: dict[str, set[str]] | None = None):
+    """Yield the text of every document of every file, filters applied (used by tokenizer training)."""
+    for path in paths:
+        for record, text in iter_records(path, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8):
+            if text.strip() and not _dropped_by(record, drop or {}):
+                yield text
+
+
+# ---- preparing shards -------------------------------------------------------------------------
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _ShardWriter:
+    """Appends token arrays to numbered shard files of one split, each at most shard_tokens long."""
+
+    def __init__(self, directory: str, split: str, dtype, shard_tokens: int):
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.file = None
+        self.total = 0
+
+    def write(self, tokens: np.ndarray):
+        tokens = tokens.astype(self.dtype, copy=False)
+        while len(tokens):
+            if self.file is None or self.shards[-1]["tokens"] >= self.shard_tokens:
+                self._next_shard()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            part, tokens = tokens[:room], tokens[room:]
+            self.file.write(part.tobytes())
+            self.shards[-1]["tokens"] += len(part)
+            self.total += len(part)
+
+    def _next_shard(self):
+        self.close()
+        name = f"{self.split}_{len(self.shards):03d}.bin"
+        self.file = open(os.path.join(self.directory, name), "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self):
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+
+
+_worker_tokenizer = None
+
+
+def _worker_init(tokenizer_path: str):
+    global _worker_tokenizer
+    from .tokenizer import Tokenizer
+    _worker_tokenizer = Tokenizer(tokenizer_path)
+
+
+def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
+    """BOS + tokens + EOS for every text (runs in a worker process)."""
+    tok = _worker_tokenizer
+    return [np.asarray(tok.encode(t, bos=True, eos=True), dtype=np.int64) for t in texts]
+
+
+def _plan_documents(sources, *, field, doc_sep, skip_invalid_utf8, drop, val_fraction, seed, source_stats):
+    """Yield (source index, text, split, copies) for every document kept.
+
+    Split: each document goes to val with probability val_fraction, decided by a generator seeded
+    with (seed, source index), so the split depends only on the seed and the input order.
+    Weights: a train document of a source with weight w is written floor(w) times, plus once more
+    with probability w - floor(w). A val document is written once with probability min(w, 1)."""
+    for si, src in enumerate(sources):
+        st = source_stats[si]
+        rng = np.random.default_rng([seed, si])
+        for record, text in iter_records(src.path, field=field, doc_sep=doc_sep,
+                                         skip_invalid_utf8=skip_invalid_utf8, stats=st):
+            st["documents_read"] += 1
+            if _dropped_by(record, drop):
+                st["documents_filtered"] += 1
+                continue
+            if not text.strip():
+                st["documents_empty"] += 1
+                continue
+            u_split, u_weight = rng.random(2)
+            split = "val" if u_split < val_fraction else "train"
+            whole = math.floor(src.weight)
+            if split == "val":
+                copies = 1 if u_weight < min(src.weight, 1.0) else 0
+            else:
+                copies = whole + (1 if u_weight < src.weight - whole else 0)
+            if copies:
+                yield si, text, split, copies
+
+
+def _chunks(items, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: str = "text",
+            doc_sep: str = "blank", drop: dict[str, set[str]] | None = None, val_fraction: float = 0.01,
+            seed: int = 1234, workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+            skip_invalid_utf8: bool = False, force: bool = False, progress: bool = True) -> dict:
+    """Tokenize the sources into train/val shards under out_dir; returns the meta.json contents."""
+    from tqdm import tqdm
+
+    from .tokenizer import Tokenizer
+
+    drop = drop or {}
+    if not sources:
+        raise DataError("no inputs given")
+    if doc_sep not in DOC_SEPARATORS:
+        raise DataError(f"--doc-sep must be one of {DOC_SEPARATORS}, got {doc_sep!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    for src in sources:
+        if not os.path.isfile(src.path):
+            raise DataError(f"input file not found ({src.path})")
+    if not os.path.isfile(tokenizer_path):
+        raise DataError(f"tokenizer model not found ({tokenizer_path})")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not force:
+        raise DataError(f"output directory exists; pass --force to replace it ({out_dir})")
+
+    tok = Tokenizer(tokenizer_path)
+    vocab_size = tok.vocab_size
+    dtype = np.uint16 if vocab_size <= 65535 else np.uint32
+    if not workers:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    stats = [{"path": os.path.abspath(s.path), "weight": s.weight, "documents_read": 0, "documents_filtered": 0,
+              "documents_empty": 0, "documents_train": 0, "documents_val": 0, "tokens_train": 0, "tokens_val": 0,
+              "invalid_utf8_bytes": 0} for s in sources]
+    writers = {split: _ShardWriter(tmp_dir, split, dtype, shard_tokens) for split in ("train", "val")}
+    try:
+        planned = _plan_documents(sources, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8,
+                                  drop=drop, val_fraction=val_fraction, seed=seed, source_stats=stats)
+        bar = tqdm(desc="tokenizing", unit=" doc", disable=not progress, dynamic_ncols=True)
+        with _encoder_pool(tokenizer_path, workers) as encode:
+            chunks = _chunks(planned, 64)
+            for chunk, encoded in encode(chunks):
+                for (si, _text, split, copies), ids in zip(chunk, encoded):
+                    for _ in range(copies):
+                        writers[split].write(ids)
+                    stats[si][f"documents_{split}"] += copies
+                    stats[si][f"tokens_{split}"] += copies * len(ids)
+                bar.update(len(chunk))
+                bar.set_postfix(tokens=f"{writers['train'].total + writers['val'].total:,}", refresh=False)
+        bar.close()
+        for w in writers.values():
+            w.close()
+        _check_not_empty(sources, stats, writers)
+        meta = {
+            "format": META_FORMAT, "version": META_VERSION,
+            "vocab_size": vocab_size, "dtype": np.dtype(dtype).name,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "tokenizer": {"path": os.path.abspath(tokenizer_path), "sha256": sha256_file(tokenizer_path)},
+            "splits": {split: {"tokens": w.total, "shards": w.shards} for split, w in writers.items()},
+            "sources": stats,
+            "field": field, "doc_sep": doc_sep, "drop_field_values": {k: sorted(v) for k, v in drop.items()},
+            "val_fraction": val_fraction, "seed": seed,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        with atomic_write(os.path.join(tmp_dir, "meta.json"), "w") as f:
+            json.dump(meta, f, ensure_ascii=False, indent=2)
+        _fsync_dir(tmp_dir)
+        _move_into_place(tmp_dir, out_dir)
+        return meta
+    except BaseException:
+        for w in writers.values():
+            with contextlib.suppress(Exception):
+                w.close()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _encoder_pool(tokenizer_path: str, workers: int):
+    """Yields encode(chunks) -> iterator of (chunk, encoded chunk), in order, over `workers` processes."""
+    if workers == 1:
+        _worker_init(tokenizer_path)
+        yield lambda chunks: ((c, _encode_chunk([t for _, t, _, _ in c])) for c in chunks)
+        return
+    ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(tokenizer_path,)) as pool:
+        def encode(chunks):
+            pending = []  # keep a bounded number of chunks in flight, results in input order
+            for chunk in chunks:
+                pending.append((chunk, pool.apply_async(_encode_chunk, ([t for _, t, _, _ in chunk],))))
+                if len(pending) >= 4 * workers:
+                    c, r = pending.pop(0)
+                    yield c, r.get()
+            for c, r in pending:
+                yield c, r.get()
+        yield encode
+
+
+def _check_not_empty(sources, stats, writers):
+    if writers["train"].total == 0:
+        read = sum(s["documents_read"] for s in stats)
+        files = ", ".join(s.path for s in sources)
+        if read == 0:
+            raise DataError(f"empty corpus: no documents found in the inputs ({files})")
+        raise DataError(f"empty corpus: all {read} documents were filtered out, empty or weighted away ({files})")
+    if writers["val"].total == 0:
+        docs = sum(s["documents_train"] for s in stats)
+        raise DataError(f"the val split is empty ({docs} train documents): raise --val-fraction or give more "
+                        f"documents (for plain text, --doc-sep line makes every line a document) "
+                        f"({', '.join(s.path for s in sources)})")
+
+
+def _fsync_dir(path: str):
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _move_into_place(tmp_dir: str, out_dir: str):
+    """Rename the finished tmp_dir to out_dir, replacing an old out_dir (only reached with --force)."""
+    old = None
+    if os.path.exists(out_dir):
+        old = f"{out_dir}.old-{os.getpid()}"
+        os.rename(out_dir, old)
+    os.rename(tmp_dir, out_dir)
+    _fsync_dir(os.path.dirname(out_dir))
+    if old:
+        if os.path.isdir(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.unlink(old)
+
+
+# ---- reading shards for training ----------------------------------------------------------------
+
+def load_meta(data_dir: str) -> dict:
+    """meta.json of a prepared data directory, checked against the shard files beside it."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise DataError(f"no meta.json: not a directory written by `tinyllm data prepare` ({data_dir})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read meta.json: {e} ({path})") from None
+    if meta.get("format") != META_FORMAT or meta.get("version") != META_VERSION:
+        raise DataError(f"meta.json is not {META_FORMAT} version {META_VERSION} ({path})")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            shard_path = os.path.join(data_dir, shard["file"])
+            if not os.path.isfile(shard_path) or os.path.getsize(shard_path) != shard["tokens"] * itemsize:
+                raise DataError(f"shard is missing or has the wrong size ({shard_path})")
+    return meta
+
+
+class ShardDataset:
+    """Random windows of seq_len + 1 tokens from one split's shards (np.memmap, nothing loaded)."""
+
+    def __init__(self, data_dir: str, split: str, seq_len: int):
+        self.meta = load_meta(data_dir)
+        if split not in self.meta["splits"]:
+            raise DataError(f"no {split!r} split ({data_dir})")
+        self.seq_len = seq_len
+        dtype = np.dtype(self.meta["dtype"])
+        self.shards = [np.memmap(os.path.join(data_dir, s["file"]), dtype=dtype, mode="r")
+                       for s in self.meta["splits"][split]["shards"] if s["tokens"] > seq_len]
+        # window starts available in each shard (a window never spans two shards)
+        starts = np.array([len(s) - seq_len for s in self.shards], dtype=np.int64)
+        if not len(starts):
+            raise DataError(f"the {split} split has no shard longer than seq_len {seq_len}: "
+                            f"{self.meta['splits'][split]['tokens']} tokens ({data_dir})")
+        self.cum_starts = np.cumsum(starts)
+        self.num_tokens = int(sum(len(s) for s in self.shards))
+
+    def batch(self, index: int, batch_size: int, seed: int):
+        """(x, y) int64 tensors of shape (batch_size, seq_len); the same (index, seed) gives the same batch."""
+        import torch
+        rng = np.random.default_rng([seed, index])
+        picks = rng.integers(0, self.cum_starts[-1], size=batch_size)
+        shard_ids = np.searchsorted(self.cum_starts, picks, side="right")
+        offsets = picks - np.concatenate(([0], self.cum_starts))[shard_ids]
+        T = self.seq_len
+        rows = np.stack([self.shards[s][o:o + T + 1] for s, o in zip(shard_ids, offsets)]).astype(np.int64)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+class ShardBatches:
+    """The batch stream of one process: micro-batch number k of the run is dataset.batch(k) and process
+    `rank` of `world` takes k = pos * world + rank. A single process with accumulation 2 and two processes
+    with accumulation 1 therefore see the same batches per optimizer step. State is just `pos`."""
+
+    def __init__(self, dataset: ShardDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world = rank, world
+        self.pos = 0
+
+    def next(self):
+        batch = self.dataset.batch(self.pos * self.world + self.rank, self.batch_size, self.seed)
+        self.pos += 1
+        return batch
+
+    def fixed(self, n: int):
+        """The first n batches of this stream (for evaluation: the same batches every time)."""
+        return [self.dataset.batch(i * self.world + self.rank, self.batch_size, self.seed) for i in range(n)]
+
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.dataset.seq_len
+
+    def state_dict(self) -> dict:
+        """Micro-batches consumed by all processes together, so a resume may change the process count."""
+        return {"consumed": self.pos * self.world, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict):
+        if state.get("seed") != self.seed or state.get("batch_size") != self.batch_size:
+            raise DataError(f"checkpoint's data stream (seed {state.get('seed')}, batch {state.get('batch_size')}) "
+                            f"differs from this run's (seed {self.seed}, batch {self.batch_size})")
+        if state["consumed"] % self.world:
+            raise DataError(f"cannot split {state['consumed']} consumed batches over {self.world} processes")
+        self.pos = int(state["consumed"]) // self.world

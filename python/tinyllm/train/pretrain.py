@@ -1,0 +1,109 @@
+"""Pretraining: the training loop + random windows of the token shards + next-token loss.
+
+    tinyllm pretrain --config configs/stories15M.toml --data-dir data/mine [--key value ...]
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from ..config import (ModelConfig, TrainConfig, add_config_arguments, build_configs, load_preset,
+                      overrides_from_args)
+from ..errors import ConfigError
+
+CONFIG_KEYS = True  # takes --KEY VALUE for every config field
+HELP = "pretrain a model on prepared token shards (next-token prediction)"
+DESCRIPTION = """\
+Pretrain a llama-architecture model on shards written by `tinyllm data prepare`.
+
+Settings come from the dataclass defaults, then the --config TOML preset, then --key value flags
+(every key below; dashes or underscores). The model's vocab_size is taken from the data's meta.json.
+Writes OUT_DIR/ckpt.pt (atomic; model, optimizer, step, RNG and data position), metrics.jsonl and
+loss.png. Under `torchrun --nproc_per_node N` it trains with DDP (NCCL on GPU, gloo on CPU);
+batch_size is per process, so N processes with grad_accum A equal 1 process with grad_accum N*A.
+"""
+
+
+def add_arguments(parser):
+    parser.add_argument("--config", metavar="TOML", help="preset file, e.g. configs/stories15M.toml")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT_DIR/ckpt.pt: its configs, weights, optimizer, RNG and data "
+                             "position (flags may still change train settings such as --max-steps)")
+    parser.add_argument("--force", action="store_true",
+                        help="start from scratch even if OUT_DIR already holds a checkpoint (it is replaced)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print parameters, memory estimate, tokens per step and estimated time, then exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group = parser.add_argument_group("config keys (override the preset)")
+    add_config_arguments(group)
+
+
+def resolve_configs(config_path: str | None, overrides: dict, resume: bool, force: bool):
+    """(ModelConfig, TrainConfig, checkpoint path to resume from or None)."""
+    from ..checkpoint import load_checkpoint
+    from .loop import CHECKPOINT_NAME
+    preset = load_preset(config_path) if config_path else {}
+    _, probe = build_configs(preset, overrides)
+    ckpt_path = os.path.join(probe.out_dir, CHECKPOINT_NAME)
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        model_changes = sorted(k for k in overrides if k in ModelConfig.__dataclass_fields__)
+        if model_changes:
+            raise ConfigError(f"cannot change model keys {model_changes} when resuming ({ckpt_path})")
+        model_cfg, train_cfg = build_configs(ckpt["model_config"], ckpt["train_config"], overrides)
+        return model_cfg, train_cfg, ckpt_path
+    if os.path.exists(ckpt_path) and not force:
+        raise ConfigError(f"a checkpoint already exists; pass --resume to continue it or --force to start over "
+                          f"({ckpt_path})")
+    model_cfg, train_cfg = build_configs(preset, overrides)
+    return model_cfg, train_cfg, None
+
+
+def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | None = None,
+             stop_at_step: int | None = None, dry_run: bool = False, progress: bool = True) -> dict:
+    """Pretrain from train_cfg.data_dir into train_cfg.out_dir; returns the loop's summary (or the dry-run text)."""
+    import torch
+
+    from ..data import ShardBatches, ShardDataset, load_meta
+    from ..model import Transformer
+    from .loop import describe_run, setup, teardown, train
+
+    meta = load_meta(train_cfg.data_dir)
+    if model_cfg.vocab_size != meta["vocab_size"]:
+        if not resume:
+            warnings.warn(f"vocab_size {model_cfg.vocab_size} replaced by the data's {meta['vocab_size']}")
+        model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": meta["vocab_size"]})
+    env = setup(train_cfg)
+    try:
+        torch.manual_seed(train_cfg.seed)
+        model = Transformer(model_cfg)
+        train_batches = ShardBatches(ShardDataset(train_cfg.data_dir, "train", model_cfg.max_seq_len),
+                                     train_cfg.batch_size, train_cfg.seed, env.rank, env.world)
+        val_batches = ShardBatches(ShardDataset(train_cfg.data_dir, "val", model_cfg.max_seq_len),
+                                   train_cfg.batch_size, train_cfg.seed + 1, env.rank, env.world)
+        if dry_run:
+            tokens_per_step = train_batches.tokens_per_batch() * train_cfg.grad_accum * env.world
+            return {"dry_run": describe_run(model, model_cfg, train_cfg, env, tokens_per_step)}
+        summary = train(model, model_cfg, train_cfg, env, train_batches, val_batches,
+                        resume=resume, stop_at_step=stop_at_step, progress=progress)
+        summary["tokenizer"] = meta["tokenizer"]["path"]
+        return summary
+    finally:
+        teardown(env)
+
+
+def run(args) -> int:
+    model_cfg, train_cfg, resume = resolve_configs(args.config, overrides_from_args(args), args.resume, args.force)
+    summary = pretrain(model_cfg, train_cfg, resume=resume, dry_run=args.dry_run,
+                       progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if "dry_run" in summary:
+        print(summary["dry_run"])
+        return 0
+    val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
+    mode = ("compiled" if summary["compiled"] else "eager") + (" bf16" if summary["bf16"] else " fp32")
+    print(f"trained to step {summary['step']} ({summary['stopped_by']}, {mode}, "
+          f"{summary['elapsed_s']:.0f} s{val}); checkpoint: {summary['checkpoint']}", file=sys.stderr)
+    return 0

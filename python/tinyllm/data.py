@@ -230,6 +230,11 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def token_dtype(vocab_size: int):
+    """The smallest unsigned type that holds every token id: uint16 up to 65535 pieces, else uint32."""
+    return np.uint16 if vocab_size <= 65535 else np.uint32
+
+
 class _ShardWriter:
     """Appends token arrays to numbered shard files of one split, each at most shard_tokens long."""
 
@@ -347,7 +352,7 @@ def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: 
 
     tok = Tokenizer(tokenizer_path)
     vocab_size = tok.vocab_size
-    dtype = np.uint16 if vocab_size <= 65535 else np.uint32
+    dtype = token_dtype(vocab_size)
     if not workers:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

@@ -1,0 +1,325 @@
+"""`tinyllm data prepare` and the shard reader: what goes into the shards, and bad input."""
+import gzip
+import json
+import lzma
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinyllm import data
+from tinyllm.data import ShardBatches, ShardDataset, Source, load_meta, parse_source, prepare
+from tinyllm.errors import DataError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# a small synthetic language: words of 1-3 characters from 120 CJK characters, sentences of words
+_CHARS = [chr(0x4E00 + 37 * i) for i in range(120)]
+_rng = random.Random(7)
+_WORDS = ["".join(_rng.choice(_CHARS) for _ in range(_rng.randint(1, 3))) for _ in range(60)]
+
+
+def synthetic_documents(n: int, seed: int = 0) -> list[str]:
+    """n short documents whose word order has structure a small model can learn."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sentences = []
+        for _ in range(rng.randint(2, 5)):
+            w = rng.randrange(len(_WORDS))
+            words = [_WORDS[(w + 3 * k) % len(_WORDS)] for k in range(rng.randint(3, 8))]
+            sentences.append("".join(words) + rng.choice("，。！"))
+        docs.append("".join(sentences))
+    return docs
+
+
+def write_jsonl(path, records, opener=open):
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(tmp_path_factory):
+    """A 512-piece SentencePiece model trained on the synthetic language."""
+    from tinyllm.tokenizer import train_tokenizer
+    out = tmp_path_factory.mktemp("tok")
+    return str(train_tokenizer(iter(synthetic_documents(400, seed=99)), 512, out))
+
+
+def _documents_in(split_tokens: np.ndarray, bos: int, eos: int) -> list[list[int]]:
+    """Split a shard's tokens into documents, checking every one is BOS ... EOS."""
+    docs, i = [], 0
+    while i < len(split_tokens):
+        assert split_tokens[i] == bos, f"document at {i} does not start with BOS"
+        end = int(np.argmax(split_tokens[i:] == eos)) + i
+        assert split_tokens[end] == eos, "document without EOS"
+        docs.append(split_tokens[i + 1:end].tolist())
+        i = end + 1
+    return docs
+
+
+def _split_tokens(out_dir, split):
+    meta = load_meta(out_dir)
+    return np.concatenate([np.fromfile(os.path.join(out_dir, s["file"]), dtype=meta["dtype"])
+                           for s in meta["splits"][split]["shards"]])
+
+
+def test_every_document_is_stored_between_bos_and_eos(tmp_path, tokenizer_model):
+    from tinyllm.tokenizer import Tokenizer
+    docs = synthetic_documents(60)
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    meta = prepare([Source(src)], tokenizer_model, str(tmp_path / "out"), val_fraction=0.2, workers=2,
+                   progress=False)
+    tok = Tokenizer(tokenizer_model)
+    stored = []
+    for split in ("train", "val"):
+        stored += _documents_in(_split_tokens(tmp_path / "out", split), meta["bos_id"], meta["eos_id"])
+    assert sorted(tok.decode(d) for d in stored) == sorted(docs)
+    assert meta["splits"]["val"]["tokens"] > 0 and meta["splits"]["train"]["tokens"] > 0
+
+
+def test_shards_are_uint16_up_to_65535_pieces_and_uint32_beyond():
+    assert data.token_dtype(5000) == np.uint16
+    assert data.token_dtype(65535) == np.uint16
+    assert data.token_dtype(65536) == np.uint32
+
+
+def test_meta_records_dtype_counts_sources_weights_and_tokenizer_hash(tmp_path, tokenizer_model):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in synthetic_documents(40)])
+    meta = prepare([Source(src, 2.0)], tokenizer_model, str(tmp_path / "out"), val_fraction=0.2, progress=False)
+    on_disk = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert on_disk == meta
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 512
+    assert meta["tokenizer"]["sha256"] == data.sha256_file(tokenizer_model)
+    assert meta["sources"][0]["weight"] == 2.0 and meta["sources"][0]["path"] == os.path.abspath(src)
+    train_bytes = sum(os.path.getsize(tmp_path / "out" / s["file"]) for s in meta["splits"]["train"]["shards"])
+    assert train_bytes == 2 * meta["splits"]["train"]["tokens"]
+
+
+def test_weights_repeat_train_documents_and_keep_val_documents_once(tmp_path, tokenizer_model):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in synthetic_documents(200, seed=1)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": d} for d in synthetic_documents(200, seed=2)])
+    once = prepare([Source(a), Source(b)], tokenizer_model, str(tmp_path / "w1"), val_fraction=0.1,
+                   progress=False)["sources"]
+    weighted = prepare([Source(a, 3.0), Source(b, 0.5)], tokenizer_model, str(tmp_path / "w2"), val_fraction=0.1,
+                       progress=False)["sources"]
+    assert weighted[0]["documents_train"] == 3 * once[0]["documents_train"]
+    assert weighted[0]["documents_val"] == once[0]["documents_val"]  # val: each document at most once
+    assert 0.35 * once[1]["documents_train"] < weighted[1]["documents_train"] < 0.65 * once[1]["documents_train"]
+
+
+def test_input_weight_suffix_is_parsed_and_a_bad_one_rejected():
+    assert parse_source("x/a.jsonl.xz:5") == Source("x/a.jsonl.xz", 5.0)
+    assert parse_source("a.txt") == Source("a.txt", 1.0)
+    assert parse_source("C:stuff.txt") == Source("C:stuff.txt", 1.0)
+    with pytest.raises(DataError):
+        parse_source("a.txt:-1")
+
+
+def test_split_depends_only_on_the_seed(tmp_path, tokenizer_model):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in synthetic_documents(100)])
+    runs = [prepare([Source(src)], tokenizer_model, str(tmp_path / f"o{i}"), val_fraction=0.2, seed=seed,
+                    progress=False, workers=1 + i % 2) for i, seed in enumerate((5, 5, 6))]
+    val = [_split_tokens(tmp_path / f"o{i}", "val") for i in range(3)]
+    assert np.array_equal(val[0], val[1])
+    assert not np.array_equal(val[0], val[2])
+
+
+def test_drop_field_values_filters_records_and_counts_them(tmp_path, tokenizer_model):
+    docs = synthetic_documents(50)
+    records = [{"book": "bad" if i % 5 == 0 else "good", "text": d} for i, d in enumerate(docs)]
+    src = write_jsonl(tmp_path / "a.jsonl", records)
+    meta = prepare([Source(src)], tokenizer_model, str(tmp_path / "out"), val_fraction=0.2, progress=False,
+                   drop=data.parse_drop_filters(["book=bad,worse"]))
+    assert meta["sources"][0]["documents_filtered"] == 10
+    assert meta["sources"][0]["documents_train"] + meta["sources"][0]["documents_val"] == 40
+
+
+def test_field_option_reads_another_field_and_missing_field_is_an_error(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"body": "一二三", "text": 1}])
+    assert [t for _, t in data.iter_records(src, field="body")] == ["一二三"]
+    with pytest.raises(DataError, match=r"line 1.*'text'.*a\.jsonl"):
+        list(data.iter_records(src))
+
+
+def test_compressed_and_json_inputs_read_like_plain_jsonl(tmp_path):
+    records = [{"text": d} for d in synthetic_documents(5)]
+    plain = write_jsonl(tmp_path / "a.jsonl", records)
+    gz = write_jsonl(tmp_path / "a.jsonl.gz", records, gzip.open)
+    xz = write_jsonl(tmp_path / "a.jsonl.xz", records, lzma.open)
+    js = tmp_path / "a.json"
+    js.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    texts = [list(data.read_texts([p])) for p in (plain, gz, xz, str(js))]
+    assert texts[0] == [r["text"] for r in records]
+    assert all(t == texts[0] for t in texts)
+
+
+def test_plain_text_documents_are_separated_by_blank_lines(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("第一段\n还是第一段\n\n\n第二段\n", encoding="utf-8")
+    assert list(data.read_texts([str(path)])) == ["第一段\n还是第一段", "第二段"]
+    assert list(data.read_texts([str(path)], doc_sep="line")) == ["第一段", "还是第一段", "第二段"]
+    assert len(list(data.read_texts([str(path)], doc_sep="file"))) == 1
+
+
+def test_existing_output_is_refused_without_force_and_replaced_with_it(tmp_path, tokenizer_model):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in synthetic_documents(40)])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(DataError, match="exists.*--force"):
+        prepare([Source(src)], tokenizer_model, str(out), val_fraction=0.2, progress=False)
+    assert (out / "precious.txt").exists()
+    prepare([Source(src)], tokenizer_model, str(out), val_fraction=0.2, progress=False, force=True)
+    assert not (out / "precious.txt").exists() and (out / "meta.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]
+
+
+def _no_output(tmp_path, out_name="out"):
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith((out_name, f".{out_name}"))]
+    return not leftovers
+
+
+def test_empty_corpus_is_a_clear_error_and_writes_nothing(tmp_path, tokenizer_model):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match=r"empty corpus.*empty\.jsonl"):
+        prepare([Source(str(empty))], tokenizer_model, str(tmp_path / "out"), progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_invalid_utf8_is_reported_with_file_and_byte_offset(tmp_path, tokenizer_model):
+    path = tmp_path / "bad.txt"
+    good = "好的开始\n\n".encode()
+    path.write_bytes(good + b"abc\xff\xfedef\n")
+    with pytest.raises(DataError, match=rf"byte offset {len(good) + 3}\b.*bad\.txt"):
+        prepare([Source(str(path))], tokenizer_model, str(tmp_path / "out"), progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_invalid_utf8_in_compressed_input_gives_the_decompressed_offset(tmp_path):
+    path = tmp_path / "bad.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b'{"text": "ok"}\n{"text": "x\xc3"}\n')
+    with pytest.raises(DataError, match=r"byte offset 26 of the decompressed stream.*bad\.jsonl\.gz"):
+        list(data.read_texts([str(path)]))
+
+
+def test_skip_invalid_utf8_drops_the_bytes_and_counts_them(tmp_path, tokenizer_model):
+    path = tmp_path / "bad.txt"
+    docs = synthetic_documents(40)
+    path.write_bytes("\n\n".join(docs).encode() + b"\n\n\xff\xfe" + docs[0].encode() + b"\x80\n")
+    meta = prepare([Source(str(path))], tokenizer_model, str(tmp_path / "out"), val_fraction=0.2,
+                   progress=False, skip_invalid_utf8=True)
+    assert meta["sources"][0]["invalid_utf8_bytes"] == 3
+    assert meta["sources"][0]["documents_read"] == 41
+
+
+def test_missing_input_file_is_named(tmp_path, tokenizer_model):
+    with pytest.raises(DataError, match=r"not found.*nope\.jsonl"):
+        prepare([Source(str(tmp_path / "nope.jsonl"))], tokenizer_model, str(tmp_path / "out"), progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_a_crash_while_writing_leaves_no_output_directory(tmp_path, tokenizer_model, monkeypatch):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in synthetic_documents(100)])
+    calls = {"n": 0}
+    real_write = data._ShardWriter.write
+
+    def crashing_write(self, tokens):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise KeyboardInterrupt
+        real_write(self, tokens)
+
+    monkeypatch.setattr(data._ShardWriter, "write", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([Source(src)], tokenizer_model, str(tmp_path / "out"), val_fraction=0.2, progress=False,
+                shard_tokens=500, workers=1)
+    assert _no_output(tmp_path)
+
+
+def test_shards_split_at_shard_tokens_and_are_all_read(tmp_path, tokenizer_model):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in synthetic_documents(100)])
+    meta = prepare([Source(src)], tokenizer_model, str(tmp_path / "out"), val_fraction=0.1, progress=False,
+                   shard_tokens=200)
+    shards = meta["splits"]["train"]["shards"]
+    assert len(shards) > 2 and all(s["tokens"] <= 200 for s in shards)
+    ds = ShardDataset(str(tmp_path / "out"), "train", 32)
+    assert ds.num_tokens == meta["splits"]["train"]["tokens"]
+
+
+def test_truncated_shard_is_detected(tmp_path, tokenizer_model):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in synthetic_documents(40)])
+    prepare([Source(src)], tokenizer_model, str(tmp_path / "out"), val_fraction=0.2, progress=False)
+    shard = tmp_path / "out" / "train_000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(DataError, match="wrong size.*train_000.bin"):
+        ShardDataset(str(tmp_path / "out"), "train", 16)
+
+
+@pytest.fixture
+def shards(tmp_path, tokenizer_model):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in synthetic_documents(100)])
+    prepare([Source(src)], tokenizer_model, str(tmp_path / "out"), val_fraction=0.1, progress=False)
+    return str(tmp_path / "out")
+
+
+def test_batches_are_next_token_pairs_and_deterministic_for_a_seed(shards):
+    ds = ShardDataset(shards, "train", 16)
+    x, y = ds.batch(3, 4, seed=1)
+    assert x.shape == y.shape == (4, 16)
+    assert (x[:, 1:] == y[:, :-1]).all()
+    x2, _ = ds.batch(3, 4, seed=1)
+    x3, _ = ds.batch(3, 4, seed=2)
+    assert (x == x2).all() and not (x == x3).all()
+
+
+def test_batch_stream_resumes_exactly_from_its_state(shards):
+    ds = ShardDataset(shards, "train", 16)
+    a = ShardBatches(ds, 4, seed=3)
+    for _ in range(5):
+        a.next()
+    state = json.loads(json.dumps(a.state_dict()))  # serializable
+    expected = [a.next()[0] for _ in range(3)]
+    b = ShardBatches(ds, 4, seed=3)
+    b.load_state_dict(state)
+    assert all((e == b.next()[0]).all() for e in expected)
+
+
+def test_two_processes_see_the_batches_of_one_process_with_doubled_accumulation(shards):
+    ds = ShardDataset(shards, "train", 16)
+    single = ShardBatches(ds, 4, seed=3)
+    ranks = [ShardBatches(ds, 4, seed=3, rank=r, world=2) for r in range(2)]
+    for _ in range(3):
+        one = [single.next()[0] for _ in range(2)]
+        two = [r.next()[0] for r in ranks]
+        assert all((a == b).all() for a, b in zip(one, two))
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tinyllm.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_cli_reports_user_errors_as_one_line_without_traceback(tmp_path, tokenizer_model):
+    r = _cli("data", "prepare", "--input", str(tmp_path / "missing.jsonl"), "--tokenizer", tokenizer_model,
+             "--out", str(tmp_path / "out"))
+    assert r.returncode != 0
+    assert r.stderr.startswith("error: ") and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_vocab_larger_than_the_corpus_supports_is_a_clear_error(tmp_path):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("\n\n".join(synthetic_documents(20)), encoding="utf-8")
+    r = _cli("tokenizer", "train", "--input", str(corpus), "--vocab-size", "20000", "--out", str(tmp_path / "tok"))
+    assert r.returncode != 0
+    assert r.stderr.startswith("error: ") and "vocab" in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("tok/*.model"))

@@ -65,6 +65,7 @@ void tl_generator_free(tl_generator *g) {
 tl_status tl_generator_prompt_ids(tl_generator *g, const int *ids, int n) {
     g->ended_with_eos = 0;
     tl_status st = tl_session_feed(g->session, ids, n, g->logits, 0);
+    for (int i = 0; i < n && st == TL_OK; i++) st = tl_sampler_accept(g->sampler, ids[i]);
     if (st != TL_OK) return st;
     g->have_logits = 1;
     g->prev_token = ids[n - 1];
@@ -180,7 +181,8 @@ tl_status tl_generator_next(tl_generator *g, int *token, const char **text, size
         return TL_OK;
     }
     g->prev_token = next;
-    return tl_session_feed(g->session, &next, 1, g->logits, 0);
+    tl_status fed = tl_session_feed(g->session, &next, 1, g->logits, 0);
+    return fed == TL_OK ? tl_sampler_accept(g->sampler, next) : fed;
 }
 
 const char *tl_generator_flush(tl_generator *g, size_t *len) {

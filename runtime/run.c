@@ -19,6 +19,8 @@ static void usage(FILE *out) {
         "  -t <float>  temperature, 0 = greedy (default 1.0)\n"
         "  -p <float>  top-p (nucleus) sampling mass, 1 = off (default 0.9)\n"
         "  -k <int>    top-k: sample among the k most likely tokens, 0 = off (default 0)\n"
+        "  -r <float>  repetition penalty for the last 64 tokens, 1 = off (default 1; chat 1.1)\n"
+        "  -g <int>    forbid repeating any n-gram of this size, 0 = off (default 0; chat 4)\n"
         "  -s <int>    random seed (default 0 = from the clock)\n"
         "  -n <int>    tokens in the sequence, prompt included (default 256, at most the model's\n"
         "              seq_len)\n"
@@ -130,7 +132,8 @@ int main(int argc, char **argv) {
     const char *model_path = argv[1], *tokenizer_path = NULL, *prompt = NULL, *mode = "generate";
     const char *system_prompt = NULL;
     tl_sample_params params = tl_sample_defaults();
-    long steps = 0, threads = 0, seed = 0, top_k = 0;
+    long steps = 0, threads = 0, seed = 0, top_k = 0, ngram = -1;
+    float penalty = -1.0f; /* -1: the mode's default */
     for (int i = 2; i < argc; i += 2) {
         const char *flag = argv[i];
         if (strcmp(flag, "-h") == 0) {
@@ -151,6 +154,8 @@ int main(int argc, char **argv) {
             case 't': ok = parse_float(value, &params.temperature); break;
             case 'p': ok = parse_float(value, &params.top_p); break;
             case 'k': ok = parse_long(value, &top_k); break;
+            case 'r': ok = parse_float(value, &penalty); break;
+            case 'g': ok = parse_long(value, &ngram); break;
             case 's': ok = parse_long(value, &seed); break;
             case 'n': ok = parse_long(value, &steps); break;
             case 'j': ok = parse_long(value, &threads); break;
@@ -172,8 +177,13 @@ int main(int argc, char **argv) {
         return 1;
     }
     if (prompt && prompt[0] == '\0') return fail("empty prompt (-i \"\"); omit -i to start from BOS");
-    if (steps < 0 || threads < 0 || top_k < 0) return fail("-n, -j and -k must not be negative");
+    if (steps < 0 || threads < 0 || top_k < 0 || ngram < -1) return fail("-n, -j, -k and -g must not be negative");
     params.top_k = (int)top_k;
+    /* small models loop: chat turns the repetition controls on unless told otherwise */
+    const int chatting = strcmp(mode, "chat") == 0;
+    params.repetition_penalty = penalty >= 0.0f ? penalty : (chatting ? 1.1f : 1.0f);
+    params.repetition_window = 64;
+    params.no_repeat_ngram = ngram >= 0 ? (int)ngram : (chatting ? 4 : 0);
     params.seed = seed > 0 ? (unsigned long long)seed : (unsigned long long)time(NULL);
     if (threads > 0) tl_set_threads((int)threads);
 
@@ -201,7 +211,7 @@ int main(int argc, char **argv) {
         tl_session_new(model, (int)steps, &session) != TL_OK ||
         tl_generator_new(session, tok, &params, &gen) != TL_OK) {
         rc = fail_lib();
-    } else if (strcmp(mode, "chat") == 0) {
+    } else if (chatting) {
         rc = chat(gen, session, system_prompt, prompt, (int)steps);
     } else {
         rc = generate(gen, session, tok, prompt, (int)steps);

@@ -1,6 +1,7 @@
 /* sampler.c - the next token from logits: greedy, temperature, top-k, top-p, with a seedable RNG. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
 #include "kernels.h"
@@ -15,10 +16,14 @@ struct tl_sampler {
     tl_sample_params params;
     unsigned long long rng_state;
     prob_index *candidates; /* (vocab) scratch for top-k / top-p */
+    int *history;           /* tokens of the sequence so far, for the repetition controls */
+    int n_history, history_cap;
+    unsigned *seen;         /* (vocab) stamp per token: penalize each distinct token once */
+    unsigned stamp;
 };
 
 tl_sample_params tl_sample_defaults(void) {
-    tl_sample_params p = {1.0f, 0.9f, 0, 0};
+    tl_sample_params p = {1.0f, 0.9f, 0, 0, 1.0f, 0, 0};
     return p;
 }
 
@@ -41,9 +46,17 @@ tl_status tl_sampler_new(int vocab_size, const tl_sample_params *params, tl_samp
     if (!(params->top_p > 0.0f && params->top_p <= 1.0f))
         return tl_fail(TL_ERR_ARGUMENT, "top_p %g must be in (0, 1]", params->top_p);
     if (params->top_k < 0) return tl_fail(TL_ERR_ARGUMENT, "top_k %d must be >= 0", params->top_k);
+    if (!(params->repetition_penalty >= 0.0f) || !isfinite(params->repetition_penalty))
+        return tl_fail(TL_ERR_ARGUMENT, "repetition_penalty %g must be >= 0", params->repetition_penalty);
+    if (params->repetition_window < 0 || params->no_repeat_ngram < 0)
+        return tl_fail(TL_ERR_ARGUMENT, "repetition_window %d and no_repeat_ngram %d must be >= 0",
+                       params->repetition_window, params->no_repeat_ngram);
     tl_sampler *s = calloc(1, sizeof(*s));
-    if (s) s->candidates = malloc((size_t)vocab_size * sizeof(prob_index));
-    if (s == NULL || s->candidates == NULL) {
+    if (s) {
+        s->candidates = malloc((size_t)vocab_size * sizeof(prob_index));
+        s->seen = calloc((size_t)vocab_size, sizeof(unsigned));
+    }
+    if (s == NULL || s->candidates == NULL || s->seen == NULL) {
         tl_sampler_free(s);
         return tl_fail(TL_ERR_MEMORY, "out of memory for a sampler");
     }
@@ -58,7 +71,54 @@ tl_status tl_sampler_new(int vocab_size, const tl_sample_params *params, tl_samp
 void tl_sampler_free(tl_sampler *s) {
     if (s == NULL) return;
     free(s->candidates);
+    free(s->history);
+    free(s->seen);
     free(s);
+}
+
+tl_status tl_sampler_accept(tl_sampler *s, int token) {
+    if (token < 0 || token >= s->vocab_size)
+        return tl_fail(TL_ERR_ARGUMENT, "token id %d is outside the vocabulary (0..%d)", token, s->vocab_size - 1);
+    if (s->n_history == s->history_cap) { /* doubling: a handful of allocations per sequence */
+        const int cap = s->history_cap ? 2 * s->history_cap : 256;
+        int *bigger = realloc(s->history, (size_t)cap * sizeof(int));
+        if (bigger == NULL) return tl_fail(TL_ERR_MEMORY, "out of memory for the sampler history");
+        s->history = bigger;
+        s->history_cap = cap;
+    }
+    s->history[s->n_history++] = token;
+    return TL_OK;
+}
+
+void tl_sampler_reset(tl_sampler *s) { s->n_history = 0; }
+
+/* CTRL's repetition penalty: each distinct token among the last `window` ones becomes less likely
+ * (positive logits shrink, negative ones grow), whatever their count. */
+static void penalize_repetition(tl_sampler *s, float *logits) {
+    const float penalty = s->params.repetition_penalty;
+    const int window = s->params.repetition_window;
+    const int start = (window > 0 && s->n_history > window) ? s->n_history - window : 0;
+    if (++s->stamp == 0) { /* the stamp wrapped: clear the marks once every 2^32 calls */
+        for (int i = 0; i < s->vocab_size; i++) s->seen[i] = 0;
+        s->stamp = 1;
+    }
+    for (int i = start; i < s->n_history; i++) {
+        const int t = s->history[i];
+        if (s->seen[t] == s->stamp) continue;
+        s->seen[t] = s->stamp;
+        logits[t] = logits[t] > 0.0f ? logits[t] / penalty : logits[t] * penalty;
+    }
+}
+
+/* Forbid every token that would complete an n-gram already present in the history. */
+static void ban_repeated_ngrams(const tl_sampler *s, float *logits) {
+    const int n = s->params.no_repeat_ngram, len = s->n_history;
+    if (len < n) return;
+    const int *prefix = s->history + len - (n - 1); /* the n-1 tokens the next one would extend */
+    for (int i = 0; i + n - 1 < len; i++) {
+        if (memcmp(s->history + i, prefix, (size_t)(n - 1) * sizeof(int)) == 0)
+            logits[s->history[i + n - 1]] = -INFINITY;
+    }
 }
 
 static int argmax(const float *x, int n) {
@@ -121,7 +181,10 @@ static int sample_truncated(tl_sampler *s, const float *probs, float coin) {
 
 int tl_sampler_sample(tl_sampler *s, float *logits) {
     const int n = s->vocab_size;
-    if (s->params.temperature == 0.0f) return argmax(logits, n);
+    if (s->params.repetition_penalty > 0.0f && s->params.repetition_penalty != 1.0f) penalize_repetition(s, logits);
+    if (s->params.no_repeat_ngram > 0) ban_repeated_ngrams(s, logits);
+    const int best = argmax(logits, n);
+    if (s->params.temperature == 0.0f || logits[best] == -INFINITY) return best; /* greedy, or all banned */
     for (int i = 0; i < n; i++) logits[i] /= s->params.temperature;
     tl_softmax(logits, n);
     const float coin = random_f32(&s->rng_state);

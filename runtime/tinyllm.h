@@ -115,6 +115,11 @@ typedef struct {
     float top_p;              /* 1: off */
     int top_k;                /* 0: off */
     unsigned long long seed;
+    float repetition_penalty; /* > 1 divides positive / multiplies negative logits of recent tokens;
+                                 0 or 1: off */
+    int repetition_window;    /* how many recent tokens the penalty looks at; 0: all */
+    int no_repeat_ngram;      /* n > 0 forbids a token that would repeat an n-gram already in the
+                                 history; 0: off */
 } tl_sample_params;
 
 typedef struct tl_sampler tl_sampler;
@@ -122,8 +127,13 @@ typedef struct tl_sampler tl_sampler;
 tl_sample_params tl_sample_defaults(void);
 tl_status tl_sampler_new(int vocab_size, const tl_sample_params *params, tl_sampler **out);
 void tl_sampler_free(tl_sampler *sampler);
-/* Pick the next token from logits (vocab_size floats; may be modified in place). */
+/* Pick the next token from logits (vocab_size floats; may be modified in place). Order: repetition
+ * penalty, n-gram ban, then greedy, or temperature -> softmax -> top-k -> top-p -> draw. */
 int tl_sampler_sample(tl_sampler *sampler, float *logits);
+/* Record a token of the sequence (prompt or generated) in the history the penalties look at. */
+tl_status tl_sampler_accept(tl_sampler *sampler, int token);
+/* Forget the history (a new sequence); the RNG state continues. */
+void tl_sampler_reset(tl_sampler *sampler);
 
 /* ----------------------------------------------------------------------------------------- */
 /* Generator: prompt -> streamed text, the loop `run` and tinyllm.Runtime share */

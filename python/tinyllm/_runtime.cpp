@@ -113,9 +113,10 @@ struct Generator {
     py::object session_ref, tokenizer_ref;
     tl_generator *ptr = nullptr;
     Generator(py::object session, py::object tokenizer, float temperature, float top_p, int top_k,
-              unsigned long long seed)
+              unsigned long long seed, float repetition_penalty, int repetition_window, int no_repeat_ngram)
         : session_ref(session), tokenizer_ref(tokenizer) {
-        tl_sample_params p = {temperature, top_p, top_k, seed};
+        tl_sample_params p = {temperature, top_p, top_k, seed, repetition_penalty, repetition_window,
+                              no_repeat_ngram};
         check(tl_generator_new(session.cast<Session &>().ptr, tokenizer.cast<Tokenizer &>().ptr, &p, &ptr));
     }
     ~Generator() { tl_generator_free(ptr); }
@@ -186,7 +187,7 @@ PYBIND11_MODULE(_runtime, m) {
         .def_property_readonly("n_ctx", &Session::n_ctx)
         .def("rewind", &Session::rewind);
     py::class_<Generator>(m, "Generator")
-        .def(py::init<py::object, py::object, float, float, int, unsigned long long>())
+        .def(py::init<py::object, py::object, float, float, int, unsigned long long, float, int, int>())
         .def("prompt", &Generator::prompt)
         .def("prompt_ids", &Generator::prompt_ids)
         .def("chat_turn", &Generator::chat_turn)

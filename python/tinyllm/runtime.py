@@ -10,6 +10,8 @@ from . import _runtime
 from .config import ModelConfig
 from .errors import InvalidArgumentError
 
+REPETITION_WINDOW = 64  # tokens the repetition penalty looks back over (run's -r uses the same)
+
 
 class Runtime:
     """A model file loaded by the C runtime, with its tokenizer.
@@ -70,28 +72,33 @@ class Runtime:
         session = _runtime.Session(self._model, 0)
         return session.feed(tokens, True)
 
-    def _generator(self, temperature, top_p, top_k, seed):
+    def _generator(self, temperature, top_p, top_k, seed, repetition_penalty=1.0, no_repeat_ngram=0):
         session = _runtime.Session(self._model, 0)
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") or 1
         return session, _runtime.Generator(session, self._tok, float(temperature), float(top_p), int(top_k),
-                                           int(seed) & 0xFFFFFFFFFFFFFFFF)
+                                           int(seed) & 0xFFFFFFFFFFFFFFFF, float(repetition_penalty),
+                                           REPETITION_WINDOW, int(no_repeat_ngram))
 
     def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
-               top_k: int = 0, seed: int | None = None, stop: Iterable[str] | None = None) -> Iterator[str]:
+               top_k: int = 0, seed: int | None = None, stop: Iterable[str] | None = None,
+               repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> Iterator[str]:
         """Yield the continuation of prompt piece by piece (never a partial character).
 
-        Stops at EOS, after max_new_tokens, when the context is full, or before the first stop string."""
+        Stops at EOS, after max_new_tokens, when the context is full, or before the first stop string.
+        repetition_penalty (> 1, over the last 64 tokens) and no_repeat_ngram (n > 0) fight loops."""
         if not prompt:
             raise InvalidArgumentError("empty prompt")
-        _, gen = self._generator(temperature, top_p, top_k, seed)
+        _, gen = self._generator(temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram)
         gen.prompt(prompt.encode("utf-8"), True)
         yield from _stop_at(self._pieces(gen, max_new_tokens), list(stop or []))
 
     def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
-                 top_k: int = 0, seed: int | None = None, stop: Iterable[str] | None = None) -> str:
+                 top_k: int = 0, seed: int | None = None, stop: Iterable[str] | None = None,
+                 repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> str:
         """The continuation of prompt as one string (see stream)."""
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop))
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop,
+                                   repetition_penalty, no_repeat_ngram))
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                      top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> list[int]:

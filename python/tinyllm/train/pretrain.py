@@ -61,7 +61,8 @@ def resolve_configs(config_path: str | None, overrides: dict, resume: bool, forc
 
 
 def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | None = None,
-             stop_at_step: int | None = None, dry_run: bool = False, progress: bool = True) -> dict:
+             stop_at_step: int | None = None, dry_run: bool = False, progress: bool = True,
+             warn_vocab: bool = True) -> dict:
     """Pretrain from train_cfg.data_dir into train_cfg.out_dir; returns the loop's summary (or the dry-run text)."""
     import torch
 
@@ -71,7 +72,7 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | No
 
     meta = load_meta(train_cfg.data_dir)
     if model_cfg.vocab_size != meta["vocab_size"]:
-        if not resume:
+        if warn_vocab and not resume:
             warnings.warn(f"vocab_size {model_cfg.vocab_size} replaced by the data's {meta['vocab_size']}")
         model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": meta["vocab_size"]})
     env = setup(train_cfg)
@@ -94,9 +95,11 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | No
 
 
 def run(args) -> int:
-    model_cfg, train_cfg, resume = resolve_configs(args.config, overrides_from_args(args), args.resume, args.force)
+    overrides = overrides_from_args(args)
+    model_cfg, train_cfg, resume = resolve_configs(args.config, overrides, args.resume, args.force)
+    explicit_vocab = "vocab_size" in overrides or "vocab_size" in (load_preset(args.config) if args.config else {})
     summary = pretrain(model_cfg, train_cfg, resume=resume, dry_run=args.dry_run,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, warn_vocab=explicit_vocab)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if "dry_run" in summary:

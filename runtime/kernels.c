@@ -1,5 +1,6 @@
-/* kernels.c - matmul (f32, int8 groups), rmsnorm, softmax, rope, swiglu. */
+/* kernels.c - matmul (f32, int8 groups, f16, q8_0, q4_0), rmsnorm, softmax, rope, swiglu. */
 #include <math.h>
+#include <string.h>
 
 #include "tinyllm.h"
 #include "kernels.h"
@@ -22,6 +23,98 @@ static float dot_q8(const int8_t *q, const float *scales, const float *x, int n,
     return sum;
 }
 
+/* ---- ggml types (GGUF): scalar reference kernels ------------------------------------------------
+ * Like dot_q8: float activations times the dequantized weights, summed per block then scaled. */
+
+float tl_fp16_to_fp32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    const uint32_t exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
+    uint32_t bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (mant << 13); /* inf or NaN */
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (mant << 13); /* rebias 15 -> 127 */
+    } else {
+        float v = ldexpf((float)mant, -24); /* zero or subnormal: mant * 2^-24, exact in float */
+        return sign ? -v : v;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+static float load_fp16(const unsigned char *p) { return tl_fp16_to_fp32((uint16_t)(p[0] | (p[1] << 8))); }
+
+static float dot_f16(const unsigned char *w, const float *x, int n) {
+    float sum = 0.0f;
+    for (int j = 0; j < n; j++) sum += load_fp16(w + 2 * (size_t)j) * x[j];
+    return sum;
+}
+
+static float dot_q8_0(const unsigned char *row, const float *x, int n) {
+    float sum = 0.0f;
+    for (int b = 0; b < n / TL_QK; b++, row += TL_Q8_0_BLOCK_BYTES, x += TL_QK) {
+        const int8_t *q = (const int8_t *)(row + 2);
+        float block = 0.0f;
+        for (int j = 0; j < TL_QK; j++) block += (float)q[j] * x[j];
+        sum += block * load_fp16(row);
+    }
+    return sum;
+}
+
+static float dot_q4_0(const unsigned char *row, const float *x, int n) {
+    float sum = 0.0f;
+    for (int b = 0; b < n / TL_QK; b++, row += TL_Q4_0_BLOCK_BYTES, x += TL_QK) {
+        const unsigned char *q = row + 2;
+        float block = 0.0f;
+        for (int j = 0; j < TL_QK / 2; j++) {
+            block += (float)((q[j] & 0x0F) - 8) * x[j];
+            block += (float)((q[j] >> 4) - 8) * x[j + TL_QK / 2];
+        }
+        sum += block * load_fp16(row);
+    }
+    return sum;
+}
+
+/* Bytes one row of cols values takes in a ggml type. */
+static size_t ggml_row_bytes(int type, int cols) {
+    switch (type) {
+    case TL_TYPE_F16: return (size_t)cols * 2;
+    case TL_TYPE_Q8_0: return (size_t)cols / TL_QK * TL_Q8_0_BLOCK_BYTES;
+    case TL_TYPE_Q4_0: return (size_t)cols / TL_QK * TL_Q4_0_BLOCK_BYTES;
+    default: return (size_t)cols * 4;
+    }
+}
+
+static float dot_ggml(int type, const unsigned char *row, const float *x, int n) {
+    switch (type) {
+    case TL_TYPE_F16: return dot_f16(row, x, n);
+    case TL_TYPE_Q8_0: return dot_q8_0(row, x, n);
+    default: return dot_q4_0(row, x, n);
+    }
+}
+
+/* Row of a ggml-typed matrix as floats. */
+static void row_ggml(float *out, int type, const unsigned char *row, int n) {
+    if (type == TL_TYPE_F16) {
+        for (int j = 0; j < n; j++) out[j] = load_fp16(row + 2 * (size_t)j);
+        return;
+    }
+    const size_t block_bytes = type == TL_TYPE_Q8_0 ? TL_Q8_0_BLOCK_BYTES : TL_Q4_0_BLOCK_BYTES;
+    for (int b = 0; b < n / TL_QK; b++, row += block_bytes, out += TL_QK) {
+        const float d = load_fp16(row);
+        const unsigned char *q = row + 2;
+        if (type == TL_TYPE_Q8_0) {
+            for (int j = 0; j < TL_QK; j++) out[j] = (float)(int8_t)q[j] * d;
+        } else {
+            for (int j = 0; j < TL_QK / 2; j++) {
+                out[j] = (float)((q[j] & 0x0F) - 8) * d;
+                out[j + TL_QK / 2] = (float)((q[j] >> 4) - 8) * d;
+            }
+        }
+    }
+}
+
 void tl_matvec(float *out, const tl_matrix *w, const float *x) {
     const int rows = w->rows, cols = w->cols;
     if (w->type == TL_TYPE_Q8) {
@@ -30,6 +123,12 @@ void tl_matvec(float *out, const tl_matrix *w, const float *x) {
         #pragma omp parallel for schedule(static)
         for (int i = 0; i < rows; i++)
             out[i] = dot_q8(q + (size_t)i * cols, w->scales + (size_t)i * cols / gs, x, cols, gs);
+    } else if (w->type == TL_TYPE_F16 || w->type == TL_TYPE_Q8_0 || w->type == TL_TYPE_Q4_0) {
+        const unsigned char *data = w->data;
+        const size_t stride = ggml_row_bytes(w->type, cols);
+        const int type = w->type;
+        #pragma omp parallel for schedule(static)
+        for (int i = 0; i < rows; i++) out[i] = dot_ggml(type, data + (size_t)i * stride, x, cols);
     } else {
         const float *data = w->data;
         #pragma omp parallel for schedule(static)
@@ -43,6 +142,9 @@ void tl_matrix_row(float *out, const tl_matrix *w, int row) {
         const int8_t *q = (const int8_t *)w->data + start;
         const float *s = w->scales + start / w->group_size;
         for (int j = 0; j < w->cols; j++) out[j] = (float)q[j] * s[j / w->group_size];
+    } else if (w->type == TL_TYPE_F16 || w->type == TL_TYPE_Q8_0 || w->type == TL_TYPE_Q4_0) {
+        row_ggml(out, w->type, (const unsigned char *)w->data + (size_t)row * ggml_row_bytes(w->type, w->cols),
+                 w->cols);
     } else {
         const float *data = (const float *)w->data + start;
         for (int j = 0; j < w->cols; j++) out[j] = data[j];
@@ -82,5 +184,29 @@ void tl_swiglu(float *a, const float *b, int n) {
     for (int i = 0; i < n; i++) {
         const float v = a[i];
         a[i] = v / (1.0f + expf(-v)) * b[i];
+    }
+}
+
+/* ---- matmul scalar reference: the path TINYLLM_KERNELS=scalar runs, and what the SIMD paths in
+ * kernels_simd.c are tested against. out[t * out_stride + i] = row i of W . x[t] for rows [r0, r1). */
+
+void tl_matmul_rows_scalar(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1,
+                           const float *x, int n) {
+    const int cols = w->cols;
+    for (int t = 0; t < n; t++) {
+        const float *xt = x + (size_t)t * cols;
+        float *ot = out + (size_t)t * out_stride;
+        for (int i = r0; i < r1; i++) {
+            if (w->type == TL_TYPE_Q8) {
+                const size_t start = (size_t)i * cols;
+                ot[i] = dot_q8((const int8_t *)w->data + start, w->scales + start / w->group_size, xt, cols,
+                               w->group_size);
+            } else if (w->type == TL_TYPE_F32) {
+                ot[i] = dot_f32((const float *)w->data + (size_t)i * cols, xt, cols);
+            } else {
+                const size_t stride = ggml_row_bytes(w->type, cols);
+                ot[i] = dot_ggml(w->type, (const unsigned char *)w->data + (size_t)i * stride, xt, cols);
+            }
+        }
     }
 }

@@ -6,12 +6,20 @@
 
 /* A row-major weight matrix, used in place from the mapped file. */
 typedef struct {
-    int type;             /* tl_type: TL_TYPE_F32 or TL_TYPE_Q8 */
-    const void *data;     /* float values, or int8 quants */
-    const float *scales;  /* Q8: one scale per group_size consecutive values */
+    int type;             /* tl_type */
+    const void *data;     /* F32: floats; Q8: int8 quants; F16: halves; Q8_0/Q4_0: ggml blocks, row by row */
+    const float *scales;  /* Q8: one scale per group_size consecutive values (NULL for the others) */
     int rows, cols;
     int group_size;
 } tl_matrix;
+
+/* ggml block layouts (GGUF): 32 values per block behind one fp16 scale d. */
+#define TL_QK 32
+#define TL_Q8_0_BLOCK_BYTES 34 /* d, then 32 int8: value = q * d */
+#define TL_Q4_0_BLOCK_BYTES 18 /* d, then 16 bytes: low nibbles elements 0..15, high 16..31; (q - 8) * d */
+
+/* IEEE half (binary16) bits to float, exact for every value including subnormals, inf and NaN. */
+float tl_fp16_to_fp32(uint16_t h);
 
 /* out[rows] = W (rows x cols) @ x[cols], parallel over rows. */
 void tl_matvec(float *out, const tl_matrix *w, const float *x);
@@ -24,5 +32,34 @@ void tl_softmax(float *x, int n);
 void tl_rope(float *x, int n_heads, int head_dim, const float *cos, const float *sin);
 /* a[i] = silu(a[i]) * b[i] (the SwiGLU gate). */
 void tl_swiglu(float *a, const float *b, int n);
+
+/* ---- matmuls and attention with run-time SIMD dispatch (kernels_simd.c) ---------------------- */
+
+/* Kernel paths, best last. The first matmul picks the best the CPU supports, or the one named by
+ * TINYLLM_KERNELS=scalar|avx2|avx512 (a path the CPU lacks falls back to the best it has). */
+typedef enum { TL_KERNELS_SCALAR = 0, TL_KERNELS_AVX2 = 1, TL_KERNELS_AVX512 = 2 } tl_kernels;
+/* Select a path by name (NULL or "" = best available); returns the path now active. */
+int tl_kernels_select(const char *name);
+int tl_kernels_active(void);
+const char *tl_kernels_name(int kernels);
+
+/* out (n x rows, row t at out + t * out_stride) = x (n x cols) @ W^T for n tokens; parallel over
+ * output rows (serial when the product is too small to pay for waking threads). */
+void tl_matmul(float *out, size_t out_stride, const tl_matrix *w, const float *x, int n);
+/* Several products of one input in a single parallel region (q/k/v, w1/w3); outs[i] has rows of
+ * ws[i]->rows floats. */
+void tl_matmul_many(int count, float *const *outs, const tl_matrix *const *ws, const float *x, int n);
+/* Rows [r0, r1) of the product on the calling thread, by the scalar reference / the active path. */
+void tl_matmul_rows_scalar(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1,
+                           const float *x, int n);
+void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const float *x, int n);
+
+/* One attention head for one query: out[head_dim] = sum_t softmax(scale * q.k_t)_t v_t over n_keys
+ * cached positions (rows kv_stride elements apart, f32 or, with f16 set, IEEE halves); att holds
+ * n_keys floats of scratch. */
+void tl_attend(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
+               int n_keys, int head_dim, float scale, int f16, float *att);
+/* float to IEEE half bits, rounding to nearest even (the f16 KV cache). */
+uint16_t tl_fp32_to_fp16(float f);
 
 #endif

@@ -12,6 +12,18 @@ typedef struct {
     tl_matrix w1, w2, w3;     /* (hidden,dim) (dim,hidden) (hidden,dim) */
 } tl_layer;
 
+/* A tokenizer stored in the model file (GGUF tokenizer.ggml.*): views into the mapping, all
+ * lengths validated by the reader. n == 0 when the file holds none. */
+typedef struct {
+    int n;                        /* pieces */
+    const unsigned char *tokens;  /* n strings, each uint64 length + UTF-8 bytes (U+2581 for spaces) */
+    const unsigned char *scores;  /* n float32, or NULL */
+    const unsigned char *types;   /* n int32 (SentencePiece type numbering), or NULL */
+    int bos, eos, unk;            /* -1 when not given */
+    int add_space_prefix;         /* SentencePiece's add_dummy_prefix */
+    int remove_extra_whitespaces;
+} tl_embedded_vocab;
+
 struct tl_model {
     tl_config config;
     tl_mapped_file file;      /* the weights point into this mapping */
@@ -20,6 +32,8 @@ struct tl_model {
     const float *rms_final;    /* (dim) */
     tl_layer *layers;          /* n_layers */
     float *rope_cos, *rope_sin; /* (seq_len, head_dim/2) cos/sin of position * frequency */
+    float *owned;              /* weights a reader converted (e.g. f16 norms to f32), freed with the model */
+    tl_embedded_vocab vocab;
 };
 
 /* Check hyper-parameters read from a file; fills a message naming the bad field. */
@@ -30,5 +44,8 @@ const tl_model *tl_session_model(const tl_session *s);
 
 /* Readers: fill model from the mapped file (model->file already set). */
 tl_status tl_load_llama2c(tl_model *model, const char *path);
+tl_status tl_load_gguf(tl_model *model, const char *path);
+/* The file starts with GGUF's magic. */
+int tl_is_gguf(const tl_mapped_file *f);
 
 #endif

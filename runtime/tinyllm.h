@@ -37,7 +37,13 @@ int tl_get_threads(void);
 /* ----------------------------------------------------------------------------------------- */
 /* Model */
 
-typedef enum { TL_TYPE_F32 = 0, TL_TYPE_Q8 = 1 } tl_type;
+/* Weight types. TL_TYPE_Q8 is llama2.c v2 (int8 values, fp32 scale per group); the others are
+ * ggml's layouts as GGUF stores them: F16, Q8_0 (blocks of fp16 scale + 32 int8) and Q4_0 (blocks of
+ * fp16 scale + 16 bytes; low nibbles are elements 0..15, high nibbles 16..31, value (q - 8) * d). */
+typedef enum { TL_TYPE_F32 = 0, TL_TYPE_Q8 = 1, TL_TYPE_F16 = 2, TL_TYPE_Q8_0 = 3, TL_TYPE_Q4_0 = 4 } tl_type;
+
+/* File formats tl_model_load reads (told apart by magic). */
+typedef enum { TL_FORMAT_LLAMA2C = 0, TL_FORMAT_GGUF = 1 } tl_format;
 
 typedef struct {
     int dim;          /* transformer width */
@@ -52,12 +58,14 @@ typedef struct {
     float norm_eps;
     int weight_type;  /* tl_type of the big matrices */
     int group_size;   /* quantization group (0 for f32) */
-    int file_version; /* llama2.c format version: 0, 1 or 2 */
+    int file_version; /* llama2.c format version (0, 1 or 2), or the GGUF version (2 or 3) */
+    int file_format;  /* tl_format */
 } tl_config;
 
 typedef struct tl_model tl_model;
 
-/* Map a llama2.c model file (v0 legacy, v1 fp32, v2 int8), validating every size. */
+/* Map a model file, validating every size: llama2.c (v0 legacy, v1 fp32, v2 int8) or GGUF (v2/v3,
+ * arch "llama", tensors F32/F16/Q8_0/Q4_0), told apart by magic. */
 tl_status tl_model_load(const char *path, tl_model **out);
 void tl_model_free(tl_model *model);
 void tl_model_config(const tl_model *model, tl_config *out);
@@ -69,6 +77,9 @@ typedef struct tl_tokenizer tl_tokenizer;
 
 /* Read a tok.bin file holding vocab_size pieces. */
 tl_status tl_tokenizer_load(const char *path, int vocab_size, tl_tokenizer **out);
+/* The tokenizer a model file carries (GGUF tokenizer.ggml.* metadata, SentencePiece "llama" model);
+ * TL_ERR_FORMAT if the file holds none (llama2.c files never do). Independent of the model after. */
+tl_status tl_tokenizer_from_model(const tl_model *model, tl_tokenizer **out);
 void tl_tokenizer_free(tl_tokenizer *tok);
 int tl_tokenizer_vocab_size(const tl_tokenizer *tok);
 int tl_tokenizer_bos(const tl_tokenizer *tok);
@@ -98,6 +109,12 @@ typedef struct tl_session tl_session;
 
 /* n_ctx <= 0 means the model's seq_len; larger than seq_len is an error. */
 tl_status tl_session_new(const tl_model *model, int n_ctx, tl_session **out);
+/* Session options beyond the context length. */
+typedef struct {
+    int n_ctx;   /* <= 0: the model's seq_len */
+    int kv_f16;  /* 1: keep the KV cache as IEEE halves (half the memory; logits move by ~1e-3) */
+} tl_session_params;
+tl_status tl_session_new_ex(const tl_model *model, const tl_session_params *params, tl_session **out);
 void tl_session_free(tl_session *s);
 int tl_session_pos(const tl_session *s);   /* tokens in the cache */
 int tl_session_n_ctx(const tl_session *s);

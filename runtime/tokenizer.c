@@ -13,12 +13,15 @@
  * merge; the rest starts as UTF-8 characters; the adjacent pair whose concatenation is a NORMAL,
  * USER_DEFINED or UNUSED piece with the highest score merges first (leftmost on ties); UNUSED results
  * are split back the way they were formed; symbols missing from the vocabulary fall back to bytes.
+ *
+ * A GGUF model file can carry the same tokenizer (tokenizer.ggml.*, model "llama"): its pieces use
+ * U+2581 for spaces; tl_tokenizer_from_model converts them and shares the rest of the building.
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "model.h"
 
 /* SentencePiece's ModelProto.SentencePiece.Type */
 enum { PIECE_NORMAL = 1, PIECE_UNKNOWN = 2, PIECE_CONTROL = 3, PIECE_USER = 4, PIECE_UNUSED = 5, PIECE_BYTE = 6 };
@@ -243,7 +246,19 @@ static tl_status index_pieces(tl_tokenizer *t, const char *path, int has_trailer
         t->bos = n > 1 ? 1 : -1;
         t->eos = n > 2 ? 2 : -1;
     }
-    if (t->unk < 0) return tl_fail(TL_ERR_FORMAT, "tok.bin has no <unk> piece: %s", path);
+    return TL_OK;
+}
+
+/* Room for n pieces whose texts take text_bytes (NULs included). */
+static tl_status alloc_pieces(tl_tokenizer *t, int n, size_t text_bytes, const char *source) {
+    t->vocab_size = n;
+    t->text = malloc(text_bytes ? text_bytes : 1);
+    t->offset = malloc((size_t)n * sizeof(*t->offset));
+    t->len = malloc((size_t)n * sizeof(*t->len));
+    t->score = malloc((size_t)n * sizeof(*t->score));
+    t->type = malloc((size_t)n);
+    if (!t->text || !t->offset || !t->len || !t->score || !t->type)
+        return tl_fail(TL_ERR_MEMORY, "out of memory loading %d pieces from %s", n, source);
     return TL_OK;
 }
 
@@ -255,15 +270,9 @@ static tl_status build_tokenizer(const tl_mapped_file *f, const char *path, int 
     tl_status st = scan_pieces(&r, path, &n, &text_bytes, &has_trailer, &max_len);
     if (st != TL_OK) return st;
     size_t trailer_at = r.pos;
-    t->vocab_size = n;
     t->max_token_length = max_len;
-    t->text = malloc(text_bytes);
-    t->offset = malloc((size_t)n * sizeof(*t->offset));
-    t->len = malloc((size_t)n * sizeof(*t->len));
-    t->score = malloc((size_t)n * sizeof(*t->score));
-    t->type = malloc((size_t)n);
-    if (!t->text || !t->offset || !t->len || !t->score || !t->type)
-        return tl_fail(TL_ERR_MEMORY, "out of memory loading %d pieces from %s", n, path);
+    st = alloc_pieces(t, n, text_bytes, path);
+    if (st != TL_OK) return st;
     t->flags = DEFAULT_FLAGS;
     if (has_trailer) {
         st = read_trailer(&r, path, n, &t->flags, t->type);
@@ -286,7 +295,9 @@ static tl_status build_tokenizer(const tl_mapped_file *f, const char *path, int 
         at += (size_t)len + 1;
     }
     if (!has_trailer) infer_types(t);
-    return index_pieces(t, path, has_trailer);
+    st = index_pieces(t, path, has_trailer);
+    if (st == TL_OK && t->unk < 0) return tl_fail(TL_ERR_FORMAT, "tok.bin has no <unk> piece: %s", path);
+    return st;
 }
 
 tl_status tl_tokenizer_load(const char *path, int vocab_size, tl_tokenizer **out) {
@@ -306,6 +317,88 @@ tl_status tl_tokenizer_load(const char *path, int vocab_size, tl_tokenizer **out
     }
     st = build_tokenizer(&f, path, vocab_size, t);
     tl_unmap_file(&f);
+    if (st != TL_OK) {
+        tl_tokenizer_free(t);
+        return st;
+    }
+    *out = t;
+    return TL_OK;
+}
+
+/* Length of GGUF piece i's text once each U+2581 becomes a space. */
+static size_t unescaped_len(const unsigned char *s, size_t n) {
+    size_t out = 0;
+    for (size_t i = 0; i < n; out++) i += i + 3 <= n && memcmp(s + i, WS_MARK, 3) == 0 ? 3 : 1;
+    return out;
+}
+
+static tl_status build_from_vocab(const tl_embedded_vocab *v, tl_tokenizer *t) {
+    const char *source = "the model file's tokenizer";
+    const int n = v->n;
+    size_t text_bytes = 0, max_len = 1;
+    const unsigned char *p = v->tokens;
+    for (int i = 0; i < n; i++) { /* lengths were checked against the file by the GGUF reader */
+        uint64_t len;
+        memcpy(&len, p, 8);
+        const size_t u = unescaped_len(p + 8, (size_t)len);
+        if (u > max_len) max_len = u;
+        text_bytes += u + 1;
+        p += 8 + len;
+    }
+    if (text_bytes > UINT32_MAX || max_len > INT32_MAX)
+        return tl_fail(TL_ERR_FORMAT, "%s is implausibly large (%zu bytes of pieces)", source, text_bytes);
+    t->max_token_length = (int)max_len;
+    tl_status st = alloc_pieces(t, n, text_bytes, source);
+    if (st != TL_OK) return st;
+    p = v->tokens;
+    size_t at = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t len;
+        memcpy(&len, p, 8);
+        p += 8;
+        t->offset[i] = (uint32_t)at;
+        for (size_t k = 0; k < len;) {
+            const int mark = k + 3 <= len && memcmp(p + k, WS_MARK, 3) == 0;
+            t->text[at++] = mark ? ' ' : (char)p[k];
+            k += mark ? 3 : 1;
+        }
+        t->len[i] = (uint32_t)(at - t->offset[i]);
+        t->text[at++] = '\0';
+        p += len;
+        t->score[i] = 0.0f;
+        if (v->scores) memcpy(&t->score[i], v->scores + 4 * (size_t)i, 4);
+        if (!isfinite(t->score[i])) return tl_fail(TL_ERR_FORMAT, "%s: piece %d has a non-finite score", source, i);
+        if (v->types) {
+            int32_t type;
+            memcpy(&type, v->types + 4 * (size_t)i, 4);
+            if (type == 0) type = PIECE_NORMAL; /* llama.cpp's "undefined" */
+            if (type < PIECE_NORMAL || type > PIECE_BYTE)
+                return tl_fail(TL_ERR_FORMAT, "%s: piece %d has the unknown type %d", source, i, (int)type);
+            t->type[i] = (uint8_t)type;
+        }
+    }
+    if (!v->types) infer_types(t);
+    t->flags = FLAG_ESCAPE_WS | (v->add_space_prefix ? FLAG_DUMMY_PREFIX : 0) |
+               (v->remove_extra_whitespaces ? FLAG_REMOVE_EXTRA_WS : 0);
+    st = index_pieces(t, source, 1);
+    if (st != TL_OK) return st;
+    if (v->bos >= 0) t->bos = v->bos;
+    if (v->eos >= 0) t->eos = v->eos;
+    if (v->unk >= 0) t->unk = v->unk;
+    if (t->unk < 0) return tl_fail(TL_ERR_FORMAT, "%s has no <unk> piece", source);
+    return TL_OK;
+}
+
+tl_status tl_tokenizer_from_model(const tl_model *m, tl_tokenizer **out) {
+    if (!out) return tl_fail(TL_ERR_ARGUMENT, "tl_tokenizer_from_model: out is NULL");
+    *out = NULL;
+    if (!m) return tl_fail(TL_ERR_ARGUMENT, "tl_tokenizer_from_model: model is NULL");
+    if (m->vocab.n == 0)
+        return tl_fail(TL_ERR_FORMAT, "the model file holds no SentencePiece tokenizer (only GGUF files with "
+                       "tokenizer.ggml.model \"llama\" do); give a tok.bin");
+    tl_tokenizer *t = calloc(1, sizeof(*t));
+    if (!t) return tl_fail(TL_ERR_MEMORY, "out of memory for a tokenizer");
+    tl_status st = build_from_vocab(&m->vocab, t);
     if (st != TL_OK) {
         tl_tokenizer_free(t);
         return st;

@@ -38,7 +38,7 @@ def test_runtime_logits_match_torch(runtime_model):
 def test_runtime_config_describes_the_file(runtime_model):
     rt, cfg, _, _ = runtime_model
     assert rt.config == cfg
-    assert rt.file_info == {"file_version": 1, "weight_type": "f32", "group_size": 0}
+    assert rt.file_info == {"file_format": "llama2c", "file_version": 1, "weight_type": "f32", "group_size": 0}
 
 
 def test_encode_decode_round_trip_and_greedy_generate(runtime_model):

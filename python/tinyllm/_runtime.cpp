@@ -44,8 +44,10 @@ struct Model {
         d["n_heads"] = c.n_heads; d["n_kv_heads"] = c.n_kv_heads; d["vocab_size"] = c.vocab_size;
         d["seq_len"] = c.seq_len; d["shared_classifier"] = c.shared_classifier != 0;
         d["rope_theta"] = c.rope_theta; d["norm_eps"] = c.norm_eps;
-        d["weight_type"] = c.weight_type == TL_TYPE_Q8 ? "q8" : "f32";
+        static const char *types[] = {"f32", "q8", "f16", "q8_0", "q4_0"};
+        d["weight_type"] = c.weight_type >= 0 && c.weight_type <= TL_TYPE_Q4_0 ? types[c.weight_type] : "?";
         d["group_size"] = c.group_size; d["file_version"] = c.file_version;
+        d["file_format"] = c.file_format == TL_FORMAT_GGUF ? "gguf" : "llama2c";
         return d;
     }
 };
@@ -53,6 +55,13 @@ struct Model {
 struct Tokenizer {
     tl_tokenizer *ptr = nullptr;
     Tokenizer(const std::string &path, int vocab_size) { check(tl_tokenizer_load(path.c_str(), vocab_size, &ptr)); }
+    explicit Tokenizer(tl_tokenizer *t) : ptr(t) {}
+    // The tokenizer stored in a model file (GGUF).
+    static Tokenizer *from_model(const Model &m) {
+        tl_tokenizer *t = nullptr;
+        check(tl_tokenizer_from_model(m.ptr, &t));
+        return new Tokenizer(t);
+    }
     ~Tokenizer() { tl_tokenizer_free(ptr); }
     std::vector<int> encode(const py::bytes &text, bool bos, bool eos) const {
         std::string s = text;
@@ -174,6 +183,7 @@ PYBIND11_MODULE(_runtime, m) {
         .def("config", &Model::config);
     py::class_<Tokenizer>(m, "Tokenizer")
         .def(py::init<const std::string &, int>())
+        .def_static("from_model", &Tokenizer::from_model)
         .def("encode", &Tokenizer::encode, py::arg("text"), py::arg("bos"), py::arg("eos"))
         .def("decode", &Tokenizer::decode)
         .def_property_readonly("vocab_size", &Tokenizer::vocab_size)

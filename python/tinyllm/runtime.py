@@ -17,7 +17,8 @@ class Runtime:
     """A model file loaded by the C runtime, with its tokenizer.
 
     Runtime("models/stories15M.bin").generate("从前") -> the continuation as text.
-    tokenizer_path defaults to tok<vocab>.bin beside the model (then ./tokenizer.bin);
+    tokenizer_path defaults to a GGUF file's own tokenizer, else tok<vocab>.bin beside the model
+    (then ./tokenizer.bin);
     threads defaults to the number of physical cores.
     """
 
@@ -28,6 +29,10 @@ class Runtime:
         self._model = _runtime.Model(self.model_path)
         self._raw_config = self._model.config()
         vocab = self._raw_config["vocab_size"]
+        if tokenizer_path is None and self._raw_config["file_format"] == "gguf":
+            self.tokenizer_path = self.model_path  # a GGUF file carries its tokenizer
+            self._tok = _runtime.Tokenizer.from_model(self._model)
+            return
         if tokenizer_path is None:
             tokenizer_path = _runtime.default_tokenizer_path(self.model_path, vocab)
         self.tokenizer_path = os.fspath(tokenizer_path)
@@ -45,8 +50,8 @@ class Runtime:
 
     @property
     def file_info(self) -> dict:
-        """Format details: file_version, weight_type, group_size."""
-        return {k: self._raw_config[k] for k in ("file_version", "weight_type", "group_size")}
+        """Format details: file_format (llama2c or gguf), file_version, weight_type, group_size."""
+        return {k: self._raw_config[k] for k in ("file_format", "file_version", "weight_type", "group_size")}
 
     @property
     def bos_id(self) -> int:

@@ -1,0 +1,326 @@
+"""GGUF files (llama.cpp's format) through the `gguf` package: a writer and a reader.
+
+What we write, for general.architecture "llama":
+- llama.* hyper-parameters (context_length, embedding_length, block_count, feed_forward_length,
+  attention.head_count(_kv), rope.dimension_count, rope.freq_base, attention.layer_norm_rms_epsilon,
+  vocab_size);
+- tokenizer.ggml.*: model "llama" (SentencePiece), tokens spelled as SentencePiece writes them
+  (U+2581 for a space), scores, token types (SentencePiece numbering, which llama.cpp shares),
+  bos/eos/unk (and padding, if the vocabulary has "<pad>") ids, add_bos_token, add_space_prefix,
+  and tokenizer.chat_template: a Jinja spelling of tinyllm.chat's template;
+- tensors under llama.cpp's names (token_embd, blk.N.attn_q/k/v/output, ffn_gate/up/down,
+  attn_norm, ffn_norm, output_norm, output).
+
+RoPE layout: GGUF "llama" rotates adjacent pairs (x[2i], x[2i+1]) (llama.cpp's ROPE_TYPE_NORM;
+its Hugging Face converter permutes q/k rows *into* this layout). That is our torch model's and
+llama2.c's layout, so wq/wk are written unpermuted; tests/test_gguf.py checks it against llama.cpp.
+
+Quantization rule: with type q8_0/q4_0/f16 every 2-D weight matrix (token embedding, classifier,
+the seven per-layer matrices) is stored in that type; 1-D norm weights always stay F32. A matrix
+whose row length is not a multiple of the 32-value block is an error naming it, never a fallback.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tinyllm.config import ModelConfig
+from tinyllm.errors import FormatError
+
+TYPES = ("f32", "f16", "q8_0", "q4_0")
+BLOCK = 32  # values per Q8_0 / Q4_0 block
+SPACE = "\u2581"
+
+# Jinja for <|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n{answer}</s> (see tinyllm.chat).
+# It starts with bos_token like Llama 2's templates: transformers tokenizes the rendered text without
+# adding BOS, llama.cpp strips a leading BOS from the rendered text before it adds its own.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if message['content'] %}{{ '<|system|>\n' + message['content'] + '\n' }}{% endif %}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Vocab:
+    """A SentencePiece vocabulary as GGUF stores it."""
+    pieces: list[str]       # U+2581 for spaces
+    scores: list[float]
+    types: list[int]        # SentencePiece numbering: 1 normal, 2 unknown, 3 control, 4 user, 5 unused, 6 byte
+    add_dummy_prefix: bool
+    remove_extra_whitespaces: bool
+
+    def find(self, piece: str, type_: int | None = None) -> int:
+        """Id of piece (optionally of that type), or -1."""
+        for i, (p, t) in enumerate(zip(self.pieces, self.types)):
+            if p == piece and (type_ is None or t == type_):
+                return i
+        return -1
+
+    @property
+    def unk_id(self) -> int:
+        return next((i for i, t in enumerate(self.types) if t == 2), -1)
+
+
+def read_vocab(path) -> Vocab:
+    """The vocabulary of a tok.bin (name ending in .bin) or a SentencePiece .model."""
+    from tinyllm.errors import TokenizerError
+    from tinyllm.tokenizer import read_model_facts
+    path = Path(path)
+    if path.suffix == ".bin":
+        from tinyllm.export.llama2c import read_tokenizer
+        pieces, scores, types, flags = read_tokenizer(path)
+        return Vocab([p.decode("utf-8").replace(" ", SPACE) for p in pieces], list(scores), list(types),
+                     flags["add_dummy_prefix"], flags["remove_extra_whitespaces"])
+    facts = read_model_facts(path)
+    if facts.model_type != 2:
+        raise TokenizerError(f"GGUF's 'llama' tokenizer is SentencePiece BPE; this model is type {facts.model_type} "
+                             f"({path})")
+    return Vocab(list(facts.pieces), list(facts.scores), list(facts.types), facts.add_dummy_prefix,
+                 facts.remove_extra_whitespaces)
+
+
+def _arrays(model_or_state_dict) -> dict[str, np.ndarray]:
+    from tinyllm.export.llama2c import _state_arrays
+    return _state_arrays(model_or_state_dict)
+
+
+def tensor_plan(w: dict[str, np.ndarray], cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, fp32 array (rows, cols)) in llama.cpp's order; output only when not tied."""
+    out = [("token_embd.weight", w["tok_embeddings.weight"])]
+    names = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+             "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+             "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down"}
+    for i in range(cfg.n_layers):
+        for ours, theirs in names.items():
+            out.append((f"blk.{i}.{theirs}.weight", w[f"layers.{i}.{ours}.weight"]))
+    out.append(("output_norm.weight", w["norm.weight"]))
+    from tinyllm.export.llama2c import _has_separate_classifier
+    if _has_separate_classifier(w, cfg):
+        out.append(("output.weight", w["output.weight"]))
+    return out
+
+
+def _qtype(type_: str):
+    import gguf
+    Q = gguf.GGMLQuantizationType
+    try:
+        return {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[type_]
+    except KeyError:
+        raise FormatError(f"unknown GGUF tensor type {type_!r}; choose one of {', '.join(TYPES)}") from None
+
+
+def encode_tensor(name: str, a: np.ndarray, type_: str) -> tuple[np.ndarray, object]:
+    """(bytes or values to store, ggml type) for one tensor under the quantization rule."""
+    import gguf
+    qtype = _qtype(type_)
+    if a.ndim == 1 or type_ == "f32":
+        return np.ascontiguousarray(a, dtype=np.float32), gguf.GGMLQuantizationType.F32
+    if type_ == "f16":
+        return a.astype(np.float16), qtype
+    if a.shape[-1] % BLOCK:
+        raise FormatError(f"tensor {name} has rows of {a.shape[-1]} values, not a multiple of the {type_.upper()} "
+                          f"block of {BLOCK}; export it as f32 or f16")
+    return gguf.quants.quantize(np.ascontiguousarray(a, dtype=np.float32), qtype), qtype
+
+
+def dequantized(w: dict[str, np.ndarray], cfg: ModelConfig, type_: str) -> dict[str, np.ndarray]:
+    """The state dict as a GGUF of this type holds it (what llama.cpp and our runtime compute with)."""
+    import gguf
+    out = dict(w)
+    plan = dict((name, a) for name, a in tensor_plan(w, cfg))
+    ours = _names_to_ours(cfg)
+    for name, a in plan.items():
+        data, qtype = encode_tensor(name, a, type_)
+        back = gguf.quants.dequantize(data, qtype).reshape(a.shape).astype(np.float32)
+        out[ours[name]] = back
+    if cfg.tie_embeddings or "output.weight" not in plan:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out
+
+
+def _names_to_ours(cfg: ModelConfig) -> dict[str, str]:
+    m = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+         "output.weight": "output.weight"}
+    names = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+             "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+             "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down"}
+    for i in range(cfg.n_layers):
+        for ours, theirs in names.items():
+            m[f"blk.{i}.{theirs}.weight"] = f"layers.{i}.{ours}.weight"
+    return m
+
+
+def write_gguf(path, model_or_state_dict, config: ModelConfig, tokenizer=None, type: str = "f32",
+               chat_template: str | None = CHAT_TEMPLATE, name: str = "tinyllm") -> dict:
+    """Write a GGUF file (atomic). tokenizer: a SentencePiece .model or tok.bin path (or a Vocab), or
+    None for a file without tokenizer metadata. Returns {"bytes", "weights", "bits_per_weight"}: bits
+    over the stored tensors (norms included) per parameter."""
+    import gguf
+    cfg = config
+    w = _arrays(model_or_state_dict)
+    plan = tensor_plan(w, cfg)
+    encoded = [(n, *encode_tensor(n, a, type)) for n, a in plan]  # errors before any file is touched
+    vocab = tokenizer if isinstance(tokenizer, Vocab) or tokenizer is None else read_vocab(tokenizer)
+    if vocab is not None and len(vocab.pieces) != cfg.vocab_size:
+        from tinyllm.errors import TokenizerError
+        raise TokenizerError(f"the tokenizer holds {len(vocab.pieces)} pieces but the model's vocab_size is "
+                             f"{cfg.vocab_size}")
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent.resolve())
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_name(name)
+        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[type])
+        if type in ("q8_0", "q4_0"):
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_context_length(cfg.max_seq_len)
+        writer.add_embedding_length(cfg.dim)
+        writer.add_block_count(cfg.n_layers)
+        writer.add_feed_forward_length(cfg.hidden_dim)
+        writer.add_head_count(cfg.n_heads)
+        writer.add_head_count_kv(cfg.n_kv_heads)
+        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_freq_base(float(cfg.rope_theta))
+        writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
+        writer.add_vocab_size(cfg.vocab_size)
+        if vocab is not None:
+            _add_vocab(writer, vocab, chat_template)
+        for n, data, qtype in encoded:
+            writer.add_tensor(n, data, raw_dtype=qtype if qtype not in (gguf.GGMLQuantizationType.F32,
+                                                                         gguf.GGMLQuantizationType.F16) else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    stored = sum(d.nbytes for _, d, _ in encoded)
+    weights = sum(a.size for _, a in plan)
+    return {"bytes": path.stat().st_size, "weights": weights, "bits_per_weight": 8.0 * stored / weights}
+
+
+def _add_vocab(writer, vocab: Vocab, chat_template: str | None):
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(vocab.pieces)
+    writer.add_token_scores([float(s) for s in vocab.scores])
+    writer.add_token_types([int(t) for t in vocab.types])
+    for piece, add in (("<s>", writer.add_bos_token_id), ("</s>", writer.add_eos_token_id),
+                       ("<pad>", writer.add_pad_token_id)):
+        i = vocab.find(piece, 3)
+        if i >= 0:
+            add(i)
+    if vocab.unk_id >= 0:
+        writer.add_unk_token_id(vocab.unk_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(bool(vocab.add_dummy_prefix))
+    writer.add_remove_extra_whitespaces(bool(vocab.remove_extra_whitespaces))
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
+    """(config, fp32 state dict in our names (quantized tensors dequantized), vocabulary or None)."""
+    import gguf
+    try:
+        r = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise FormatError(f"cannot read GGUF: {e} ({path})") from None
+
+    def field(key, default=None, required=False):
+        f = r.get_field(key)
+        if f is None:
+            if required:
+                raise FormatError(f"required GGUF key {key} is missing ({path})")
+            return default
+        return f.contents()
+
+    arch = field("general.architecture", required=True)
+    if arch != "llama":
+        raise FormatError(f"unsupported architecture {arch!r} (tinyllm runs 'llama') ({path})")
+    tensors = {t.name: t for t in r.tensors}
+    if "token_embd.weight" not in tensors:
+        raise FormatError(f"required tensor token_embd.weight is missing ({path})")
+    dim = int(field("llama.embedding_length", required=True))
+    cfg = ModelConfig(
+        dim=dim, n_layers=int(field("llama.block_count", required=True)),
+        n_heads=int(field("llama.attention.head_count", required=True)),
+        n_kv_heads=int(field("llama.attention.head_count_kv", field("llama.attention.head_count"))),
+        vocab_size=int(tensors["token_embd.weight"].shape[1]),
+        hidden_dim=int(field("llama.feed_forward_length", required=True)),
+        max_seq_len=int(field("llama.context_length", required=True)),
+        norm_eps=float(f"{field('llama.attention.layer_norm_rms_epsilon', required=True):.7g}"),
+        rope_theta=float(f"{field('llama.rope.freq_base', 10000.0):.7g}"),
+        tie_embeddings="output.weight" not in tensors)
+    ours = _names_to_ours(cfg)
+    w = {}
+    for name, t in tensors.items():
+        if name not in ours:
+            raise FormatError(f"unexpected tensor {name} for a {cfg.n_layers}-layer llama model ({path})")
+        values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        w[ours[name]] = np.ascontiguousarray(values.reshape(shape), dtype=np.float32)
+    if cfg.tie_embeddings:
+        w["output.weight"] = w["tok_embeddings.weight"]
+    missing = sorted(set(ours.values()) - set(w))
+    if missing:
+        raise FormatError(f"tensors missing: {missing[:3]} ({path})")
+    vocab = None
+    if field("tokenizer.ggml.model") == "llama" and r.get_field("tokenizer.ggml.tokens") is not None:
+        pieces = field("tokenizer.ggml.tokens")
+        vocab = Vocab(list(pieces), [float(s) for s in field("tokenizer.ggml.scores", [0.0] * len(pieces))],
+                      [int(t) for t in field("tokenizer.ggml.token_type", [1] * len(pieces))],
+                      bool(field("tokenizer.ggml.add_space_prefix", True)),
+                      bool(field("tokenizer.ggml.remove_extra_whitespaces", False)))
+    return cfg, w, vocab
+
+
+def load_gguf_model(path):
+    """A torch Transformer (eval mode) holding a GGUF file's weights (dequantized)."""
+    import torch
+    from tinyllm.model import Transformer
+    cfg, w, _ = read_gguf(path)
+    model = Transformer(cfg)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in w.items()})
+    return model.eval()
+
+
+def quantization_report(model, config: ModelConfig, type: str, tokens: list[int] | None = None) -> dict:
+    """Max |logit| difference between the fp32 model and the same model holding the weights as a GGUF
+    of this type stores them, over a few token positions (torch)."""
+    import torch
+    from tinyllm.model import Transformer
+    w = _arrays(model)
+    q = dequantized(w, config, type)
+    ref = Transformer(config).eval()
+    ref.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in w.items()})
+    other = Transformer(config).eval()
+    other.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in q.items()})
+    if tokens is None:
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, config.vocab_size, (min(16, config.max_seq_len),), generator=g).tolist()
+    x = torch.tensor([tokens])
+    with torch.no_grad():
+        a, _ = ref(x)
+        b, _ = other(x)
+    return {"max_logit_drift": float((a - b).abs().max()), "tokens": len(tokens)}

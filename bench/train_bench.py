@@ -4,8 +4,8 @@ with the default settings (torch.compile + bf16 autocast where supported) agains
     python bench/train_bench.py                      # stories15M shape, vocab 5000, seq 256, batch 32
     python bench/train_bench.py --preset stories110M --device cuda
 
-Each setting: warmup steps (compilation included, timed separately), then several timed windows;
-the reported figure is the median window. Writes bench/train_results.json and prints a markdown table.
+Each setting: the first step (a cold torch.compile unless --warm-cache; timed separately), warmup
+steps, then several timed windows; the reported figure is the median window. Writes bench/train_results.json and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -17,6 +17,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+if __name__ == "__main__" and "--warm-cache" not in sys.argv:
+    # measure a cold compile: a fresh inductor cache (set before torch is imported)
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tinyllm-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 import torch
 
@@ -100,6 +108,8 @@ def main():
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per window (default settings)")
     ap.add_argument("--eager-steps", type=int, default=1, help="steps per window for eager fp32 (it is slow)")
     ap.add_argument("--eager-windows", type=int, default=3, help="timed windows for eager fp32")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="reuse torch's inductor cache (default: a fresh one, so compile time is a cold compile)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "train_results.json"))
     args = ap.parse_args()
 

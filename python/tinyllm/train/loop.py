@@ -295,12 +295,21 @@ def _wrap(model, env: Env, compile_model: bool):
 def evaluate(run_model, model, val_batches: list, loss_fn, env: Env) -> float:
     """Mean loss over the fixed val batches, averaged over processes."""
     model.eval()
-    total = torch.zeros((), device=env.device)
-    for batch in val_batches:
-        batch = [t.to(env.device, non_blocking=True) for t in batch]
-        with env.autocast():
-            total += loss_fn(run_model, *batch).float()
-    model.train()
+    try:
+        total = torch.zeros((), device=env.device)
+        for batch in val_batches:
+            batch = [t.to(env.device, non_blocking=True) for t in batch]
+            with env.autocast():
+                total += loss_fn(run_model, *batch).float()
+    except Exception as e:
+        if run_model is model or env.world > 1:
+            raise
+        # the compiled eval graph is a separate compilation; evaluate eagerly if it fails
+        warnings.warn(f"torch.compile failed for evaluation ({type(e).__name__}); evaluating eagerly")
+        model.train()
+        return evaluate(model, model, val_batches, loss_fn, env)
+    finally:
+        model.train()
     return _all_reduce_mean(total / max(1, len(val_batches)), env).item()
 
 

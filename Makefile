@@ -9,7 +9,7 @@ ifeq ($(TINYLLM_NATIVE),1)
 CFLAGS += -march=native
 endif
 
-LIB_SRC = runtime/util.c runtime/kernels.c runtime/model.c runtime/format_llama2c.c runtime/format_gguf.c \
+LIB_SRC = runtime/util.c runtime/kernels.c runtime/kernels_simd.c runtime/model.c runtime/format_llama2c.c runtime/format_gguf.c \
           runtime/tokenizer.c runtime/sampler.c runtime/generate.c
 HEADERS = $(wildcard runtime/*.h)
 SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined

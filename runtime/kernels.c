@@ -186,3 +186,27 @@ void tl_swiglu(float *a, const float *b, int n) {
         a[i] = v / (1.0f + expf(-v)) * b[i];
     }
 }
+
+/* ---- matmul scalar reference: the path TINYLLM_KERNELS=scalar runs, and what the SIMD paths in
+ * kernels_simd.c are tested against. out[t * out_stride + i] = row i of W . x[t] for rows [r0, r1). */
+
+void tl_matmul_rows_scalar(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1,
+                           const float *x, int n) {
+    const int cols = w->cols;
+    for (int t = 0; t < n; t++) {
+        const float *xt = x + (size_t)t * cols;
+        float *ot = out + (size_t)t * out_stride;
+        for (int i = r0; i < r1; i++) {
+            if (w->type == TL_TYPE_Q8) {
+                const size_t start = (size_t)i * cols;
+                ot[i] = dot_q8((const int8_t *)w->data + start, w->scales + start / w->group_size, xt, cols,
+                               w->group_size);
+            } else if (w->type == TL_TYPE_F32) {
+                ot[i] = dot_f32((const float *)w->data + (size_t)i * cols, xt, cols);
+            } else {
+                const size_t stride = ggml_row_bytes(w->type, cols);
+                ot[i] = dot_ggml(w->type, (const unsigned char *)w->data + (size_t)i * stride, xt, cols);
+            }
+        }
+    }
+}

@@ -33,4 +33,33 @@ void tl_rope(float *x, int n_heads, int head_dim, const float *cos, const float 
 /* a[i] = silu(a[i]) * b[i] (the SwiGLU gate). */
 void tl_swiglu(float *a, const float *b, int n);
 
+/* ---- matmuls and attention with run-time SIMD dispatch (kernels_simd.c) ---------------------- */
+
+/* Kernel paths, best last. The first matmul picks the best the CPU supports, or the one named by
+ * TINYLLM_KERNELS=scalar|avx2|avx512 (a path the CPU lacks falls back to the best it has). */
+typedef enum { TL_KERNELS_SCALAR = 0, TL_KERNELS_AVX2 = 1, TL_KERNELS_AVX512 = 2 } tl_kernels;
+/* Select a path by name (NULL or "" = best available); returns the path now active. */
+int tl_kernels_select(const char *name);
+int tl_kernels_active(void);
+const char *tl_kernels_name(int kernels);
+
+/* out (n x rows, row t at out + t * out_stride) = x (n x cols) @ W^T for n tokens; parallel over
+ * output rows (serial when the product is too small to pay for waking threads). */
+void tl_matmul(float *out, size_t out_stride, const tl_matrix *w, const float *x, int n);
+/* Several products of one input in a single parallel region (q/k/v, w1/w3); outs[i] has rows of
+ * ws[i]->rows floats. */
+void tl_matmul_many(int count, float *const *outs, const tl_matrix *const *ws, const float *x, int n);
+/* Rows [r0, r1) of the product on the calling thread, by the scalar reference / the active path. */
+void tl_matmul_rows_scalar(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1,
+                           const float *x, int n);
+void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const float *x, int n);
+
+/* One attention head for one query: out[head_dim] = sum_t softmax(scale * q.k_t)_t v_t over n_keys
+ * cached positions (rows kv_stride elements apart, f32 or, with f16 set, IEEE halves); att holds
+ * n_keys floats of scratch. */
+void tl_attend(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
+               int n_keys, int head_dim, float scale, int f16, float *att);
+/* float to IEEE half bits, rounding to nearest even (the f16 KV cache). */
+uint16_t tl_fp32_to_fp16(float f);
+
 #endif

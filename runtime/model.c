@@ -131,21 +131,36 @@ void tl_model_config(const tl_model *m, tl_config *out) { *out = m->config; }
 /* ----------------------------------------------------------------------------------------- */
 /* Session: KV cache and activations for one sequence */
 
+/* Prompt tokens that go through the layers together, as the rows of matrix-matrix products. */
+#define PREFILL_BATCH 64
+/* Below this many multiply-adds the attention of a step runs on one thread. */
+#define ATTENTION_PARALLEL_MIN 32768
+
 struct tl_session {
     const tl_model *model;
     int n_ctx, pos;
-    float *x, *xb, *xb2;   /* (dim) residual stream and scratch */
-    float *hb, *hb2;       /* (hidden_dim) FFN scratch */
-    float *q;              /* (dim) queries */
+    int batch;             /* tokens per forward step: min(PREFILL_BATCH, n_ctx) */
+    int kv_f16;            /* the KV cache holds IEEE halves instead of floats */
+    /* activations of up to `batch` tokens, token t's row at t * width */
+    float *x, *xb, *xb2;   /* (batch, dim) residual stream and scratch */
+    float *hb, *hb2;       /* (batch, hidden_dim) FFN scratch */
+    float *q;              /* (batch, dim) queries */
+    float *k, *v;          /* (batch, kv_dim) new keys and values, before they enter the cache */
     float *att;            /* (n_heads, n_ctx) attention weights */
-    float *logits;         /* (vocab) */
-    float *key_cache;      /* (n_layers, n_ctx, kv_dim) */
-    float *value_cache;    /* (n_layers, n_ctx, kv_dim) */
+    float *logits;         /* (vocab) of the last token */
+    void *key_cache;       /* (n_layers, n_ctx, kv_dim) floats, or halves with kv_f16 */
+    void *value_cache;
 };
 
 tl_status tl_session_new(const tl_model *m, int n_ctx, tl_session **out) {
+    tl_session_params params = {n_ctx, 0};
+    return tl_session_new_ex(m, &params, out);
+}
+
+tl_status tl_session_new_ex(const tl_model *m, const tl_session_params *params, tl_session **out) {
     *out = NULL;
     const tl_config *c = &m->config;
+    int n_ctx = params->n_ctx;
     if (n_ctx <= 0) n_ctx = c->seq_len;
     if (n_ctx > c->seq_len)
         return tl_fail(TL_ERR_ARGUMENT, "context %d exceeds the model's seq_len %d", n_ctx, c->seq_len);
@@ -153,19 +168,24 @@ tl_status tl_session_new(const tl_model *m, int n_ctx, tl_session **out) {
     if (s == NULL) return tl_fail(TL_ERR_MEMORY, "out of memory for a session");
     const size_t kv_dim = (size_t)c->dim / c->n_heads * c->n_kv_heads;
     const size_t cache = (size_t)c->n_layers * n_ctx * kv_dim;
+    const size_t b = n_ctx < PREFILL_BATCH ? n_ctx : PREFILL_BATCH;
     s->model = m;
     s->n_ctx = n_ctx;
-    s->x = calloc(c->dim, sizeof(float));
-    s->xb = calloc(c->dim, sizeof(float));
-    s->xb2 = calloc(c->dim, sizeof(float));
-    s->hb = calloc(c->hidden_dim, sizeof(float));
-    s->hb2 = calloc(c->hidden_dim, sizeof(float));
-    s->q = calloc(c->dim, sizeof(float));
+    s->batch = (int)b;
+    s->kv_f16 = params->kv_f16 != 0;
+    s->x = calloc(b * c->dim, sizeof(float));
+    s->xb = calloc(b * c->dim, sizeof(float));
+    s->xb2 = calloc(b * c->dim, sizeof(float));
+    s->hb = calloc(b * c->hidden_dim, sizeof(float));
+    s->hb2 = calloc(b * c->hidden_dim, sizeof(float));
+    s->q = calloc(b * c->dim, sizeof(float));
+    s->k = calloc(b * kv_dim, sizeof(float));
+    s->v = calloc(b * kv_dim, sizeof(float));
     s->att = calloc((size_t)c->n_heads * n_ctx, sizeof(float));
     s->logits = calloc(c->vocab_size, sizeof(float));
-    s->key_cache = calloc(cache, sizeof(float));
-    s->value_cache = calloc(cache, sizeof(float));
-    if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->att || !s->logits ||
+    s->key_cache = calloc(cache, s->kv_f16 ? 2 : 4);
+    s->value_cache = calloc(cache, s->kv_f16 ? 2 : 4);
+    if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->k || !s->v || !s->att || !s->logits ||
         !s->key_cache || !s->value_cache) {
         tl_session_free(s);
         return tl_fail(TL_ERR_MEMORY, "out of memory for a KV cache of %d positions", n_ctx);
@@ -176,8 +196,8 @@ tl_status tl_session_new(const tl_model *m, int n_ctx, tl_session **out) {
 
 void tl_session_free(tl_session *s) {
     if (s == NULL) return;
-    free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2);
-    free(s->q); free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
+    free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->k); free(s->v);
+    free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
     free(s);
 }
 
@@ -192,71 +212,101 @@ tl_status tl_session_rewind(tl_session *s, int pos) {
     return TL_OK;
 }
 
-/* Causal self-attention of every query head over positions 0..pos of its key/value head. */
-static void attention(tl_session *s, int layer, int pos) {
+/* Put the key and value of position pos of a layer into the cache (as halves with kv_f16). */
+static void store_kv(tl_session *s, int layer, int pos, const float *k, const float *v) {
     const tl_config *c = &s->model->config;
-    const int head_dim = c->dim / c->n_heads;
-    const int kv_dim = head_dim * c->n_kv_heads;
-    const int group = c->n_heads / c->n_kv_heads; /* query heads per key/value head */
-    const float scale = 1.0f / sqrtf((float)head_dim);
-    const float *keys = s->key_cache + (size_t)layer * s->n_ctx * kv_dim;
-    const float *values = s->value_cache + (size_t)layer * s->n_ctx * kv_dim;
-    #pragma omp parallel for schedule(static)
-    for (int h = 0; h < c->n_heads; h++) {
-        const float *q = s->q + h * head_dim;
-        const int kv_offset = (h / group) * head_dim;
-        float *att = s->att + (size_t)h * s->n_ctx;
-        for (int t = 0; t <= pos; t++) {
-            const float *k = keys + (size_t)t * kv_dim + kv_offset;
-            float score = 0.0f;
-            for (int i = 0; i < head_dim; i++) score += q[i] * k[i];
-            att[t] = score * scale;
+    const size_t kv_dim = (size_t)c->dim / c->n_heads * c->n_kv_heads;
+    const size_t at = ((size_t)layer * s->n_ctx + pos) * kv_dim;
+    if (s->kv_f16) {
+        uint16_t *kc = (uint16_t *)s->key_cache + at, *vc = (uint16_t *)s->value_cache + at;
+        for (size_t i = 0; i < kv_dim; i++) {
+            kc[i] = tl_fp32_to_fp16(k[i]);
+            vc[i] = tl_fp32_to_fp16(v[i]);
         }
-        tl_softmax(att, pos + 1);
-        float *out = s->xb + h * head_dim;
-        memset(out, 0, head_dim * sizeof(float));
-        for (int t = 0; t <= pos; t++) {
-            const float *v = values + (size_t)t * kv_dim + kv_offset;
-            for (int i = 0; i < head_dim; i++) out[i] += att[t] * v[i];
-        }
+    } else {
+        memcpy((float *)s->key_cache + at, k, kv_dim * sizeof(float));
+        memcpy((float *)s->value_cache + at, v, kv_dim * sizeof(float));
     }
 }
 
-/* One token through the network at s->pos; leaves the logits in s->logits. */
-static void forward(tl_session *s, int token) {
-    const tl_model *m = s->model;
-    const tl_config *c = &m->config;
-    const int dim = c->dim, hidden = c->hidden_dim, pos = s->pos;
+/* Causal self-attention for the n tokens at positions pos0..pos0+n-1 (already in the cache):
+ * each query head over positions 0..its own of its key/value head; output rows in s->xb. */
+static void attention(tl_session *s, int layer, int pos0, int n) {
+    const tl_config *c = &s->model->config;
+    const int dim = c->dim;
     const int head_dim = dim / c->n_heads;
     const int kv_dim = head_dim * c->n_kv_heads;
-    const float *cos = m->rope_cos + (size_t)pos * head_dim / 2;
-    const float *sin = m->rope_sin + (size_t)pos * head_dim / 2;
+    const int group = c->n_heads / c->n_kv_heads; /* query heads per key/value head */
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    const size_t esize = s->kv_f16 ? 2 : 4;
+    const size_t layer_at = (size_t)layer * s->n_ctx * kv_dim * esize;
+    const char *keys = (const char *)s->key_cache + layer_at;
+    const char *values = (const char *)s->value_cache + layer_at;
+    const long work = (long)n * (pos0 + n) * dim;
+    #pragma omp parallel for schedule(static) if (work >= ATTENTION_PARALLEL_MIN)
+    for (int h = 0; h < c->n_heads; h++) {
+        const size_t kv_offset = (size_t)(h / group) * head_dim * esize;
+        for (int t = 0; t < n; t++)
+            tl_attend(s->xb + (size_t)t * dim + h * head_dim, s->q + (size_t)t * dim + h * head_dim,
+                      keys + kv_offset, values + kv_offset, kv_dim, pos0 + t + 1, head_dim, scale, s->kv_f16,
+                      s->att + (size_t)h * s->n_ctx);
+    }
+}
 
-    tl_matrix_row(s->x, &m->token_embedding, token);
+/* a[i] += b[i] */
+static void add_into(float *a, const float *b, size_t n) {
+    for (size_t i = 0; i < n; i++) a[i] += b[i];
+}
+
+/* n (<= s->batch) tokens through the network at positions s->pos...: the logits of the last one go
+ * to s->logits, and with all_logits to all_logits[t * vocab] for every token t. */
+static void forward(tl_session *s, const int *tokens, int n, float *all_logits) {
+    const tl_model *m = s->model;
+    const tl_config *c = &m->config;
+    const int dim = c->dim, hidden = c->hidden_dim, pos0 = s->pos;
+    const int head_dim = dim / c->n_heads, half = head_dim / 2;
+    const int kv_dim = head_dim * c->n_kv_heads;
+
+    for (int t = 0; t < n; t++) tl_matrix_row(s->x + (size_t)t * dim, &m->token_embedding, tokens[t]);
     for (int l = 0; l < c->n_layers; l++) {
         const tl_layer *w = &m->layers[l];
-        /* attention: q, k, v of this position; k and v go straight into the cache */
-        float *k = s->key_cache + ((size_t)l * s->n_ctx + pos) * kv_dim;
-        float *v = s->value_cache + ((size_t)l * s->n_ctx + pos) * kv_dim;
-        tl_rmsnorm(s->xb, s->x, w->rms_att, dim, c->norm_eps);
-        tl_matvec(s->q, &w->wq, s->xb);
-        tl_matvec(k, &w->wk, s->xb);
-        tl_matvec(v, &w->wv, s->xb);
-        tl_rope(s->q, c->n_heads, head_dim, cos, sin);
-        tl_rope(k, c->n_kv_heads, head_dim, cos, sin);
-        attention(s, l, pos);
-        tl_matvec(s->xb2, &w->wo, s->xb);
-        for (int i = 0; i < dim; i++) s->x[i] += s->xb2[i];
+        /* attention: q, k, v of the new positions; k and v go into the cache */
+        for (int t = 0; t < n; t++)
+            tl_rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_att, dim, c->norm_eps);
+        float *const qkv[3] = {s->q, s->k, s->v};
+        const tl_matrix *const wqkv[3] = {&w->wq, &w->wk, &w->wv};
+        tl_matmul_many(3, qkv, wqkv, s->xb, n);
+        for (int t = 0; t < n; t++) {
+            const float *cos = m->rope_cos + (size_t)(pos0 + t) * half;
+            const float *sin = m->rope_sin + (size_t)(pos0 + t) * half;
+            tl_rope(s->q + (size_t)t * dim, c->n_heads, head_dim, cos, sin);
+            tl_rope(s->k + (size_t)t * kv_dim, c->n_kv_heads, head_dim, cos, sin);
+            store_kv(s, l, pos0 + t, s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim);
+        }
+        attention(s, l, pos0, n);
+        tl_matmul(s->xb2, dim, &w->wo, s->xb, n);
+        add_into(s->x, s->xb2, (size_t)n * dim);
         /* feed-forward: w2(silu(w1 x) * w3 x) */
-        tl_rmsnorm(s->xb, s->x, w->rms_ffn, dim, c->norm_eps);
-        tl_matvec(s->hb, &w->w1, s->xb);
-        tl_matvec(s->hb2, &w->w3, s->xb);
-        tl_swiglu(s->hb, s->hb2, hidden);
-        tl_matvec(s->xb, &w->w2, s->hb);
-        for (int i = 0; i < dim; i++) s->x[i] += s->xb[i];
+        for (int t = 0; t < n; t++)
+            tl_rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_ffn, dim, c->norm_eps);
+        float *const gate_up[2] = {s->hb, s->hb2};
+        const tl_matrix *const w13[2] = {&w->w1, &w->w3};
+        tl_matmul_many(2, gate_up, w13, s->xb, n);
+        #pragma omp parallel for schedule(static) if (n > 1)
+        for (int t = 0; t < n; t++) tl_swiglu(s->hb + (size_t)t * hidden, s->hb2 + (size_t)t * hidden, hidden);
+        tl_matmul(s->xb, dim, &w->w2, s->hb, n);
+        add_into(s->x, s->xb, (size_t)n * dim);
     }
-    tl_rmsnorm(s->x, s->x, m->rms_final, dim, c->norm_eps);
-    tl_matvec(s->logits, &m->classifier, s->x);
+    /* final norm and classifier: every token's logits if asked for, else the last token's only */
+    const int first = all_logits ? 0 : n - 1;
+    for (int t = first; t < n; t++)
+        tl_rmsnorm(s->x + (size_t)t * dim, s->x + (size_t)t * dim, m->rms_final, dim, c->norm_eps);
+    if (all_logits) {
+        tl_matmul(all_logits, c->vocab_size, &m->classifier, s->x, n);
+        memcpy(s->logits, all_logits + (size_t)(n - 1) * c->vocab_size, (size_t)c->vocab_size * sizeof(float));
+    } else {
+        tl_matmul(s->logits, c->vocab_size, &m->classifier, s->x + (size_t)(n - 1) * dim, 1);
+    }
 }
 
 tl_status tl_session_feed(tl_session *s, const int *tokens, int n, float *logits, int all_logits) {
@@ -270,14 +320,13 @@ tl_status tl_session_feed(tl_session *s, const int *tokens, int n, float *logits
             return tl_fail(TL_ERR_ARGUMENT, "token id %d is outside the vocabulary (0..%d)", tokens[i],
                            c->vocab_size - 1);
     tl_get_threads(); /* first use picks the default thread count */
-    for (int i = 0; i < n; i++) {
-        forward(s, tokens[i]);
-        s->pos++;
-        if (logits != NULL && (all_logits || i == n - 1)) {
-            float *dst = logits + (all_logits ? (size_t)i * c->vocab_size : 0);
-            memcpy(dst, s->logits, (size_t)c->vocab_size * sizeof(float));
-        }
+    /* the prompt goes through in batches of s->batch tokens */
+    for (int i = 0; i < n; i += s->batch) {
+        const int len = n - i < s->batch ? n - i : s->batch;
+        forward(s, tokens + i, len, logits != NULL && all_logits ? logits + (size_t)i * c->vocab_size : NULL);
+        s->pos += len;
     }
+    if (logits != NULL && !all_logits) memcpy(logits, s->logits, (size_t)c->vocab_size * sizeof(float));
     for (int j = 0; j < c->vocab_size; j++)
         if (!isfinite(s->logits[j]))
             return tl_fail(TL_ERR_FORMAT, "the model produced non-finite logits (NaN/Inf weights in the file?)");

@@ -41,10 +41,10 @@ static int fail(const char *what) {
 
 static int fail_lib(void) { return fail(tl_last_error()); }
 
-static long now_ms(void) {
+static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000L + ts.tv_nsec / 1000000L;
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 /* Strict number parsing: "12abc" or "" is an error, not 12 or 0. */
@@ -80,6 +80,7 @@ static int stream_answer(tl_generator *g, tl_session *s, int steps) {
 }
 
 static int generate(tl_generator *g, tl_session *s, const tl_tokenizer *tok, const char *prompt, int steps) {
+    const double prompt_start = now_s();
     if (prompt) {
         if (tl_generator_prompt(g, prompt, strlen(prompt), 1) != TL_OK) return fail_lib();
         fputs(prompt, stdout);
@@ -87,12 +88,15 @@ static int generate(tl_generator *g, tl_session *s, const tl_tokenizer *tok, con
         const int bos = tl_tokenizer_bos(tok);
         if (tl_generator_prompt_ids(g, &bos, 1) != TL_OK) return fail_lib();
     }
-    const long start = now_ms();
+    const int n_prompt = tl_session_pos(s);
+    const double start = now_s();
     const int n = stream_answer(g, s, steps);
     if (n < 0) return fail_lib();
     printf("\n");
-    const long elapsed = now_ms() - start;
-    if (n > 0 && elapsed > 0) fprintf(stderr, "achieved tok/s: %.1f\n", n * 1000.0 / elapsed);
+    const double end = now_s();
+    /* decode speed (llama2.c's line), then the prompt's: tokens fed through the batched prefill */
+    if (n > 0) fprintf(stderr, "achieved tok/s: %.1f\n", n / (end - start > 1e-9 ? end - start : 1e-9));
+    if (prompt) fprintf(stderr, "prompt tok/s: %.1f (%d tokens)\n", n_prompt / (start - prompt_start), n_prompt);
     return 0;
 }
 

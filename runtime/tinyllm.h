@@ -109,6 +109,12 @@ typedef struct tl_session tl_session;
 
 /* n_ctx <= 0 means the model's seq_len; larger than seq_len is an error. */
 tl_status tl_session_new(const tl_model *model, int n_ctx, tl_session **out);
+/* Session options beyond the context length. */
+typedef struct {
+    int n_ctx;   /* <= 0: the model's seq_len */
+    int kv_f16;  /* 1: keep the KV cache as IEEE halves (half the memory; logits move by ~1e-3) */
+} tl_session_params;
+tl_status tl_session_new_ex(const tl_model *model, const tl_session_params *params, tl_session **out);
 void tl_session_free(tl_session *s);
 int tl_session_pos(const tl_session *s);   /* tokens in the cache */
 int tl_session_n_ctx(const tl_session *s);

@@ -1,0 +1,284 @@
+"""The SIMD kernels against the scalar reference, batched prefill against token-by-token decoding,
+and the f16 KV cache.
+
+The kernels are called through cffi on internal entry points of libtinyllm.so (kernels.h; a
+test-only cdef below). Every weight type is multiplied with float activations (no activation
+quantization, see kernels_simd.c), so no path is integer-only: SIMD and scalar agree up to the order
+of float additions, which the tolerances below bound relative to sum |w| |x|.
+"""
+import cffi
+import numpy as np
+import pytest
+
+from capi import LIB_PATH, check, ffi, lib
+
+kffi = cffi.FFI()
+kffi.cdef("""
+typedef struct { int type; const void *data; const float *scales; int rows, cols; int group_size; } tl_matrix;
+int tl_kernels_select(const char *name);
+int tl_kernels_active(void);
+void tl_matmul_rows_scalar(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const float *x, int n);
+void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const float *x, int n);
+void tl_matmul(float *out, size_t out_stride, const tl_matrix *w, const float *x, int n);
+void tl_attend(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
+               int n_keys, int head_dim, float scale, int f16, float *att);
+uint16_t tl_fp32_to_fp16(float f);
+float tl_fp16_to_fp32(uint16_t h);
+""")
+klib = kffi.dlopen(LIB_PATH)
+
+F32, Q8, F16, Q8_0, Q4_0 = 0, 1, 2, 3, 4
+PATHS = {"scalar": 0, "avx2": 1, "avx512": 2}
+
+
+def best_path() -> int:
+    return klib.tl_kernels_select(kffi.NULL)
+
+
+SIMD_PATHS = [name for name, level in PATHS.items() if 0 < level <= best_path()]
+
+
+@pytest.fixture(autouse=True)
+def restore_best_path():
+    yield
+    klib.tl_kernels_select(kffi.NULL)
+
+
+def ptr(a, ctype="float *"):
+    return kffi.cast(ctype, a.ctypes.data)
+
+
+class Matrix:
+    """A random weight matrix in one of the runtime's types, plus its dequantized float64 values."""
+
+    def __init__(self, type_, rows, cols, group_size=0, seed=0):
+        import gguf
+        rng = np.random.default_rng(seed)
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        self.scales = None
+        if type_ == F32:
+            self.data, self.dense = w, w.astype(np.float64)
+        elif type_ == F16:
+            self.data = w.astype(np.float16)
+            self.dense = self.data.astype(np.float64)
+        elif type_ == Q8:
+            g = w.reshape(-1, group_size)
+            self.scales = (np.abs(g).max(axis=1) / 127).astype(np.float32)
+            self.data = np.rint(g / self.scales[:, None]).clip(-127, 127).astype(np.int8).reshape(rows, cols)
+            self.dense = (self.data.reshape(-1, group_size).astype(np.float64) * self.scales[:, None]).reshape(rows, cols)
+        else:
+            qtype = gguf.GGMLQuantizationType.Q8_0 if type_ == Q8_0 else gguf.GGMLQuantizationType.Q4_0
+            self.data = np.ascontiguousarray(gguf.quants.quantize(w, qtype))
+            self.dense = gguf.quants.dequantize(self.data, qtype).reshape(rows, cols).astype(np.float64)
+        self.c = kffi.new("tl_matrix *", {"type": type_, "data": kffi.cast("void *", self.data.ctypes.data),
+                                          "rows": rows, "cols": cols, "group_size": group_size})
+        if self.scales is not None:
+            self.c.scales = ptr(self.scales)
+
+
+def product(m: Matrix, x: np.ndarray, fn) -> np.ndarray:
+    rows = m.c.rows
+    out = np.full((x.shape[0], rows), np.nan, dtype=np.float32)
+    fn(ptr(out), rows, m.c, 0, rows, ptr(x), x.shape[0])
+    return out
+
+
+# (type, rows, cols, group_size): rows and cols not multiples of the 4-row tiles, 8/16-float
+# vectors (f32/f16 allow any cols), or 1024-column prefill chunks
+CASES = [(F32, 5, 7, 0), (F32, 13, 100, 0), (F32, 9, 288, 0), (F32, 3, 1100, 0), (F32, 1, 16, 0),
+         (F16, 6, 23, 0), (F16, 17, 64, 0), (F16, 5, 1050, 0),
+         (Q8, 7, 96, 32), (Q8, 10, 128, 64), (Q8, 5, 48, 16), (Q8, 3, 2048, 64), (Q8, 6, 36, 12),
+         (Q8_0, 5, 32, 0), (Q8_0, 11, 288, 0), (Q8_0, 3, 1088, 0),
+         (Q4_0, 5, 32, 0), (Q4_0, 11, 288, 0), (Q4_0, 3, 1088, 0)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"type{c[0]}-{c[1]}x{c[2]}-g{c[3]}")
+def test_scalar_reference_equals_the_dequantized_product(case, n):
+    m = Matrix(*case)
+    x = np.random.default_rng(1).standard_normal((n, case[2])).astype(np.float32)
+    got = product(m, x, klib.tl_matmul_rows_scalar)
+    expected = x.astype(np.float64) @ m.dense.T
+    bound = np.abs(x).astype(np.float64) @ np.abs(m.dense).T
+    assert np.all(np.abs(got - expected) <= 1e-5 * bound + 1e-30)
+
+
+@pytest.mark.parametrize("path", SIMD_PATHS)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"type{c[0]}-{c[1]}x{c[2]}-g{c[3]}")
+def test_simd_kernel_equals_the_scalar_reference(case, n, path):
+    m = Matrix(*case)
+    x = np.random.default_rng(2).standard_normal((n, case[2])).astype(np.float32)
+    reference = product(m, x, klib.tl_matmul_rows_scalar)
+    assert klib.tl_kernels_select(path.encode()) == PATHS[path]
+    got = product(m, x, klib.tl_matmul_rows)
+    bound = np.abs(x).astype(np.float64) @ np.abs(m.dense).T
+    assert np.all(np.abs(got - reference) <= 1e-5 * bound)
+
+
+def test_row_ranges_write_only_their_rows_with_the_output_stride():
+    m = Matrix(Q8_0, 19, 64)
+    x = np.random.default_rng(3).standard_normal((3, 64)).astype(np.float32)
+    out = np.full((3, 25), -7.0, dtype=np.float32)  # stride 25 > 19 rows
+    klib.tl_matmul_rows(ptr(out), 25, m.c, 5, 14, ptr(x), 3)
+    assert np.all(out[:, :5] == -7) and np.all(out[:, 14:] == -7)
+    expected = x.astype(np.float64) @ m.dense[5:14].T
+    assert np.allclose(out[:, 5:14], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["scalar"] + SIMD_PATHS)
+def test_threaded_matmul_equals_the_rows_kernel(path):
+    klib.tl_kernels_select(path.encode())
+    m = Matrix(F32, 301, 96)
+    x = np.random.default_rng(4).standard_normal((6, 96)).astype(np.float32)
+    out = np.zeros((6, 301), dtype=np.float32)
+    klib.tl_matmul(ptr(out), 301, m.c, ptr(x), 6)
+    assert np.array_equal(out, product(m, x, klib.tl_matmul_rows))
+
+
+@pytest.mark.parametrize("path", SIMD_PATHS)
+@pytest.mark.parametrize("f16", [0, 1])
+@pytest.mark.parametrize("head_dim", [6, 48, 64, 72])
+def test_simd_attention_equals_the_scalar_reference(path, f16, head_dim):
+    rng = np.random.default_rng(5)
+    n_keys, stride = 37, head_dim * 3  # a key/value head inside rows of three heads
+    q = rng.standard_normal(head_dim).astype(np.float32)
+    dtype = np.float16 if f16 else np.float32
+    keys = rng.standard_normal((n_keys, stride)).astype(dtype)
+    values = rng.standard_normal((n_keys, stride)).astype(dtype)
+    att = np.zeros(n_keys, dtype=np.float32)
+
+    def attend():
+        out = np.zeros(head_dim, dtype=np.float32)
+        klib.tl_attend(ptr(out), ptr(q), ptr(keys, "void *"), ptr(values, "void *"), stride, n_keys, head_dim,
+                       head_dim ** -0.5, f16, ptr(att))
+        return out
+
+    klib.tl_kernels_select(b"scalar")
+    reference = attend()
+    klib.tl_kernels_select(path.encode())
+    got = attend()
+    assert np.allclose(got, reference, rtol=1e-5, atol=1e-6)
+    k, v = keys[:, :head_dim].astype(np.float64), values[:, :head_dim].astype(np.float64)
+    s = k @ q * head_dim ** -0.5
+    p = np.exp(s - s.max())
+    assert np.allclose(got, (p / p.sum()) @ v, rtol=1e-4, atol=1e-5)
+
+
+def test_fp32_to_fp16_rounds_like_numpy():
+    rng = np.random.default_rng(6)
+    values = np.concatenate([
+        rng.standard_normal(20000).astype(np.float32) * np.float32(10) ** rng.integers(-9, 6, 20000),
+        np.array([0.0, -0.0, 65504, 65519.99, 65520, -70000, 2 ** -24, 2 ** -25, 2 ** -25 * 1.0001, 3 * 2 ** -26,
+                  2 ** -14, 2 ** -14 * (1 - 2 ** -11), 1 + 2 ** -11, 1 + 3 * 2 ** -11, np.inf, -np.inf], np.float32),
+    ]).astype(np.float32)
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16).view(np.uint16)
+    got = np.array([klib.tl_fp32_to_fp16(float(v)) for v in values], dtype=np.uint16)
+    assert np.array_equal(got, expected)
+    nan = klib.tl_fp32_to_fp16(float("nan"))
+    assert (nan & 0x7C00) == 0x7C00 and (nan & 0x3FF) != 0
+
+
+# ---- whole models --------------------------------------------------------------------------------
+
+def session_logits(path, token_batches, kv_f16=0):
+    """Logits of every token, feeding token_batches one after another into one session."""
+    model, session = ffi.new("tl_model **"), ffi.new("tl_session **")
+    check(lib.tl_model_load(str(path).encode(), model))
+    try:
+        params = ffi.new("tl_session_params *", {"n_ctx": 0, "kv_f16": kv_f16})
+        check(lib.tl_session_new_ex(model[0], params, session))
+        config = ffi.new("tl_config *")
+        lib.tl_model_config(model[0], config)
+        rows = []
+        for batch in token_batches:
+            out = np.zeros((len(batch), config.vocab_size), dtype=np.float32)
+            check(lib.tl_session_feed(session[0], ffi.new("int[]", batch), len(batch),
+                                      ffi.cast("float *", out.ctypes.data), 1))
+            rows.append(out)
+        return np.concatenate(rows)
+    finally:
+        lib.tl_session_free(session[0])
+        lib.tl_model_free(model[0])
+
+
+@pytest.fixture
+def numpy_model(tmp_path):
+    """factory: numpy_model(version) -> (cfg, path): random weights written without torch, so these
+    tests also run under ASan."""
+    def make(version=1):
+        from tinyllm.config import ModelConfig
+        from tinyllm.export.llama2c import write_model
+        from conftest import SHAPES
+        cfg = ModelConfig(**SHAPES["gqa_odd_vocab"])
+        rng = np.random.default_rng(version)
+        kv = cfg.dim // cfg.n_heads * cfg.n_kv_heads
+        shapes = {"tok_embeddings": (cfg.vocab_size, cfg.dim), "norm": (cfg.dim,)}
+        for i in range(cfg.n_layers):
+            shapes.update({f"layers.{i}.attention_norm": (cfg.dim,), f"layers.{i}.ffn_norm": (cfg.dim,),
+                           f"layers.{i}.attention.wq": (cfg.dim, cfg.dim), f"layers.{i}.attention.wk": (kv, cfg.dim),
+                           f"layers.{i}.attention.wv": (kv, cfg.dim), f"layers.{i}.attention.wo": (cfg.dim, cfg.dim),
+                           f"layers.{i}.feed_forward.w1": (cfg.hidden_dim, cfg.dim),
+                           f"layers.{i}.feed_forward.w2": (cfg.dim, cfg.hidden_dim),
+                           f"layers.{i}.feed_forward.w3": (cfg.hidden_dim, cfg.dim)})
+        w = {f"{name}.weight": (rng.uniform(0.5, 1.5, shape) if len(shape) == 1 else rng.standard_normal(shape) * 0.1)
+             .astype(np.float32) for name, shape in shapes.items()}
+        w["output.weight"] = w["tok_embeddings.weight"]
+        path = tmp_path / f"numpy_v{version}.bin"
+        write_model(path, w, cfg, version=version)
+        return cfg, path
+    return make
+
+
+def tokens_for(cfg, n=75, seed=7):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, n).tolist()
+
+
+@pytest.mark.parametrize("path_name", ["scalar"] + SIMD_PATHS)
+@pytest.mark.parametrize("version", [1, 2])
+def test_prefill_logits_equal_token_by_token_logits(numpy_model, version, path_name):
+    """75 tokens (more than one 64-token prefill batch) at once, against one at a time."""
+    klib.tl_kernels_select(path_name.encode())
+    cfg, path = numpy_model(version)
+    tokens = tokens_for(cfg)
+    batched = session_logits(path, [tokens])
+    one_by_one = session_logits(path, [[t] for t in tokens])
+    assert np.abs(batched - one_by_one).max() / np.abs(one_by_one).max() < 1e-5
+    # a prompt fed in pieces after cached tokens is the same again
+    pieces = session_logits(path, [tokens[:10], tokens[10:11], tokens[11:70], tokens[70:]])
+    assert np.abs(pieces - one_by_one).max() / np.abs(one_by_one).max() < 1e-5
+
+
+@pytest.mark.noasan
+@pytest.mark.parametrize("path_name", SIMD_PATHS)
+@pytest.mark.parametrize("version", [1, 2])
+def test_simd_model_logits_match_torch(model_file, version, path_name):
+    from tinyllm.export.llama2c import load_model
+    import torch
+    klib.tl_kernels_select(path_name.encode())
+    cfg, _, path = model_file("mqa_separate_classifier", version)
+    tokens = tokens_for(cfg, 60)
+    with torch.no_grad():
+        expected = load_model(path)(torch.tensor([tokens]))[0][0].numpy()
+    got = session_logits(path, [tokens[:1], tokens[1:]])
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("path_name", ["scalar"] + SIMD_PATHS)
+def test_f16_kv_cache_stays_within_its_tolerance(numpy_model, path_name):
+    """Halves keep 11 significant bits: keys and values round by at most 2^-11 relative, so the
+    logits move by about 1e-3 of their scale; 5e-3 bounds it with margin. f32 is the reference."""
+    klib.tl_kernels_select(path_name.encode())
+    cfg, path = numpy_model(1)
+    tokens = tokens_for(cfg)
+    f32 = session_logits(path, [tokens[:40], tokens[40:]])
+    f16 = session_logits(path, [tokens[:40], tokens[40:]], kv_f16=1)
+    drift = np.abs(f16 - f32).max() / np.abs(f32).max()
+    assert 0 < drift < 5e-3
+    assert np.mean(f16.argmax(axis=1) == f32.argmax(axis=1)) > 0.95
+
+
+def test_unknown_kernel_name_selects_the_best_path():
+    assert klib.tl_kernels_select(b"no-such-path") == best_path()
+    assert klib.tl_kernels_select(b"scalar") == 0

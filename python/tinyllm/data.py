@@ -281,7 +281,7 @@ def _worker_init(tokenizer_path: str):
 def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
     """BOS + tokens + EOS for every text (runs in a worker process)."""
     tok = _worker_tokenizer
-    return [np.asarray(tok.encode(t, bos=True, eos=True), dtype=np.int64) for t in texts]
+    return [np.asarray(tok.encode(t, bos=True, eos=True), dtype=np.int32) for t in texts]
 
 
 def _plan_documents(sources, *, field, doc_sep, skip_invalid_utf8, drop, val_fraction, seed, source_stats):

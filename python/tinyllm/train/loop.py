@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import ModelConfig, TrainConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, TinyLLMError
 from ..fileio import atomic_write
 
 CHECKPOINT_NAME = "ckpt.pt"
@@ -410,7 +410,8 @@ def train(model, model_cfg: ModelConfig, cfg: TrainConfig, env: Env, train_batch
                                 refresh=False)
             if not math.isfinite(loss):
                 save("nan")
-                raise FloatingPointError(f"loss became {loss} at step {step}; checkpoint saved in {ckpt_path}")
+                raise TinyLLMError(f"loss became {loss} at step {step}; lower lr or check the data "
+                                   f"({ckpt_path} holds the state at this step)")
 
         if eval_set is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             val_loss = evaluate(run_model, model, eval_set, loss_fn, env)

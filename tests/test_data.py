@@ -323,3 +323,18 @@ def test_tokenizer_vocab_larger_than_the_corpus_supports_is_a_clear_error(tmp_pa
     assert r.returncode != 0
     assert r.stderr.startswith("error: ") and "vocab" in r.stderr and "Traceback" not in r.stderr
     assert not list(tmp_path.glob("tok/*.model"))
+
+
+def test_a_small_corpus_still_gets_one_val_document(tmp_path, tokenizer_model):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in synthetic_documents(5)])
+    meta = prepare([Source(src)], tokenizer_model, str(tmp_path / "out"), val_fraction=0.001, progress=False)
+    assert (meta["sources"][0]["documents_train"], meta["sources"][0]["documents_val"]) == (4, 1)
+
+
+def test_a_single_document_cannot_be_split_and_says_what_to_do(tmp_path, tokenizer_model):
+    path = tmp_path / "novel.txt"
+    path.write_text("\n".join(synthetic_documents(30)), encoding="utf-8")  # no blank lines: one document
+    with pytest.raises(DataError, match=r"val split is empty.*--doc-sep line.*novel\.txt"):
+        prepare([Source(str(path))], tokenizer_model, str(tmp_path / "out"), progress=False)
+    meta = prepare([Source(str(path))], tokenizer_model, str(tmp_path / "out"), progress=False, doc_sep="line")
+    assert meta["sources"][0]["documents_val"] >= 1

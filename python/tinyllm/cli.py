@@ -101,7 +101,8 @@ small set can be weighted up against a large one. Val documents are written at m
 probability min(W, 1)), so val measures the same mix without repeats.
 
 Split: each document goes to val with probability --val-fraction, from a generator seeded by
---seed and the input's position; the same inputs and seed give the same split.
+--seed and the input's position; the same inputs and seed give the same split. If no document
+lands in val, the last train document moves there, so small corpora still get a val split.
 
 OUT is built under a temporary name and renamed when complete, so a crash never leaves a
 directory that looks finished. An existing OUT is only replaced with --force."""
@@ -149,8 +150,26 @@ def _export_llama2c(args, model, cfg):
     return True
 
 
-# format name -> writer(args, model, config) -> whether check_export applies; GGUF/HF add entries here
-EXPORTERS = {"llama2c": _export_llama2c}
+def _export_gguf(args, model, cfg):
+    """Write a GGUF file (tokenizer and chat template embedded when --tokenizer is given)."""
+    from tinyllm.export.gguf import quantization_report, write_gguf
+    info = write_gguf(args.out, model, cfg, args.tokenizer, type=args.type)
+    line = f"{args.out}: {args.type.upper()}, {info['bits_per_weight']:.2f} bits per weight"
+    if args.type != "f32":
+        line += f", max logit drift vs fp32 {quantization_report(model, cfg, args.type)['max_logit_drift']:.4g}"
+    print(line, file=sys.stderr)
+    return args.type == "f32"
+
+
+def _export_hf(args, model, cfg):
+    """Write a Hugging Face LlamaForCausalLM directory (no C runtime check)."""
+    from tinyllm.export.hf import write_hf
+    write_hf(args.out, model, cfg, args.tokenizer)
+    return False
+
+
+# format name -> writer(args, model, config) -> whether check_export applies
+EXPORTERS = {"llama2c": _export_llama2c, "gguf": _export_gguf, "hf": _export_hf}
 
 
 class Export:
@@ -158,7 +177,9 @@ class Export:
     DESCRIPTION = """\
 Write the checkpoint's model in another format, then run a few tokens through the C runtime and
 compare its logits with torch's; a mismatch is an error (a silently broken export gives gibberish).
-Formats: llama2c (--version 0: legacy fp32, 1: fp32 with a 256-byte header, 2: Q8_0)."""
+Formats: llama2c (--version 0: legacy fp32, 1: fp32 with a 256-byte header, 2: Q8_0); gguf (--type
+f32|f16|q8_0|q4_0, tokenizer and chat template embedded from --tokenizer; quantized types report bits per
+weight and the logit drift against fp32); hf (a transformers LlamaForCausalLM directory)."""
 
     @staticmethod
     def add_arguments(p):
@@ -169,6 +190,8 @@ Formats: llama2c (--version 0: legacy fp32, 1: fp32 with a 256-byte header, 2: Q
                        help="llama2c format version (default 1)")
         p.add_argument("--tokenizer", metavar="MODEL",
                        help="SentencePiece .model, used by the check (and by formats that embed a tokenizer)")
+        p.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"], default="f32",
+                       help="gguf tensor type of the weight matrices (norms stay f32; default f32)")
 
     @staticmethod
     def run(args) -> int:
@@ -183,6 +206,35 @@ Formats: llama2c (--version 0: legacy fp32, 1: fp32 with a 256-byte header, 2: Q
                 return 0
             check_export(args.out, model, tokenizer_path=args.tokenizer)
             print(f"wrote {args.out} ({args.format}); the C runtime's logits match torch's", file=sys.stderr)
+        return 0
+
+
+# ---- convert -------------------------------------------------------------------------------------
+
+class Convert:
+    HELP = "convert a model between llama2.c .bin, GGUF, Hugging Face directories and checkpoints"
+    DESCRIPTION = """\
+Read IN (format told by content) and write OUT in the format its name implies (.bin llama2c, .gguf,
+.pt checkpoint, anything else a Hugging Face directory) or the one --format names."""
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("input", metavar="IN", help="model file or Hugging Face directory")
+        p.add_argument("output", metavar="OUT", help="file or directory to write")
+        p.add_argument("--format", choices=["llama2c", "gguf", "hf", "checkpoint"], default=None,
+                       help="output format (default: from OUT's name)")
+        p.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"], default="f32", help="gguf tensor type")
+        p.add_argument("--version", type=int, choices=[0, 1, 2], default=1, help="llama2c format version")
+        p.add_argument("--tokenizer", metavar="MODEL", help="SentencePiece .model to embed or copy")
+
+    @staticmethod
+    def run(args) -> int:
+        from tinyllm.export.convert import convert
+        info = convert(args.input, args.output, args.format, type=args.type, tokenizer=args.tokenizer,
+                       version=args.version)
+        extra = "".join(f", {k.replace('_', ' ')} {v:.4g}" for k, v in info.items()
+                        if k in ("bits_per_weight", "max_logit_drift"))
+        print(f"wrote {args.output} ({info['format']}{extra})", file=sys.stderr)
         return 0
 
 
@@ -243,6 +295,7 @@ def _tokenizer_of(ckpt: dict, ckpt_path: str) -> str:
 STAGES = {
     "pretrain": "tinyllm.train.pretrain",
     "export": Export,
+    "convert": Convert,
     "sample": Sample,
 }
 GROUPS = {

@@ -288,9 +288,12 @@ def _plan_documents(sources, *, field, doc_sep, skip_invalid_utf8, drop, val_fra
     """Yield (source index, text, split, copies) for every document kept.
 
     Split: each document goes to val with probability val_fraction, decided by a generator seeded
-    with (seed, source index), so the split depends only on the seed and the input order.
+    with (seed, source index), so the split depends only on the seed and the input order. If that
+    leaves val empty, the last train document goes to val instead (so small corpora still get one).
     Weights: a train document of a source with weight w is written floor(w) times, plus once more
     with probability w - floor(w). A val document is written once with probability min(w, 1)."""
+    held = None  # the latest train document, kept back one step in case val ends up empty
+    any_val, any_train = False, False
     for si, src in enumerate(sources):
         st = source_stats[si]
         rng = np.random.default_rng([seed, si])
@@ -304,14 +307,21 @@ def _plan_documents(sources, *, field, doc_sep, skip_invalid_utf8, drop, val_fra
                 st["documents_empty"] += 1
                 continue
             u_split, u_weight = rng.random(2)
-            split = "val" if u_split < val_fraction else "train"
+            if u_split < val_fraction:
+                if u_weight < min(src.weight, 1.0):
+                    any_val = True
+                    yield si, text, "val", 1
+                continue
             whole = math.floor(src.weight)
-            if split == "val":
-                copies = 1 if u_weight < min(src.weight, 1.0) else 0
-            else:
-                copies = whole + (1 if u_weight < src.weight - whole else 0)
+            copies = whole + (1 if u_weight < src.weight - whole else 0)
             if copies:
-                yield si, text, split, copies
+                if held is not None:
+                    any_train = True
+                    yield held
+                held = (si, text, "train", copies)
+    if held is not None:
+        # move it to val only if train keeps at least one other document
+        yield held if any_val or not any_train else (held[0], held[1], "val", 1)
 
 
 def _chunks(items, size: int):

@@ -32,6 +32,12 @@
 #define KC 1024
 /* Below this many multiply-adds a matmul runs on the calling thread only. */
 #define PARALLEL_MIN_WORK 32768
+/* How far ahead the decode kernels prefetch quantized weight rows (bytes past the block being read;
+ * with 4 rows in flight that is several tiles ahead). Without it the hardware prefetcher leaves the
+ * quantized rows latency-bound: measured on a 2-core EPYC, 42M Q8_0 decode went from 113 to 350
+ * tok/s with 8 KiB (512 B: 175, 2 KiB: 200, 16-32 KiB: about the same as 8 KiB). f32 rows, one
+ * cache line per vector, gain nothing from it. */
+#define PREFETCH_BYTES 8192
 
 /* ----------------------------------------------------------------------------------------- */
 /* Path selection */
@@ -209,9 +215,14 @@ ALWAYS_INLINE void dot_rows_512(int type, int R, const tl_matrix *w, int r, cons
         return;
     }
     const int bs = type == TL_TYPE_Q8 ? w->group_size : TL_QK;
+    const size_t block_bytes = type == TL_TYPE_Q8 ? (size_t)bs : type == TL_TYPE_Q8_0 ? TL_Q8_0_BLOCK_BYTES
+                                                                                   : TL_Q4_0_BLOCK_BYTES;
     for (int b = 0, k0 = 0; k0 < cols; b++, k0 += bs) {
         __m512 part[4];
-        for (int i = 0; i < R; i++) part[i] = _mm512_setzero_ps();
+        for (int i = 0; i < R; i++) {
+            part[i] = _mm512_setzero_ps();
+            _mm_prefetch((const char *)row[i] + (size_t)b * block_bytes + PREFETCH_BYTES, _MM_HINT_T0);
+        }
         for (int k = k0; k < k0 + bs; k += 16) {
             const __m512 xv = _mm512_loadu_ps(x + k);
             for (int i = 0; i < R; i++) part[i] = _mm512_fmadd_ps(w16_512(type, row[i], k), xv, part[i]);
@@ -438,9 +449,14 @@ ALWAYS_INLINE void dot_rows_256(int type, int R, const tl_matrix *w, int r, cons
         return;
     }
     const int bs = type == TL_TYPE_Q8 ? w->group_size : TL_QK;
+    const size_t block_bytes = type == TL_TYPE_Q8 ? (size_t)bs : type == TL_TYPE_Q8_0 ? TL_Q8_0_BLOCK_BYTES
+                                                                                   : TL_Q4_0_BLOCK_BYTES;
     for (int b = 0, k0 = 0; k0 < cols; b++, k0 += bs) {
         __m256 part[4];
-        for (int i = 0; i < R; i++) part[i] = _mm256_setzero_ps();
+        for (int i = 0; i < R; i++) {
+            part[i] = _mm256_setzero_ps();
+            _mm_prefetch((const char *)row[i] + (size_t)b * block_bytes + PREFETCH_BYTES, _MM_HINT_T0);
+        }
         for (int k = k0; k < k0 + bs; k += 8) {
             const __m256 xv = _mm256_loadu_ps(x + k);
             for (int i = 0; i < R; i++) part[i] = _mm256_fmadd_ps(w8_256(type, row[i], k), xv, part[i]);

@@ -44,8 +44,8 @@ def resolve_configs(config_path: str | None, overrides: dict, resume: bool, forc
     from ..checkpoint import load_checkpoint
     from .loop import CHECKPOINT_NAME
     preset = load_preset(config_path) if config_path else {}
-    _, probe = build_configs(preset, overrides)
-    ckpt_path = os.path.join(probe.out_dir, CHECKPOINT_NAME)
+    out_dir = str(overrides.get("out_dir") or preset.get("out_dir") or TrainConfig.__dataclass_fields__["out_dir"].default)
+    ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         model_changes = sorted(k for k in overrides if k in ModelConfig.__dataclass_fields__)

@@ -43,9 +43,12 @@ train it on the same mix as the model."""
 
     @staticmethod
     def add_arguments(p):
-        p.add_argument("--input", action="append", required=True, metavar="FILE",
-                       help="text/JSONL/JSON file, optionally .gz/.xz; repeat for several (a ':WEIGHT' suffix "
-                            "is accepted and ignored here)")
+        p.add_argument("--input", action="append", required=True, metavar="FILE[:WEIGHT]",
+                       help="text/JSONL/JSON file, optionally .gz/.xz, with an optional sampling weight; repeat "
+                            "for several. Weights, split and seed work as in `tinyllm data prepare`, so the "
+                            "same --input list trains the tokenizer on the model's mix, without its val documents")
+        p.add_argument("--val-fraction", type=float, default=0.01, help="as in `data prepare` (default: 0.01)")
+        p.add_argument("--seed", type=int, default=1234, help="as in `data prepare` (default: 1234)")
         p.add_argument("--vocab-size", type=int, default=5000, help="number of pieces")
         p.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.model and tok{N}.bin")
         p.add_argument("--character-coverage", type=float, default=0.995,
@@ -54,13 +57,13 @@ train it on the same mix as the model."""
 
     @staticmethod
     def run(args) -> int:
-        from .data import parse_source, read_texts
+        from .data import parse_source, weighted_train_texts
         from .tokenizer import train_tokenizer
-        paths = [parse_source(s).path for s in args.input]
-        for path in paths:
-            if not os.path.isfile(path):
-                raise TinyLLMError(f"input file not found ({path})")
-        texts = read_texts(paths, **_reader_kwargs(args))
+        sources = [parse_source(s) for s in args.input]
+        for src in sources:
+            if not os.path.isfile(src.path):
+                raise TinyLLMError(f"input file not found ({src.path})")
+        texts = weighted_train_texts(sources, val_fraction=args.val_fraction, seed=args.seed, **_reader_kwargs(args))
         path = train_tokenizer(texts, args.vocab_size, args.out, character_coverage=args.character_coverage)
         print(f"wrote {path} and {os.path.join(args.out, f'tok{args.vocab_size}.bin')}", file=sys.stderr)
         return 0
@@ -152,13 +155,10 @@ def _export_llama2c(args, model, cfg):
 
 def _export_gguf(args, model, cfg):
     """Write a GGUF file (tokenizer and chat template embedded when --tokenizer is given)."""
-    from tinyllm.export.gguf import quantization_report, write_gguf
+    from tinyllm.export.gguf import write_gguf
     info = write_gguf(args.out, model, cfg, args.tokenizer, type=args.type)
-    line = f"{args.out}: {args.type.upper()}, {info['bits_per_weight']:.2f} bits per weight"
-    if args.type != "f32":
-        line += f", max logit drift vs fp32 {quantization_report(model, cfg, args.type)['max_logit_drift']:.4g}"
-    print(line, file=sys.stderr)
-    return args.type == "f32"
+    print(f"{args.out}: {args.type.upper()}, {info['bits_per_weight']:.2f} bits per weight", file=sys.stderr)
+    return True
 
 
 def _export_hf(args, model, cfg):
@@ -204,8 +204,10 @@ weight and the logit drift against fp32); hf (a transformers LlamaForCausalLM di
             except ImportError as e:
                 print(f"warning: {args.out} written but NOT verified: {e}", file=sys.stderr)
                 return 0
-            check_export(args.out, model, tokenizer_path=args.tokenizer)
-            print(f"wrote {args.out} ({args.format}); the C runtime's logits match torch's", file=sys.stderr)
+            info = check_export(args.out, model, tokenizer_path=args.tokenizer)
+            print(f"wrote {args.out} ({args.format}); the C runtime's logits match torch's "
+                  f"(max relative difference {info['max_rel_diff']:.2g}; max logit drift vs fp32 "
+                  f"{info['max_logit_drift']:.4g})", file=sys.stderr)
         return 0
 
 

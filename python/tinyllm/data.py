@@ -211,6 +211,27 @@ def _dropped_by(record, filters: dict[str, set[str]]) -> bool:
     return any(str(record.get(name)) in values for name, values in filters.items() if name in record)
 
 
+def _new_source_stats(src: Source) -> dict:
+    """The per-input counters meta.json reports."""
+    return {"path": os.path.abspath(src.path), "weight": src.weight, "documents_read": 0, "documents_filtered": 0,
+            "documents_empty": 0, "documents_train": 0, "documents_val": 0, "tokens_train": 0, "tokens_val": 0,
+            "invalid_utf8_bytes": 0}
+
+
+def weighted_train_texts(sources: list[Source], *, field: str = "text", doc_sep: str = "blank",
+                         skip_invalid_utf8: bool = False, drop: dict[str, set[str]] | None = None,
+                         val_fraction: float = 0.01, seed: int = 1234):
+    """The train documents exactly as `prepare` writes them (same split, same weights, each copy
+    yielded), for training the tokenizer on the same mix as the model without its val documents."""
+    stats = [_new_source_stats(s) for s in sources]
+    for _si, text, split, copies in _plan_documents(
+            sources, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8, drop=drop or {},
+            val_fraction=val_fraction, seed=seed, source_stats=stats):
+        if split == "train":
+            for _ in range(copies):
+                yield text
+
+
 def read_texts(paths: list[str], *, field: str = "text", doc_sep: str = "blank",
                skip_invalid_utf8: bool = False, drop: dict[str, set[str]] | None = None):
     """Yield the text of every document of every file, filters applied (used by tokenizer training)."""
@@ -371,9 +392,7 @@ def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: 
     tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
-    stats = [{"path": os.path.abspath(s.path), "weight": s.weight, "documents_read": 0, "documents_filtered": 0,
-              "documents_empty": 0, "documents_train": 0, "documents_val": 0, "tokens_train": 0, "tokens_val": 0,
-              "invalid_utf8_bytes": 0} for s in sources]
+    stats = [_new_source_stats(s) for s in sources]
     writers = {split: _ShardWriter(tmp_dir, split, dtype, shard_tokens) for split in ("train", "val")}
     try:
         planned = _plan_documents(sources, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8,

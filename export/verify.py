@@ -1,0 +1,60 @@
+"""check_export: run a few tokens of an exported file through the C runtime and compare with torch.
+
+A silently broken export gives gibberish, so every export checks itself. fp32 files must reproduce
+the torch model; quantized files must reproduce a torch model holding the weights exactly as the file
+stores them (dequantized), and their drift from fp32 is reported.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tinyllm.errors import TinyLLMError
+
+TOLERANCE = 1e-4  # max |difference| relative to the largest |logit|, as in the runtime tests
+
+
+def _torch_logits(model, tokens) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor([tokens]))[0][0].float().numpy()
+
+
+def _stored_model(path):
+    """A torch model holding the weights as the file stores them (quantized ones dequantized)."""
+    import torch
+    from tinyllm.export.convert import read_any
+    from tinyllm.model import Transformer
+    cfg, w, _ = read_any(path)
+    model = Transformer(cfg).eval()
+    model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in w.items()})
+    return model
+
+
+def check_export(path, model, tokenizer_path=None, n_tokens: int = 16, seed: int = 0) -> dict:
+    """Raise TinyLLMError if the C runtime's logits for the exported file differ from torch's.
+
+    Returns {"max_rel_diff": ..., "max_logit_drift": ...} (drift: against the fp32 model)."""
+    from tinyllm import _runtime
+    model = model.eval()
+    cfg = model.config
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=min(n_tokens, cfg.max_seq_len)).tolist()
+    c_model = _runtime.Model(str(path))
+    quantized = c_model.config()["weight_type"] != "f32"
+    got = _runtime.Session(c_model, 0).feed(tokens, True)
+    reference = _torch_logits(_stored_model(path) if quantized else model, tokens)
+    rel = float(np.abs(got - reference).max() / max(np.abs(reference).max(), 1e-30))
+    if not rel < TOLERANCE:
+        raise TinyLLMError(f"export check failed: the C runtime's logits differ from torch's by {rel:.3g} "
+                           f"(relative; tolerance {TOLERANCE}) ({path})")
+    drift = float(np.abs(got - _torch_logits(model, tokens)).max())
+    if tokenizer_path is not None:
+        _check_tokenizer_fits(path, tokenizer_path, cfg.vocab_size)
+    return {"max_rel_diff": rel, "max_logit_drift": drift}
+
+
+def _check_tokenizer_fits(path, tokenizer_path, vocab_size: int):
+    from tinyllm.tokenizer import Tokenizer
+    tok = Tokenizer(str(tokenizer_path))
+    if tok.vocab_size != vocab_size:
+        raise TinyLLMError(f"the tokenizer has {tok.vocab_size} pieces but the model {vocab_size} "
+                           f"({tokenizer_path})")

@@ -1,0 +1,51 @@
+"""check_export accepts faithful exports and catches broken ones."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_model
+
+pytestmark = pytest.mark.noasan
+
+
+@pytest.mark.parametrize("fmt, kind", [("llama2c", 0), ("llama2c", 1), ("llama2c", 2),
+                                       ("gguf", "f32"), ("gguf", "q8_0"), ("gguf", "q4_0")])
+def test_faithful_exports_pass_the_check(tmp_path, fmt, kind):
+    from tinyllm.config import ModelConfig
+    from tinyllm.export.verify import check_export
+    from tinyllm.model import Transformer
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, max_seq_len=32)
+    model = Transformer(cfg).eval()
+    path = tmp_path / ("m.gguf" if fmt == "gguf" else "m.bin")
+    if fmt == "gguf":
+        from tinyllm.export.gguf import write_gguf
+        write_gguf(path, model, cfg, None, type=kind)
+    else:
+        from tinyllm.export.llama2c import write_model
+        write_model(path, model, cfg, version=kind)
+    info = check_export(path, model)
+    assert info["max_rel_diff"] < 1e-4
+    quantized = kind in (2, "q8_0", "q4_0")
+    assert (info["max_logit_drift"] > 1e-5) == quantized
+
+
+def test_an_export_with_swapped_weights_fails_the_check(tmp_path):
+    from tinyllm.errors import TinyLLMError
+    from tinyllm.export.llama2c import write_model
+    from tinyllm.export.verify import check_export
+    cfg, model = random_model("gqa_odd_vocab")
+    broken = random_model("gqa_odd_vocab")[1]
+    with torch.no_grad():  # the kind of bug an exporter makes: w1 and w3 written in each other's place
+        for a, b in zip(model.layers, broken.layers):
+            b.load_state_dict(a.state_dict())
+            b.feed_forward.w1.weight.copy_(a.feed_forward.w3.weight)
+            b.feed_forward.w3.weight.copy_(a.feed_forward.w1.weight)
+        broken.tok_embeddings.weight.copy_(model.tok_embeddings.weight)
+        broken.norm.weight.copy_(model.norm.weight)
+        broken.output.weight.copy_(model.output.weight)
+    path = tmp_path / "m.bin"
+    write_model(path, broken, cfg, version=1)
+    with pytest.raises(TinyLLMError, match="export check failed"):
+        check_export(path, model)
+    assert np.isfinite(check_export(path, broken)["max_rel_diff"])

@@ -9,7 +9,7 @@ ifeq ($(TINYLLM_NATIVE),1)
 CFLAGS += -march=native
 endif
 
-LIB_SRC = runtime/util.c runtime/kernels.c runtime/kernels_simd.c runtime/model.c runtime/format_llama2c.c runtime/format_gguf.c \
+LIB_SRC = runtime/util.c runtime/kernels.c runtime/kernels_simd.c runtime/threads.c runtime/model.c runtime/format_llama2c.c runtime/format_gguf.c \
           runtime/tokenizer.c runtime/sampler.c runtime/generate.c
 HEADERS = $(wildcard runtime/*.h)
 SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
@@ -44,6 +44,10 @@ asan-test: asan
 	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	$(PYTHON) -m pytest -q -m "not noasan" tests
+
+# decode/prefill speed against llama.cpp (xllamacpp); writes bench/results.json and bench/RESULTS.md
+bench: all
+	$(PYTHON) bench/bench.py
 
 clean:
 	rm -rf run libtinyllm.so build python/tinyllm/_runtime*.so

@@ -14,12 +14,10 @@
  */
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "tinyllm.h"
 #include "kernels.h"
+#include "threads.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define TL_X86 1
@@ -626,46 +624,54 @@ void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, i
     tl_matmul_rows_scalar(out, out_stride, w, r0, r1, x, n);
 }
 
-void tl_matmul_many(int count, float *const *outs, const tl_matrix *const *ws, const float *x, int n) {
-    long total_rows = 0;
-    for (int m = 0; m < count; m++) total_rows += ws[m]->rows;
-    const double work = (double)total_rows * ws[0]->cols * n;
-    tl_kernels_active(); /* choose the path before threads race to */
-    #pragma omp parallel if (work >= PARALLEL_MIN_WORK)
-    {
-        int tid = 0, nth = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nth = omp_get_num_threads();
-#endif
-        /* a contiguous share of the rows of all matrices together, cut at multiples of 4 rows */
-        const long lo = (total_rows * tid / nth) & ~3L;
-        const long hi = tid == nth - 1 ? total_rows : (total_rows * (tid + 1) / nth) & ~3L;
-        long base = 0;
-        for (int m = 0; m < count; m++) {
-            const long rows = ws[m]->rows;
-            const long a = lo > base ? lo : base, b = hi < base + rows ? hi : base + rows;
-            if (a < b) tl_matmul_rows(outs[m], (size_t)rows, ws[m], (int)(a - base), (int)(b - base), x, n);
-            base += rows;
-        }
+/* A matmul split into chunks of rows for tl_parallel_for: rows of all matrices counted together. */
+typedef struct {
+    int count;
+    float *const *outs;
+    const tl_matrix *const *ws;
+    const float *x;
+    int n;
+    size_t stride; /* output row stride; 0: each matrix's own row count */
+    long total_rows, chunk_rows;
+} matmul_job;
+
+static void matmul_chunk(void *ctx, int chunk) {
+    const matmul_job *j = ctx;
+    const long lo = chunk * j->chunk_rows;
+    const long hi = lo + j->chunk_rows < j->total_rows ? lo + j->chunk_rows : j->total_rows;
+    long base = 0;
+    for (int m = 0; m < j->count; m++) {
+        const long rows = j->ws[m]->rows;
+        const long a = lo > base ? lo : base, b = hi < base + rows ? hi : base + rows;
+        if (a < b)
+            tl_matmul_rows(j->outs[m], j->stride ? j->stride : (size_t)rows, j->ws[m], (int)(a - base), (int)(b - base),
+                           j->x, j->n);
+        base += rows;
     }
 }
 
-void tl_matmul(float *out, size_t out_stride, const tl_matrix *w, const float *x, int n) {
-    const double work = (double)w->rows * w->cols * n;
-    tl_kernels_active();
-    #pragma omp parallel if (work >= PARALLEL_MIN_WORK)
-    {
-        int tid = 0, nth = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nth = omp_get_num_threads();
-#endif
-        const long rows = w->rows;
-        const long lo = (rows * tid / nth) & ~3L;
-        const long hi = tid == nth - 1 ? rows : (rows * (tid + 1) / nth) & ~3L;
-        if (lo < hi) tl_matmul_rows(out, out_stride, w, (int)lo, (int)hi, x, n);
+static void run_matmul(matmul_job job) {
+    for (int m = 0; m < job.count; m++) job.total_rows += job.ws[m]->rows;
+    const double work = (double)job.total_rows * job.ws[0]->cols * job.n;
+    const int threads = tl_get_threads();
+    tl_kernels_active(); /* choose the path before the workers race to */
+    if (threads <= 1 || work < PARALLEL_MIN_WORK) {
+        job.chunk_rows = job.total_rows;
+        matmul_chunk(&job, 0);
+        return;
     }
+    /* about 4 chunks per thread (each claim costs a contended atomic), whole 4-row tiles, >= 16 rows */
+    long chunk = (job.total_rows / (4L * threads) + 3) & ~3L;
+    job.chunk_rows = chunk < 16 ? 16 : chunk;
+    tl_parallel_for((int)((job.total_rows + job.chunk_rows - 1) / job.chunk_rows), matmul_chunk, &job);
+}
+
+void tl_matmul_many(int count, float *const *outs, const tl_matrix *const *ws, const float *x, int n) {
+    run_matmul((matmul_job){count, outs, ws, x, n, 0, 0, 0});
+}
+
+void tl_matmul(float *out, size_t out_stride, const tl_matrix *w, const float *x, int n) {
+    run_matmul((matmul_job){1, &out, &w, x, n, out_stride, 0, 0});
 }
 
 void tl_attend(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,

@@ -4,11 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "model.h"
+#include "threads.h"
 
 /* ----------------------------------------------------------------------------------------- */
 /* Threads */
@@ -46,9 +44,7 @@ static int n_threads = 0; /* 0: not chosen yet */
 
 void tl_set_threads(int n) {
     n_threads = n > 0 ? n : physical_cores();
-#ifdef _OPENMP
-    omp_set_num_threads(n_threads);
-#endif
+    tl_pool_set_threads(n_threads);
 }
 
 int tl_get_threads(void) {
@@ -229,9 +225,15 @@ static void store_kv(tl_session *s, int layer, int pos, const float *k, const fl
     }
 }
 
-/* Causal self-attention for the n tokens at positions pos0..pos0+n-1 (already in the cache):
- * each query head over positions 0..its own of its key/value head; output rows in s->xb. */
-static void attention(tl_session *s, int layer, int pos0, int n) {
+typedef struct {
+    tl_session *s;
+    int layer, pos0, n;
+} attention_job;
+
+/* One query head of causal self-attention for every token of the step (a chunk of the job). */
+static void attention_head(void *ctx, int h) {
+    const attention_job *j = ctx;
+    tl_session *s = j->s;
     const tl_config *c = &s->model->config;
     const int dim = c->dim;
     const int head_dim = dim / c->n_heads;
@@ -239,18 +241,34 @@ static void attention(tl_session *s, int layer, int pos0, int n) {
     const int group = c->n_heads / c->n_kv_heads; /* query heads per key/value head */
     const float scale = 1.0f / sqrtf((float)head_dim);
     const size_t esize = s->kv_f16 ? 2 : 4;
-    const size_t layer_at = (size_t)layer * s->n_ctx * kv_dim * esize;
-    const char *keys = (const char *)s->key_cache + layer_at;
-    const char *values = (const char *)s->value_cache + layer_at;
-    const long work = (long)n * (pos0 + n) * dim;
-    #pragma omp parallel for schedule(static) if (work >= ATTENTION_PARALLEL_MIN)
-    for (int h = 0; h < c->n_heads; h++) {
-        const size_t kv_offset = (size_t)(h / group) * head_dim * esize;
-        for (int t = 0; t < n; t++)
-            tl_attend(s->xb + (size_t)t * dim + h * head_dim, s->q + (size_t)t * dim + h * head_dim,
-                      keys + kv_offset, values + kv_offset, kv_dim, pos0 + t + 1, head_dim, scale, s->kv_f16,
-                      s->att + (size_t)h * s->n_ctx);
+    const size_t at = (size_t)j->layer * s->n_ctx * kv_dim * esize + (size_t)(h / group) * head_dim * esize;
+    for (int t = 0; t < j->n; t++)
+        tl_attend(s->xb + (size_t)t * dim + h * head_dim, s->q + (size_t)t * dim + h * head_dim,
+                  (const char *)s->key_cache + at, (const char *)s->value_cache + at, kv_dim, j->pos0 + t + 1,
+                  head_dim, scale, s->kv_f16, s->att + (size_t)h * s->n_ctx);
+}
+
+/* Causal self-attention for the n tokens at positions pos0..pos0+n-1 (already in the cache):
+ * each query head over positions 0..its own of its key/value head; output rows in s->xb. */
+static void attention(tl_session *s, int layer, int pos0, int n) {
+    const tl_config *c = &s->model->config;
+    attention_job job = {s, layer, pos0, n};
+    if ((long)n * (pos0 + n) * c->dim >= ATTENTION_PARALLEL_MIN) {
+        tl_parallel_for(c->n_heads, attention_head, &job);
+    } else {
+        for (int h = 0; h < c->n_heads; h++) attention_head(&job, h);
     }
+}
+
+typedef struct {
+    float *a;
+    const float *b;
+    int width;
+} swiglu_job;
+
+static void swiglu_row(void *ctx, int t) {
+    const swiglu_job *j = ctx;
+    tl_swiglu(j->a + (size_t)t * j->width, j->b + (size_t)t * j->width, j->width);
 }
 
 /* a[i] += b[i] */
@@ -292,8 +310,8 @@ static void forward(tl_session *s, const int *tokens, int n, float *all_logits) 
         float *const gate_up[2] = {s->hb, s->hb2};
         const tl_matrix *const w13[2] = {&w->w1, &w->w3};
         tl_matmul_many(2, gate_up, w13, s->xb, n);
-        #pragma omp parallel for schedule(static) if (n > 1)
-        for (int t = 0; t < n; t++) tl_swiglu(s->hb + (size_t)t * hidden, s->hb2 + (size_t)t * hidden, hidden);
+        swiglu_job gate = {s->hb, s->hb2, hidden};
+        tl_parallel_for(n, swiglu_row, &gate);
         tl_matmul(s->xb, dim, &w->w2, s->hb, n);
         add_into(s->x, s->xb, (size_t)n * dim);
     }

@@ -1,0 +1,158 @@
+/* threads.c - a small pool of worker threads that share the chunks of one job with the caller.
+ *
+ * Why not an OpenMP parallel-for: every parallel region ends in a barrier that waits for all of its
+ * threads, and a decode step has some 30 of them. When another process holds a core (a shared
+ * machine, a laptop doing other work), the OS runs our second thread only now and then, and each
+ * barrier waits for it a scheduler slice: measured on a 2-core machine under load, decode at 2
+ * threads fell to 10-40 tok/s against 700+ at 1 thread. Here a job is done when its chunks are done,
+ * not when every thread has arrived: chunks are claimed from a counter, so whoever runs does the
+ * work, and a worker that was not scheduled claims nothing and holds no one up.
+ *
+ * Workers spin for a while after each job (the next one is usually microseconds away), then sleep on
+ * a condition variable until the next job.
+ */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "threads.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+#define MAX_WORKERS 255
+/* how long an idle worker spins before it sleeps, and a waiting caller before it yields */
+#define WORKER_SPIN_NS 2000000L
+#define CALLER_SPIN_NS 50000L
+
+typedef struct {
+    pthread_mutex_t lock;       /* guards sleeping and quit with the condition variable */
+    pthread_cond_t wake;
+    pthread_mutex_t busy;       /* held by the caller of a job */
+    pthread_t workers[MAX_WORKERS];
+    int n_workers;
+    /* the current job: written by the caller before it publishes `generation` */
+    void (*fn)(void *ctx, int chunk);
+    void *ctx;
+    int n_chunks;
+    atomic_uint generation;     /* bumped for every job */
+    atomic_uint_least64_t next; /* (generation << 32) | next unclaimed chunk */
+    atomic_int done;            /* chunks finished in the current job */
+    atomic_int sleeping;        /* workers waiting on `wake` */
+    atomic_int quit;
+} tl_pool;
+
+static tl_pool pool = {
+    .lock = PTHREAD_MUTEX_INITIALIZER,
+    .wake = PTHREAD_COND_INITIALIZER,
+    .busy = PTHREAD_MUTEX_INITIALIZER,
+};
+
+static long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+/* Claim and run chunks of job `gen` until none are left (or a newer job has replaced it). */
+static void run_chunks(unsigned gen) {
+    void (*fn)(void *, int) = pool.fn;
+    void *ctx = pool.ctx;
+    const uint64_t n = (uint64_t)pool.n_chunks;
+    uint64_t v = atomic_load(&pool.next);
+    for (;;) {
+        if ((unsigned)(v >> 32) != gen || (v & 0xFFFFFFFFu) >= n) return;
+        if (!atomic_compare_exchange_weak(&pool.next, &v, v + 1)) continue;
+        fn(ctx, (int)(v & 0xFFFFFFFFu));
+        atomic_fetch_add(&pool.done, 1);
+        v = atomic_load(&pool.next);
+    }
+}
+
+static void *worker_main(void *arg) {
+    (void)arg;
+    unsigned seen = atomic_load(&pool.generation);
+    for (;;) {
+        long spin_start = now_ns();
+        unsigned gen;
+        int spins = 0;
+        while ((gen = atomic_load(&pool.generation)) == seen && !atomic_load(&pool.quit)) {
+            cpu_relax();
+            if (++spins % 1024 == 0 && now_ns() - spin_start > WORKER_SPIN_NS) {
+                pthread_mutex_lock(&pool.lock);
+                atomic_fetch_add(&pool.sleeping, 1);
+                while (atomic_load(&pool.generation) == seen && !atomic_load(&pool.quit))
+                    pthread_cond_wait(&pool.wake, &pool.lock);
+                atomic_fetch_sub(&pool.sleeping, 1);
+                pthread_mutex_unlock(&pool.lock);
+                spin_start = now_ns();
+            }
+        }
+        if (atomic_load(&pool.quit)) return NULL;
+        seen = gen;
+        run_chunks(gen);
+    }
+}
+
+static void stop_workers(void) {
+    pthread_mutex_lock(&pool.lock);
+    atomic_store(&pool.quit, 1);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    for (int i = 0; i < pool.n_workers; i++) pthread_join(pool.workers[i], NULL);
+    pool.n_workers = 0;
+    atomic_store(&pool.quit, 0);
+}
+
+void tl_pool_set_threads(int n) {
+    pthread_mutex_lock(&pool.busy);
+    int want = n - 1 < 0 ? 0 : n - 1 > MAX_WORKERS ? MAX_WORKERS : n - 1;
+    if (want != pool.n_workers) {
+        stop_workers();
+        for (int i = 0; i < want; i++) {
+            if (pthread_create(&pool.workers[i], NULL, worker_main, NULL) != 0) break;
+            pool.n_workers++;
+        }
+    }
+    pthread_mutex_unlock(&pool.busy);
+}
+
+void tl_parallel_for(int n_chunks, void (*fn)(void *ctx, int chunk), void *ctx) {
+    if (n_chunks <= 0) return;
+    if (n_chunks == 1 || pool.n_workers == 0 || pthread_mutex_trylock(&pool.busy) != 0) {
+        for (int c = 0; c < n_chunks; c++) fn(ctx, c);
+        return;
+    }
+    if (pool.n_workers == 0) { /* the pool was emptied while we waited for it */
+        pthread_mutex_unlock(&pool.busy);
+        for (int c = 0; c < n_chunks; c++) fn(ctx, c);
+        return;
+    }
+    const unsigned gen = atomic_load(&pool.generation) + 1;
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.n_chunks = n_chunks;
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.next, (uint64_t)gen << 32);
+    atomic_store(&pool.generation, gen); /* publishes the job (sequentially consistent) */
+    if (atomic_load(&pool.sleeping) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    run_chunks(gen);
+    const long start = now_ns();
+    int spins = 0;
+    while (atomic_load(&pool.done) < n_chunks) {
+        cpu_relax();
+        if (++spins % 256 == 0 && now_ns() - start > CALLER_SPIN_NS) sched_yield();
+    }
+    pthread_mutex_unlock(&pool.busy);
+}

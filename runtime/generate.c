@@ -15,6 +15,7 @@ struct tl_generator {
     int ended_with_eos; /* the last answer stopped at EOS, which is not in the cache yet */
     int prev_token;     /* for the tokenizer's piece rules (leading space after BOS) */
     int *ids;           /* (n_ctx) scratch for encoding prompts */
+    int *context;       /* (n_ctx) the ids fed at each position of the session */
     char pending[8];    /* an incomplete UTF-8 character held back */
     size_t n_pending;
     char *text;         /* the text handed out by the last tl_generator_next */
@@ -38,9 +39,10 @@ tl_status tl_generator_new(tl_session *s, const tl_tokenizer *tok, const tl_samp
     g->prev_token = -1;
     g->logits = malloc((size_t)vocab * sizeof(float));
     g->ids = malloc((size_t)tl_session_n_ctx(s) * sizeof(int));
+    g->context = malloc((size_t)tl_session_n_ctx(s) * sizeof(int));
     g->text_cap = 64;
     g->text = malloc(g->text_cap);
-    if (g->logits == NULL || g->ids == NULL || g->text == NULL) {
+    if (g->logits == NULL || g->ids == NULL || g->context == NULL || g->text == NULL) {
         tl_generator_free(g);
         return tl_fail(TL_ERR_MEMORY, "out of memory for a generator");
     }
@@ -58,13 +60,16 @@ void tl_generator_free(tl_generator *g) {
     tl_sampler_free(g->sampler);
     free(g->logits);
     free(g->ids);
+    free(g->context);
     free(g->text);
     free(g);
 }
 
 tl_status tl_generator_prompt_ids(tl_generator *g, const int *ids, int n) {
     g->ended_with_eos = 0;
+    const int start = tl_session_pos(g->session);
     tl_status st = tl_session_feed(g->session, ids, n, g->logits, 0);
+    if (st == TL_OK) memcpy(g->context + start, ids, (size_t)n * sizeof(int));
     for (int i = 0; i < n && st == TL_OK; i++) st = tl_sampler_accept(g->sampler, ids[i]);
     if (st != TL_OK) return st;
     g->have_logits = 1;
@@ -181,7 +186,9 @@ tl_status tl_generator_next(tl_generator *g, int *token, const char **text, size
         return TL_OK;
     }
     g->prev_token = next;
+    const int at = tl_session_pos(g->session);
     tl_status fed = tl_session_feed(g->session, &next, 1, g->logits, 0);
+    if (fed == TL_OK) g->context[at] = next;
     return fed == TL_OK ? tl_sampler_accept(g->sampler, next) : fed;
 }
 
@@ -191,4 +198,9 @@ const char *tl_generator_flush(tl_generator *g, size_t *len) {
     memcpy(g->text, g->pending, *len);
     g->text[*len] = '\0';
     return g->text;
+}
+
+const int *tl_generator_context(const tl_generator *g, int *n) {
+    *n = tl_session_pos(g->session);
+    return g->context;
 }

@@ -177,6 +177,9 @@ tl_status tl_generator_next(tl_generator *g, int *token, const char **text, size
 tl_status tl_generator_chat_turn(tl_generator *g, const char *system, const char *user);
 /* Bytes still held back as an incomplete UTF-8 sequence (flushed as-is at the end). */
 const char *tl_generator_flush(tl_generator *g, size_t *len);
+/* The token ids in the session's cache, as this generator fed them (prompts, chat turns and
+ * sampled tokens); *n receives their number (the session's position). Valid until the next call. */
+const int *tl_generator_context(const tl_generator *g, int *n);
 
 #ifdef __cplusplus
 }

@@ -167,6 +167,11 @@ struct Generator {
         check(st);
         return py::make_tuple(token, py::bytes(text, len), done != 0);
     }
+    std::vector<int> context() const {
+        int n = 0;
+        const int *ids = tl_generator_context(ptr, &n);
+        return std::vector<int>(ids, ids + n);
+    }
     py::bytes flush() {
         size_t len = 0;
         const char *text = tl_generator_flush(ptr, &len);
@@ -202,7 +207,8 @@ PYBIND11_MODULE(_runtime, m) {
         .def("prompt_ids", &Generator::prompt_ids)
         .def("chat_turn", &Generator::chat_turn)
         .def("next", &Generator::next)
-        .def("flush", &Generator::flush);
+        .def("flush", &Generator::flush)
+        .def("context", &Generator::context);
     m.def("default_tokenizer_path", [](const std::string &model_path, int vocab_size) {
         char buf[4096];
         tl_default_tokenizer_path(model_path.c_str(), vocab_size, buf, sizeof(buf));

@@ -9,6 +9,7 @@ import numpy as np
 from . import _runtime
 from .config import ModelConfig
 from .errors import InvalidArgumentError
+from .sampling import CHAT_DEFAULTS
 
 REPETITION_WINDOW = 64  # tokens the repetition penalty looks back over (run's -r uses the same)
 
@@ -118,6 +119,31 @@ class Runtime:
                 break
         return out
 
+    def chat(self, messages, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
+             top_k: int = 0, seed: int | None = None,
+             repetition_penalty: float = CHAT_DEFAULTS["repetition_penalty"],
+             no_repeat_ngram: int = CHAT_DEFAULTS["no_repeat_ngram"]) -> str:
+        """The assistant's answer to a conversation ending in a user message (see stream_chat)."""
+        return "".join(self.stream_chat(messages, max_new_tokens, temperature, top_p, top_k, seed,
+                                        repetition_penalty, no_repeat_ngram))
+
+    def stream_chat(self, messages, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
+                    top_k: int = 0, seed: int | None = None,
+                    repetition_penalty: float = CHAT_DEFAULTS["repetition_penalty"],
+                    no_repeat_ngram: int = CHAT_DEFAULTS["no_repeat_ngram"]) -> Iterator[str]:
+        """Yield the answer to messages ({"role", "content"} dicts in the chat template's order, ending with a
+        user message) piece by piece, stopping at </s>. Repetition controls are on by default (CHAT_DEFAULTS).
+
+        The conversation stays in one KV cache: when messages extend the previous call's conversation and
+        its answer (same sampling settings), only the new turns are fed; otherwise a fresh ChatSession starts."""
+        key = (float(temperature), float(top_p), int(top_k), seed, float(repetition_penalty), int(no_repeat_ngram))
+        chat = getattr(self, "_chat", None)
+        if chat is None or chat.settings != key or not chat.extends(messages):
+            chat = ChatSession(self, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                               repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram)
+            self._chat = chat
+        yield from chat.stream_reply(messages, max_new_tokens)
+
     @staticmethod
     def _pieces(gen, max_new_tokens: int) -> Iterator[str]:
         for _ in range(max_new_tokens):
@@ -129,6 +155,77 @@ class Runtime:
         rest = gen.flush()
         if rest:
             yield rest.decode("utf-8", errors="replace")
+
+
+class ChatSession:
+    """One conversation in one KV cache, in the chat template of tinyllm.chat (fed by the C generator's
+    chat_turn). Each reply feeds only the turns the cache does not hold yet; history is never re-encoded."""
+
+    def __init__(self, runtime: Runtime, temperature: float = 1.0, top_p: float = 0.9, top_k: int = 0,
+                 seed: int | None = None, repetition_penalty: float = CHAT_DEFAULTS["repetition_penalty"],
+                 no_repeat_ngram: int = CHAT_DEFAULTS["no_repeat_ngram"]):
+        self.runtime = runtime
+        self.settings = (float(temperature), float(top_p), int(top_k), seed, float(repetition_penalty),
+                         int(no_repeat_ngram))
+        self._session, self._gen = runtime._generator(temperature, top_p, top_k, seed, repetition_penalty,
+                                                      no_repeat_ngram)
+        self.messages: list[dict] = []  # the conversation the cache holds (answers as returned)
+        self._complete = True  # False while a reply is being generated or after one failed
+
+    @property
+    def context(self) -> list[int]:
+        """The token ids in the cache, as fed (BOS, turns, answers and their EOS)."""
+        return self._gen.context()
+
+    def extends(self, messages) -> bool:
+        """True when messages are this session's conversation plus new turns."""
+        n = len(self.messages)
+        return self._complete and len(messages) > n and [_plain(m) for m in messages[:n]] == self.messages
+
+    def stream_reply(self, messages, max_new_tokens: int = 256) -> Iterator[str]:
+        """Feed the turns of messages this session has not seen, then yield the answer to the last one."""
+        from .chat import split_conversation
+        if not self.extends(messages):
+            raise InvalidArgumentError("messages do not continue this chat session's conversation")
+        system, turns = split_conversation([_plain(m) for m in messages])
+        if turns[-1][1] is not None:
+            raise InvalidArgumentError("the conversation must end with a user message")
+        done_turns = sum(1 for m in self.messages if m["role"] == "user")
+        self._complete = False
+        for i, (user, answer) in enumerate(turns[done_turns:], done_turns):
+            self._gen.chat_turn(system if i == 0 else "", user)
+            if answer is not None:  # a given answer: its tokens and the EOS that closes it
+                self._gen.prompt_ids(self.runtime.encode(answer, bos=False) + [self.runtime.eos_id])
+        pieces, ended = [], [False]
+
+        def tokens():
+            for _ in range(max_new_tokens):
+                token, text, done = self._gen.next()
+                if text:
+                    yield text.decode("utf-8", errors="replace")
+                if done:
+                    ended[0] = token == self.runtime.eos_id
+                    break
+            rest = self._gen.flush()
+            if rest:
+                yield rest.decode("utf-8", errors="replace")
+
+        for piece in tokens():
+            pieces.append(piece)
+            yield piece
+        if not ended[0] and self._session.pos < self._session.n_ctx:
+            # cut by max_new_tokens: close the answer as the template does, so the next turn follows an EOS
+            self._gen.prompt_ids([self.runtime.eos_id])
+        self.messages = [_plain(m) for m in messages] + [{"role": "assistant", "content": "".join(pieces)}]
+        self._complete = True
+
+    def reply(self, messages, max_new_tokens: int = 256) -> str:
+        """The answer to the last user message of messages (see stream_reply)."""
+        return "".join(self.stream_reply(messages, max_new_tokens))
+
+
+def _plain(message) -> dict:
+    return {"role": message.get("role"), "content": message.get("content")}
 
 
 def _float32_as_written(value: float) -> float:

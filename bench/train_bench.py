@@ -59,40 +59,55 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure(name, model_cfg, train_cfg, device, bf16, compile_model, warmup, windows, steps_per_window):
-    torch.manual_seed(0)
-    env = Env(device=device, bf16=bf16)
-    model = Transformer(model_cfg).to(device).train()
-    optimizer = torch.optim.AdamW(model.param_groups(train_cfg.weight_decay), lr=train_cfg.lr,
-                                  betas=(train_cfg.beta1, train_cfg.beta2), fused=device.type == "cuda" or None)
-    run_model, compiled = _wrap(model, env, compile_model)
-    batches = RandomBatches(train_cfg.batch_size, model_cfg.max_seq_len, model_cfg.vocab_size)
-    tokens_per_step = train_cfg.batch_size * model_cfg.max_seq_len * train_cfg.grad_accum
+class Setting:
+    """One way to train (compiled or not, bf16 or fp32): its model, optimizer and timed windows."""
 
-    def sync():
-        if device.type == "cuda":
+    def __init__(self, name, model_cfg, train_cfg, device, bf16, compile_model):
+        torch.manual_seed(0)
+        self.name, self.device, self.train_cfg = name, device, train_cfg
+        self.env = Env(device=device, bf16=bf16)
+        self.model = Transformer(model_cfg).to(device).train()
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(train_cfg.weight_decay), lr=train_cfg.lr,
+                                           betas=(train_cfg.beta1, train_cfg.beta2),
+                                           fused=device.type == "cuda" or None)
+        self.run_model, self.compiled = _wrap(self.model, self.env, compile_model)
+        self.batches = RandomBatches(train_cfg.batch_size, model_cfg.max_seq_len, model_cfg.vocab_size)
+        self.tokens_per_step = train_cfg.batch_size * model_cfg.max_seq_len * train_cfg.grad_accum
+        self.flops_per_token = self.model.flops_per_token(model_cfg.max_seq_len)
+        self.rates: list[float] = []
+        self.first_step_s = None
+
+    def step(self):
+        _train_step(self.run_model, self.model, self.optimizer, self.batches, _loss, self.train_cfg, self.env)
+
+    def sync(self):
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    start = time.perf_counter()
-    _train_step(run_model, model, optimizer, batches, _loss, train_cfg, env).item()
-    first_step_s = time.perf_counter() - start
-    for _ in range(warmup):
-        _train_step(run_model, model, optimizer, batches, _loss, train_cfg, env)
-    sync()
-    rates = []
-    for _ in range(windows):
+    def warm_up(self, steps: int):
         start = time.perf_counter()
-        for _ in range(steps_per_window):
-            _train_step(run_model, model, optimizer, batches, _loss, train_cfg, env)
-        sync()
-        rates.append(tokens_per_step * steps_per_window / (time.perf_counter() - start))
-        print(f"  {name}: window {len(rates)}: {rates[-1]:,.0f} tok/s", file=sys.stderr, flush=True)
-    median = statistics.median(rates)
-    peak = peak_flops(env, train_cfg)
-    return {"setting": name, "compiled": compiled, "bf16": bf16, "tokens_per_step": tokens_per_step,
-            "first_step_s": round(first_step_s, 2), "window_tok_per_s": [round(r, 1) for r in rates],
-            "median_tok_per_s": round(median, 1),
-            "mfu": round(median * model.flops_per_token(model_cfg.max_seq_len) / peak, 4) if peak else None}
+        self.step()
+        self.sync()
+        self.first_step_s = time.perf_counter() - start
+        for _ in range(steps):
+            self.step()
+        self.sync()
+
+    def window(self, steps: int):
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        self.sync()
+        self.rates.append(self.tokens_per_step * steps / (time.perf_counter() - start))
+        print(f"  {self.name}: window {len(self.rates)}: {self.rates[-1]:,.0f} tok/s", file=sys.stderr, flush=True)
+
+    def result(self) -> dict:
+        median = statistics.median(self.rates)
+        peak = peak_flops(self.env, self.train_cfg)
+        return {"setting": self.name, "compiled": self.compiled, "bf16": self.env.bf16,
+                "tokens_per_step": self.tokens_per_step, "first_step_s": round(self.first_step_s, 2),
+                "window_tok_per_s": [round(r, 1) for r in self.rates], "median_tok_per_s": round(median, 1),
+                "mfu": round(median * self.flops_per_token / peak, 4) if peak else None}
 
 
 def _loss(model, x, y):
@@ -119,11 +134,18 @@ def main():
     default_bf16 = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or \
                    (device.type == "cpu" and cpu_supports_bf16())
     load_before = os.getloadavg()
-    results = [
-        measure("default (compile" + (" + bf16)" if default_bf16 else ", fp32)"), model_cfg, train_cfg, device,
-                default_bf16, True, args.warmup, args.windows, args.steps),
-        measure("eager fp32", model_cfg, train_cfg, device, False, False, 1, args.eager_windows, args.eager_steps),
-    ]
+    default = Setting("default (compile" + (" + bf16)" if default_bf16 else ", fp32)"), model_cfg, train_cfg,
+                      device, default_bf16, True)
+    eager = Setting("eager fp32", model_cfg, train_cfg, device, False, False)
+    default.warm_up(args.warmup)
+    eager.warm_up(1)
+    # alternate the windows so that other load on a shared machine hits both settings alike
+    for i in range(max(args.windows, args.eager_windows)):
+        if i < args.windows:
+            default.window(args.steps)
+        if i < args.eager_windows:
+            eager.window(args.eager_steps)
+    results = [default.result(), eager.result()]
     speedup = results[0]["median_tok_per_s"] / results[1]["median_tok_per_s"]
     report = {
         "preset": args.preset, "model": model_cfg.to_dict(), "batch_size": train_cfg.batch_size,

@@ -3,6 +3,7 @@
     tinyllm tokenizer train   raw text -> SentencePiece .model + the runtime's tok{N}.bin
     tinyllm data prepare      raw text -> token shards + meta.json
     tinyllm pretrain          shards -> checkpoint
+    tinyllm sft               checkpoint + chat data -> fine-tuned checkpoint (loss on answers)
     tinyllm export            checkpoint -> llama2.c .bin (verified against the C runtime)
     tinyllm sample            checkpoint -> text (torch, for a quick look)
 
@@ -296,6 +297,7 @@ def _tokenizer_of(ckpt: dict, ckpt_path: str) -> str:
 # name -> stage: a module path (imported lazily, so `tinyllm --help` does not import torch) or an object
 STAGES = {
     "pretrain": "tinyllm.train.pretrain",
+    "sft": "tinyllm.train.sft",
     "export": Export,
     "convert": Convert,
     "sample": Sample,

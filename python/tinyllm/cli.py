@@ -4,6 +4,7 @@
     tinyllm data prepare      raw text -> token shards + meta.json
     tinyllm pretrain          shards -> checkpoint
     tinyllm sft               checkpoint + chat data -> fine-tuned checkpoint (loss on answers)
+    tinyllm dpo               checkpoint + preference pairs -> DPO checkpoint (`dpo make-pairs` builds pairs)
     tinyllm export            checkpoint -> llama2.c .bin (verified against the C runtime)
     tinyllm sample            checkpoint -> text (torch, for a quick look)
 
@@ -298,6 +299,7 @@ def _tokenizer_of(ckpt: dict, ckpt_path: str) -> str:
 STAGES = {
     "pretrain": "tinyllm.train.pretrain",
     "sft": "tinyllm.train.sft",
+    "dpo": "tinyllm.train.dpo",
     "export": Export,
     "convert": Convert,
     "sample": Sample,

@@ -3,7 +3,8 @@
     get batch -> forward (autocast) -> backward (accumulate) -> clip -> AdamW step -> log / eval / checkpoint
 
 Batches are any object with next() -> tuple of tensors, state_dict() and load_state_dict() (see
-tinyllm.data.ShardBatches); loss_fn(model, *batch) returns the mean loss of one micro-batch.
+tinyllm.data.ShardBatches); loss_fn(model, *batch) returns the mean loss of one micro-batch. A loss_fn
+with pop_metrics() -> dict adds those values to every metrics line (rank 0's micro-batches).
 """
 from __future__ import annotations
 
@@ -405,6 +406,8 @@ def train(model, model_cfg: ModelConfig, cfg: TrainConfig, env: Env, train_batch
                       "elapsed_s": round(now - start, 2)}
             if mfu is not None:
                 record["mfu"] = round(mfu, 4)
+            if hasattr(loss_fn, "pop_metrics"):  # e.g. DPO's reward accuracy and margins since the last log
+                record.update(loss_fn.pop_metrics())
             metrics.log(record)
             bar.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else ""),
                                 refresh=False)

@@ -7,6 +7,7 @@
     tinyllm dpo               checkpoint + preference pairs -> DPO checkpoint (`dpo make-pairs` builds pairs)
     tinyllm export            checkpoint -> llama2.c .bin (verified against the C runtime)
     tinyllm sample            checkpoint -> text (torch, for a quick look)
+    tinyllm eval              perplexity, bits/char, C-Eval accuracy, generations (torch or C runtime)
 
 A stage is a module (or object) with HELP, optionally DESCRIPTION, add_arguments(parser) and run(args)
 -> exit code; add it to STAGES (or to a group in GROUPS) and it becomes a subcommand.
@@ -246,7 +247,8 @@ Read IN (format told by content) and write OUT in the format its name implies (.
 
 class Sample:
     HELP = "generate text from a checkpoint with torch (a quick look, not the fast path)"
-    DESCRIPTION = "Generate from a checkpoint with the torch reference model. The C runtime (`run`) is the fast path."
+    DESCRIPTION = ("Generate from a checkpoint with the torch reference model and tinyllm.sampling (the C sampler's "
+                   "algorithm and RNG). The C runtime (`run`) is the fast path.")
 
     @staticmethod
     def add_arguments(p):
@@ -257,14 +259,15 @@ class Sample:
         p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
         p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
         p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0: all)")
+        p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (1: off)")
         p.add_argument("--num-samples", type=int, default=1, help="how many samples to print")
-        p.add_argument("--seed", type=int, default=0, help="sampling seed")
+        p.add_argument("--seed", type=int, default=0,
+                       help="sampling seed; sample i uses seed + i (the C runtime gives the same tokens)")
 
     @staticmethod
     def run(args) -> int:
-        import torch
-
         from .checkpoint import load_checkpoint, load_model
+        from .sampling import Sampler, SampleParams
         from .tokenizer import Tokenizer
         tok_path = args.tokenizer or _tokenizer_of(load_checkpoint(args.checkpoint), args.checkpoint)
         tok = Tokenizer(tok_path)
@@ -272,10 +275,11 @@ class Sample:
         if tok.vocab_size != cfg.vocab_size:
             raise TinyLLMError(f"tokenizer has {tok.vocab_size} pieces but the model {cfg.vocab_size} ({tok_path})")
         prompt = tok.encode(args.prompt, bos=True)
-        gen = torch.Generator().manual_seed(args.seed)
         for i in range(args.num_samples):
-            out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k or None, eos_id=tok.eos_id, generator=gen)
+            params = SampleParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                  seed=args.seed + i)
+            out = model.generate(prompt, args.max_new_tokens, eos_id=tok.eos_id,
+                                 sampler=Sampler(cfg.vocab_size, params))
             if out and out[-1] == tok.eos_id:
                 out = out[:-1]
             print(args.prompt + tok.decode(out))
@@ -300,6 +304,7 @@ STAGES = {
     "pretrain": "tinyllm.train.pretrain",
     "sft": "tinyllm.train.sft",
     "dpo": "tinyllm.train.dpo",
+    "eval": "tinyllm.eval",
     "export": Export,
     "convert": Convert,
     "sample": Sample,

@@ -180,17 +180,26 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, eos_id: int | None = None, generator=None) -> list[int]:
-        """Reference decoding with a KV cache; temperature 0 is greedy. Returns the new token ids."""
+                 top_k: int | None = None, eos_id: int | None = None, generator=None, sampler=None) -> list[int]:
+        """Reference decoding with a KV cache; temperature 0 is greedy. Returns the new token ids.
+        sampler: a tinyllm.sampling.Sampler (the C runtime's algorithm and RNG: same seed, same tokens),
+        which then replaces temperature/top_k/generator and sees the prompt as history."""
         device = self.tok_embeddings.weight.device
         cache = KVCache(self.config, 1, device=device, dtype=self.tok_embeddings.weight.dtype)
         budget = min(max_new_tokens, self.config.max_seq_len - len(tokens))
         out: list[int] = []
         logits, _ = self(torch.tensor([tokens], device=device), cache=cache, start_pos=0)
         pos = len(tokens)
+        if sampler is not None:
+            for t in tokens:
+                sampler.accept(t)
         for _ in range(budget):
             last = logits[0, -1].float()
-            if temperature <= 0:
+            if sampler is not None:
+                nxt = sampler.sample(last.cpu().numpy())
+                if nxt != eos_id:
+                    sampler.accept(nxt)
+            elif temperature <= 0:
                 nxt = int(torch.argmax(last))
             else:
                 last = last / temperature

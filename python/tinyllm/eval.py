@@ -1,0 +1,409 @@
+"""Evaluation on torch or on the C runtime, with the same numbers from both (within 1e-3):
+
+  perplexity   held-out text: perplexity per token and bits per character (comparable across tokenizers)
+  C-Eval       4-way multiple choice by log-likelihood, per subject and overall, beside 25% chance
+  generations  answers to a fixed prompt list (chat template), written to a JSONL file
+
+    tinyllm eval --model out/sft/ckpt.pt --text heldout.txt --ceval ../shared/data/ceval/val --prompts p.txt
+    tinyllm eval --model chat.bin --backend c ...
+
+Scoring rules (both backends):
+- Perplexity: every document is BOS + its tokens; the tokens after BOS are predicted (no EOS). A
+  document longer than max_seq_len is scored in windows of max_seq_len tokens that overlap by one token
+  (each window's first token is context only), so every token is predicted exactly once.
+  bits/char = -sum(log2 p) / characters (Unicode code points of the documents).
+- Multiple choice: prompt = BOS + "{question}\\n答案：" (or, with template chat, the chat template's user
+  turn of "{question}"); each option text A-D is encoded on its own and scored by the sum of its
+  tokens' log-probabilities after the prompt. accuracy picks the highest sum; accuracy_norm the highest
+  sum per character of the option (lm-eval's acc_norm). Questions are {id, question, A, B, C, D, answer}
+  rows of C-Eval CSVs; the subject is the file name without _val/_dev/_test.
+- Generations: each prompt is a user message in the chat template; sampling uses tinyllm.sampling's
+  algorithm on both backends, so the same seed gives the same tokens.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError, InvalidArgumentError, TinyLLMError
+
+CHANCE = 0.25
+MC_SUFFIX = "\n答案："
+LETTERS = "ABCD"
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+# ---- backends ---------------------------------------------------------------------------------------
+
+class TorchBackend:
+    """The torch reference model with a SentencePiece tokenizer."""
+
+    name = "torch"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tok = model.eval(), tokenizer
+        self.max_seq_len = model.config.max_seq_len
+        self.bos_id, self.eos_id = tokenizer.bos_id, tokenizer.eos_id
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return self.tok.encode(text, bos=bos)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids))
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        import torch
+        with torch.no_grad():
+            return self.model(torch.tensor([ids]))[0][0].float().numpy()
+
+    def continuation_logprobs(self, prompt: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
+        """Per continuation: log p of each of its tokens after prompt (one padded batch)."""
+        import torch
+        rows = [prompt + c for c in continuations]
+        width = max(map(len, rows))
+        x = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, :len(r)] = torch.tensor(r)
+        with torch.no_grad():
+            logits = self.model(x)[0].float().numpy()
+        out = []
+        for i, c in enumerate(continuations):
+            lp = _log_softmax(logits[i, len(prompt) - 1:len(prompt) - 1 + len(c)])
+            out.append(lp[np.arange(len(c)), c])
+        return out
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, params) -> list[int]:
+        from .sampling import Sampler
+        return self.model.generate(prompt_ids, max_new_tokens, eos_id=self.eos_id,
+                                   sampler=Sampler(self.model.config.vocab_size, params))
+
+
+class CBackend:
+    """The C runtime (tinyllm.Runtime) on a .bin or .gguf file."""
+
+    name = "c"
+
+    def __init__(self, runtime):
+        self.rt = runtime
+        self.max_seq_len = runtime.config.max_seq_len
+        self.bos_id, self.eos_id = runtime.bos_id, runtime.eos_id
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return self.rt.encode(text, bos=bos)
+
+    def decode(self, ids) -> str:
+        return self.rt.decode(ids)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        return self.rt.logits(ids)
+
+    def continuation_logprobs(self, prompt: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
+        """The prompt is fed once; each continuation after rewinding to its end (one KV cache)."""
+        from . import _runtime
+        session = _runtime.Session(self.rt._model, 0)
+        last = session.feed(prompt, False)
+        out = []
+        for c in continuations:
+            session.rewind(len(prompt))
+            rows = np.concatenate([last[None, :], session.feed(c[:-1], True)]) if len(c) > 1 else last[None, :]
+            lp = _log_softmax(rows)
+            out.append(lp[np.arange(len(c)), c])
+        return out
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, params) -> list[int]:
+        from . import _runtime
+        from .runtime import REPETITION_WINDOW
+        if params.repetition_window not in (0, REPETITION_WINDOW) and params.repetition_penalty not in (0, 1):
+            raise InvalidArgumentError(f"the runtime's repetition window is {REPETITION_WINDOW} tokens")
+        session = _runtime.Session(self.rt._model, 0)
+        gen = _runtime.Generator(session, self.rt._tok, float(params.temperature), float(params.top_p),
+                                 int(params.top_k), int(params.seed) & 0xFFFFFFFFFFFFFFFF,
+                                 float(params.repetition_penalty), REPETITION_WINDOW, int(params.no_repeat_ngram))
+        gen.prompt_ids(list(prompt_ids))
+        out = []
+        for _ in range(max_new_tokens):
+            token, _text, done = gen.next()
+            out.append(token)
+            if done:
+                break
+        return out
+
+
+def load_backend(model_path: str, backend: str | None = None, tokenizer: str | None = None):
+    """A backend for model_path: torch for checkpoints (.pt), C for .bin/.gguf unless backend says torch
+    (then the file's weights are loaded into the torch model)."""
+    path = str(model_path)
+    is_checkpoint = path.endswith((".pt", ".ckpt"))
+    backend = backend or ("torch" if is_checkpoint else "c")
+    if backend == "c":
+        if is_checkpoint:
+            raise InvalidArgumentError(f"the C backend reads .bin/.gguf files; export the checkpoint first ({path})")
+        import tinyllm
+        runtime_tok = tokenizer if tokenizer and not tokenizer.endswith(".model") else None
+        return CBackend(tinyllm.Runtime(path, runtime_tok))
+    if backend != "torch":
+        raise InvalidArgumentError(f"backend must be torch or c, got {backend!r}")
+    from .tokenizer import Tokenizer
+    if is_checkpoint:
+        from .checkpoint import load_checkpoint, load_model
+        model, cfg = load_model(path)
+        if tokenizer is None:
+            from .cli import _tokenizer_of
+            tokenizer = _tokenizer_of(load_checkpoint(path), path)
+    else:
+        import torch
+
+        from tinyllm.export.convert import read_any
+
+        from .model import Transformer
+        cfg, arrays, _ = read_any(path)
+        model = Transformer(cfg)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=False)
+        if tokenizer is None:
+            raise InvalidArgumentError(f"the torch backend needs --tokenizer (a SentencePiece .model) for {path}")
+    tok = Tokenizer(tokenizer)
+    if tok.vocab_size != cfg.vocab_size:
+        raise TinyLLMError(f"tokenizer has {tok.vocab_size} pieces but the model {cfg.vocab_size} ({tokenizer})")
+    return TorchBackend(model.eval(), tok)
+
+
+# ---- perplexity and bits per character --------------------------------------------------------------
+
+def token_logprobs(backend, ids: list[int]) -> np.ndarray:
+    """log p(ids[i] | ids[:i]) for i >= 1, windowed by the module's rule when ids exceed max_seq_len."""
+    T = backend.max_seq_len
+    out = []
+    start = 0
+    while start < len(ids) - 1:
+        window = ids[start:start + T]
+        lp = _log_softmax(backend.logits(window))
+        out.append(lp[np.arange(len(window) - 1), window[1:]])
+        start += T - 1
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def perplexity(backend, texts, progress: bool = False) -> dict:
+    """Perplexity per token, bits per character and per token over documents (module rules)."""
+    from tqdm import tqdm
+    nll, tokens, chars, docs = 0.0, 0, 0, 0
+    for text in tqdm(list(texts), desc="perplexity", unit="doc", disable=not progress):
+        if not text:
+            continue
+        ids = [backend.bos_id] + backend.encode(text)
+        lp = token_logprobs(backend, ids)
+        nll -= float(lp.sum())
+        tokens += len(lp)
+        chars += len(text)
+        docs += 1
+    if not tokens:
+        raise DataError("no text to evaluate perplexity on")
+    return {"documents": docs, "tokens": tokens, "characters": chars, "nll": nll,
+            "perplexity": math.exp(nll / tokens), "bits_per_token": nll / tokens / math.log(2),
+            "bits_per_character": nll / chars / math.log(2)}
+
+
+# ---- multiple choice (C-Eval format) ------------------------------------------------------------------
+
+def read_mc(paths) -> dict[str, list[dict]]:
+    """{subject: [question rows]} from C-Eval CSV files or directories of them."""
+    files = []
+    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        p = Path(p)
+        if p.is_dir():
+            files += sorted(p.glob("*.csv"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"multiple-choice file or directory not found ({p})")
+    if not files:
+        raise DataError(f"no .csv files in {paths}")
+    out = {}
+    for f in files:
+        subject = f.stem
+        for suffix in ("_val", "_dev", "_test"):
+            subject = subject.removesuffix(suffix)
+        with open(f, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"question", "A", "B", "C", "D", "answer"} - set(reader.fieldnames or [])
+            if missing:
+                raise DataError(f"missing columns {sorted(missing)} ({f})")
+            rows = []
+            for line, row in enumerate(reader, 2):
+                if row["answer"] not in LETTERS:
+                    raise DataError(f"answer {row['answer']!r} is not one of A-D on line {line} ({f})")
+                rows.append(row)
+        out.setdefault(subject, []).extend(rows)
+    return out
+
+
+def mc_prompt_ids(backend, question: str, template: str = "plain") -> list[int]:
+    """The prompt the options are scored after (module rules)."""
+    if template == "chat":
+        from .chat import encode
+        return encode(backend, [{"role": "user", "content": question}])[0]
+    return [backend.bos_id] + backend.encode(question + MC_SUFFIX)
+
+
+def score_question(backend, row: dict, template: str = "plain") -> dict:
+    """{"scores": sum log p per option, "pred", "pred_norm", "answer"} of one question."""
+    prompt = mc_prompt_ids(backend, row["question"], template)
+    options = [row[k] for k in LETTERS]
+    conts = [backend.encode(o) or [backend.eos_id] for o in options]  # an empty option scores its EOS
+    room = backend.max_seq_len - max(map(len, conts))
+    if len(prompt) > room:
+        prompt = prompt[:1] + prompt[len(prompt) - room + 1:]  # keep BOS and the end (the question's tail)
+    lps = backend.continuation_logprobs(prompt, conts)
+    scores = [float(lp.sum()) for lp in lps]
+    norm = [s / max(1, len(o)) for s, o in zip(scores, options)]
+    return {"scores": scores, "pred": LETTERS[int(np.argmax(scores))], "pred_norm": LETTERS[int(np.argmax(norm))],
+            "answer": row["answer"]}
+
+
+def multiple_choice(backend, subjects: dict[str, list[dict]], template: str = "plain", max_per_subject: int = 0,
+                    progress: bool = False) -> dict:
+    """Accuracy per subject and overall (micro-averaged over questions), with the 25% chance baseline."""
+    from tqdm import tqdm
+    total = sum(min(len(r), max_per_subject) if max_per_subject else len(r) for r in subjects.values())
+    bar = tqdm(total=total, desc="multiple choice", unit="q", disable=not progress)
+    per, n_all, right_all, right_norm_all = {}, 0, 0, 0
+    for subject, rows in subjects.items():
+        rows = rows[:max_per_subject] if max_per_subject else rows
+        right = right_norm = 0
+        for row in rows:
+            s = score_question(backend, row, template)
+            right += s["pred"] == s["answer"]
+            right_norm += s["pred_norm"] == s["answer"]
+            bar.update(1)
+        per[subject] = {"questions": len(rows), "correct": right, "accuracy": right / max(1, len(rows)),
+                        "accuracy_norm": right_norm / max(1, len(rows))}
+        n_all += len(rows)
+        right_all += right
+        right_norm_all += right_norm
+    bar.close()
+    return {"subjects": per, "overall": {"questions": n_all, "correct": right_all,
+                                         "accuracy": right_all / max(1, n_all),
+                                         "accuracy_norm": right_norm_all / max(1, n_all)},
+            "chance": CHANCE, "template": template}
+
+
+# ---- generations --------------------------------------------------------------------------------------
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a text file (one per line), a JSON list, or JSONL with a "prompt" field."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        items = json.loads(text)
+    elif path.endswith(".jsonl"):
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        items = [line for line in text.splitlines() if line.strip()]
+    prompts = [i if isinstance(i, str) else i.get("prompt") for i in items]
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise DataError(f"prompts must be non-empty strings ({path})")
+    return prompts
+
+
+def generations(backend, prompts: list[str], out_path: str, *, max_new_tokens: int = 128, params=None,
+                progress: bool = False) -> list[dict]:
+    """Answer each prompt (a user message in the chat template) and write JSONL {prompt, output, tokens}."""
+    from tqdm import tqdm
+
+    from .chat import encode
+    from .fileio import atomic_write
+    from .sampling import CHAT_DEFAULTS, SampleParams
+    params = params or SampleParams(temperature=0.0, **CHAT_DEFAULTS)
+    out = []
+    for prompt in tqdm(prompts, desc="generations", unit="prompt", disable=not progress):
+        ids = encode(backend, [{"role": "user", "content": prompt}])[0]
+        tokens = backend.generate(ids, max_new_tokens, params)
+        text_ids = [t for t in tokens if t != backend.eos_id]
+        out.append({"prompt": prompt, "output": backend.decode(text_ids), "tokens": tokens})
+    with atomic_write(out_path, "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
+    return out
+
+
+# ---- the command --------------------------------------------------------------------------------------
+
+HELP = "evaluate a model: perplexity/bits per char, C-Eval multiple choice, generations (torch or C runtime)"
+DESCRIPTION = __doc__.split("\n\n", 1)[0] + "\n\n" + __doc__.split("\n\n", 2)[2]
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, metavar="FILE", help="checkpoint (.pt), llama2.c .bin or .gguf")
+    p.add_argument("--backend", choices=["torch", "c"], default=None,
+                   help="torch (reference) or c (the runtime; .bin/.gguf). Default: torch for .pt, else c")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="SentencePiece .model for torch (default: the checkpoint's training tokenizer); "
+                        "tok.bin for c on a .bin (default: beside the model)")
+    p.add_argument("--text", action="append", metavar="FILE",
+                   help="held-out text for perplexity (plain, .jsonl/.json, .gz/.xz; see --field); repeatable")
+    p.add_argument("--field", default="text", help="JSON field holding the text")
+    p.add_argument("--doc-sep", choices=["blank", "line", "file"], default="blank",
+                   help="plain text: documents separated by blank lines, lines, or whole files")
+    p.add_argument("--max-docs", type=int, default=0, help="evaluate at most this many documents (0: all)")
+    p.add_argument("--ceval", action="append", metavar="PATH", help="C-Eval-format CSV file or directory; repeatable")
+    p.add_argument("--max-per-subject", type=int, default=0, help="questions per subject at most (0: all)")
+    p.add_argument("--template", choices=["plain", "chat"], default="plain",
+                   help="multiple-choice prompt: plain text or the chat template's user turn")
+    p.add_argument("--prompts", metavar="FILE", help="prompts to answer (one per line, or JSON/JSONL)")
+    p.add_argument("--generations-out", default="generations.jsonl", metavar="FILE", help="where answers go")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling")
+    p.add_argument("--seed", type=int, default=1, help="sampling seed")
+    p.add_argument("--out", metavar="FILE", help="write the results as JSON here (always printed to stdout)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def evaluate(args) -> dict:
+    """The results dict of the sections asked for."""
+    backend = load_backend(args.model, args.backend, args.tokenizer)
+    progress = not args.no_progress
+    results = {"model": str(args.model), "backend": backend.name}
+    if not (args.text or args.ceval or args.prompts):
+        raise InvalidArgumentError("nothing to evaluate: give --text, --ceval and/or --prompts")
+    if args.text:
+        from .data import read_texts
+        texts = list(read_texts(args.text, field=args.field, doc_sep=args.doc_sep))
+        results["perplexity"] = perplexity(backend, texts[:args.max_docs] if args.max_docs else texts, progress)
+    if args.ceval:
+        results["multiple_choice"] = multiple_choice(backend, read_mc(args.ceval), args.template,
+                                                     args.max_per_subject, progress)
+    if args.prompts:
+        from .sampling import CHAT_DEFAULTS, SampleParams
+        params = SampleParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed, **CHAT_DEFAULTS)
+        gens = generations(backend, read_prompts(args.prompts), args.generations_out,
+                           max_new_tokens=args.max_new_tokens, params=params, progress=progress)
+        results["generations"] = {"file": args.generations_out, "prompts": len(gens)}
+    return results
+
+
+def run(args) -> int:
+    from .fileio import atomic_write
+    results = evaluate(args)
+    text = json.dumps(results, ensure_ascii=False, indent=2)
+    if args.out:
+        with atomic_write(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    if "perplexity" in results:
+        r = results["perplexity"]
+        print(f"perplexity {r['perplexity']:.3f}, {r['bits_per_character']:.4f} bits/char over {r['characters']:,} "
+              f"characters", file=sys.stderr)
+    if "multiple_choice" in results:
+        o = results["multiple_choice"]["overall"]
+        print(f"multiple choice: accuracy {o['accuracy']:.1%} (length-normalized {o['accuracy_norm']:.1%}) over "
+              f"{o['questions']} questions; chance {CHANCE:.0%}", file=sys.stderr)
+    return 0

@@ -1,0 +1,171 @@
+"""Evaluation: bits/char and multiple-choice scores against log-likelihoods computed here with plain torch,
+torch vs C runtime within 1e-3 (perplexity, MC, and the same generated tokens), the command and bad input."""
+import json
+import math
+
+import pytest
+
+from chat_helpers import VOCAB, corpus, save_as_checkpoint, tiny_model, train_small_tokenizer
+from conftest import SHARED_DATA
+
+pytestmark = pytest.mark.noasan
+
+QUESTIONS = [
+    {"id": "0", "question": "今天天气很好，我们一起去____", "A": "公园玩", "B": "月亮", "C": "123", "D": "鱼吃苹果",
+     "answer": "A"},
+    {"id": "1", "question": "春天____", "A": "花开了", "B": "星星", "C": "大人", "D": "为什么", "answer": "A"},
+    {"id": "2", "question": "谁写了一首诗？", "A": "他", "B": "她", "C": "兔子和老虎", "D": "tinyllm", "answer": "D"},
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """(tokenizer .model, torch model, checkpoint, .bin, .gguf, C-Eval dir)."""
+    import csv
+
+    from tinyllm.export.gguf import write_gguf
+    from tinyllm.export.llama2c import write_model
+    out = tmp_path_factory.mktemp("eval")
+    tok = train_small_tokenizer(out)
+    cfg, model = tiny_model(seed=8, scale=2.0, max_seq_len=64)
+    ckpt = save_as_checkpoint(out / "m.pt", model, cfg)
+    write_model(out / "m.bin", model, cfg, version=1)
+    write_gguf(out / "m.gguf", model, cfg, tok, type="f32")
+    ceval = out / "ceval"
+    ceval.mkdir()
+    for name, rows in (("toy_val.csv", QUESTIONS), ("other_val.csv", QUESTIONS[:2])):
+        with open(ceval / name, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "question", "A", "B", "C", "D", "answer"])
+            w.writeheader()
+            w.writerows(rows)
+    return tok, model, ckpt, out / "m.bin", out / "m.gguf", ceval
+
+
+def _backends(files):
+    from tinyllm.eval import load_backend
+    tok, _model, ckpt, bin_path, gguf_path, _ = files
+    return [load_backend(str(ckpt), None, str(tok)), load_backend(str(bin_path), "c", str(tok.parent / f"tok{VOCAB}.bin")),
+            load_backend(str(gguf_path)), load_backend(str(gguf_path), "torch", str(tok))]
+
+
+def test_bits_per_char_is_the_sum_of_token_log2_probs_over_characters(files):
+    import torch
+    from tinyllm.eval import load_backend, perplexity
+    from tinyllm.tokenizer import Tokenizer
+    tok_path, model, ckpt = files[:3]
+    sp = Tokenizer(tok_path)
+    text = "从前有一座山，山上有一个小老虎。\n今天天气很好！"
+    ids = [sp.bos_id] + sp.encode(text)
+    assert len(ids) < model.config.max_seq_len
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0][0].double(), -1)
+    log2_sum = sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)) / math.log(2)
+    r = perplexity(load_backend(str(ckpt), "torch", str(tok_path)), [text])
+    assert r["characters"] == len(text) and r["tokens"] == len(ids) - 1
+    assert r["bits_per_character"] == pytest.approx(-log2_sum / len(text), rel=1e-6)
+    assert r["perplexity"] == pytest.approx(2 ** (-log2_sum / (len(ids) - 1)), rel=1e-6)
+
+
+def test_long_documents_are_scored_in_windows_predicting_every_token_once(files):
+    from tinyllm.eval import load_backend, token_logprobs
+    tok_path, model, ckpt = files[:3]
+    backend = load_backend(str(ckpt), "torch", str(tok_path))
+    text = corpus(3, seed=5)[0] * 4
+    ids = [backend.bos_id] + backend.encode(text)
+    assert len(ids) > 2 * model.config.max_seq_len
+    assert len(token_logprobs(backend, ids)) == len(ids) - 1
+
+
+def test_multiple_choice_scores_equal_a_plain_torch_log_likelihood(files):
+    import torch
+    from tinyllm.eval import load_backend, score_question
+    from tinyllm.tokenizer import Tokenizer
+    tok_path, model, ckpt = files[:3]
+    sp = Tokenizer(tok_path)
+    backend = load_backend(str(ckpt), "torch", str(tok_path))
+    for row in QUESTIONS:
+        expected = []
+        for letter in "ABCD":
+            prompt = [sp.bos_id] + sp.encode(row["question"] + "\n答案：")
+            option = sp.encode(row[letter])
+            ids = prompt + option
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids]))[0][0].double(), -1)
+            expected.append(sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(option)))
+        got = score_question(backend, row)
+        assert got["scores"] == pytest.approx(expected, abs=1e-4)
+        assert got["pred"] == "ABCD"[max(range(4), key=lambda i: expected[i])]
+
+
+def test_torch_and_c_runtime_give_the_same_numbers_within_1e_3(files):
+    from tinyllm.eval import multiple_choice, perplexity, read_mc, score_question
+    texts = corpus(4, seed=9)  # some longer than max_seq_len: windows too
+    subjects = read_mc(files[5])
+    results = []
+    for backend in _backends(files):
+        ppl = perplexity(backend, texts)
+        mc = multiple_choice(backend, subjects)
+        scores = [s for rows in subjects.values() for row in rows
+                  for s in score_question(backend, row)["scores"]]
+        results.append((backend.name, ppl, mc, scores))
+    name0, ppl0, mc0, scores0 = results[0]
+    for name, ppl, mc, scores in results[1:]:
+        assert ppl["tokens"] == ppl0["tokens"] and ppl["characters"] == ppl0["characters"]
+        for key in ("bits_per_character", "bits_per_token", "perplexity"):
+            assert abs(ppl[key] - ppl0[key]) < 1e-3, (name, key)
+        assert max(abs(a - b) for a, b in zip(scores, scores0)) < 1e-3
+        assert mc["overall"] == mc0["overall"] and mc["subjects"] == mc0["subjects"]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_generations_are_the_same_tokens_on_torch_and_c_for_the_same_seed(files, tmp_path, temperature):
+    from tinyllm.eval import generations
+    from tinyllm.sampling import CHAT_DEFAULTS, SampleParams
+    params = SampleParams(temperature=temperature, top_p=0.9, seed=42, **CHAT_DEFAULTS)
+    prompts = ["你好", "写一首诗关于春天"]
+    outs = [generations(b, prompts, str(tmp_path / f"g{i}.jsonl"), max_new_tokens=16, params=params)
+            for i, b in enumerate(_backends(files)[:3])]
+    assert [o["tokens"] for o in outs[0]] == [o["tokens"] for o in outs[1]] == [o["tokens"] for o in outs[2]]
+    assert [json.loads(line)["prompt"] for line in open(tmp_path / "g0.jsonl")] == prompts
+
+
+def test_eval_command_prints_json_with_per_subject_accuracy_beside_chance(files, tmp_path, capsys):
+    from tinyllm.cli import main
+    tok_path, _model, _ckpt, bin_path, _gguf, ceval = files
+    text = tmp_path / "heldout.txt"
+    text.write_text("\n\n".join(corpus(3, seed=2)), encoding="utf-8")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("你好\n写一首诗\n", encoding="utf-8")
+    sources = [str(ceval)]
+    real = SHARED_DATA / "ceval" / "val" / "computer_network_val.csv"
+    if real.is_file():
+        sources.append(str(real))
+    rc = main(["eval", "--model", str(bin_path), "--tokenizer", str(tok_path.parent / f"tok{VOCAB}.bin"),
+               "--text", str(text), "--ceval", sources[0]] + sum((["--ceval", s] for s in sources[1:]), []) +
+              ["--max-per-subject", "5", "--prompts", str(prompts), "--generations-out", str(tmp_path / "g.jsonl"),
+               "--max-new-tokens", "8", "--out", str(tmp_path / "r.json"), "--no-progress"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert results == json.loads((tmp_path / "r.json").read_text())
+    mc = results["multiple_choice"]
+    assert mc["chance"] == 0.25 and set(mc["subjects"]) >= {"toy", "other"}
+    assert mc["overall"]["questions"] == sum(s["questions"] for s in mc["subjects"].values())
+    assert results["perplexity"]["bits_per_character"] > 0 and results["backend"] == "c"
+    assert len(open(tmp_path / "g.jsonl").readlines()) == 2
+    assert "chance 25%" in captured.err
+
+
+def test_bad_multiple_choice_files_and_backend_choices_are_errors(files, tmp_path):
+    from tinyllm.errors import DataError, InvalidArgumentError
+    from tinyllm.eval import load_backend, read_mc
+    (tmp_path / "a_val.csv").write_text("id,question,A,B,C,answer\n0,q,1,2,3,A\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"missing columns \['D'\]"):
+        read_mc(tmp_path / "a_val.csv")
+    (tmp_path / "b_val.csv").write_text("id,question,A,B,C,D,answer\n0,q,1,2,3,4,E\n", encoding="utf-8")
+    with pytest.raises(DataError, match="not one of A-D on line 2"):
+        read_mc(tmp_path / "b_val.csv")
+    with pytest.raises(DataError, match="not found"):
+        read_mc(tmp_path / "nope")
+    with pytest.raises(InvalidArgumentError, match="export the checkpoint first"):
+        load_backend(str(files[2]), "c")

@@ -1,12 +1,13 @@
 /* kernels_simd.c - the matmuls and the attention inner loops on AVX2/FMA and AVX-512, chosen at
- * run time, and how the matmuls spread over threads.
+ * run time, and how the matmuls are cut into chunks of rows for the worker threads (threads.c).
  *
  * Every weight type (f32, llama2.c int8 groups, f16, q8_0, q4_0) is multiplied with float
  * activations: the weights are widened to float and the block scale is applied to each block's
  * partial sum, so the result is the scalar reference's (kernels.c) up to the order of float
  * additions. Quantizing the activations to int8 would allow integer dot products, but it changes the
- * numbers (v2 files would no longer match a torch model holding the dequantized weights); the
- * measurements in bench/RESULTS.md show the float path already runs near memory bandwidth.
+ * numbers (v2 files would no longer match a torch model holding the dequantized weights), and with
+ * the weights prefetched the float path beats llama.cpp's integer kernels at decode on our shapes
+ * (bench/RESULTS.md): decode is bound by reading the weights, not by the multiply-adds.
  *
  * Decode (one token) walks each weight row once, four rows at a time. Prefill (n tokens) widens a
  * 4-row x KC-column tile of weights into a small buffer once and multiplies it with every token
@@ -364,8 +365,44 @@ ALWAYS_INLINE void attend_512(float *out, const float *q, const void *keys, cons
         axpy_kv_512(out, att[t], (const char *)values + (size_t)t * kv_stride * esize, head_dim, f16);
 }
 
+ALWAYS_INLINE __m512 kv16_512(const void *kv, size_t i, int f16) {
+    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)kv + i)))
+               : _mm512_loadu_ps((const float *)kv + i);
+}
+
+/* attend_512 for head_dim == 16 * NV: q and the output stay in registers. */
+ALWAYS_INLINE void attend_regs_512(int NV, float *out, const float *q, const void *keys, const void *values,
+                                   size_t kv_stride, int n_keys, float scale, int f16, float *att) {
+    __m512 qv[8], o[8];
+    for (int v = 0; v < NV; v++) {
+        qv[v] = _mm512_loadu_ps(q + 16 * v);
+        o[v] = _mm512_setzero_ps();
+    }
+    for (int t = 0; t < n_keys; t++) {
+        __m512 acc = _mm512_mul_ps(qv[0], kv16_512(keys, (size_t)t * kv_stride, f16));
+        for (int v = 1; v < NV; v++) acc = _mm512_fmadd_ps(qv[v], kv16_512(keys, (size_t)t * kv_stride + 16 * v, f16), acc);
+        att[t] = _mm512_reduce_add_ps(acc) * scale;
+    }
+    tl_softmax(att, n_keys);
+    for (int t = 0; t < n_keys; t++) {
+        const __m512 a = _mm512_set1_ps(att[t]);
+        for (int v = 0; v < NV; v++) o[v] = _mm512_fmadd_ps(a, kv16_512(values, (size_t)t * kv_stride + 16 * v, f16), o[v]);
+    }
+    for (int v = 0; v < NV; v++) _mm512_storeu_ps(out + 16 * v, o[v]);
+}
+
 static void attend_avx512(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
                           int n_keys, int head_dim, float scale, int f16, float *att) {
+    switch (f16 ? -head_dim : head_dim) { /* the usual head sizes keep everything in registers */
+    case 32: attend_regs_512(2, out, q, keys, values, kv_stride, n_keys, scale, 0, att); return;
+    case 48: attend_regs_512(3, out, q, keys, values, kv_stride, n_keys, scale, 0, att); return;
+    case 64: attend_regs_512(4, out, q, keys, values, kv_stride, n_keys, scale, 0, att); return;
+    case 128: attend_regs_512(8, out, q, keys, values, kv_stride, n_keys, scale, 0, att); return;
+    case -32: attend_regs_512(2, out, q, keys, values, kv_stride, n_keys, scale, 1, att); return;
+    case -48: attend_regs_512(3, out, q, keys, values, kv_stride, n_keys, scale, 1, att); return;
+    case -64: attend_regs_512(4, out, q, keys, values, kv_stride, n_keys, scale, 1, att); return;
+    case -128: attend_regs_512(8, out, q, keys, values, kv_stride, n_keys, scale, 1, att); return;
+    }
     if (f16) attend_512(out, q, keys, values, kv_stride, n_keys, head_dim, scale, 1, att);
     else attend_512(out, q, keys, values, kv_stride, n_keys, head_dim, scale, 0, att);
 }
@@ -591,8 +628,36 @@ ALWAYS_INLINE void attend_256(float *out, const float *q, const void *keys, cons
     }
 }
 
+/* attend_256 for head_dim == 8 * NV (NV <= 8): the output stays in registers. */
+ALWAYS_INLINE void attend_regs_256(int NV, float *out, const float *q, const void *keys, const void *values,
+                                   size_t kv_stride, int n_keys, float scale, int f16, float *att) {
+    __m256 o[8];
+    for (int v = 0; v < NV; v++) o[v] = _mm256_setzero_ps();
+    for (int t = 0; t < n_keys; t++) {
+        const void *k = (const char *)keys + (size_t)t * kv_stride * (f16 ? 2 : 4);
+        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), kv8_256(k, 0, f16));
+        for (int v = 1; v < NV; v++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), kv8_256(k, 8 * v, f16), acc);
+        att[t] = hsum_256(acc) * scale;
+    }
+    tl_softmax(att, n_keys);
+    for (int t = 0; t < n_keys; t++) {
+        const void *val = (const char *)values + (size_t)t * kv_stride * (f16 ? 2 : 4);
+        const __m256 a = _mm256_set1_ps(att[t]);
+        for (int v = 0; v < NV; v++) o[v] = _mm256_fmadd_ps(a, kv8_256(val, 8 * v, f16), o[v]);
+    }
+    for (int v = 0; v < NV; v++) _mm256_storeu_ps(out + 8 * v, o[v]);
+}
+
 static void attend_avx2(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
                         int n_keys, int head_dim, float scale, int f16, float *att) {
+    switch (f16 ? -head_dim : head_dim) { /* the usual head sizes keep the output in registers */
+    case 32: attend_regs_256(4, out, q, keys, values, kv_stride, n_keys, scale, 0, att); return;
+    case 48: attend_regs_256(6, out, q, keys, values, kv_stride, n_keys, scale, 0, att); return;
+    case 64: attend_regs_256(8, out, q, keys, values, kv_stride, n_keys, scale, 0, att); return;
+    case -32: attend_regs_256(4, out, q, keys, values, kv_stride, n_keys, scale, 1, att); return;
+    case -48: attend_regs_256(6, out, q, keys, values, kv_stride, n_keys, scale, 1, att); return;
+    case -64: attend_regs_256(8, out, q, keys, values, kv_stride, n_keys, scale, 1, att); return;
+    }
     if (f16) attend_256(out, q, keys, values, kv_stride, n_keys, head_dim, scale, 1, att);
     else attend_256(out, q, keys, values, kv_stride, n_keys, head_dim, scale, 0, att);
 }

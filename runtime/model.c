@@ -144,7 +144,8 @@ struct tl_session {
     float *k, *v;          /* (batch, kv_dim) new keys and values, before they enter the cache */
     float *att;            /* (n_heads, n_ctx) attention weights */
     float *logits;         /* (vocab) of the last token */
-    void *key_cache;       /* (n_layers, n_ctx, kv_dim) floats, or halves with kv_f16 */
+    void *key_cache;       /* (n_layers, n_kv_heads, n_ctx, head_dim) floats, or halves with kv_f16:
+                              a head's keys lie one after another, so attention streams them */
     void *value_cache;
 };
 
@@ -208,20 +209,31 @@ tl_status tl_session_rewind(tl_session *s, int pos) {
     return TL_OK;
 }
 
-/* Put the key and value of position pos of a layer into the cache (as halves with kv_f16). */
+/* Element offset of position pos of key/value head h of a layer in the caches. */
+static size_t kv_at(const tl_session *s, int layer, int h, int pos) {
+    const tl_config *c = &s->model->config;
+    const size_t head_dim = (size_t)c->dim / c->n_heads;
+    return (((size_t)layer * c->n_kv_heads + h) * s->n_ctx + pos) * head_dim;
+}
+
+/* Put the key and value (kv_dim each) of position pos of a layer into the cache (as halves with
+ * kv_f16). */
 static void store_kv(tl_session *s, int layer, int pos, const float *k, const float *v) {
     const tl_config *c = &s->model->config;
-    const size_t kv_dim = (size_t)c->dim / c->n_heads * c->n_kv_heads;
-    const size_t at = ((size_t)layer * s->n_ctx + pos) * kv_dim;
-    if (s->kv_f16) {
-        uint16_t *kc = (uint16_t *)s->key_cache + at, *vc = (uint16_t *)s->value_cache + at;
-        for (size_t i = 0; i < kv_dim; i++) {
-            kc[i] = tl_fp32_to_fp16(k[i]);
-            vc[i] = tl_fp32_to_fp16(v[i]);
+    const int head_dim = c->dim / c->n_heads;
+    for (int h = 0; h < c->n_kv_heads; h++) {
+        const size_t at = kv_at(s, layer, h, pos);
+        const float *kh = k + (size_t)h * head_dim, *vh = v + (size_t)h * head_dim;
+        if (s->kv_f16) {
+            uint16_t *kc = (uint16_t *)s->key_cache + at, *vc = (uint16_t *)s->value_cache + at;
+            for (int i = 0; i < head_dim; i++) {
+                kc[i] = tl_fp32_to_fp16(kh[i]);
+                vc[i] = tl_fp32_to_fp16(vh[i]);
+            }
+        } else {
+            memcpy((float *)s->key_cache + at, kh, head_dim * sizeof(float));
+            memcpy((float *)s->value_cache + at, vh, head_dim * sizeof(float));
         }
-    } else {
-        memcpy((float *)s->key_cache + at, k, kv_dim * sizeof(float));
-        memcpy((float *)s->value_cache + at, v, kv_dim * sizeof(float));
     }
 }
 
@@ -237,14 +249,12 @@ static void attention_head(void *ctx, int h) {
     const tl_config *c = &s->model->config;
     const int dim = c->dim;
     const int head_dim = dim / c->n_heads;
-    const int kv_dim = head_dim * c->n_kv_heads;
     const int group = c->n_heads / c->n_kv_heads; /* query heads per key/value head */
     const float scale = 1.0f / sqrtf((float)head_dim);
-    const size_t esize = s->kv_f16 ? 2 : 4;
-    const size_t at = (size_t)j->layer * s->n_ctx * kv_dim * esize + (size_t)(h / group) * head_dim * esize;
+    const size_t at = kv_at(s, j->layer, h / group, 0) * (s->kv_f16 ? 2 : 4); /* bytes */
     for (int t = 0; t < j->n; t++)
         tl_attend(s->xb + (size_t)t * dim + h * head_dim, s->q + (size_t)t * dim + h * head_dim,
-                  (const char *)s->key_cache + at, (const char *)s->value_cache + at, kv_dim, j->pos0 + t + 1,
+                  (const char *)s->key_cache + at, (const char *)s->value_cache + at, head_dim, j->pos0 + t + 1,
                   head_dim, scale, s->kv_f16, s->att + (size_t)h * s->n_ctx);
 }
 

@@ -338,3 +338,22 @@ def test_a_single_document_cannot_be_split_and_says_what_to_do(tmp_path, tokeniz
         prepare([Source(str(path))], tokenizer_model, str(tmp_path / "out"), progress=False)
     meta = prepare([Source(str(path))], tokenizer_model, str(tmp_path / "out"), progress=False, doc_sep="line")
     assert meta["sources"][0]["documents_val"] >= 1
+
+
+def test_val_documents_are_also_kept_as_text_with_their_source(tmp_path, tokenizer_model):
+    from tinyllm.tokenizer import Tokenizer
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in synthetic_documents(40, seed=1)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": d} for d in synthetic_documents(40, seed=2)])
+    out = tmp_path / "out"
+    meta = prepare([Source(a), Source(b, 3.0)], tokenizer_model, str(out), val_fraction=0.25, workers=1,
+                   progress=False)
+    rows = [json.loads(line) for line in (out / data.VAL_TEXTS).read_text(encoding="utf-8").splitlines()]
+    tok = Tokenizer(tokenizer_model)
+    stored = _documents_in(_split_tokens(out, "val"), meta["bos_id"], meta["eos_id"])
+    assert [tok.decode(d) for d in stored] == [r["text"] for r in rows]
+    assert {r["source"] for r in rows} == {"a.jsonl", "b.jsonl"}
+    by_source = {name: sum(r["source"] == name for r in rows) for name in ("a.jsonl", "b.jsonl")}
+    assert [by_source["a.jsonl"], by_source["b.jsonl"]] == [s["documents_val"] for s in meta["sources"]]
+    # and planned_texts gives the same held-out documents without preparing anything
+    val = [(si, t) for si, t in data.planned_texts([Source(a), Source(b, 3.0)], "val", val_fraction=0.25)]
+    assert [t for _, t in val] == [r["text"] for r in rows]

@@ -60,13 +60,14 @@ train it on the same mix as the model."""
 
     @staticmethod
     def run(args) -> int:
-        from .data import parse_source, weighted_train_texts
+        from .data import parse_source, planned_texts
         from .tokenizer import train_tokenizer
         sources = [parse_source(s) for s in args.input]
         for src in sources:
             if not os.path.isfile(src.path):
                 raise TinyLLMError(f"input file not found ({src.path})")
-        texts = weighted_train_texts(sources, val_fraction=args.val_fraction, seed=args.seed, **_reader_kwargs(args))
+        texts = (text for _, text in planned_texts(sources, "train", val_fraction=args.val_fraction, seed=args.seed,
+                                                   **_reader_kwargs(args)))
         path = train_tokenizer(texts, args.vocab_size, args.out, character_coverage=args.character_coverage)
         print(f"wrote {path} and {os.path.join(args.out, f'tok{args.vocab_size}.bin')}", file=sys.stderr)
         return 0
@@ -96,7 +97,8 @@ class DataPrepare:
     DESCRIPTION = """\
 Tokenize documents into OUT/train_NNN.bin and OUT/val_NNN.bin (uint16 when the vocab has at most
 65535 pieces, else uint32) plus OUT/meta.json (vocab, dtype, token counts, sources, weights,
-tokenizer path and sha256). Every document is stored as BOS + tokens + EOS.
+tokenizer path and sha256). Every document is stored as BOS + tokens + EOS. The val documents are
+also kept as text in OUT/val_texts.jsonl ({"source", "text"} per line) for `tinyllm eval --text`.
 
 Inputs: plain text (documents split per --doc-sep), .jsonl (one JSON object per line) or .json
 (a list of objects), each optionally .gz/.xz/.bz2. The text is the --field of each record.

@@ -32,6 +32,7 @@ from .fileio import atomic_write
 META_FORMAT = "tinyllm-shards"
 META_VERSION = 1
 DEFAULT_SHARD_TOKENS = 50_000_000
+VAL_TEXTS = "val_texts.jsonl"  # the val documents as text: {"source": file name, "text": ...} per line
 DOC_SEPARATORS = ("blank", "line", "file")
 
 
@@ -218,18 +219,19 @@ def _new_source_stats(src: Source) -> dict:
             "invalid_utf8_bytes": 0}
 
 
-def weighted_train_texts(sources: list[Source], *, field: str = "text", doc_sep: str = "blank",
-                         skip_invalid_utf8: bool = False, drop: dict[str, set[str]] | None = None,
-                         val_fraction: float = 0.01, seed: int = 1234):
-    """The train documents exactly as `prepare` writes them (same split, same weights, each copy
-    yielded), for training the tokenizer on the same mix as the model without its val documents."""
+def planned_texts(sources: list[Source], split: str = "train", *, field: str = "text", doc_sep: str = "blank",
+                  skip_invalid_utf8: bool = False, drop: dict[str, set[str]] | None = None,
+                  val_fraction: float = 0.01, seed: int = 1234):
+    """(source index, text) of the documents `prepare` writes to split, with the same split and
+    weights: train documents once per copy (the tokenizer trains on the model's mix without its val
+    documents), val documents once (held-out text for bits per character)."""
     stats = [_new_source_stats(s) for s in sources]
-    for _si, text, split, copies in _plan_documents(
+    for si, text, where, copies in _plan_documents(
             sources, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8, drop=drop or {},
             val_fraction=val_fraction, seed=seed, source_stats=stats):
-        if split == "train":
-            for _ in range(copies):
-                yield text
+        if where == split:
+            for _ in range(copies if split == "train" else 1):
+                yield si, text
 
 
 def read_texts(paths: list[str], *, field: str = "text", doc_sep: str = "blank",
@@ -398,12 +400,16 @@ def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: 
         planned = _plan_documents(sources, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8,
                                   drop=drop, val_fraction=val_fraction, seed=seed, source_stats=stats)
         bar = tqdm(desc="tokenizing", unit=" doc", disable=not progress, dynamic_ncols=True)
-        with _encoder_pool(tokenizer_path, workers) as encode:
+        val_texts = open(os.path.join(tmp_dir, VAL_TEXTS), "w", encoding="utf-8")
+        with _encoder_pool(tokenizer_path, workers) as encode, val_texts:
             chunks = _chunks(planned, 64)
             for chunk, encoded in encode(chunks):
-                for (si, _text, split, copies), ids in zip(chunk, encoded):
+                for (si, text, split, copies), ids in zip(chunk, encoded):
                     for _ in range(copies):
                         writers[split].write(ids)
+                    if split == "val":  # the held-out text itself, for bits per character per source
+                        val_texts.write(json.dumps({"source": os.path.basename(_base_name(sources[si].path)), "text": text},
+                                                   ensure_ascii=False) + "\n")
                     stats[si][f"documents_{split}"] += copies
                     stats[si][f"tokens_{split}"] += copies * len(ids)
                 bar.update(len(chunk))
@@ -423,6 +429,7 @@ def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: 
             "val_fraction": val_fraction, "seed": seed,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        _fsync_file(os.path.join(tmp_dir, VAL_TEXTS))
         with atomic_write(os.path.join(tmp_dir, "meta.json"), "w") as f:
             json.dump(meta, f, ensure_ascii=False, indent=2)
         _fsync_dir(tmp_dir)
@@ -469,6 +476,11 @@ def _check_not_empty(sources, stats, writers):
         raise DataError(f"the val split is empty ({docs} train documents): raise --val-fraction or give more "
                         f"documents (for plain text, --doc-sep line makes every line a document) "
                         f"({', '.join(s.path for s in sources)})")
+
+
+def _fsync_file(path: str):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: str):

@@ -122,22 +122,11 @@ class CBackend:
         return out
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, params) -> list[int]:
-        from . import _runtime
         from .runtime import REPETITION_WINDOW
         if params.repetition_window not in (0, REPETITION_WINDOW) and params.repetition_penalty not in (0, 1):
             raise InvalidArgumentError(f"the runtime's repetition window is {REPETITION_WINDOW} tokens")
-        session = _runtime.Session(self.rt._model, 0)
-        gen = _runtime.Generator(session, self.rt._tok, float(params.temperature), float(params.top_p),
-                                 int(params.top_k), int(params.seed) & 0xFFFFFFFFFFFFFFFF,
-                                 float(params.repetition_penalty), REPETITION_WINDOW, int(params.no_repeat_ngram))
-        gen.prompt_ids(list(prompt_ids))
-        out = []
-        for _ in range(max_new_tokens):
-            token, _text, done = gen.next()
-            out.append(token)
-            if done:
-                break
-        return out
+        return self.rt.generate_ids(prompt_ids, max_new_tokens, params.temperature, params.top_p, params.top_k,
+                                    params.seed, params.repetition_penalty, params.no_repeat_ngram)
 
 
 def load_backend(model_path: str, backend: str | None = None, tokenizer: str | None = None):

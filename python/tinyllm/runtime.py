@@ -107,9 +107,10 @@ class Runtime:
                                    repetition_penalty, no_repeat_ngram))
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> list[int]:
+                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                     repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> list[int]:
         """Sampled token ids after prompt_ids (EOS included when it ends the text)."""
-        _, gen = self._generator(temperature, top_p, top_k, seed)
+        _, gen = self._generator(temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram)
         gen.prompt_ids(list(prompt_ids))
         out = []
         for _ in range(max_new_tokens):

@@ -1,0 +1,493 @@
+"""`make bench`: decode and prefill speed of our runtime against stock llama.cpp, side by side.
+
+One run on one machine measures, for the 15M / 42M / 110M llama2.c shapes (vocab 32000, random
+weights) and the weight types f32, q8_0, q4_0 (GGUF files written by tinyllm.export.gguf, the same
+file for every runtime) plus llama2.c v2 int8 (our own Q8 .bin):
+  - `run`           our CLI (its stderr: "achieved tok/s" decode, "prompt tok/s" prefill)
+  - `Runtime`       tinyllm.Runtime (pybind11) in this process
+  - `llama.cpp`     stock llama.cpp through PyPI xllamacpp (timings.predicted/prompt_per_second)
+  - `scalar`        our `run` with TINYLLM_KERNELS=scalar (the reference kernels)
+at 1 thread and all physical cores, greedy, the same context. Each figure is the median of
+--repeats runs (fewer for the scalar reference). Also: machine facts, a measured memory bandwidth,
+and decode as % of the roofline bandwidth / bytes of weights read per token.
+
+Writes bench/results.json and bench/RESULTS.md.
+    python bench/bench.py [--quick] [--repeats 5] [--models DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "run"
+VOCAB = 32000
+CONTEXT = 512
+SHAPES = {  # llama2.c's stories models
+    "15M": dict(dim=288, n_layers=6, n_heads=6),
+    "42M": dict(dim=512, n_layers=8, n_heads=8),
+    "110M": dict(dim=768, n_layers=12, n_heads=12),
+}
+# new tokens per decode run and prompt tokens per prefill run
+DECODE_TOKENS = {"15M": 128, "42M": 96, "110M": 48}
+PROMPT_TOKENS = 128
+FILES = {  # label: (file suffix, what it is)
+    "f32": ("f32.gguf", "GGUF F32"),
+    "q8_0": ("q8_0.gguf", "GGUF Q8_0"),
+    "q4_0": ("q4_0.gguf", "GGUF Q4_0"),
+    "q8_v2": ("v2.bin", "llama2.c v2 int8 (group 32/64)"),
+}
+# issue 7's peer figures (2-core machine, decode tok/s at 1 / 2 threads; llama.cpp Q8_0 prefill, 2 threads)
+PEER_TABLE = {
+    "15M": {"llama.cpp f32": (187, 398), "llama.cpp q8_0": (663, 1059), "llama2.c f32": (282, 729), "prefill": 8314},
+    "42M": {"llama.cpp f32": (75, 119), "llama.cpp q8_0": (231, 550), "llama2.c f32": (69, 143), "prefill": 2413},
+    "110M": {"llama.cpp f32": (25, 43), "llama.cpp q8_0": (56, 105), "llama2.c f32": (27, 51), "prefill": 779},
+}
+CELL_BUDGET_S = 40  # a cell stops repeating after this long (keeps `make bench` under 15 minutes)
+FIRST_CHAR = 0x4E00  # synthetic vocabulary: one character per piece, so text and ids map one to one
+N_BYTE_PIECES = 256
+
+
+# ---- machine --------------------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name") and "cpu" not in info:
+                info["cpu"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and "flags" not in info:
+                flags = line.split(":", 1)[1].split()
+                info["simd_flags"] = [f for f in flags if f in (
+                    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                    "avx_vnni", "avx512_bf16")]
+    except OSError:
+        pass
+    info["logical_cpus"] = os.cpu_count()
+    from tinyllm import _runtime
+    info["physical_cores"] = _runtime.get_threads()  # the runtime's default thread count
+    info["load_average_start"] = os.getloadavg()
+    return info
+
+
+def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth of one core (numpy copyto of a buffer far larger than the caches): bytes read +
+    written per second, best of repeats."""
+    src = np.ones(mib * 2**20 // 8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best / 1e9
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+def vocabulary():
+    """<unk> <s> </s>, 256 byte pieces, then single characters from U+4E00 on: a prompt of k such
+    characters is k tokens for our tokenizer and llama.cpp's alike (no dummy prefix)."""
+    from tinyllm.export.gguf import Vocab
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(N_BYTE_PIECES)]
+    types = [2, 3, 3] + [6] * N_BYTE_PIECES
+    n_chars = VOCAB - len(pieces)
+    pieces += [chr(FIRST_CHAR + i) for i in range(n_chars)]
+    types += [1] * n_chars
+    scores = [0.0] * (3 + N_BYTE_PIECES) + [-float(i) for i in range(n_chars)]
+    return Vocab(pieces, scores, types, False, False)
+
+
+def write_tok_bin(path: Path, vocab):
+    """The same vocabulary as tok.bin for the llama2.c files (documented layout + tinyllm trailer)."""
+    pieces = [p.encode() for p in vocab.pieces]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", max(len(p) for p in pieces)))
+        for p, s in zip(pieces, vocab.scores):
+            f.write(struct.pack("<fi", s, len(p)) + p)
+        f.write(b"tltk" + struct.pack("<iii", 1, 4, len(pieces)) + bytes(vocab.types))
+
+
+def random_state(cfg, seed: int) -> dict:
+    """Random weights (std 0.02, norms 1); <unk> and </s> embedding rows zero, so their logits are 0,
+    never the greedy pick among 32000 random logits: every run generates the full length."""
+    rng = np.random.default_rng(seed)
+    def normal(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+    kv = cfg.dim // cfg.n_heads * cfg.n_kv_heads
+    w = {"tok_embeddings.weight": normal(cfg.vocab_size, cfg.dim), "norm.weight": np.ones(cfg.dim, np.float32)}
+    w["tok_embeddings.weight"][[0, 2]] = 0
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        w[p + "attention_norm.weight"] = np.ones(cfg.dim, np.float32)
+        w[p + "ffn_norm.weight"] = np.ones(cfg.dim, np.float32)
+        w[p + "attention.wq.weight"] = normal(cfg.dim, cfg.dim)
+        w[p + "attention.wk.weight"] = normal(kv, cfg.dim)
+        w[p + "attention.wv.weight"] = normal(kv, cfg.dim)
+        w[p + "attention.wo.weight"] = normal(cfg.dim, cfg.dim)
+        w[p + "feed_forward.w1.weight"] = normal(cfg.hidden_dim, cfg.dim)
+        w[p + "feed_forward.w2.weight"] = normal(cfg.dim, cfg.hidden_dim)
+        w[p + "feed_forward.w3.weight"] = normal(cfg.hidden_dim, cfg.dim)
+    w["output.weight"] = w["tok_embeddings.weight"]
+    return w
+
+
+def make_models(model_dir: Path, shapes) -> dict:
+    from tinyllm.config import ModelConfig
+    from tinyllm.export.gguf import write_gguf
+    from tinyllm.export.llama2c import write_model
+    model_dir.mkdir(parents=True, exist_ok=True)
+    vocab = vocabulary()
+    tok = model_dir / f"tok{VOCAB}.bin"
+    if not tok.exists():
+        write_tok_bin(tok, vocab)
+    out = {}
+    for shape in shapes:
+        cfg = ModelConfig(**SHAPES[shape], vocab_size=VOCAB, max_seq_len=CONTEXT)
+        paths = {label: model_dir / f"{shape}.{suffix}" for label, (suffix, _) in FILES.items()}
+        if not all(p.exists() for p in paths.values()):
+            w = random_state(cfg, seed=list(SHAPES).index(shape))
+            for label, path in paths.items():
+                if not path.exists():
+                    if label == "q8_v2":
+                        write_model(path, w, cfg, version=2)
+                    else:
+                        write_gguf(path, w, cfg, tokenizer=vocab, type=label)
+        out[shape] = (cfg, paths)
+    return out, tok
+
+
+def weight_bytes_per_token(path: Path, cfg) -> int:
+    """Bytes of weights a decode step reads: every matrix once (the classifier is the embedding), but
+    of the embedding only as much as the classifier reads, i.e. the whole file minus one copy of
+    nothing: the file size minus the header and norms is a close upper bound."""
+    return path.stat().st_size
+
+
+# ---- runners --------------------------------------------------------------------------------------
+
+def prompt_text(n: int, variant: int = 0) -> str:
+    """n characters, one token each; a different variant for every repeat, so that no runtime can
+    reuse a cached prompt."""
+    return "".join(chr(FIRST_CHAR + 100 + (i * 7919 + variant * 104729) % 20000) for i in range(n))
+
+
+def time_run(path: Path, tok: Path, threads: int, n_new: int, scalar: bool = False,
+             variant: int = 0) -> tuple[float, float]:
+    """(decode tok/s, prefill tok/s) from one `run` process."""
+    env = dict(os.environ)
+    if scalar:
+        env["TINYLLM_KERNELS"] = "scalar"
+    cmd = [str(RUN), str(path), "-t", "0", "-n", str(PROMPT_TOKENS + 1 + n_new), "-j", str(threads),
+           "-i", prompt_text(PROMPT_TOKENS, variant)]
+    if path.suffix == ".bin":
+        cmd += ["-z", str(tok)]
+    out = subprocess.run(cmd, capture_output=True, env=env, timeout=600)
+    err = out.stderr.decode()
+    if out.returncode != 0:
+        raise RuntimeError(f"run failed: {err}")
+    decode = prefill = None
+    for line in err.splitlines():
+        if line.startswith("achieved tok/s:"):
+            decode = float(line.split(":")[1])
+        if line.startswith("prompt tok/s:"):
+            prefill = float(line.split(":")[1].split()[0])
+    return decode, prefill
+
+
+class RuntimeRunner:
+    def __init__(self, path: Path, tok: Path, threads: int):
+        import tinyllm
+        self.rt = tinyllm.Runtime(path, tok if path.suffix == ".bin" else None, threads=threads)
+        self.calls = 0
+
+    def __call__(self, n_new: int) -> tuple[float, float]:
+        """Like `run`: feed the prompt (timed: prefill), then n_new greedy steps through the same
+        generator loop Runtime.generate uses (timed: decode), at the same positions as `run`."""
+        self.calls += 1
+        ids = self.rt.encode(prompt_text(PROMPT_TOKENS, self.calls), bos=True)
+        _, gen = self.rt._generator(0.0, 1.0, 0, 1)
+        t = time.perf_counter()
+        gen.prompt_ids(ids)
+        prefill = len(ids) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(n_new):
+            gen.next()
+        decode = n_new / (time.perf_counter() - t)
+        return decode, prefill
+
+
+class LlamaCppRunner:
+    def __init__(self, path: Path, threads: int):
+        import xllamacpp as xlc
+        p = xlc.CommonParams()
+        p.model.path = str(path)
+        p.n_ctx = CONTEXT
+        p.n_parallel = 1
+        p.cpuparams.n_threads = threads
+        p.cpuparams_batch.n_threads = threads
+        p.warmup = True
+        p.verbosity = -1
+        p.cache_prompt = False
+        self.server = xlc.Server(p)
+        self.calls = 0
+
+    def __call__(self, n_new: int) -> tuple[float, float]:
+        self.calls += 1
+        r = self.server.handle_completions({"prompt": prompt_text(PROMPT_TOKENS, self.calls), "n_predict": n_new, "temperature": 0.0,
+                                            "top_k": 1, "ignore_eos": True, "cache_prompt": False})
+        if isinstance(r, str):
+            r = json.loads(r)
+        t = r["timings"]
+        return t["predicted_per_second"], t["prompt_per_second"]
+
+
+def medians(samples):
+    d = [s[0] for s in samples if s[0]]
+    p = [s[1] for s in samples if s[1]]
+    return (statistics.median(d) if d else None, statistics.median(p) if p else None)
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------
+
+def tokenizer_speed(work: Path, repeats: int = 3) -> dict | None:
+    """Our C encoder against sentencepiece on 1 MB (UTF-8) of modern Chinese stories, with a
+    5000-piece tokenizer trained on other texts of the same corpora: ids must be identical."""
+    import gzip
+    data = ROOT.parent / "shared" / "data" / "pretrain"
+    names = ["tiny_chinese_stories_simplified.jsonl.gz", "cmrc2017_children_stories.jsonl.gz",
+             "cmrc2018_wiki_paragraphs.jsonl.gz"]
+    if not all((data / n).exists() for n in names):
+        return None
+    import sentencepiece as spm
+    from tinyllm import _runtime
+    from tinyllm.tokenizer import train_tokenizer
+    texts = {n: [json.loads(line)["text"] for line in gzip.open(data / n, "rt", encoding="utf-8")] for n in names}
+    model = work / "tok.model"
+    if not model.exists():
+        train = texts[names[0]][:1500] + texts[names[1]][:1500] + texts[names[2]]
+        train_tokenizer(iter(train), 5000, work, num_threads=2, seed=1)
+    held = texts[names[0]][1500:] + texts[names[1]][1500:]
+    text, size = [], 0
+    for t in held * 4:
+        text.append(t)
+        size += len(t.encode())
+        if size >= 2**20:
+            break
+    text = "\n".join(text)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    ours = _runtime.Tokenizer(str(work / "tok5000.bin"), 5000)
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            ids = fn()
+            times.append(time.perf_counter() - t)
+            return_ids = ids
+        return min(times), return_ids
+    t_sp, ids_sp = best(lambda: sp.encode(text))
+    raw = text.encode()
+    t_ours, ids_ours = best(lambda: list(ours.encode(raw, False, False)))
+    return dict(bytes=len(text.encode()), chars=len(text), tokens=len(ids_sp), sentencepiece_s=round(t_sp, 4),
+                ours_s=round(t_ours, 4), identical_ids=ids_sp == ids_ours)
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=os.environ.get("TINYLLM_BENCH_MODELS", "/tmp/tinyllm-bench"))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--scalar-repeats", type=int, default=1)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--types", default=",".join(FILES))
+    ap.add_argument("--impls", default="run,Runtime,llama.cpp,scalar")
+    ap.add_argument("--threads", default="", help="comma-separated thread counts (default: 1 and all cores)")
+    ap.add_argument("--out", default=str(ROOT / "bench"))
+    ap.add_argument("--quick", action="store_true", help="1 repeat, 15M only (a smoke test)")
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="rewrite RESULTS.md from the results.json in --out, measuring nothing")
+    args = ap.parse_args(argv)
+    if args.markdown_only:
+        out = Path(args.out)
+        (out / "RESULTS.md").write_text(markdown(json.loads((out / "results.json").read_text())))
+        return 0
+    shapes = args.shapes.split(",")
+    if args.quick:
+        args.repeats, shapes = 1, ["15M"]
+    types, impls = args.types.split(","), args.impls.split(",")
+    started = time.time()
+
+    info = machine_info()
+    bw = memory_bandwidth_gbs()
+    info["copy_bandwidth_gbs_1core"] = round(bw, 1)
+    print(f"machine: {info.get('cpu')} ({info['physical_cores']} cores), copy bandwidth {bw:.1f} GB/s", flush=True)
+    models, tok = make_models(Path(args.models), shapes)
+    thread_counts = ([int(t) for t in args.threads.split(",")] if args.threads
+                     else sorted({1, info["physical_cores"]}))
+
+    results = []
+    for shape in shapes:
+        cfg, paths = models[shape]
+        n_new = DECODE_TOKENS[shape]
+        for label in types:
+            path = paths[label]
+            nbytes = weight_bytes_per_token(path, cfg)
+            for threads in thread_counts:
+                for impl in impls:
+                    if impl == "llama.cpp" and path.suffix != ".gguf":
+                        continue
+                    if impl == "scalar" and threads != 1:
+                        continue
+                    repeats = args.scalar_repeats if impl == "scalar" else args.repeats
+                    runner = None
+                    try:
+                        if impl == "run" or impl == "scalar":
+                            measure = lambda i: time_run(path, tok, threads, n_new, impl == "scalar", i)  # noqa: E731
+                        else:
+                            runner = (RuntimeRunner(path, tok, threads) if impl == "Runtime"
+                                      else LlamaCppRunner(path, threads))
+                            runner(8)  # warm-up
+                            measure = lambda i: runner(n_new)  # noqa: E731
+                        samples, cell_start = [], time.time()
+                        for i in range(repeats):  # fewer repeats when a cell is very slow (a loaded machine)
+                            samples.append(measure(i))
+                            if time.time() - cell_start > CELL_BUDGET_S:
+                                break
+                        repeats = len(samples)
+                        measure = runner = None  # frees a llama.cpp server (and its threads) now
+                    except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
+                        print(f"  {shape} {label} {impl} {threads}t: failed: {e}", flush=True)
+                        continue
+                    decode, prefill = medians(samples)
+                    row = dict(shape=shape, type=label, impl=impl, threads=threads, repeats=repeats,
+                               decode_tok_s=decode, prefill_tok_s=prefill, file_bytes=nbytes,
+                               roofline_pct=(100 * decode * nbytes / (bw * 1e9) if decode else None))
+                    results.append(row)
+                    print(f"  {shape:>4} {label:>5} {impl:>9} {threads}t: decode {decode or 0:8.1f}  "
+                          f"prefill {prefill or 0:8.1f} tok/s", flush=True)
+
+    (Path(args.models) / "tok").mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer_speed(Path(args.models) / "tok")
+    print(f"tokenizer: {tokenizer}", flush=True)
+    info["load_average_end"] = os.getloadavg()
+    info["seconds"] = round(time.time() - started, 1)
+    report = dict(machine=info, context=CONTEXT, prompt_tokens=PROMPT_TOKENS, decode_tokens=DECODE_TOKENS,
+                  peer_table_issue7=PEER_TABLE, results=results, tokenizer=tokenizer)
+    out = Path(args.out)
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "RESULTS.md").write_text(markdown(report))
+    print(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'} in {info['seconds']} s")
+
+
+def markdown(report) -> str:
+    m = report["machine"]
+    res = report["results"]
+    def get(shape, label, impl, threads, key):
+        for r in res:
+            if (r["shape"], r["type"], r["impl"], r["threads"]) == (shape, label, impl, threads):
+                return r[key]
+        return None
+    def fmt(v, digits=0):
+        return "–" if v is None else f"{v:,.{digits}f}"
+    lines = ["# Benchmark results", "",
+             f"`make bench` on {m.get('cpu')} ({m['physical_cores']} cores, {m['logical_cpus']} logical), "
+             f"SIMD: {' '.join(m.get('simd_flags', []))}. Load average at start {m['load_average_start'][0]:.2f}, "
+             f"end {m['load_average_end'][0]:.2f} (the machine may be shared). Took {m['seconds']:.0f} s.", "",
+             f"Random weights, vocab 32000, context {report['context']}, greedy; prefill: a prompt of "
+             f"{report['prompt_tokens']} tokens (+BOS); decode: {', '.join(f'{k} {v}' for k, v in report['decode_tokens'].items())} "
+             f"new tokens. Medians of the repeats column. Copy bandwidth (one core, numpy): "
+             f"{m['copy_bandwidth_gbs_1core']} GB/s; roofline % = decode tok/s x file bytes / bandwidth "
+             f"(models under the 32 MB L3 can exceed 100%).", "",
+             "tok/s, 1 thread / all threads. `run` and `Runtime` are ours; `scalar` is our reference kernels "
+             "(TINYLLM_KERNELS=scalar, 1 thread); ratio = run / llama.cpp.", "",
+             "| shape | type | impl | decode tok/s | prefill tok/s | decode % roofline | ratio decode | ratio prefill |",
+             "|---|---|---|---|---|---|---|---|"]
+    threads = sorted({r["threads"] for r in res})
+    for shape in dict.fromkeys(r["shape"] for r in res):
+        for label in dict.fromkeys(r["type"] for r in res if r["shape"] == shape):
+            for impl in dict.fromkeys(r["impl"] for r in res if r["shape"] == shape and r["type"] == label):
+                dec = " / ".join(fmt(get(shape, label, impl, t, "decode_tok_s")) for t in threads)
+                pre = " / ".join(fmt(get(shape, label, impl, t, "prefill_tok_s")) for t in threads)
+                roof = " / ".join(fmt(get(shape, label, impl, t, "roofline_pct")) for t in threads)
+                ratio_d = ratio_p = ""
+                if impl == "run":
+                    rd, rp = [], []
+                    for t in threads:
+                        ours_d, ours_p = get(shape, label, "run", t, "decode_tok_s"), get(shape, label, "run", t, "prefill_tok_s")
+                        peer_d, peer_p = get(shape, label, "llama.cpp", t, "decode_tok_s"), get(shape, label, "llama.cpp", t, "prefill_tok_s")
+                        rd.append(f"{ours_d / peer_d:.2f}" if ours_d and peer_d else "–")
+                        rp.append(f"{ours_p / peer_p:.2f}" if ours_p and peer_p else "–")
+                    ratio_d, ratio_p = " / ".join(rd), " / ".join(rp)
+                lines.append(f"| {shape} | {FILES[label][1]} | {impl} | {dec} | {pre} | {roof} | {ratio_d} | {ratio_p} |")
+    lines += ["", "## Issue 7's goals in this run", ""] + goal_lines(report)
+    tok = report.get("tokenizer")
+    if tok:
+        lines += ["", f"Tokenizer: encoding {tok['bytes']:,} bytes ({tok['chars']:,} characters) of modern Chinese "
+                  f"stories into {tok['tokens']:,} ids with a 5000-piece BPE: sentencepiece {tok['sentencepiece_s']} s, "
+                  f"ours {tok['ours_s']} s (best of 3, one core); identical ids: {tok['identical_ids']}."]
+    lines += ["", "Issue 7's peer table (same kind of machine, measured earlier; decode tok/s 1 / 2 threads):", "",
+              "| shape | llama.cpp F32 | llama.cpp Q8_0 | llama2.c run.c F32 | llama.cpp prefill Q8_0 2t |", "|---|---|---|---|---|"]
+    for shape, p in report["peer_table_issue7"].items():
+        lines.append(f"| {shape} | {p['llama.cpp f32'][0]} / {p['llama.cpp f32'][1]} | {p['llama.cpp q8_0'][0]} / "
+                     f"{p['llama.cpp q8_0'][1]} | {p['llama2.c f32'][0]} / {p['llama2.c f32'][1]} | {p['prefill']} |")
+    return "\n".join(lines) + "\n"
+
+
+def goal_lines(report) -> list[str]:
+    """Each goal of issue 7 checked against this run's figures: met / not met, with the numbers."""
+    res = report["results"]
+    def get(shape, label, impl, threads, key):
+        for r in res:
+            if (r["shape"], r["type"], r["impl"], r["threads"]) == (shape, label, impl, threads):
+                return r[key]
+        return None
+    out = []
+    threads = sorted({r["threads"] for r in res})
+    shapes = list(dict.fromkeys(r["shape"] for r in res))
+    for shape in shapes:
+        for label in ("f32", "q8_0", "q4_0"):
+            for t in threads:
+                ours, peer = get(shape, label, "run", t, "decode_tok_s"), get(shape, label, "llama.cpp", t, "decode_tok_s")
+                if not ours:
+                    continue
+                peers = {"llama.cpp (this run)": peer}
+                table = report["peer_table_issue7"].get(shape, {})
+                if label == "f32" and t in (1, 2):
+                    peers["llama2.c run.c (issue table)"] = table["llama2.c f32"][t - 1]
+                best_name, best = max(((k, v) for k, v in peers.items() if v), key=lambda kv: kv[1], default=(None, None))
+                if best:
+                    ok = ours >= 1.2 * best
+                    out.append(f"- decode {shape} {label} {t}t: ours {ours:.0f} vs best peer {best:.0f} ({best_name}): "
+                               f"{ours / best:.2f}x, goal 1.2x {'met' if ok else 'NOT met'}")
+                ours_p, peer_p = get(shape, label, "run", t, "prefill_tok_s"), get(shape, label, "llama.cpp", t, "prefill_tok_s")
+                if ours_p and peer_p:
+                    out.append(f"- prefill {shape} {label} {t}t: ours {ours_p:.0f} vs llama.cpp {peer_p:.0f}: "
+                               f"{'met' if ours_p >= peer_p else 'NOT met'}")
+    for shape in shapes:
+        for label in dict.fromkeys(r["type"] for r in res if r["shape"] == shape):
+            one, many = get(shape, label, "run", 1, "decode_tok_s"), get(shape, label, "run", max(threads), "decode_tok_s")
+            if one and many and max(threads) > 1:
+                out.append(f"- threads {shape} {label}: {max(threads)}t {many:.0f} vs 1t {one:.0f} tok/s: "
+                           f"{'met' if many >= one else 'NOT met'} (more threads never slower)")
+            for t in threads:
+                run_d, rt_d = get(shape, label, "run", t, "decode_tok_s"), get(shape, label, "Runtime", t, "decode_tok_s")
+                if run_d and rt_d:
+                    out.append(f"- Runtime vs run {shape} {label} {t}t: {rt_d / run_d:.2f}x "
+                               f"({'met' if rt_d >= 0.97 * run_d else 'NOT met'}: within 3%)")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,6 +35,9 @@ def add_arguments(parser):
     parser.add_argument("--dry-run", action="store_true",
                         help="print parameters, memory estimate, tokens per step and estimated time, then exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                        help="stop with a checkpoint at step N as if out of time (the schedule still follows "
+                             "--max-steps; --resume continues)")
     group = parser.add_argument_group("config keys (override the preset)")
     add_config_arguments(group)
 
@@ -98,7 +101,7 @@ def run(args) -> int:
     overrides = overrides_from_args(args)
     model_cfg, train_cfg, resume = resolve_configs(args.config, overrides, args.resume, args.force)
     explicit_vocab = "vocab_size" in overrides or "vocab_size" in (load_preset(args.config) if args.config else {})
-    summary = pretrain(model_cfg, train_cfg, resume=resume, dry_run=args.dry_run,
+    summary = pretrain(model_cfg, train_cfg, resume=resume, dry_run=args.dry_run, stop_at_step=args.stop_at_step,
                        progress=not args.no_progress, warn_vocab=explicit_vocab)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

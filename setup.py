@@ -71,8 +71,11 @@ setup(
     cmdclass={"build_ext": BuildExt},
     install_requires=["numpy", "sentencepiece", "tqdm"],
     extras_require={
-        "train": ["torch", "matplotlib"],
-        "dev": ["pytest", "cffi", "gguf", "matplotlib"],
+        "train": ["torch", "matplotlib", "gguf==0.19.0"],
+        # the peers the tests compare against: stock llama.cpp (xllamacpp), transformers (+ protobuf
+        # to read tokenizer.model), jinja2 for the GGUF chat template
+        "dev": ["pytest", "cffi", "gguf==0.19.0", "matplotlib", "jinja2", "xllamacpp==2026.10.11549",
+                "transformers==5.24.0", "protobuf==7.36.2"],
     },
     entry_points={"console_scripts": ["tinyllm=tinyllm.cli:main"]},
 )

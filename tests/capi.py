@@ -39,3 +39,13 @@ def check(status: int):
     """Raise CError(status, tl_last_error()) unless status is TL_OK."""
     if status != lib.TL_OK:
         raise CError(status, last_error())
+
+
+def load_status(path):
+    """(status, message) of tl_model_load(path); frees the model when it loaded."""
+    model = ffi.new("tl_model **")
+    status = lib.tl_model_load(str(path).encode(), model)
+    message = last_error()
+    if status == lib.TL_OK:
+        lib.tl_model_free(model[0])
+    return status, message

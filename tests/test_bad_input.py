@@ -5,18 +5,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from capi import CError, check, ffi, lib
+from capi import CError, check, ffi, lib, load_status
 from conftest import RUN_BIN, write_synthetic_tokenizer
 
-
-def load_status(path):
-    """(status, message) of tl_model_load; frees the model on success."""
-    model = ffi.new("tl_model **")
-    status = lib.tl_model_load(str(path).encode(), model)
-    message = ffi.string(lib.tl_last_error()).decode()
-    if status == lib.TL_OK:
-        lib.tl_model_free(model[0])
-    return status, message
 
 
 def run_cli(*args, stdin=b""):

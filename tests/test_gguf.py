@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from capi import ffi, lib
+from capi import ffi, lib, load_status
 from conftest import RUN_BIN, SHARED_DATA
 
 STORIES = SHARED_DATA / "pretrain" / "tiny_chinese_stories_simplified.jsonl.gz"
@@ -383,14 +383,6 @@ def tiny_gguf(arch="llama", drop_key=None, tensor_type=0, version=3, extra_kv=()
     head = b"GGUF" + struct.pack("<IQQ", version, len(shapes), len(kvs)) + b"".join(kvs) + infos
     return head + bytes(-len(head) % 32) + data
 
-
-def load_status(path):
-    model = ffi.new("tl_model **")
-    status = lib.tl_model_load(str(path).encode(), model)
-    message = ffi.string(lib.tl_last_error()).decode()
-    if status == lib.TL_OK:
-        lib.tl_model_free(model[0])
-    return status, message
 
 
 def test_hand_built_gguf_loads_with_its_tokenizer(tmp_path):

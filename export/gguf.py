@@ -21,8 +21,6 @@ whose row length is not a multiple of the 32-value block is an error naming it, 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import numpy as np
 
 from tinyllm.config import ModelConfig
 from tinyllm.errors import FormatError
+from tinyllm.fileio import atomic_path
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK = 32  # values per Q8_0 / Q4_0 block
@@ -176,10 +175,7 @@ def write_gguf(path, model_or_state_dict, config: ModelConfig, tokenizer=None, t
         from tinyllm.errors import TokenizerError
         raise TokenizerError(f"the tokenizer holds {len(vocab.pieces)} pieces but the model's vocab_size is "
                              f"{cfg.vocab_size}")
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent.resolve())
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
         writer.add_name(name)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -205,13 +201,6 @@ def write_gguf(path, model_or_state_dict, config: ModelConfig, tokenizer=None, t
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     stored = sum(d.nbytes for _, d, _ in encoded)
     weights = sum(a.size for _, a in plan)
     return {"bytes": path.stat().st_size, "weights": weights, "bits_per_weight": 8.0 * stored / weights}

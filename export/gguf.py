@@ -203,7 +203,7 @@ def write_gguf(path, model_or_state_dict, config: ModelConfig, tokenizer=None, t
         writer.close()
     stored = sum(d.nbytes for _, d, _ in encoded)
     weights = sum(a.size for _, a in plan)
-    return {"bytes": path.stat().st_size, "weights": weights, "bits_per_weight": 8.0 * stored / weights}
+    return {"bytes": Path(path).stat().st_size, "weights": weights, "bits_per_weight": 8.0 * stored / weights}
 
 
 def _add_vocab(writer, vocab: Vocab, chat_template: str | None):

@@ -1,7 +1,7 @@
 # tinyllm: `make` builds the `run` CLI and libtinyllm.so (the C API, used by the tests through cffi).
 CC ?= gcc
 CFLAGS ?= -O3
-CFLAGS += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fPIC -fopenmp
+CFLAGS += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fPIC -pthread
 LDLIBS = -lm
 PYTHON ?= python3
 # opt-in: TINYLLM_NATIVE=1 adds -march=native (fast here, not portable to other machines)

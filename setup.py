@@ -1,28 +1,15 @@
 """Build tinyllm: the Python package, tinyllm.export (from export/) and the C runtime extension.
 
-The extension compiles the same runtime/*.c sources as the Makefile, with OpenMP when the
-compiler has it. TINYLLM_NATIVE=1 adds -march=native (faster here, not portable).
+The extension compiles the same runtime/*.c sources as the Makefile (threads: pthreads, see
+runtime/threads.c). TINYLLM_NATIVE=1 adds -march=native (faster here, not portable).
 """
 import glob
 import os
-import subprocess
-import tempfile
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 RUNTIME_SOURCES = sorted(s for s in glob.glob("runtime/*.c") if not s.endswith("run.c"))
-
-
-def compiler_has_openmp() -> bool:
-    """True if the C compiler builds and links a trivial program with -fopenmp."""
-    cc = os.environ.get("CC", "cc")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "omp.c")
-        with open(src, "w") as f:
-            f.write("#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
-        result = subprocess.run([cc, "-fopenmp", src, "-o", os.path.join(tmp, "omp")], capture_output=True)
-        return result.returncode == 0
 
 
 class BuildExt(build_ext):
@@ -43,11 +30,8 @@ class BuildExt(build_ext):
             self.compiler._compile = original
 
 
-flags = ["-O3", "-D_GNU_SOURCE"]
-link = []
-if compiler_has_openmp():
-    flags.append("-fopenmp")
-    link.append("-fopenmp")
+flags = ["-O3", "-D_GNU_SOURCE", "-pthread"]
+link = ["-pthread"]
 if os.environ.get("TINYLLM_NATIVE") == "1":
     flags.append("-march=native")
 

@@ -115,27 +115,6 @@ static void row_ggml(float *out, int type, const unsigned char *row, int n) {
     }
 }
 
-void tl_matvec(float *out, const tl_matrix *w, const float *x) {
-    const int rows = w->rows, cols = w->cols;
-    if (w->type == TL_TYPE_Q8) {
-        const int8_t *q = w->data;
-        const int gs = w->group_size;
-        #pragma omp parallel for schedule(static)
-        for (int i = 0; i < rows; i++)
-            out[i] = dot_q8(q + (size_t)i * cols, w->scales + (size_t)i * cols / gs, x, cols, gs);
-    } else if (w->type == TL_TYPE_F16 || w->type == TL_TYPE_Q8_0 || w->type == TL_TYPE_Q4_0) {
-        const unsigned char *data = w->data;
-        const size_t stride = ggml_row_bytes(w->type, cols);
-        const int type = w->type;
-        #pragma omp parallel for schedule(static)
-        for (int i = 0; i < rows; i++) out[i] = dot_ggml(type, data + (size_t)i * stride, x, cols);
-    } else {
-        const float *data = w->data;
-        #pragma omp parallel for schedule(static)
-        for (int i = 0; i < rows; i++) out[i] = dot_f32(data + (size_t)i * cols, x, cols);
-    }
-}
-
 void tl_matrix_row(float *out, const tl_matrix *w, int row) {
     const size_t start = (size_t)row * w->cols;
     if (w->type == TL_TYPE_Q8) {

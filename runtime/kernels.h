@@ -21,8 +21,6 @@ typedef struct {
 /* IEEE half (binary16) bits to float, exact for every value including subnormals, inf and NaN. */
 float tl_fp16_to_fp32(uint16_t h);
 
-/* out[rows] = W (rows x cols) @ x[cols], parallel over rows. */
-void tl_matvec(float *out, const tl_matrix *w, const float *x);
 /* Row `row` of W as floats (dequantized if needed): the token embedding lookup. */
 void tl_matrix_row(float *out, const tl_matrix *w, int row);
 

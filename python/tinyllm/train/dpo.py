@@ -16,7 +16,7 @@ import os
 import sys
 
 from ..errors import DataError
-from .sft_data import Example, ExampleBatches, RecordError, ReadReport, read_json_records
+from .sft_data import Example, ExampleBatches, RecordError, ReadReport, converted_records
 
 CONFIG_KEYS = True
 HELP = "preference-tune a checkpoint on chosen/rejected pairs (DPO); `dpo make-pairs` builds pairs"
@@ -80,19 +80,9 @@ def to_pair(record, system: str = "") -> tuple[list[dict], str, str]:
 def load_pairs(paths, system: str = "", skip_bad: bool = False):
     """(pairs, report) from preference files; bad records stop with their place unless skip_bad."""
     report, out = ReadReport(), []
-    for path in [paths] if isinstance(paths, str) else paths:
-        for place, record in read_json_records(str(path)):
-            report.records += 1
-            try:
-                if isinstance(record, DataError):
-                    raise RecordError("bad JSON", str(record))
-                out.append(to_pair(record, system))
-                report.kept += 1
-            except RecordError as e:
-                if e.reason == "empty answer" or skip_bad:
-                    report.skip(e.reason, place)
-                    continue
-                raise DataError(f"{e} ({place}; pass --skip-bad to skip such records)") from None
+    for _place, pair in converted_records(paths, lambda r: to_pair(r, system), report, skip_bad):
+        out.append(pair)
+        report.kept += 1
     return out, report
 
 

@@ -219,6 +219,25 @@ def to_messages(record, system: str = "") -> list[dict]:
     return messages
 
 
+def converted_records(paths, convert, report: ReadReport, skip_bad: bool):
+    """Yield (place, convert(record)) for every record of the files. A record convert rejects (a
+    RecordError: bad JSON, missing fields, a broken conversation) stops reading with its place, or is
+    skipped and counted with skip_bad; empty answers are always skipped and counted."""
+    for path in [paths] if isinstance(paths, str) else paths:
+        for place, record in read_json_records(str(path)):
+            report.records += 1
+            try:
+                if isinstance(record, DataError):
+                    raise RecordError("bad JSON", str(record))
+                item = convert(record)
+            except RecordError as e:
+                if e.reason == "empty answer" or skip_bad:
+                    report.skip(e.reason, place)
+                    continue
+                raise DataError(f"{e} ({place}; pass --skip-bad to skip such records)") from None
+            yield place, item
+
+
 def load_conversations(paths, system: str = "", skip_bad: bool = False,
                        identity: str = "keep") -> tuple[list[list[dict]], ReadReport]:
     """(conversations, report) from SFT files. identity: keep, rewrite (claims of other assistants become
@@ -226,29 +245,18 @@ def load_conversations(paths, system: str = "", skip_bad: bool = False,
     if identity not in ("keep", "rewrite", "drop"):
         raise DataError(f"identity must be keep, rewrite or drop, got {identity!r}")
     report, out = ReadReport(), []
-    for path in [paths] if isinstance(paths, str) else paths:
-        for place, record in read_json_records(str(path)):
-            report.records += 1
-            try:
-                if isinstance(record, DataError):
-                    raise RecordError("bad JSON", str(record))
-                messages = to_messages(record, system)
-            except RecordError as e:
-                if e.reason == "empty answer" or skip_bad:
-                    report.skip(e.reason, place)
-                    continue
-                raise DataError(f"{e} ({place}; pass --skip-bad to skip such records)") from None
-            if identity != "keep":
-                claims = [m for m in messages if m["role"] == "assistant" and rewrite_identity(m["content"])[1]]
-                if claims and identity == "drop":
-                    report.skip("identity claim", place)
-                    continue
-                if claims:
-                    messages = [dict(m, content=rewrite_identity(m["content"])[0]) if m["role"] == "assistant"
-                                else m for m in messages]
-                    report.rewritten += 1
-            out.append(messages)
-            report.kept += 1
+    for place, messages in converted_records(paths, lambda r: to_messages(r, system), report, skip_bad):
+        if identity != "keep":
+            claims = [m for m in messages if m["role"] == "assistant" and rewrite_identity(m["content"])[1]]
+            if claims and identity == "drop":
+                report.skip("identity claim", place)
+                continue
+            if claims:
+                messages = [dict(m, content=rewrite_identity(m["content"])[0]) if m["role"] == "assistant"
+                            else m for m in messages]
+                report.rewritten += 1
+        out.append(messages)
+        report.kept += 1
     return out, report
 
 

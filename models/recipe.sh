@@ -23,6 +23,8 @@ tinyllm pretrain --config configs/stories15M.toml --data-dir "$W/data" --out-dir
     --max-steps 3000 --lr 8e-4 --min-lr 8e-5 --warmup-steps 150 --eval-interval 250 --ckpt-interval 100 \
     --max-minutes 85 --stop-at-step 300
 tinyllm pretrain --out-dir "$W/pretrain" --resume --max-steps 1500
+# ...and once the machine was free, on to 2450 steps (a warm restart of the cosine schedule)
+tinyllm pretrain --out-dir "$W/pretrain" --resume --max-steps 2450
 
 # 3. SFT on instruction and dialogue data, identity claims of other assistants rewritten
 S=$D/sft

@@ -78,3 +78,64 @@ def model_file(tmp_path):
         write_model(path, model, cfg, version=version)
         return cfg, model, path
     return make
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`tinyllm serve MODEL ARGS...` in a subprocess on a free loopback port; stop() ends it."""
+
+    def __init__(self, model, *args, timeout: float = 60.0):
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "tinyllm.cli", "serve", str(model), "--port",
+                                      str(self.port), "--log-level", "warning", *map(str, args)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not answer /health within {timeout} s")
+            time.sleep(0.1)
+
+    def health(self) -> dict:
+        import json
+        import urllib.request
+        with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> str:
+        """End the server; its output."""
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except Exception:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return out
+
+
+@pytest.fixture(scope="session")
+def chat_server():
+    """`tinyllm serve models/chat15M.bin` for the whole test session."""
+    pytest.importorskip("fastapi", reason="`tinyllm serve` needs fastapi (pip install -e '.[serve]')")
+    server = Server(ROOT / "models" / "chat15M.bin")
+    yield server
+    server.stop()

@@ -8,6 +8,7 @@
     tinyllm export            checkpoint -> llama2.c .bin (verified against the C runtime)
     tinyllm sample            checkpoint -> text (torch, for a quick look)
     tinyllm eval              perplexity, bits/char, C-Eval accuracy, generations (torch or C runtime)
+    tinyllm serve             model -> OpenAI-compatible HTTP API and web chat page (C runtime)
 
 A stage is a module (or object) with HELP, optionally DESCRIPTION, add_arguments(parser) and run(args)
 -> exit code; add it to STAGES (or to a group in GROUPS) and it becomes a subcommand.
@@ -299,6 +300,52 @@ def _tokenizer_of(ckpt: dict, ckpt_path: str) -> str:
         raise TinyLLMError(f"cannot find the training tokenizer; pass --tokenizer ({ckpt_path})") from None
 
 
+# ---- serve ---------------------------------------------------------------------------------------
+
+class Serve:
+    HELP = "serve a model over HTTP: OpenAI-compatible API and a web chat page"
+    DESCRIPTION = """\
+Serve MODEL (llama2.c .bin or GGUF) with the C runtime over an OpenAI-compatible HTTP API:
+/v1/completions, /v1/chat/completions (streamed with "stream": true), /v1/models, /health,
+and a web chat page at / that works offline. Concurrent requests each get their own KV cache.
+
+    tinyllm serve models/chat15M.bin
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "你好"}]}'
+
+The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_key."""
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("model", help="model file: llama2.c .bin or GGUF")
+        p.add_argument("--tokenizer", default=None,
+                       help="tok{N}.bin (default: the GGUF's own tokenizer, else tok{vocab}.bin beside the model)")
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+        p.add_argument("--port", type=int, default=8000, help="TCP port")
+        p.add_argument("--model-id", default=None, help="the model's name in the API (default: the file's stem)")
+        p.add_argument("--threads", type=int, default=None, help="threads for the matmuls (default: physical cores)")
+        p.add_argument("--max-tokens", type=int, default=0,
+                       help="the most tokens a request may ask for (0: the model's context length)")
+        p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted, in KiB")
+        p.add_argument("--max-concurrent", type=int, default=64,
+                       help="generations computed at once; further requests wait their turn")
+        p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level")
+
+    @staticmethod
+    def run(args) -> int:
+        from .runtime import Runtime
+        from .server import Limits, serve
+        if args.max_concurrent < 1 or args.max_body_kb < 1 or args.max_tokens < 0:
+            raise TinyLLMError("--max-concurrent and --max-body-kb must be >= 1, --max-tokens >= 0")
+        runtime = Runtime(args.model, args.tokenizer, threads=args.threads)
+        model_id = args.model_id or os.path.splitext(os.path.basename(args.model))[0]
+        limits = Limits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
+                        max_concurrent=args.max_concurrent)
+        serve(runtime, model_id, limits, args.host, args.port, args.log_level)
+        return 0
+
+
 # ---- the command ---------------------------------------------------------------------------------
 
 # name -> stage: a module path (imported lazily, so `tinyllm --help` does not import torch) or an object
@@ -310,6 +357,7 @@ STAGES = {
     "export": Export,
     "convert": Convert,
     "sample": Sample,
+    "serve": Serve,
 }
 GROUPS = {
     "tokenizer": ("SentencePiece tokenizer", {"train": TokenizerTrain}),

@@ -78,7 +78,7 @@ class Runtime:
         session = _runtime.Session(self._model, 0)
         return session.feed(tokens, True)
 
-    def _generator(self, temperature, top_p, top_k, seed, repetition_penalty=1.0, no_repeat_ngram=0):
+    def _generator(self, temperature=1.0, top_p=0.9, top_k=0, seed=None, repetition_penalty=1.0, no_repeat_ngram=0):
         session = _runtime.Session(self._model, 0)
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") or 1
@@ -93,11 +93,32 @@ class Runtime:
 
         Stops at EOS, after max_new_tokens, when the context is full, or before the first stop string.
         repetition_penalty (> 1, over the last 64 tokens) and no_repeat_ngram (n > 0) fight loops."""
-        if not prompt:
-            raise InvalidArgumentError("empty prompt")
-        _, gen = self._generator(temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram)
-        gen.prompt(prompt.encode("utf-8"), True)
-        yield from _stop_at(self._pieces(gen, max_new_tokens), list(stop or []))
+        yield from self.completion(prompt, max_new_tokens=max_new_tokens, stop=stop, temperature=temperature,
+                                   top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=repetition_penalty,
+                                   no_repeat_ngram=no_repeat_ngram)
+
+    def completion(self, prompt: str | None = None, messages=None, max_new_tokens: int = 256,
+                   stop: Iterable[str] | None = None, **sampling) -> Completion:
+        """A Completion of prompt, or of the chat messages' answer, in a fresh KV cache: the prompt is
+        fed now (errors surface here), the tokens are generated as it is iterated. sampling: temperature,
+        top_p, top_k, seed, repetition_penalty, no_repeat_ngram (for messages, the repetition controls
+        default to CHAT_DEFAULTS as in chat())."""
+        if (prompt is None) == (messages is None):
+            raise InvalidArgumentError("completion() takes a prompt or messages, not both")
+        if messages is not None:
+            sampling = {k: CHAT_DEFAULTS[k] for k in ("repetition_penalty", "no_repeat_ngram")} | sampling
+        session, gen = self._generator(**sampling)
+        if messages is not None:
+            from .chat import split_conversation
+            system, turns = split_conversation([_plain(m) for m in messages])
+            if turns[-1][1] is not None:
+                raise InvalidArgumentError("the conversation must end with a user message")
+            _feed_turns(self, gen, system, turns, 0)
+        else:
+            if not prompt:
+                raise InvalidArgumentError("empty prompt")
+            gen.prompt(_utf8(prompt), True)
+        return Completion(self, session, gen, max_new_tokens, list(stop or []))
 
     def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
                  top_k: int = 0, seed: int | None = None, stop: Iterable[str] | None = None,
@@ -145,15 +166,40 @@ class Runtime:
             self._chat = chat
         yield from chat.stream_reply(messages, max_new_tokens)
 
-    @staticmethod
-    def _pieces(gen, max_new_tokens: int) -> Iterator[str]:
-        for _ in range(max_new_tokens):
-            _token, text, done = gen.next()
+
+class Completion:
+    """One generation in its own KV cache (the weights are the Runtime's, shared): iterate it for the text,
+    piece by piece and never a partial character. Once the iteration ends, finish_reason says why:
+    "stop" (EOS or a stop string) or "length" (max_new_tokens reached or the context is full);
+    prompt_tokens and completion_tokens count the tokens fed and sampled. Made by Runtime.completion;
+    the unit of work of `tinyllm serve`."""
+
+    def __init__(self, runtime: Runtime, session, gen, max_new_tokens: int, stop: list[str]):
+        self._eos_id = runtime.eos_id
+        self._session, self._gen = session, gen
+        self.max_new_tokens = max_new_tokens
+        self.stop = stop
+        self.prompt_tokens = session.pos
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        hit_stop = yield from _stop_at(self._pieces(), self.stop)
+        if hit_stop:
+            self.finish_reason = "stop"
+
+    def _pieces(self) -> Iterator[str]:
+        self.finish_reason = "length"
+        for _ in range(self.max_new_tokens):
+            token, text, done = self._gen.next()
+            self.completion_tokens += 1
             if text:
                 yield text.decode("utf-8", errors="replace")
             if done:
+                if token == self._eos_id:
+                    self.finish_reason = "stop"
                 break
-        rest = gen.flush()
+        rest = self._gen.flush()
         if rest:
             yield rest.decode("utf-8", errors="replace")
 
@@ -193,10 +239,7 @@ class ChatSession:
             raise InvalidArgumentError("the conversation must end with a user message")
         done_turns = sum(1 for m in self.messages if m["role"] == "user")
         self._complete = False
-        for i, (user, answer) in enumerate(turns[done_turns:], done_turns):
-            self._gen.chat_turn(system if i == 0 else "", user)
-            if answer is not None:  # a given answer: its tokens and the EOS that closes it
-                self._gen.prompt_ids(self.runtime.encode(answer, bos=False) + [self.runtime.eos_id])
+        _feed_turns(self.runtime, self._gen, system, turns, done_turns)
         pieces, ended = [], [False]
 
         def tokens():
@@ -225,6 +268,26 @@ class ChatSession:
         return "".join(self.stream_reply(messages, max_new_tokens))
 
 
+def _feed_turns(runtime: Runtime, gen, system: str, turns, start: int) -> None:
+    """Feed turns[start:] of a conversation (split_conversation's form) to a generator in the chat template;
+    a turn's given answer is fed as its tokens and the EOS that closes it."""
+    for i, (user, answer) in enumerate(turns[start:], start):
+        gen.chat_turn(_utf8(system if i == 0 else ""), _utf8(user))
+        if answer is not None:
+            gen.prompt_ids(runtime.encode(answer, bos=False) + [runtime.eos_id])
+
+
+def _utf8(text: str) -> bytes:
+    """text as UTF-8 for the C side, which reads C strings: NUL and lone surrogates are refused."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(f"text is not valid Unicode ({e.reason} at character {e.start})") from None
+    if b"\0" in data:
+        raise InvalidArgumentError("text contains a NUL character")
+    return data
+
+
 def _plain(message) -> dict:
     return {"role": message.get("role"), "content": message.get("content")}
 
@@ -234,11 +297,12 @@ def _float32_as_written(value: float) -> float:
     return float(f"{value:.7g}")
 
 
-def _stop_at(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:
-    """Pass pieces through until a stop string appears; hold back text that may begin one."""
+def _stop_at(pieces: Iterator[str], stops: list[str]):
+    """Pass pieces through until a stop string appears; hold back text that may begin one.
+    Returns (as a generator's value) True when a stop string ended the text."""
     if not stops:
         yield from pieces
-        return
+        return False
     held = ""
     for piece in pieces:
         held += piece
@@ -246,7 +310,7 @@ def _stop_at(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:
         if hits:
             if min(hits) > 0:
                 yield held[:min(hits)]
-            return
+            return True
         # keep the longest tail that is a prefix of some stop string
         keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
         if len(held) > keep:
@@ -254,3 +318,4 @@ def _stop_at(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:
             held = held[len(held) - keep:]
     if held:
         yield held
+    return False

@@ -1,0 +1,376 @@
+"""The app behind `tinyllm serve` (cli.py): an OpenAI-compatible HTTP server over the C runtime,
+with a web chat page at /.
+
+    POST /v1/completions        prompt -> continuation (stream: Server-Sent Events)
+    POST /v1/chat/completions   messages -> answer, in tinyllm's chat template (tinyllm.chat)
+    GET  /v1/models             the one model served
+    GET  /health                readiness, and how many generations are running
+    GET  /                      the web chat page (tinyllm/web/index.html: one file, works offline)
+
+One Runtime holds the weights and the tokenizer; every request gets its own Completion (its own KV
+cache), so concurrent requests share the weights and nothing else. Tokens are computed in worker
+threads (the C code releases the GIL), one token per hop, so the event loop stays free to stream and to
+notice a client that went away: generation stops there and the KV cache is freed.
+Every refusal is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from typing import AsyncIterator, Literal
+
+from .errors import ContextLengthError, DataError, InvalidArgumentError, TinyLLMError
+from .runtime import Completion, Runtime
+
+try:
+    import anyio
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+except ImportError as e:  # the server is an extra: pip install tinyllm[serve]
+    raise TinyLLMError(f"`tinyllm serve` needs fastapi and uvicorn: pip install 'tinyllm[serve]' ({e.name} "
+                       f"is missing)") from None
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1 << 20   # a request body larger than this is refused (413) before it is parsed
+    max_tokens: int = 0             # the most tokens one request may ask for (0: the model's context length)
+    max_concurrent: int = 64        # generations computed at once; later requests wait their turn
+
+
+# ---- requests ----------------------------------------------------------------------------------------
+# Fields follow OpenAI's API; fields it has that we do not use are ignored, except those whose absence
+# would change the answer silently (n > 1, logprobs), which are refused.
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)                              # tinyllm extension: 0 = off
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None                       # {"include_usage": true}
+    n: int = Field(1, ge=1, le=1)
+    logprobs: bool | int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    repetition_penalty: float | None = Field(None, ge=0.5, le=2.0)  # extension: > 1 penalises repeats
+    no_repeat_ngram: int | None = Field(None, ge=0, le=16)          # extension: ban repeated n-grams
+
+    def sampling(self) -> dict:
+        opts = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+        if self.repetition_penalty is not None:
+            opts["repetition_penalty"] = self.repetition_penalty
+        if self.no_repeat_ngram is not None:
+            opts["no_repeat_ngram"] = self.no_repeat_ngram
+        return opts
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise InvalidArgumentError("stop takes at most 4 non-empty strings")
+        return stops
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise InvalidArgumentError("prompt: one prompt per request (a list of exactly one string)")
+            return self.prompt[0]
+        return self.prompt
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[TextPart]
+
+    def plain(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _validation_message(errors) -> tuple[str, str | None]:
+    """One readable line (and the offending field) from pydantic's list of errors."""
+    err = errors[0]
+    if err.get("type") == "json_invalid":
+        return f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})", None
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    field = ".".join(loc) or None
+    return (f"{field}: {err.get('msg')}" if field else str(err.get("msg"))), field
+
+
+# ---- the app -------------------------------------------------------------------------------------------
+
+def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None) -> FastAPI:
+    """The FastAPI app serving runtime's model under the name model_id."""
+    limits = limits or Limits()
+    n_ctx = runtime.config.max_seq_len
+    max_tokens_limit = min(limits.max_tokens or n_ctx, n_ctx)
+    slots = anyio.Semaphore(limits.max_concurrent)
+    state = {"active": 0, "served": 0, "cancelled": 0}  # generations running, ended, cut by a disconnect
+    app = FastAPI(title="tinyllm", version="0.1.0",
+                  description=f"OpenAI-compatible API over the tinyllm C runtime, serving {model_id}.")
+
+    app.add_middleware(_BodyLimit, limits=limits)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(InvalidArgumentError)
+    async def invalid_argument(_request, exc: InvalidArgumentError):
+        return APIError(400, str(exc)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request, exc: RequestValidationError):
+        message, field = _validation_message(exc.errors())
+        return APIError(400, message, param=field).response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, **state}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(model_id, runtime)]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        _check_model(name, model_id)
+        return _model_card(model_id, runtime)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(_web_page())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = _parse(CompletionRequest, await _read_json(request, limits))
+        return await _serve(request, req, prompt=req.prompt_text(), messages=None, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = _parse(ChatRequest, await _read_json(request, limits))
+        req.max_tokens = req.max_completion_tokens or req.max_tokens
+        return await _serve(request, req, prompt=None, messages=[m.plain() for m in req.messages], chat=True)
+
+    async def _serve(request: Request, req: _Sampling, prompt, messages, chat: bool):
+        _check_model(req.model, model_id)
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if req.max_tokens is not None and req.max_tokens > max_tokens_limit:
+            raise APIError(400, f"max_tokens is {req.max_tokens}; this server allows at most {max_tokens_limit} "
+                                f"(the model's context is {n_ctx} tokens)", param="max_tokens")
+        max_new = req.max_tokens or max_tokens_limit
+        completion = await _start(runtime, prompt, messages, max_new, req.stops(), req.sampling(), n_ctx)
+        meta = _Meta(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()), model_id)
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        if req.stream:
+            events = _chat_events(completion, meta, include_usage) if chat else \
+                _completion_events(completion, meta, include_usage)
+            return StreamingResponse(_guarded(events), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text = []
+        async for piece in _generate(completion, request):
+            text.append(piece)
+        if await request.is_disconnected():
+            return JSONResponse({}, status_code=499)
+        usage = _usage(completion)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                      "finish_reason": completion.finish_reason}
+            return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": model_id,
+                    "choices": [choice], "usage": usage}
+        choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": completion.finish_reason}
+        return {"id": meta.id, "object": "text_completion", "created": meta.created, "model": model_id,
+                "choices": [choice], "usage": usage}
+
+    async def _generate(completion: Completion, request: Request | None = None) -> AsyncIterator[str]:
+        """The completion's pieces, each computed in a worker thread, at most max_concurrent at once.
+        Stops early when request (non-streaming) sees its client gone; a streaming response is cancelled
+        by Starlette itself when its client disconnects, which ends this generator at its await."""
+        async with slots:
+            state["active"] += 1
+            try:
+                pieces = iter(completion)
+                while True:
+                    piece = await anyio.to_thread.run_sync(next, pieces, None)
+                    if piece is None:
+                        break
+                    yield piece
+                    if request is not None and await request.is_disconnected():
+                        state["cancelled"] += 1
+                        break
+            except (GeneratorExit, anyio.get_cancelled_exc_class()):
+                state["cancelled"] += 1
+                raise
+            finally:
+                state["active"] -= 1
+                state["served"] += 1
+
+    async def _completion_events(completion: Completion, meta, include_usage: bool):
+        def chunk(text, finish_reason=None):
+            return {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+        async for piece in _generate(completion):
+            yield chunk(piece)
+        yield chunk("", completion.finish_reason)
+        if include_usage:
+            yield {**chunk(""), "choices": [], "usage": _usage(completion)}
+
+    async def _chat_events(completion: Completion, meta, include_usage: bool):
+        def chunk(delta, finish_reason=None):
+            return {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+                    "model": meta.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        yield chunk({"role": "assistant", "content": ""})
+        async for piece in _generate(completion):
+            yield chunk({"content": piece})
+        yield chunk({}, completion.finish_reason)
+        if include_usage:
+            yield {**chunk({}), "choices": [], "usage": _usage(completion)}
+
+    return app
+
+
+@dataclass
+class _Meta:
+    id: str
+    created: int
+    model: str
+
+
+async def _guarded(events) -> AsyncIterator[bytes]:
+    """Server-Sent Events from dicts, ending with [DONE]; an error after the headers went out (they say 200)
+    is sent as an {"error": ...} event, OpenAI's way."""
+    try:
+        async for event in events:
+            yield _sse(event)
+    except TinyLLMError as e:
+        yield _sse(APIError(500, str(e), kind="server_error").body())
+    yield b"data: [DONE]\n\n"
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+async def _start(runtime: Runtime, prompt, messages, max_new: int, stops, sampling: dict, n_ctx: int) -> Completion:
+    """Feed the prompt in a worker thread (prefill is the long part of a short request); 4xx for bad input."""
+    def start():
+        return runtime.completion(prompt, messages, max_new_tokens=max_new, stop=stops, **sampling)
+    try:
+        return await anyio.to_thread.run_sync(start)
+    except ContextLengthError as e:
+        raise APIError(400, f"the prompt does not fit in the model's context of {n_ctx} tokens ({e})",
+                       param="messages" if messages is not None else "prompt",
+                       code="context_length_exceeded") from None
+    except (InvalidArgumentError, DataError) as e:
+        raise APIError(400, str(e), param="messages" if messages is not None else "prompt") from None
+
+
+async def _read_json(request: Request, limits: Limits):
+    """The body as JSON, counted as it arrives (a chunked body has no content-length to check up front)."""
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limits.max_body_bytes:
+            raise _too_large(limits)
+    try:
+        return json.loads(bytes(body))  # bytes: json detects the encoding and refuses invalid UTF-8
+    except (UnicodeDecodeError, ValueError) as e:
+        raise APIError(400, f"the body is not valid JSON in UTF-8 ({e})") from None
+
+
+def _parse(request_class, data):
+    try:
+        return request_class.model_validate(data)
+    except ValidationError as e:
+        message, field = _validation_message(e.errors())
+        raise APIError(400, message, param=field) from None
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for a declared content-length over the limit, before anything reads the body
+    (a chunked body is counted as it arrives, in _read_json). Plain ASGI rather than @app.middleware, whose
+    wrapping of streamed responses gets in the way of noticing a client that disconnects."""
+
+    def __init__(self, app, limits: Limits):
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.limits.max_body_bytes):
+                await _too_large(self.limits).response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _too_large(limits: Limits) -> APIError:
+    return APIError(413, f"request body larger than {limits.max_body_bytes} bytes (--max-body-kb)",
+                    code="request_too_large")
+
+
+def _check_model(name: str | None, model_id: str) -> None:
+    if name is not None and name != model_id:
+        raise APIError(404, f"model {name!r} is not served here; this server serves {model_id!r}",
+                       param="model", code="model_not_found")
+
+
+def _model_card(model_id: str, runtime: Runtime) -> dict:
+    return {"id": model_id, "object": "model", "created": int(os.path.getmtime(runtime.model_path)),
+            "owned_by": "tinyllm", "context_length": runtime.config.max_seq_len, **runtime.file_info}
+
+
+def _usage(completion: Completion) -> dict:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+
+def _web_page() -> str:
+    return resources.files("tinyllm").joinpath("web/index.html").read_text(encoding="utf-8")
+
+
+def serve(runtime: Runtime, model_id: str, limits: Limits, host: str, port: int, log_level: str = "info") -> None:
+    """Run the app with uvicorn until interrupted."""
+    app = create_app(runtime, model_id, limits)
+    print(f"tinyllm serve: {model_id} at http://{host}:{port}/ (web chat at /, API at /v1)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,233 @@
+"""`tinyllm serve` against its peers: the `openai` client gets what tinyllm.Runtime computes in-process
+(greedy, so the texts must be identical), token counts agree with SentencePiece and the chat template,
+and bad requests get a 4xx with a message while other requests carry on."""
+import http.client
+import json
+import socket
+import threading
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.noasan
+openai = pytest.importorskip("openai", reason="the server tests talk to it with the openai client")
+MODEL = ROOT / "models" / "chat15M.bin"
+PROMPTS = ["从前", "小明和小红", "今天天气很好，", "The"]
+QUESTIONS = ["你好，请介绍一下你自己。", "中国的首都是哪里？", "写一首关于春天的诗。"]
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    import tinyllm
+    return tinyllm.Runtime(MODEL)
+
+
+@pytest.fixture(scope="module")
+def client(chat_server):
+    return openai.OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def post(server, path, body: bytes, headers=None):
+    """(status, parsed JSON or raw text) of a POST with a raw body."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    try:
+        return resp.status, json.loads(data)
+    except ValueError:
+        return resp.status, data.decode("utf-8", "replace")
+
+
+# ---- agreement with the in-process runtime ----------------------------------------------------------
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_completion_is_the_runtimes_greedy_output(client, runtime, prompt):
+    got = client.completions.create(model="chat15M", prompt=prompt, max_tokens=40, temperature=0)
+    assert got.choices[0].text == runtime.generate(prompt, max_new_tokens=40, temperature=0)
+    assert got.choices[0].finish_reason in ("stop", "length")
+    assert got.usage.prompt_tokens == len(runtime.encode(prompt))
+
+
+def test_streamed_completion_joins_to_the_same_text(client, runtime):
+    stream = client.completions.create(model="chat15M", prompt="从前", max_tokens=30, temperature=0, stream=True)
+    pieces = [c.choices[0].text for c in stream]
+    assert len([p for p in pieces if p]) > 1  # streamed piece by piece, not as one blob
+    assert "".join(pieces) == runtime.generate("从前", max_new_tokens=30, temperature=0)
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_streamed_chat_is_the_runtimes_greedy_answer(client, runtime, question):
+    messages = [{"role": "user", "content": question}]
+    stream = client.chat.completions.create(model="chat15M", messages=messages, max_tokens=48, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == runtime.chat(messages, max_new_tokens=48, temperature=0)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_multi_turn_chat_with_system_prompt_counts_tokens_like_sentencepiece(client, runtime):
+    from tinyllm import chat
+    from tinyllm.tokenizer import Tokenizer
+    messages = [{"role": "system", "content": "你是一个乐于助人的助手。"},
+                {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮你？"},
+                {"role": "user", "content": "讲一个故事。"}]
+    got = client.chat.completions.create(model="chat15M", messages=messages, max_tokens=32, temperature=0)
+    assert got.choices[0].message.content == runtime.chat(messages, max_new_tokens=32, temperature=0)
+    ids, _ = chat.encode(Tokenizer(ROOT / "models" / "tok5000.model"), messages)
+    assert got.usage.prompt_tokens == len(ids)
+    assert 0 < got.usage.completion_tokens <= 32
+
+
+def test_stop_string_cuts_the_text_and_says_stop(client, runtime):
+    full = runtime.generate("从前", max_new_tokens=40, temperature=0)
+    stop = full[len(full) // 2:len(full) // 2 + 1]  # a character from the middle of the greedy text
+    got = client.completions.create(model="chat15M", prompt="从前", max_tokens=40, temperature=0, stop=[stop])
+    assert got.choices[0].text == full[:full.index(stop)]
+    assert got.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_keep_their_own_kv_cache(client, runtime):
+    expected = {p: runtime.generate(p, max_new_tokens=48, temperature=0) for p in PROMPTS}
+    results, errors = {}, []
+
+    def ask(prompt, i):
+        try:
+            r = client.completions.create(model="chat15M", prompt=prompt, max_tokens=48, temperature=0)
+            results[(prompt, i)] = r.choices[0].text
+        except Exception as e:  # collected: an exception in a thread would otherwise vanish
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(p, i)) for i in range(3) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == {(p, i): expected[p] for i in range(3) for p in PROMPTS}
+
+
+def test_seeded_sampling_is_reproducible_and_matches_the_runtime(client, runtime):
+    a = client.completions.create(model="chat15M", prompt="从前", max_tokens=30, temperature=0.8, top_p=0.9, seed=7)
+    b = client.completions.create(model="chat15M", prompt="从前", max_tokens=30, temperature=0.8, top_p=0.9, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+    assert a.choices[0].text == runtime.generate("从前", max_new_tokens=30, temperature=0.8, top_p=0.9, seed=7)
+
+
+def test_models_health_and_page(chat_server, client):
+    assert [m.id for m in client.models.list().data] == ["chat15M"]
+    assert chat_server.health()["status"] == "ok"
+    conn = http.client.HTTPConnection("127.0.0.1", chat_server.port, timeout=10)
+    conn.request("GET", "/")
+    resp = conn.getresponse()
+    page = resp.read().decode("utf-8")
+    assert resp.status == 200 and resp.getheader("content-type").startswith("text/html")
+    assert "/v1/chat/completions" in page and "http://" not in page and "https://" not in page  # offline
+
+
+# ---- faults: each refused or cut cleanly ------------------------------------------------------------
+
+@pytest.mark.parametrize("body, status, words", [
+    (b'{"prompt": "x", ', 400, "not valid JSON"),
+    (b'{"prompt": "\xff\xfe\xe4\xbd"}', 400, "UTF-8"),                    # invalid UTF-8 bytes
+    (b'{"prompt": "\\udc80abc"}', 400, "not valid Unicode"),              # a lone surrogate
+    (b'{"prompt": ""}', 400, "empty prompt"),
+    (b'{"prompt": "a\\u0000b"}', 400, "NUL"),
+    (b'[1, 2]', 400, "valid dictionary"),
+    (b'{"prompt": "x", "max_tokens": 100000}', 400, "at most 256"),
+    (b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+    (b'{"prompt": "x", "temperature": -1}', 400, "temperature"),
+    (b'{"prompt": "x", "n": 3}', 400, "n"),
+    (b'{"prompt": "x", "model": "gpt-4"}', 404, "not served here"),
+    (b'{"prompt": ["a", "b"]}', 400, "one prompt per request"),
+])
+def test_bad_completion_requests_get_a_4xx_with_a_message(chat_server, body, status, words):
+    got_status, got = post(chat_server, "/v1/completions", body)
+    assert got_status == status, got
+    assert words in got["error"]["message"]
+
+
+@pytest.mark.parametrize("messages, words", [
+    ([], "messages"),
+    ([{"role": "assistant", "content": "hi"}], "'user' message must come"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
+    ([{"role": "wizard", "content": "a"}], "unknown role"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "end with a user message"),
+    ([{"role": "user"}], "content"),
+])
+def test_bad_conversations_get_a_400(chat_server, messages, words):
+    got_status, got = post(chat_server, "/v1/chat/completions", json.dumps({"messages": messages}).encode())
+    assert got_status == 400, got
+    assert words in got["error"]["message"]
+
+
+def test_prompt_longer_than_the_context_is_refused(chat_server):
+    status, got = post(chat_server, "/v1/completions", json.dumps({"prompt": "从前有座山，" * 200}).encode())
+    assert status == 400 and got["error"]["code"] == "context_length_exceeded"
+
+
+def test_max_tokens_past_the_context_is_cut_at_the_context(client, runtime):
+    prompt = "从前有座山，山里有座庙，" * 8
+    n_prompt = len(runtime.encode(prompt))
+    got = client.completions.create(model="chat15M", prompt=prompt, max_tokens=256, temperature=1.0, seed=3,
+                                    extra_body={"repetition_penalty": 1.0})
+    if got.choices[0].finish_reason == "stop":
+        pytest.skip("the sampled text ended with EOS before the context filled")
+    assert got.choices[0].finish_reason == "length"
+    assert got.usage.prompt_tokens == n_prompt
+    # every one of the 256 positions fed, plus the token the last position predicts; none beyond
+    assert got.usage.total_tokens == 256 + 1
+
+
+def test_oversize_bodies_are_refused_declared_or_chunked(chat_server):
+    big = json.dumps({"prompt": "x" * (2 << 20)}).encode()
+    status, got = post(chat_server, "/v1/completions", big)
+    assert status == 413 and "larger than" in got["error"]["message"]
+    # chunked transfer: no content-length to check up front, counted as it arrives
+    conn = http.client.HTTPConnection("127.0.0.1", chat_server.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 413 and "larger than" in json.loads(resp.read())["error"]["message"]
+    conn.close()
+
+
+def test_client_disconnecting_mid_stream_stops_its_generation_only(chat_server, client):
+    import time
+    before = chat_server.health()
+    other = {}
+
+    def long_request():  # runs throughout: must complete normally
+        other["r"] = client.completions.create(model="chat15M", prompt="从前", max_tokens=200, temperature=1.0,
+                                               seed=1, extra_body={"repetition_penalty": 1.0})
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    body = json.dumps({"prompt": "从前", "max_tokens": 256, "temperature": 1.0, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", chat_server.port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    first = sock.recv(4096)
+    assert b"200 OK" in first
+    sock.close()  # gone after the first bytes
+    t.join(60)
+    assert other["r"].usage.completion_tokens > 0
+    deadline = time.monotonic() + 10
+    while (h := chat_server.health())["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert h["active"] == 0
+    assert h["cancelled"] == before["cancelled"] + 1
+    assert client.completions.create(model="chat15M", prompt="从前", max_tokens=4).choices[0].text
+
+
+def test_serve_with_a_missing_model_exits_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "tinyllm.cli", "serve", str(tmp_path / "nope.bin")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1

@@ -224,18 +224,16 @@ def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None) ->
                 "choices": [choice], "usage": usage}
 
     async def _generate(completion: Completion, request: Request | None = None) -> AsyncIterator[str]:
-        """The completion's pieces, each computed in a worker thread, at most max_concurrent at once.
+        """The completion's pieces, computed in worker threads, at most max_concurrent at once.
         Stops early when request (non-streaming) sees its client gone; a streaming response is cancelled
         by Starlette itself when its client disconnects, which ends this generator at its await."""
         async with slots:
             state["active"] += 1
             try:
                 pieces = iter(completion)
-                while True:
-                    piece = await anyio.to_thread.run_sync(next, pieces, None)
-                    if piece is None:
-                        break
-                    yield piece
+                while batch := await anyio.to_thread.run_sync(_take_pieces, pieces):
+                    for piece in batch:
+                        yield piece
                     if request is not None and await request.is_disconnected():
                         state["cancelled"] += 1
                         break
@@ -275,6 +273,19 @@ class _Meta:
     id: str
     created: int
     model: str
+
+
+def _take_pieces(pieces, max_pieces: int = 16, max_seconds: float = 0.02) -> list[str]:
+    """The next pieces of a completion, as many as come within max_seconds (at most max_pieces); [] at its end.
+    One worker-thread hop per batch, not per token: every hop costs two thread wake-ups, which on a busy
+    machine wait for a scheduler slice each (measured: 7 ms per token with one hop per token on 2 loaded
+    cores, against 1 ms in-process); 20 ms is far below what a reader of the stream notices."""
+    batch, deadline = [], time.perf_counter() + max_seconds
+    for piece in pieces:
+        batch.append(piece)
+        if len(batch) >= max_pieces or time.perf_counter() >= deadline:
+            break
+    return batch
 
 
 async def _guarded(events) -> AsyncIterator[bytes]:

@@ -95,15 +95,18 @@ class Server:
         import sys
         import time
         import urllib.request
+        import tempfile
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # its output goes to a file, not a pipe: nobody reads a pipe while the tests run, and a full one blocks
+        self.log = tempfile.NamedTemporaryFile(prefix="tinyllm-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen([sys.executable, "-m", "tinyllm.cli", "serve", str(model), "--port",
                                       str(self.port), "--log-level", "warning", *map(str, args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.proc.stdout.read()}")
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.output()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -121,14 +124,21 @@ class Server:
         with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
             return json.loads(r.read())
 
+    def output(self) -> str:
+        with open(self.log.name, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
     def stop(self) -> str:
         """End the server; its output."""
         self.proc.terminate()
         try:
-            out, _ = self.proc.communicate(timeout=10)
+            self.proc.wait(timeout=10)
         except Exception:
             self.proc.kill()
-            out, _ = self.proc.communicate()
+            self.proc.wait()
+        out = self.output()
+        self.log.close()
+        os.unlink(self.log.name)
         return out
 
 

@@ -14,7 +14,7 @@ LIB_SRC = runtime/util.c runtime/kernels.c runtime/kernels_simd.c runtime/thread
 HEADERS = $(wildcard runtime/*.h)
 SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all test asan asan-test clean bench
+.PHONY: all test asan asan-test clean bench bench-serve fuzz fuzz-build
 
 all: run libtinyllm.so
 
@@ -45,9 +45,61 @@ asan-test: asan
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	$(PYTHON) -m pytest -q -m "not noasan" tests
 
-# decode/prefill speed against llama.cpp (xllamacpp); writes bench/results.json and bench/RESULTS.md
+# libFuzzer harnesses (runtime/fuzz/) for the untrusted-input parsers, under ASan + UBSan; needs clang.
+# `make fuzz` runs each for FUZZ_SECONDS on build/fuzz/corpus/<name> (new finds) plus the seeds, and
+# fails if any finds a crash, leak, UB or timeout (the input is kept in build/fuzz/artifacts/<name>/).
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_HARNESSES = llama2c gguf tokbin encode
+FUZZ_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -pthread -g -O1 -fno-omit-frame-pointer \
+              -fno-sanitize-recover=undefined
+# kernels_simd.c's SIMD paths are GCC-only: the fuzz build takes its scalar paths (runtime/fuzz/kernels_scalar.c)
+FUZZ_OBJ = $(patsubst runtime/%.c,build/fuzz/obj/%.o,$(filter-out runtime/kernels_simd.c,$(LIB_SRC))) \
+           build/fuzz/obj/kernels_scalar.o
+FUZZ_FLAGS = -max_len=65536 -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
+
+.SECONDARY: $(FUZZ_OBJ)
+
+fuzz-build: $(patsubst %,build/fuzz/fuzz_%,$(FUZZ_HARNESSES)) build/fuzz/seeds/.done
+
+build/fuzz/obj/%.o: runtime/%.c $(HEADERS)
+	@mkdir -p build/fuzz/obj
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link,address,undefined -c -o $@ $<
+
+build/fuzz/obj/kernels_scalar.o: runtime/fuzz/kernels_scalar.c runtime/kernels_simd.c $(HEADERS)
+	@mkdir -p build/fuzz/obj
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link,address,undefined -c -o $@ $<
+
+# --wrap: the harness turns mmaps of the fuzz input into exact-size heap copies (runtime/fuzz/fuzz_common.h)
+build/fuzz/fuzz_%: runtime/fuzz/fuzz_%.c runtime/fuzz/fuzz_common.h $(FUZZ_OBJ)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer,address,undefined -Wl,--wrap=mmap,--wrap=munmap \
+	    -o $@ $< $(FUZZ_OBJ) $(LDLIBS)
+
+# seed inputs written with the project's own exporters (tiny models, tokenizers, text)
+build/fuzz/seeds/.done: runtime/fuzz/make_seeds.py export/llama2c.py export/gguf.py libtinyllm.so
+	$(PYTHON) runtime/fuzz/make_seeds.py build/fuzz/seeds
+	@touch $@
+
+fuzz: fuzz-build
+	@fail=0; for h in $(FUZZ_HARNESSES); do \
+	    mkdir -p build/fuzz/corpus/$$h build/fuzz/artifacts/$$h; \
+	    dict=; [ -f runtime/fuzz/$$h.dict ] && dict=-dict=runtime/fuzz/$$h.dict; \
+	    build/fuzz/fuzz_$$h $(FUZZ_FLAGS) -max_total_time=$(FUZZ_SECONDS) $$dict \
+	        -artifact_prefix=build/fuzz/artifacts/$$h/ build/fuzz/corpus/$$h build/fuzz/seeds/$$h \
+	        > build/fuzz/$$h.log 2>&1; rc=$$?; \
+	    execs=$$(sed -n 's/^stat::number_of_executed_units: *//p' build/fuzz/$$h.log | tail -n 1); \
+	    if [ $$rc -eq 0 ]; then result=ok; else result="FAILED (exit $$rc, see build/fuzz/$$h.log)"; fail=1; fi; \
+	    printf 'fuzz %-8s %10s execs in %ss  %s\n' $$h "$${execs:-?}" $(FUZZ_SECONDS) "$$result"; \
+	done; exit $$fail
+
+# decode/prefill speed against llama.cpp (xllamacpp): bench/results.json, RESULTS.md; then bench-serve
 bench: all
 	$(PYTHON) bench/bench.py
+	$(PYTHON) bench/serve_load.py
+
+# `tinyllm serve` under 32 concurrent clients for 30 s on loopback; writes bench/serve_results.json, SERVE.md
+bench-serve: all
+	$(PYTHON) bench/serve_load.py
 
 clean:
 	rm -rf run libtinyllm.so build python/tinyllm/_runtime*.so

@@ -195,6 +195,15 @@ static void infer_types(tl_tokenizer *t) {
     }
 }
 
+static size_t utf8_char_len(const unsigned char *s, size_t n);
+
+/* s[0:n] is well-formed UTF-8. */
+static int is_utf8(const char *s, size_t n) {
+    for (size_t i = 0, len; i < n; i += len)
+        if ((len = utf8_char_len((const unsigned char *)s + i, n - i)) == 0) return 0;
+    return 1;
+}
+
 /* Fill the hash table, byte table, user-defined list and special ids from the pieces. */
 static tl_status index_pieces(tl_tokenizer *t, const char *path, int has_trailer) {
     int n = t->vocab_size;
@@ -226,6 +235,11 @@ static tl_status index_pieces(tl_tokenizer *t, const char *path, int has_trailer
             slot->reserved_id = i;
         }
         if (type == PIECE_USER) {
+            /* user-defined pieces are cut out of the text whole before BPE splits the rest into
+             * characters: one that is not whole characters (e.g. a lone lead byte) would leave a
+             * partial character behind, which bpe() cannot split (SentencePiece never has such) */
+            if (!is_utf8(s, t->len[i]))
+                return tl_fail(TL_ERR_FORMAT, "tokenizer user-defined piece %d is not valid UTF-8: %s", i, path);
             t->user_ids[t->n_user++] = i;
             t->user_first[(unsigned char)s[0]] = 1;
         } else if (type == PIECE_UNUSED) {

@@ -170,3 +170,51 @@ def test_run_cli_generates_with_a_prompt_and_in_chat_mode(model_and_tokenizer):
     out = run_cli(path, "-z", tok, "-m", "chat", "-y", "丁", "-i", "七", "-n", 60, "-s", 5, stdin="万\n".encode())
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode().count("Assistant: ") >= 1
+
+
+# ---- found by the fuzzers in runtime/fuzz/ (`make fuzz`) ----------------------------------------------
+
+def _encode(tok, text: str):
+    data = text.encode()
+    ids, n = ffi.new("int[64]"), ffi.new("int *")
+    check(lib.tl_tokenizer_encode(tok, data, len(data), 0, 0, ids, 64, n))
+    return list(ids[0:n[0]])
+
+
+def test_user_defined_piece_that_is_not_whole_utf8_characters_is_rejected(tmp_path):
+    """fuzz_gguf: a user-defined piece ending inside a character ("a" + the first two bytes of 你) cut
+    that character in two; BPE then never advanced past the rest and wrote beyond its symbol buffer."""
+    pieces = [b"<unk>", b"<s>", b"</s>", "你".encode(), b"a\xe4\xbd"]
+
+    def tok_bin(user_piece):
+        path = tmp_path / "user.bin"
+        ps = pieces[:4] + [user_piece]
+        body = b"".join(struct.pack("<fi", -float(i), len(p)) + p for i, p in enumerate(ps))
+        path.write_bytes(struct.pack("<i", 6) + body + b"tltk" + struct.pack("<iii", 1, 4, 5) + bytes([2, 3, 3, 1, 4]))
+        return path
+
+    tok = ffi.new("tl_tokenizer **")
+    assert lib.tl_tokenizer_load(str(tok_bin(b"a\xe4\xbd")).encode(), 0, tok) == lib.TL_ERR_FORMAT
+    message = ffi.string(lib.tl_last_error()).decode()
+    assert "piece 4" in message and "UTF-8" in message, message
+    # a user-defined piece of whole characters is fine, and is cut out of the text whole
+    check(lib.tl_tokenizer_load(str(tok_bin("a你".encode())).encode(), 0, tok))
+    assert _encode(tok[0], "a你你") == [4, 3]
+    lib.tl_tokenizer_free(tok[0])
+
+    # the same piece in a GGUF file's tokenizer (a hand-built file: tests/test_gguf.py): the model
+    # loads, its tokenizer does not
+    from test_gguf import tiny_gguf
+    data = bytearray(tiny_gguf())
+    piece = struct.pack("<Q", 3) + "丁".encode()  # piece 4 of tiny_gguf's vocabulary
+    at = data.index(piece)
+    data[at + 8:at + 11] = b"a\xe4\xbd"
+    types_at = data.index(b"tokenizer.ggml.token_type") + len("tokenizer.ggml.token_type") + 4 + 12
+    struct.pack_into("<i", data, types_at + 4 * 4, 4)  # piece 4: user-defined
+    path = tmp_path / "user.gguf"
+    path.write_bytes(bytes(data))
+    model = ffi.new("tl_model **")
+    check(lib.tl_model_load(str(path).encode(), model))
+    assert lib.tl_tokenizer_from_model(model[0], tok) == lib.TL_ERR_FORMAT
+    assert "UTF-8" in ffi.string(lib.tl_last_error()).decode()
+    lib.tl_model_free(model[0])

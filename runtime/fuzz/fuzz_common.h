@@ -90,6 +90,17 @@ static inline void fuzz_touch(const void *p, size_t n) {
     (void)sink;
 }
 
+/* Load data[0:size] as a model file: the model, or NULL after checking that the refusal was a format
+ * error with a message (bad bytes must never be anything else). */
+static inline tl_model *fuzz_load_model(const uint8_t *data, size_t size) {
+    tl_model *model = NULL;
+    tl_status st = tl_model_load(fuzz_input_path(data, size), &model);
+    FUZZ_CHECK(st == TL_OK || st == TL_ERR_FORMAT);
+    FUZZ_CHECK((st == TL_OK) == (model != NULL));
+    FUZZ_CHECK(st == TL_OK || tl_last_error()[0] != '\0');
+    return model;
+}
+
 /* One forward step on a model the loader accepted, so that the shapes it let through are used:
  * every weight the step reads must lie inside the file. The weights fit in the input (at most
  * -max_len bytes), but activations, KV cache and logits grow with the dimensions alone, so

@@ -14,7 +14,7 @@ LIB_SRC = runtime/util.c runtime/kernels.c runtime/kernels_simd.c runtime/thread
 HEADERS = $(wildcard runtime/*.h)
 SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all test asan asan-test clean bench bench-serve fuzz fuzz-build
+.PHONY: all test asan asan-test clean bench bench-serve fuzz fuzz-build fuzz-python
 
 all: run libtinyllm.so
 
@@ -90,6 +90,27 @@ fuzz: fuzz-build
 	    execs=$$(sed -n 's/^stat::number_of_executed_units: *//p' build/fuzz/$$h.log | tail -n 1); \
 	    if [ $$rc -eq 0 ]; then result=ok; else result="FAILED (exit $$rc, see build/fuzz/$$h.log)"; fail=1; fi; \
 	    printf 'fuzz %-8s %10s execs in %ss  %s\n' $$h "$${execs:-?}" $(FUZZ_SECONDS) "$$result"; \
+	done; $(MAKE) --no-print-directory fuzz-python || fail=1; exit $$fail
+
+# Atheris harnesses (runtime/fuzz/fuzz_python.py) for the Python readers of user files: each runs for
+# FUZZ_SECONDS on build/fuzz/corpus/py_<name> plus the seeds, and fails on any exception that is not a
+# TinyLLMError, a timeout or > 2 GB RSS (input kept in build/fuzz/artifacts/py_<name>/). No clang needed.
+FUZZ_PY_HARNESSES = llama2c gguf tokbin spmodel
+
+build/fuzz/seeds/spmodel/.done: runtime/fuzz/fuzz_python.py
+	$(PYTHON) runtime/fuzz/fuzz_python.py seeds build/fuzz/seeds
+	@touch $@
+
+fuzz-python: build/fuzz/seeds/.done build/fuzz/seeds/spmodel/.done
+	@fail=0; for h in $(FUZZ_PY_HARNESSES); do \
+	    mkdir -p build/fuzz/corpus/py_$$h build/fuzz/artifacts/py_$$h; \
+	    dict=; [ -f runtime/fuzz/$$h.dict ] && dict=-dict=runtime/fuzz/$$h.dict; \
+	    $(PYTHON) runtime/fuzz/fuzz_python.py $$h $(FUZZ_FLAGS) -max_total_time=$(FUZZ_SECONDS) $$dict \
+	        -artifact_prefix=build/fuzz/artifacts/py_$$h/ build/fuzz/corpus/py_$$h build/fuzz/seeds/$$h \
+	        > build/fuzz/py_$$h.log 2>&1; rc=$$?; \
+	    execs=$$(sed -n 's/^stat::number_of_executed_units: *//p' build/fuzz/py_$$h.log | tail -n 1); \
+	    if [ $$rc -eq 0 ]; then result=ok; else result="FAILED (exit $$rc, see build/fuzz/py_$$h.log)"; fail=1; fi; \
+	    printf 'fuzz py-%-8s %7s execs in %ss  %s\n' $$h "$${execs:-?}" $(FUZZ_SECONDS) "$$result"; \
 	done; exit $$fail
 
 # decode/prefill speed against llama.cpp (xllamacpp): bench/results.json, RESULTS.md; then bench-serve

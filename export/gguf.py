@@ -79,7 +79,13 @@ def read_vocab(path) -> Vocab:
     if path.suffix == ".bin":
         from tinyllm.export.llama2c import read_tokenizer
         pieces, scores, types, flags = read_tokenizer(path)
-        return Vocab([p.decode("utf-8").replace(" ", SPACE) for p in pieces], list(scores), list(types),
+        text = []
+        for i, p in enumerate(pieces):
+            try:
+                text.append(p.decode("utf-8").replace(" ", SPACE))
+            except UnicodeDecodeError:  # GGUF stores pieces as strings; tok.bin bytes are not checked
+                raise FormatError(f"tok.bin piece {i} is not UTF-8 text ({path})") from None
+        return Vocab(text, list(scores), list(types),
                      flags["add_dummy_prefix"], flags["remove_extra_whitespaces"])
     facts = read_model_facts(path)
     if facts.model_type != 2:
@@ -231,43 +237,71 @@ def _add_vocab(writer, vocab: Vocab, chat_template: str | None):
 def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
     """(config, fp32 state dict in our names (quantized tensors dequantized), vocabulary or None)."""
     import gguf
+    _check_gguf_counts(path)
     try:
         r = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise FormatError(f"cannot read GGUF: {e} ({path})") from None
+    except Exception as e:  # the gguf package parses bad bytes into IndexError, KeyError, ValueError, ...
+        raise FormatError(f"cannot read GGUF: {type(e).__name__}: {e} ({path})") from None
 
-    def field(key, default=None, required=False):
+    V = gguf.GGUFValueType
+    ints = {V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64}
+    kinds = {int: ints, float: ints | {V.FLOAT32, V.FLOAT64}, str: {V.STRING}, bool: {V.BOOL} | ints}
+
+    def field(key, kind, default=None, required=False, array=False):
+        """The value of key, checked to be a kind (a list of kinds with array=True) before it is used."""
         f = r.get_field(key)
         if f is None:
             if required:
                 raise FormatError(f"required GGUF key {key} is missing ({path})")
             return default
-        return f.contents()
+        types = [V.ARRAY, f.types[-1]] if array and len(f.types) == 2 else [f.types[-1]] if f.types else []
+        if f.types != types or types[-1] not in kinds[kind]:
+            want = f"an array of {kind.__name__}" if array else kind.__name__
+            raise FormatError(f"GGUF key {key} holds {'/'.join(t.name for t in f.types)}, not {want} ({path})")
+        try:
+            return f.contents()
+        except UnicodeDecodeError:
+            raise FormatError(f"GGUF key {key} holds a string that is not UTF-8 ({path})") from None
 
-    arch = field("general.architecture", required=True)
+    arch = field("general.architecture", str, required=True)
     if arch != "llama":
         raise FormatError(f"unsupported architecture {arch!r} (tinyllm runs 'llama') ({path})")
     tensors = {t.name: t for t in r.tensors}
     if "token_embd.weight" not in tensors:
         raise FormatError(f"required tensor token_embd.weight is missing ({path})")
-    dim = int(field("llama.embedding_length", required=True))
-    cfg = ModelConfig(
-        dim=dim, n_layers=int(field("llama.block_count", required=True)),
-        n_heads=int(field("llama.attention.head_count", required=True)),
-        n_kv_heads=int(field("llama.attention.head_count_kv", field("llama.attention.head_count"))),
-        vocab_size=int(tensors["token_embd.weight"].shape[1]),
-        hidden_dim=int(field("llama.feed_forward_length", required=True)),
-        max_seq_len=int(field("llama.context_length", required=True)),
-        norm_eps=float(f"{field('llama.attention.layer_norm_rms_epsilon', required=True):.7g}"),
-        rope_theta=float(f"{field('llama.rope.freq_base', 10000.0):.7g}"),
-        tie_embeddings="output.weight" not in tensors)
+    embd_shape = tensors["token_embd.weight"].shape.tolist()
+    if len(embd_shape) != 2:
+        raise FormatError(f"token_embd.weight has {len(embd_shape)} dimensions, not 2 ({path})")
+    n_layers = field("llama.block_count", int, required=True)
+    if not 0 < n_layers <= len(tensors) // 9:  # 9 tensors a layer: checked before any per-layer work
+        raise FormatError(f"llama.block_count {n_layers} does not fit the file's {len(tensors)} tensors ({path})")
+    n_heads = field("llama.attention.head_count", int, required=True)
+    try:
+        cfg = ModelConfig(
+            dim=field("llama.embedding_length", int, required=True), n_layers=n_layers, n_heads=n_heads,
+            n_kv_heads=field("llama.attention.head_count_kv", int, n_heads),
+            vocab_size=int(embd_shape[1]),
+            hidden_dim=field("llama.feed_forward_length", int, required=True),
+            max_seq_len=field("llama.context_length", int, required=True),
+            norm_eps=float(f"{field('llama.attention.layer_norm_rms_epsilon', float, required=True):.7g}"),
+            rope_theta=float(f"{field('llama.rope.freq_base', float, 10000.0):.7g}"),
+            tie_embeddings="output.weight" not in tensors)
+    except ValueError as e:  # ModelConfig.validate names the bad value
+        raise FormatError(f"{e} ({path})") from None
     ours = _names_to_ours(cfg)
+    shapes = _gguf_shapes(cfg)
     w = {}
     for name, t in tensors.items():
         if name not in ours:
             raise FormatError(f"unexpected tensor {name} for a {cfg.n_layers}-layer llama model ({path})")
-        values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if shape != shapes[name]:
+            raise FormatError(f"tensor {name} has shape {shape}, the model's hyper-parameters say {shapes[name]} "
+                              f"({path})")
+        try:
+            values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        except (NotImplementedError, ValueError) as e:
+            raise FormatError(f"cannot read tensor {name} of type {t.tensor_type.name}: {e} ({path})") from None
         w[ours[name]] = np.ascontiguousarray(values.reshape(shape), dtype=np.float32)
     if cfg.tie_embeddings:
         w["output.weight"] = w["tok_embeddings.weight"]
@@ -275,13 +309,86 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
     if missing:
         raise FormatError(f"tensors missing: {missing[:3]} ({path})")
     vocab = None
-    if field("tokenizer.ggml.model") == "llama" and r.get_field("tokenizer.ggml.tokens") is not None:
-        pieces = field("tokenizer.ggml.tokens")
-        vocab = Vocab(list(pieces), [float(s) for s in field("tokenizer.ggml.scores", [0.0] * len(pieces))],
-                      [int(t) for t in field("tokenizer.ggml.token_type", [1] * len(pieces))],
-                      bool(field("tokenizer.ggml.add_space_prefix", True)),
-                      bool(field("tokenizer.ggml.remove_extra_whitespaces", False)))
+    if field("tokenizer.ggml.model", str) == "llama" and r.get_field("tokenizer.ggml.tokens") is not None:
+        pieces = field("tokenizer.ggml.tokens", str, array=True)
+        n = len(pieces)
+        scores = field("tokenizer.ggml.scores", float, [0.0] * n, array=True)
+        types = field("tokenizer.ggml.token_type", int, [1] * n, array=True)
+        if len(scores) != n or len(types) != n:
+            raise FormatError(f"GGUF tokenizer has {n} tokens, {len(scores)} scores and {len(types)} token types "
+                              f"({path})")
+        vocab = Vocab(list(pieces), [float(x) for x in scores], [int(x) for x in types],
+                      bool(field("tokenizer.ggml.add_space_prefix", bool, True)),
+                      bool(field("tokenizer.ggml.remove_extra_whitespaces", bool, False)))
     return cfg, w, vocab
+
+
+_VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalar types
+
+
+def _check_gguf_counts(path):
+    """Walk the header, metadata and tensor infos, refusing any count the file cannot hold.
+
+    gguf.GGUFReader reads past the end of the file as empty arrays, so a metadata array claiming 2^60
+    items made it loop (and allocate) 2^60 times; every item here must lie inside the file."""
+    import mmap
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            raise FormatError(f"empty file, not a GGUF ({path})")
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    pos, n = 0, len(data)
+
+    def take(k: int, what: str):
+        nonlocal pos
+        if k > n - pos:
+            raise FormatError(f"GGUF {what} needs {k} bytes at offset {pos}, the file has {n} ({path})")
+        pos += k
+        return data[pos - k:pos]
+
+    u32 = lambda what: int.from_bytes(take(4, what), "little")
+    u64 = lambda what: int.from_bytes(take(8, what), "little")
+
+    def value(vtype: int, depth: int, what: str):
+        if vtype in _VALUE_SIZES:
+            take(_VALUE_SIZES[vtype], what)
+        elif vtype == 8:
+            take(u64(what), what)
+        elif vtype == 9 and depth < 4:
+            itype, count = u32(what), u64(what)
+            if itype in _VALUE_SIZES:
+                take(_VALUE_SIZES[itype] * count, what)
+            else:
+                for _ in range(count):  # strings and arrays take >= 8 bytes each: bounded by the file
+                    value(itype, depth + 1, what)
+        else:
+            raise FormatError(f"GGUF {what} has value type {vtype} (unknown or nested too deep) ({path})")
+
+    if take(4, "magic") != b"GGUF":
+        raise FormatError(f"not a GGUF file ({path})")
+    u32("version")
+    n_tensors, n_kv = u64("tensor count"), u64("metadata count")
+    for i in range(n_kv):
+        take(u64(f"metadata key {i}"), f"metadata key {i}")
+        value(u32(f"metadata {i}"), 0, f"metadata {i}")
+    for i in range(n_tensors):
+        take(u64(f"tensor {i} name"), f"tensor {i} name")
+        n_dims = u32(f"tensor {i}")
+        if n_dims > 4:
+            raise FormatError(f"GGUF tensor {i} has {n_dims} dimensions (at most 4) ({path})")
+        take(8 * n_dims + 12, f"tensor {i}")
+
+
+def _gguf_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """(rows, cols) of every tensor a llama GGUF of this config holds, by GGUF name."""
+    d, h, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
+    shapes = {"token_embd.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
+              "output_norm.weight": (d,)}
+    per_layer = {"attn_norm": (d,), "ffn_norm": (d,), "attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d),
+                 "attn_output": (d, d), "ffn_gate": (h, d), "ffn_up": (h, d), "ffn_down": (d, h)}
+    for i in range(cfg.n_layers):
+        for name, shape in per_layer.items():
+            shapes[f"blk.{i}.{name}.weight"] = shape
+    return shapes
 
 
 def load_gguf_model(path):

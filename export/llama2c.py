@@ -198,6 +198,14 @@ def read_model_arrays(path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
                           tie_embeddings=not separate)
     except ValueError as e:
         raise FormatError(f"{e}: {path}") from None
+    if version == 2 and (gs <= 0 or gs % 4 or dim % gs or hidden % gs):
+        raise FormatError(f"bad group size {gs} for dim {dim}, hidden_dim {hidden}: {path}")
+    # the size the header implies, checked before anything is allocated: a header claiming 2^27 layers
+    # (or 2^31-row matrices) in a small file must be refused, not built up to one name per layer
+    expected = offset + _weight_bytes(cfg, version, separate, gs)
+    if expected != len(data):
+        raise FormatError(f"the header describes a {expected}-byte file (dim {dim}, hidden_dim {hidden}, "
+                          f"n_layers {n_layers}, vocab_size {vocab}), the file has {len(data)} bytes: {path}")
     reader = _TensorReader(data, offset, path)
     w = {}
     layer_names = lambda key: [f"layers.{i}.{key}.weight" for i in range(n_layers)]
@@ -227,8 +235,6 @@ def read_model_arrays(path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
         if version == 1:
             matrix = lambda name, shape: reader.f32(shape)
         else:
-            if gs <= 0 or gs % 4 or dim % gs or hidden % gs:
-                raise FormatError(f"bad group size {gs} for dim {dim}, hidden_dim {hidden}: {path}")
             matrix = lambda name, shape: reader.q8(shape, gs)
         w["tok_embeddings.weight"] = matrix("tok_embeddings", (vocab, dim))
         for key in LAYER_MATRICES:
@@ -238,6 +244,17 @@ def read_model_arrays(path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     if reader.offset != len(data):
         raise FormatError(f"{len(data) - reader.offset} unexpected trailing bytes after the weights: {path}")
     return cfg, w
+
+
+def _weight_bytes(cfg: ModelConfig, version: int, separate: bool, gs: int | None) -> int:
+    """Bytes of the tensors after the header, as the v0/v1/v2 writers lay them out (Python ints: no overflow)."""
+    d, h, L, v = cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.vocab_size
+    norms = (2 * L + 1) * d
+    matrices = v * d * (2 if separate else 1) + L * (2 * d * d + 2 * cfg.kv_dim * d + 3 * h * d)
+    if version == 2:  # int8 values + one fp32 scale per group (every row length is a multiple of gs)
+        return 4 * norms + matrices + 4 * (matrices // gs)
+    rope = 2 * cfg.max_seq_len * (cfg.head_dim // 2) if version == 0 else 0
+    return 4 * (norms + matrices + rope)
 
 
 class _TensorReader:

@@ -49,3 +49,24 @@ def test_an_export_with_swapped_weights_fails_the_check(tmp_path):
     with pytest.raises(TinyLLMError, match="export check failed"):
         check_export(path, model)
     assert np.isfinite(check_export(path, broken)["max_rel_diff"])
+
+
+# ---- found by the Python fuzzers (runtime/fuzz/fuzz_python.py, `make fuzz-python`) --------------------
+
+def test_llama2c_header_claiming_huge_sizes_is_refused_before_allocation(tmp_path):
+    """fuzz_python llama2c: a 286-byte file whose header claimed 2^27 layers made read_model_arrays build
+    one tensor name per layer (gigabytes) before its first size check; the size is now checked first."""
+    import struct
+
+    from tinyllm.errors import FormatError
+    from tinyllm.export.llama2c import MAGIC, read_model_arrays
+    for dims in ((8, 16, 1 << 27, 2, 2, 16, 8), (8, 16, 1, 2, 2, (1 << 31) - 1, 8)):
+        for version in (1, 2):
+            header = struct.pack("<Ii7iBi", MAGIC, version, *dims, 1, 4).ljust(256, b"\0")
+            path = tmp_path / f"huge_v{version}.bin"
+            path.write_bytes(header + b"\0" * 30)
+            with pytest.raises(FormatError, match="the header describes a .*-byte file"):
+                read_model_arrays(path)
+        path.write_bytes(struct.pack("<7i", *dims) + b"\0" * 30)  # v0: no magic
+        with pytest.raises(FormatError, match="the header describes"):
+            read_model_arrays(path)

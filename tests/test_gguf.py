@@ -510,3 +510,72 @@ def test_llama2c_file_has_no_embedded_tokenizer(model_file):
     assert lib.tl_tokenizer_from_model(model[0], tok) == lib.TL_ERR_FORMAT
     assert "no SentencePiece tokenizer" in ffi.string(lib.tl_last_error()).decode()
     lib.tl_model_free(model[0])
+
+
+# ---- found by the Python fuzzers (runtime/fuzz/fuzz_python.py, `make fuzz-python`) --------------------
+
+def test_read_gguf_on_truncated_files_raises_format_error(tmp_path):
+    """fuzz_python gguf: the gguf package's reader fails on cut files with IndexError, KeyError, ...;
+    read_gguf turned only ValueError/OSError into FormatError."""
+    from tinyllm.errors import FormatError
+    from tinyllm.export.gguf import read_gguf
+    data = tiny_gguf()
+    path = tmp_path / "cut.gguf"
+    for offset in sorted(set(list(range(0, 200, 3)) + list(range(200, len(data), 61)) + [len(data) - 1])):
+        path.write_bytes(data[:offset])
+        with pytest.raises(FormatError, match=r"\S"):
+            read_gguf(path)
+
+
+def _replaced(old, new):
+    data = tiny_gguf()
+    assert data.count(old) == 1 and len(new) == len(old)  # same length: the tensor data stays aligned
+    return data.replace(old, new)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: _replaced(_u32("llama.block_count", 1), _kv("llama.block_count", 6, struct.pack("<f", 1))),
+     "holds FLOAT32, not int"),
+    (lambda: _replaced(_u32("llama.block_count", 1), _u32("llama.block_count", 1 << 30)), "does not fit the file's"),
+    (lambda: _replaced(_u32("llama.embedding_length", 32), _u32("llama.embedding_length", 16)), "has shape"),
+    (lambda: _replaced(_u32("llama.attention.head_count", 2), _u32("llama.attention.head_count", 0)),
+     "must be positive"),
+    (lambda: _replaced(_kv("general.architecture", 8, _s("llama")), _kv("general.architecture", 8, _s(b"\xffllam"))),
+     "not UTF-8"),
+    (lambda: tiny_gguf(extra_kv=[_kv("tokenizer.ggml.remove_extra_whitespaces", 8, _s("yes"))]), "holds STRING, not bool"),
+])
+def test_read_gguf_with_bad_metadata_raises_format_error(tmp_path, make, words):
+    """fuzz_python gguf: metadata of the wrong type, a block_count the file cannot hold (which built one
+    tensor name per claimed layer before any check) and tensors whose shapes disagree with the
+    hyper-parameters got past read_gguf as ValueError, TypeError, MemoryError or a wrong-shaped state."""
+    from tinyllm.errors import FormatError
+    from tinyllm.export.gguf import read_gguf
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(make())
+    with pytest.raises(FormatError, match=words):
+        read_gguf(path)
+
+
+def test_read_vocab_of_a_tok_bin_with_a_non_utf8_piece_raises_format_error(tmp_path):
+    """fuzz_python tokbin: read_vocab (a tok.bin tokenizer for a GGUF export) decoded pieces unchecked."""
+    from tinyllm.errors import FormatError
+    from tinyllm.export.gguf import read_vocab
+    pieces = [b"<unk>", b"<s>", b"</s>", b"a\xe4\xbd"]
+    body = b"".join(struct.pack("<fi", -float(i), len(p)) + p for i, p in enumerate(pieces))
+    path = tmp_path / "tok.bin"
+    path.write_bytes(struct.pack("<i", 5) + body)
+    with pytest.raises(FormatError, match="piece 3 is not UTF-8"):
+        read_vocab(path)
+
+
+@pytest.mark.parametrize("itype", [8, 4])
+def test_read_gguf_refuses_metadata_arrays_longer_than_the_file_before_reading_them(tmp_path, itype):
+    """fuzz_python gguf: gguf.GGUFReader reads past the end of a file as empty arrays, so an array
+    claiming 2^40 items looped (allocating per item) until out of memory; read_gguf now checks every
+    count against the file first."""
+    from tinyllm.errors import FormatError
+    from tinyllm.export.gguf import read_gguf
+    path = tmp_path / "big.gguf"
+    path.write_bytes(tiny_gguf(extra_kv=[_kv("x.big", 9, struct.pack("<IQ", itype, 1 << 40))]))
+    with pytest.raises(FormatError, match="needs .* bytes at offset"):
+        read_gguf(path)

@@ -435,3 +435,13 @@ def test_decoding_an_out_of_range_id_is_an_argument_error(small_bin):
     assert c.decode_raw([5, 300], 64)[0] == lib.TL_ERR_ARGUMENT and "300" in last_error()
     assert c.decode_raw([-1], 64)[0] == lib.TL_ERR_ARGUMENT
     assert c.piece(-1, 300) == b"" and c.piece(-1, -5) == b""
+
+
+def test_model_file_with_a_non_utf8_piece_raises_tokenizer_error(tmp_path):
+    """fuzz_python spmodel: read_model_facts decoded piece text unchecked (UnicodeDecodeError)."""
+    from tinyllm.tokenizer import read_model_facts
+    piece = b"\x0a\x02\xc3\x28"               # SentencePiece.piece = b"\xc3\x28" (not UTF-8)
+    path = tmp_path / "bad.model"
+    path.write_bytes(b"\x0a" + bytes([len(piece)]) + piece)  # ModelProto.pieces
+    with pytest.raises(TokenizerError, match="piece 0 is not UTF-8"):
+        read_model_facts(path)

@@ -274,7 +274,11 @@ def read_model_facts(model_path) -> ModelFacts:
             piece, score, type_ = "", 0.0, NORMAL
             for n, w, v in _proto_fields(value):
                 if n == 1 and w == 2:
-                    piece = v.decode("utf-8")
+                    try:
+                        piece = v.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise TokenizerError(f"malformed SentencePiece model: piece {len(facts.pieces)} is not "
+                                             f"UTF-8 ({model_path})") from None
                 elif n == 2 and w == 5:
                     score = struct.unpack("<f", v)[0]
                 elif n == 3 and w == 0:

@@ -25,13 +25,17 @@ tinyllm pretrain --config configs/stories15M.toml --data-dir "$W/data" --out-dir
 tinyllm pretrain --out-dir "$W/pretrain" --resume --max-steps 1500
 # ...and once the machine was free, on to 2450 steps (a warm restart of the cosine schedule)
 tinyllm pretrain --out-dir "$W/pretrain" --resume --max-steps 2450
+# a later session went on (one thread, the other core serving builds and tests): planned 5400 steps,
+# cut to 4600 at step 2800 so that SFT would fit the session (each a warm restart, decaying to 8e-5)
+OMP_NUM_THREADS=1 tinyllm pretrain --out-dir "$W/pretrain" --resume --max-steps 5400 --stop-at-step 2800
+OMP_NUM_THREADS=1 tinyllm pretrain --out-dir "$W/pretrain" --resume --max-steps 4600
 
 # 3. SFT on instruction and dialogue data, identity claims of other assistants rewritten
 S=$D/sft
 tinyllm sft --checkpoint "$W/pretrain/ckpt.pt" --data $S/alpaca_chinese_52k.jsonl.gz --data $S/coig_cqia_subset.jsonl.gz \
     --data $S/kdconv_dialogues.jsonl.gz --data $S/llamafactory_alpaca_zh_demo.json --skip-bad \
-    --tokenizer "$W/tok/tok.model" --out-dir "$W/sft" --batch-size 32 --max-steps 300 --lr 3e-4 --min-lr 3e-5 \
-    --warmup-steps 20 --eval-interval 100 --ckpt-interval 50
+    --tokenizer "$W/tok/tok.model" --out-dir "$W/sft" --batch-size 32 --max-steps 1200 --lr 3e-4 --min-lr 3e-5 \
+    --warmup-steps 40 --eval-interval 200 --ckpt-interval 100
 
 # 4. export (each export checks itself against the C runtime) and measure for the card
 tinyllm export --checkpoint "$W/pretrain/ckpt.pt" --format llama2c --version 2 --out models/stories15M.bin
@@ -43,3 +47,9 @@ tinyllm export --checkpoint "$W/sft/ckpt.pt" --format gguf --type q8_0 --tokeniz
 cp "$W/tok/tok.model" models/tok5000.model
 cp "$W/tok/tok5000.bin" models/tok5000.bin
 python models/measure.py
+
+# 5. DPO was tried and not shipped (see models/README.md): pairs from the demo set, 200 steps
+tinyllm dpo make-pairs --model models/chat15M.bin --data $S/llamafactory_alpaca_zh_demo.json \
+    --tokenizer "$W/tok/tok.model" --out "$W/pairs.jsonl" --max-new-tokens 128 --seed 1 --threads 2
+tinyllm dpo --checkpoint "$W/sft/ckpt.pt" --data "$W/pairs.jsonl" --tokenizer "$W/tok/tok.model" --out-dir "$W/dpo" \
+    --beta 0.1 --batch-size 16 --max-steps 200 --lr 1e-5 --min-lr 1e-6 --warmup-steps 10 --eval-interval 50

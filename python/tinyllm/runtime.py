@@ -240,24 +240,12 @@ class ChatSession:
         done_turns = sum(1 for m in self.messages if m["role"] == "user")
         self._complete = False
         _feed_turns(self.runtime, self._gen, system, turns, done_turns)
-        pieces, ended = [], [False]
-
-        def tokens():
-            for _ in range(max_new_tokens):
-                token, text, done = self._gen.next()
-                if text:
-                    yield text.decode("utf-8", errors="replace")
-                if done:
-                    ended[0] = token == self.runtime.eos_id
-                    break
-            rest = self._gen.flush()
-            if rest:
-                yield rest.decode("utf-8", errors="replace")
-
-        for piece in tokens():
+        answer = Completion(self.runtime, self._session, self._gen, max_new_tokens, stop=[])
+        pieces = []
+        for piece in answer:
             pieces.append(piece)
             yield piece
-        if not ended[0] and self._session.pos < self._session.n_ctx:
+        if answer.finish_reason != "stop" and self._session.pos < self._session.n_ctx:
             # cut by max_new_tokens: close the answer as the template does, so the next turn follows an EOS
             self._gen.prompt_ids([self.runtime.eos_id])
         self.messages = [_plain(m) for m in messages] + [{"role": "assistant", "content": "".join(pieces)}]

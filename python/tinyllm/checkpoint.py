@@ -2,10 +2,16 @@
 
 A checkpoint is one torch.save'd dict: model and optimizer state, step, the RNG states of python,
 numpy, torch (and CUDA), the data position, and the model and train configs as plain dicts.
+
+It holds only tensors and plain Python values (dict, list, tuple, str, int, float, bool, None), so it
+is read with torch.load(weights_only=True): a pickle that names any other Python object (os.system,
+say) is refused before anything in it runs. Version 1 files stored numpy's RNG state as an ndarray;
+they still load, with exactly numpy's array reconstruction allowed besides.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
 
 import numpy as np
@@ -16,12 +22,22 @@ from .errors import FormatError
 from .fileio import atomic_write
 
 CHECKPOINT_FORMAT = "tinyllm-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# what version 1 files need beyond weights_only's tensors and plain types: numpy's RNG keys (a uint32
+# array), under numpy 2's module name and numpy 1's
+_reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+_NUMPY_ARRAY_GLOBALS = [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"),
+                        np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def rng_state() -> dict:
-    """The state of every random generator a training step draws from."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The state of every random generator a training step draws from, as tensors and plain values."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached_gaussian)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -29,7 +45,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    if isinstance(keys, torch.Tensor):  # version 2; version 1 held the ndarray itself
+        keys = keys.numpy()
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -65,14 +84,33 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise FormatError(f"checkpoint not found ({path})")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise FormatError(f"refusing to open checkpoint: it names Python objects that tinyllm checkpoints "
+                              f"never hold ({', '.join(unsafe[:5])}), and unpickling them could run code "
+                              f"({path})") from None
+        raise FormatError(f"cannot read checkpoint: {str(e).splitlines()[0]} ({path})") from None
     except Exception as e:  # torch raises many types for a damaged file
         raise FormatError(f"cannot read checkpoint: {e} ({path})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise FormatError(f"not a tinyllm checkpoint ({path})")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise FormatError(f"checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION} ({path})")
+    if ckpt.get("version") not in READABLE_VERSIONS:
+        raise FormatError(f"checkpoint version {ckpt.get('version')} is not one of {READABLE_VERSIONS}; "
+                          f"it was written by another tinyllm release ({path})")
     return ckpt
+
+
+def _unsafe_globals(path: str) -> list[str]:
+    """The names outside our allow-list that a checkpoint's pickle would import (read, never run)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a readable torch file at all: nothing to name
+        return []
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in _NUMPY_ARRAY_GLOBALS}
+    return [n for n in names if n not in allowed]
 
 
 def load_model(path: str, device="cpu"):

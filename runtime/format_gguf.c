@@ -295,15 +295,29 @@ static tl_status get_float(const gguf_file *g, const char *key, int required, fl
     return TL_OK;
 }
 
-static int get_bool(const gguf_file *g, const char *key, int dflt) {
+/* Boolean key (a bool or any integer, nonzero meaning true), dflt when absent. */
+static tl_status get_bool(const gguf_file *g, const char *key, int dflt, int *out) {
     const gguf_kv *kv = find_kv(g, key);
-    return kv && kv->type == V_BOOL ? kv->value[0] != 0 : dflt;
+    int64_t v = dflt;
+    *out = dflt;
+    if (kv == NULL) return TL_OK;
+    if (kv->type == V_BOOL) v = kv->value[0];
+    else if (!kv_int(kv, &v))
+        return tl_fail(TL_ERR_FORMAT, "%s: GGUF key %s is not a bool (value type %u)", g->path, key, kv->type);
+    *out = v != 0;
+    return TL_OK;
 }
 
-/* The bytes of string key (length in *len), or NULL if absent or not a string. */
-static const unsigned char *get_string(const gguf_file *g, const char *key, uint64_t *len) {
+/* The bytes of string key (length in *len), NULL when absent; a key of another type is an error
+ * (*st), not a default: the file would mean something else than what we read. */
+static const unsigned char *get_string(const gguf_file *g, const char *key, uint64_t *len, tl_status *st) {
     const gguf_kv *kv = find_kv(g, key);
-    if (kv == NULL || kv->type != V_STRING) return NULL;
+    *st = TL_OK;
+    if (kv == NULL) return NULL;
+    if (kv->type != V_STRING) {
+        *st = tl_fail(TL_ERR_FORMAT, "%s: GGUF key %s is not a string (value type %u)", g->path, key, kv->type);
+        return NULL;
+    }
     memcpy(len, kv->value, 8);
     return kv->value + 8;
 }
@@ -366,13 +380,14 @@ static tl_status take_norm(const gguf_file *g, const char *name, int n, float *d
 
 static tl_status read_config(const gguf_file *g, tl_config *c) {
     uint64_t len = 0;
-    const unsigned char *arch = get_string(g, "general.architecture", &len);
+    tl_status st;
+    const unsigned char *arch = get_string(g, "general.architecture", &len, &st);
+    if (st != TL_OK) return st;
     if (arch == NULL) return tl_fail(TL_ERR_FORMAT, "%s: required GGUF key general.architecture is missing", g->path);
     if (!string_is(arch, len, "llama"))
         return tl_fail(TL_ERR_FORMAT, "%s: unsupported architecture \"%.*s\" (tinyllm runs \"llama\")", g->path,
                        (int)(len < 64 ? len : 64), (const char *)arch);
     const int big = 1 << 30;
-    tl_status st;
     if ((st = get_int(g, "llama.embedding_length", 1, 0, 1, big, &c->dim)) != TL_OK ||
         (st = get_int(g, "llama.block_count", 1, 0, 1, big, &c->n_layers)) != TL_OK ||
         (st = get_int(g, "llama.feed_forward_length", 1, 0, 1, big, &c->hidden_dim)) != TL_OK ||
@@ -403,7 +418,8 @@ static tl_status read_config(const gguf_file *g, tl_config *c) {
         snprintf(reason, sizeof(reason), "%s", tl_last_error());
         return tl_fail(st, "%s (tinyllm runs dense llama models with full-width RoPE)", reason);
     }
-    const unsigned char *scaling = get_string(g, "llama.rope.scaling.type", &len);
+    const unsigned char *scaling = get_string(g, "llama.rope.scaling.type", &len, &st);
+    if (st != TL_OK) return st;
     if (scaling && !string_is(scaling, len, "none"))
         return tl_fail(TL_ERR_FORMAT, "%s: RoPE scaling \"%.*s\" is not supported", g->path, (int)(len < 32 ? len : 32),
                        (const char *)scaling);
@@ -421,7 +437,9 @@ static tl_status read_vocab(const gguf_file *g, int vocab_size, tl_embedded_voca
     v->n = 0;
     v->bos = v->eos = v->unk = -1;
     uint64_t len = 0;
-    const unsigned char *model = get_string(g, "tokenizer.ggml.model", &len);
+    tl_status st;
+    const unsigned char *model = get_string(g, "tokenizer.ggml.model", &len, &st);
+    if (st != TL_OK) return st;
     const gguf_kv *tokens = find_kv(g, "tokenizer.ggml.tokens");
     if (model == NULL || tokens == NULL || !string_is(model, len, "llama")) return TL_OK;
     if (tokens->type != V_ARRAY || tokens->elem_type != V_STRING)
@@ -444,11 +462,12 @@ static tl_status read_vocab(const gguf_file *g, int vocab_size, tl_embedded_voca
         {"tokenizer.ggml.bos_token_id", &v->bos}, {"tokenizer.ggml.eos_token_id", &v->eos},
         {"tokenizer.ggml.unknown_token_id", &v->unk}};
     for (int i = 0; i < 3; i++) {
-        tl_status st = get_int(g, ids[i].key, 0, -1, -1, vocab_size - 1, ids[i].dst);
+        st = get_int(g, ids[i].key, 0, -1, -1, vocab_size - 1, ids[i].dst);
         if (st != TL_OK) return st;
     }
-    v->add_space_prefix = get_bool(g, "tokenizer.ggml.add_space_prefix", 1);
-    v->remove_extra_whitespaces = get_bool(g, "tokenizer.ggml.remove_extra_whitespaces", 0);
+    if ((st = get_bool(g, "tokenizer.ggml.add_space_prefix", 1, &v->add_space_prefix)) != TL_OK ||
+        (st = get_bool(g, "tokenizer.ggml.remove_extra_whitespaces", 0, &v->remove_extra_whitespaces)) != TL_OK)
+        return st;
     v->tokens = tokens->value;
     v->n = vocab_size;
     return TL_OK;

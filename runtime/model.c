@@ -43,7 +43,9 @@ static int physical_cores(void) {
 static int n_threads = 0; /* 0: not chosen yet */
 
 void tl_set_threads(int n) {
+    const int cpus = tl_pool_cpu_count(); /* threads beyond the CPUs only take turns (and spin) */
     n_threads = n > 0 ? n : physical_cores();
+    if (n_threads > cpus) n_threads = cpus;
     tl_pool_set_threads(n_threads);
 }
 
@@ -79,21 +81,14 @@ tl_status tl_config_validate(const tl_config *c, const char *path) {
     return TL_OK;
 }
 
-/* cos/sin tables of position * theta^(-2i/head_dim), computed in double like the torch model. */
-static tl_status build_rope_tables(tl_model *m) {
+/* RoPE's frequencies theta^(-2i/head_dim), in double like the torch model. Only these are kept: the
+ * cos/sin of position * frequency are computed for the positions of each step (a table of seq_len
+ * positions would cost memory the file does not justify: context 2^20 x head size 2048 is 8 GB). */
+static tl_status build_rope_freqs(tl_model *m) {
     const int half = m->config.dim / m->config.n_heads / 2;
-    const size_t n = (size_t)m->config.seq_len * half;
-    m->rope_cos = malloc(n * sizeof(float));
-    m->rope_sin = malloc(n * sizeof(float));
-    if (!m->rope_cos || !m->rope_sin) return tl_fail(TL_ERR_MEMORY, "out of memory for RoPE tables");
-    for (int pos = 0; pos < m->config.seq_len; pos++) {
-        for (int i = 0; i < half; i++) {
-            const double freq = 1.0 / pow((double)m->config.rope_theta, (2.0 * i) / (2.0 * half));
-            const double angle = (double)pos * freq;
-            m->rope_cos[(size_t)pos * half + i] = (float)cos(angle);
-            m->rope_sin[(size_t)pos * half + i] = (float)sin(angle);
-        }
-    }
+    m->rope_freq = malloc((size_t)half * sizeof(double));
+    if (!m->rope_freq) return tl_fail(TL_ERR_MEMORY, "out of memory for RoPE frequencies");
+    for (int i = 0; i < half; i++) m->rope_freq[i] = 1.0 / pow((double)m->config.rope_theta, (2.0 * i) / (2.0 * half));
     return TL_OK;
 }
 
@@ -103,7 +98,7 @@ tl_status tl_model_load(const char *path, tl_model **out) {
     if (m == NULL) return tl_fail(TL_ERR_MEMORY, "out of memory loading %s", path ? path : "(null)");
     tl_status st = tl_map_file(path, &m->file);
     if (st == TL_OK) st = tl_is_gguf(&m->file) ? tl_load_gguf(m, path) : tl_load_llama2c(m, path);
-    if (st == TL_OK) st = build_rope_tables(m);
+    if (st == TL_OK) st = build_rope_freqs(m);
     if (st != TL_OK) {
         tl_model_free(m);
         return st;
@@ -116,8 +111,7 @@ void tl_model_free(tl_model *m) {
     if (m == NULL) return;
     tl_unmap_file(&m->file);
     free(m->layers);
-    free(m->rope_cos);
-    free(m->rope_sin);
+    free(m->rope_freq);
     free(m->owned);
     free(m);
 }
@@ -131,10 +125,14 @@ void tl_model_config(const tl_model *m, tl_config *out) { *out = m->config; }
 #define PREFILL_BATCH 64
 /* Below this many multiply-adds the attention of a step runs on one thread. */
 #define ATTENTION_PARALLEL_MIN 32768
+/* Positions a new session's KV cache has room for; the room doubles as positions are fed, up to
+ * n_ctx, so memory follows the context actually used, not the model's seq_len. */
+#define KV_INITIAL_ROOM 16
 
 struct tl_session {
     const tl_model *model;
     int n_ctx, pos;
+    int room;              /* positions the caches and att have room for (<= n_ctx, grows) */
     int batch;             /* tokens per forward step: min(PREFILL_BATCH, n_ctx) */
     int kv_f16;            /* the KV cache holds IEEE halves instead of floats */
     /* activations of up to `batch` tokens, token t's row at t * width */
@@ -142,12 +140,45 @@ struct tl_session {
     float *hb, *hb2;       /* (batch, hidden_dim) FFN scratch */
     float *q;              /* (batch, dim) queries */
     float *k, *v;          /* (batch, kv_dim) new keys and values, before they enter the cache */
-    float *att;            /* (n_heads, n_ctx) attention weights */
+    float *rope_cos, *rope_sin; /* (batch, head_dim/2) cos/sin of position * frequency of the step's tokens */
+    float *att;            /* (n_heads, room) attention weights */
     float *logits;         /* (vocab) of the last token */
-    void *key_cache;       /* (n_layers, n_kv_heads, n_ctx, head_dim) floats, or halves with kv_f16:
+    void *key_cache;       /* (n_layers, n_kv_heads, room, head_dim) floats, or halves with kv_f16:
                               a head's keys lie one after another, so attention streams them */
     void *value_cache;
 };
+
+/* Room in the caches and attention weights for positions 0..need-1 (need <= n_ctx): the room doubles
+ * (capped at n_ctx) and the positions held so far move to the new, wider layout. */
+static tl_status reserve_positions(tl_session *s, int need) {
+    if (need <= s->room) return TL_OK;
+    const tl_config *c = &s->model->config;
+    int room = s->room > 0 ? s->room : need;
+    while (room < need) room = room > s->n_ctx / 2 ? s->n_ctx : room * 2;
+    const size_t elem = s->kv_f16 ? 2 : 4;
+    const size_t head_bytes = (size_t)c->dim / c->n_heads * elem; /* one position of one head */
+    const size_t blocks = (size_t)c->n_layers * c->n_kv_heads;
+    void *keys = calloc(blocks * room, head_bytes);
+    void *values = calloc(blocks * room, head_bytes);
+    float *att = calloc((size_t)c->n_heads * room, sizeof(float));
+    if (!keys || !values || !att) {
+        free(keys); free(values); free(att);
+        return tl_fail(TL_ERR_MEMORY, "out of memory growing the KV cache to %d positions (%zu MiB)", room,
+                       2 * blocks * room * head_bytes >> 20);
+    }
+    for (size_t blk = 0; blk < blocks && s->pos > 0; blk++) {
+        memcpy((char *)keys + blk * room * head_bytes, (char *)s->key_cache + blk * s->room * head_bytes,
+               (size_t)s->pos * head_bytes);
+        memcpy((char *)values + blk * room * head_bytes, (char *)s->value_cache + blk * s->room * head_bytes,
+               (size_t)s->pos * head_bytes);
+    }
+    free(s->key_cache); free(s->value_cache); free(s->att);
+    s->key_cache = keys;
+    s->value_cache = values;
+    s->att = att;
+    s->room = room;
+    return TL_OK;
+}
 
 tl_status tl_session_new(const tl_model *m, int n_ctx, tl_session **out) {
     tl_session_params params = {n_ctx, 0};
@@ -164,7 +195,7 @@ tl_status tl_session_new_ex(const tl_model *m, const tl_session_params *params, 
     tl_session *s = calloc(1, sizeof(*s));
     if (s == NULL) return tl_fail(TL_ERR_MEMORY, "out of memory for a session");
     const size_t kv_dim = (size_t)c->dim / c->n_heads * c->n_kv_heads;
-    const size_t cache = (size_t)c->n_layers * n_ctx * kv_dim;
+    const size_t half = (size_t)c->dim / c->n_heads / 2;
     const size_t b = n_ctx < PREFILL_BATCH ? n_ctx : PREFILL_BATCH;
     s->model = m;
     s->n_ctx = n_ctx;
@@ -178,14 +209,13 @@ tl_status tl_session_new_ex(const tl_model *m, const tl_session_params *params, 
     s->q = calloc(b * c->dim, sizeof(float));
     s->k = calloc(b * kv_dim, sizeof(float));
     s->v = calloc(b * kv_dim, sizeof(float));
-    s->att = calloc((size_t)c->n_heads * n_ctx, sizeof(float));
+    s->rope_cos = calloc(b * half, sizeof(float));
+    s->rope_sin = calloc(b * half, sizeof(float));
     s->logits = calloc(c->vocab_size, sizeof(float));
-    s->key_cache = calloc(cache, s->kv_f16 ? 2 : 4);
-    s->value_cache = calloc(cache, s->kv_f16 ? 2 : 4);
-    if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->k || !s->v || !s->att || !s->logits ||
-        !s->key_cache || !s->value_cache) {
+    if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->k || !s->v || !s->rope_cos || !s->rope_sin ||
+        !s->logits || reserve_positions(s, n_ctx < KV_INITIAL_ROOM ? n_ctx : KV_INITIAL_ROOM) != TL_OK) {
         tl_session_free(s);
-        return tl_fail(TL_ERR_MEMORY, "out of memory for a KV cache of %d positions", n_ctx);
+        return tl_fail(TL_ERR_MEMORY, "out of memory for a session of %d positions", n_ctx);
     }
     *out = s;
     return TL_OK;
@@ -194,7 +224,7 @@ tl_status tl_session_new_ex(const tl_model *m, const tl_session_params *params, 
 void tl_session_free(tl_session *s) {
     if (s == NULL) return;
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->k); free(s->v);
-    free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
+    free(s->rope_cos); free(s->rope_sin); free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
     free(s);
 }
 
@@ -213,7 +243,7 @@ tl_status tl_session_rewind(tl_session *s, int pos) {
 static size_t kv_at(const tl_session *s, int layer, int h, int pos) {
     const tl_config *c = &s->model->config;
     const size_t head_dim = (size_t)c->dim / c->n_heads;
-    return (((size_t)layer * c->n_kv_heads + h) * s->n_ctx + pos) * head_dim;
+    return (((size_t)layer * c->n_kv_heads + h) * s->room + pos) * head_dim;
 }
 
 /* Put the key and value (kv_dim each) of position pos of a layer into the cache (as halves with
@@ -255,7 +285,7 @@ static void attention_head(void *ctx, int h) {
     for (int t = 0; t < j->n; t++)
         tl_attend(s->xb + (size_t)t * dim + h * head_dim, s->q + (size_t)t * dim + h * head_dim,
                   (const char *)s->key_cache + at, (const char *)s->value_cache + at, head_dim, j->pos0 + t + 1,
-                  head_dim, scale, s->kv_f16, s->att + (size_t)h * s->n_ctx);
+                  head_dim, scale, s->kv_f16, s->att + (size_t)h * s->room);
 }
 
 /* Causal self-attention for the n tokens at positions pos0..pos0+n-1 (already in the cache):
@@ -296,6 +326,12 @@ static void forward(tl_session *s, const int *tokens, int n, float *all_logits) 
     const int kv_dim = head_dim * c->n_kv_heads;
 
     for (int t = 0; t < n; t++) tl_matrix_row(s->x + (size_t)t * dim, &m->token_embedding, tokens[t]);
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < half; i++) {
+            const double angle = (double)(pos0 + t) * m->rope_freq[i];
+            s->rope_cos[(size_t)t * half + i] = (float)cos(angle);
+            s->rope_sin[(size_t)t * half + i] = (float)sin(angle);
+        }
     for (int l = 0; l < c->n_layers; l++) {
         const tl_layer *w = &m->layers[l];
         /* attention: q, k, v of the new positions; k and v go into the cache */
@@ -305,8 +341,8 @@ static void forward(tl_session *s, const int *tokens, int n, float *all_logits) 
         const tl_matrix *const wqkv[3] = {&w->wq, &w->wk, &w->wv};
         tl_matmul_many(3, qkv, wqkv, s->xb, n);
         for (int t = 0; t < n; t++) {
-            const float *cos = m->rope_cos + (size_t)(pos0 + t) * half;
-            const float *sin = m->rope_sin + (size_t)(pos0 + t) * half;
+            const float *cos = s->rope_cos + (size_t)t * half;
+            const float *sin = s->rope_sin + (size_t)t * half;
             tl_rope(s->q + (size_t)t * dim, c->n_heads, head_dim, cos, sin);
             tl_rope(s->k + (size_t)t * kv_dim, c->n_kv_heads, head_dim, cos, sin);
             store_kv(s, l, pos0 + t, s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim);
@@ -347,6 +383,8 @@ tl_status tl_session_feed(tl_session *s, const int *tokens, int n, float *logits
         if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
             return tl_fail(TL_ERR_ARGUMENT, "token id %d is outside the vocabulary (0..%d)", tokens[i],
                            c->vocab_size - 1);
+    tl_status st = reserve_positions(s, s->pos + n);
+    if (st != TL_OK) return st;
     tl_get_threads(); /* first use picks the default thread count */
     /* the prompt goes through in batches of s->batch tokens */
     for (int i = 0; i < n; i += s->batch) {

@@ -31,12 +31,13 @@ struct tl_model {
     tl_matrix classifier;      /* (vocab, dim); the embedding when shared */
     const float *rms_final;    /* (dim) */
     tl_layer *layers;          /* n_layers */
-    float *rope_cos, *rope_sin; /* (seq_len, head_dim/2) cos/sin of position * frequency */
+    double *rope_freq;         /* (head_dim/2) theta^(-2i/head_dim); sessions turn it into cos/sin per step */
     float *owned;              /* weights a reader converted (e.g. f16 norms to f32), freed with the model */
     tl_embedded_vocab vocab;
 };
 
-/* Check hyper-parameters read from a file; fills a message naming the bad field. */
+/* Check hyper-parameters read from a file; fills a message naming the bad field. The Python readers
+ * apply the same rules (ModelConfig.validate in python/tinyllm/config.py): change them together. */
 tl_status tl_config_validate(const tl_config *c, const char *path);
 
 /* The model a session runs. */

@@ -1,7 +1,68 @@
-"""Model hyper-parameters: the single source of truth for shapes (no torch import here)."""
+"""Model hyper-parameters: the single source of truth for shapes (no torch import here), and the validity
+rules every reader of a model file or tokenizer applies, the C runtime's (ModelConfig.validate, validate_vocab)."""
 from __future__ import annotations
 
+import math
+import numbers
+import re
+import struct
 from dataclasses import asdict, dataclass, fields
+
+
+# Upper bounds of the hyper-parameters, the C runtime's (runtime/model.c): far beyond any small model,
+# small enough that no size computed from them overflows, and max_seq_len bounds what a context costs.
+MODEL_LIMITS = {"dim": 1 << 16, "hidden_dim": 1 << 18, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+                "vocab_size": 1 << 22, "max_seq_len": 1 << 20}
+MAX_PIECES = 1 << 28  # tokenizer pieces, as runtime/tokenizer.c allows
+# SentencePiece's piece types (ModelProto.SentencePiece.Type), which tok.bin and GGUF store
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _as_float32(x) -> float:
+    """x as the float32 every model file stores it in (inf when it overflows one)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", float(x)))[0]
+    except OverflowError:
+        return math.inf
+    except (TypeError, ValueError):
+        return math.nan
+
+
+_BYTE_PIECE = re.compile(rb"<0x[0-9A-F]{2}>")  # the spelling of a byte piece
+
+
+def infer_piece_types(pieces: list[bytes]) -> list[int]:
+    """Types a vocabulary without any implies (stock llama2.c tok.bin, a GGUF without token_type), as
+    the C runtime infers them: 0 unknown, 1-2 control, <0xXX> bytes, the rest normal."""
+    return [UNKNOWN if i == 0 else CONTROL if i <= 2 else BYTE if _BYTE_PIECE.fullmatch(p) else NORMAL
+            for i, p in enumerate(pieces)]
+
+
+def validate_vocab(pieces, scores, types, source, unk_id: int = -1):
+    """Raise FormatError unless the vocabulary is one the C tokenizer builds (runtime/tokenizer.c): 1 to
+    2^28 pieces, finite float32 scores, known types (1..6), user-defined pieces valid UTF-8, byte pieces
+    spelled <0xXX>, and an unknown piece (a piece of type 2, or unk_id). pieces are bytes or str."""
+    from .errors import FormatError
+    n = len(pieces)
+    if not 0 < n < MAX_PIECES:
+        raise FormatError(f"the tokenizer holds {n} pieces (1 to {MAX_PIECES - 1} allowed) ({source})")
+    if len(scores) != n or len(types) != n:
+        raise FormatError(f"the tokenizer has {n} pieces, {len(scores)} scores and {len(types)} types ({source})")
+    for i, (piece, score, type_) in enumerate(zip(pieces, scores, types)):
+        raw = piece.encode("utf-8", "surrogatepass") if isinstance(piece, str) else bytes(piece)
+        if not math.isfinite(_as_float32(score)):
+            raise FormatError(f"tokenizer piece {i} has a non-finite score {score} ({source})")
+        if type_ not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE):
+            raise FormatError(f"tokenizer piece {i} has the unknown type {type_} ({source})")
+        if type_ == BYTE and not _BYTE_PIECE.fullmatch(raw):
+            raise FormatError(f"tokenizer byte piece {i} is not of the form <0xXX> ({source})")
+        if type_ == USER_DEFINED:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise FormatError(f"tokenizer user-defined piece {i} is not valid UTF-8 ({source})") from None
+    if unk_id < 0 and UNKNOWN not in types:
+        raise FormatError(f"the tokenizer has no <unk> piece ({source})")
 
 
 @dataclass
@@ -30,10 +91,21 @@ class ModelConfig:
         self.validate()
 
     def validate(self):
-        """Raise ValueError naming the first field that cannot describe a working model."""
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        """Raise ValueError naming the first field that cannot describe a working model. These are the C
+        runtime's rules (tl_config_validate in runtime/model.c), so every reader of every format, in C
+        or Python, accepts exactly the same hyper-parameters."""
+        for name, limit in MODEL_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"ModelConfig.{name} must be an integer, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {value}")
+            if value > limit:
+                raise ValueError(f"ModelConfig.{name} = {value} is more than the {limit} the runtime allows")
+        if not (_as_float32(self.rope_theta) > 0 and math.isfinite(_as_float32(self.rope_theta))):
+            raise ValueError(f"ModelConfig.rope_theta must be a positive finite float32, got {self.rope_theta}")
+        if not (_as_float32(self.norm_eps) >= 0 and math.isfinite(_as_float32(self.norm_eps))):
+            raise ValueError(f"ModelConfig.norm_eps must be a finite float32 >= 0, got {self.norm_eps}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:

@@ -3,7 +3,8 @@
     python runtime/fuzz/make_seeds.py build/fuzz/seeds     (what `make fuzz-build` runs)
 
 Writes <out>/llama2c (v0/v1/v2 model files), <out>/gguf (F32, F16, Q8_0, Q4_0, with and without a
-tokenizer), <out>/tokbin (tok.bin files) and <out>/encode (text). Every seed stays under 64 KB (tiny
+tokenizer), <out>/tokbin (tok.bin files) and <out>/encode (text), plus the crafted good and bad files
+of runtime/fuzz/crafted.py (crafted_* in llama2c, gguf and tokbin). Every seed stays under 64 KB (tiny
 dims) so that the fuzzers run thousands of inputs a second. The tiny models and tokenizers come from
 the test helpers (tests/conftest.py, tests/test_gguf.py), so seeds follow the formats as tested.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "runtime" / "fuzz"))  # crafted.py: the hand-built corpus of both loaders
 
 import conftest  # noqa: E402  (tests/ helpers: random_model, write_synthetic_tokenizer, SHARED_DATA)
 from test_gguf import tiny_gguf  # noqa: E402  (a hand-built 1-layer GGUF, independent of our writer)
@@ -92,6 +94,16 @@ def tokbin_seeds(out: Path, tmp: Path):
     write(out / "tok5000_notrailer.bin", real[:-(5000 + 16)])
 
 
+def crafted_seeds(out: Path):
+    """The crafted good and bad files of tests/test_reader_verdicts.py (runtime/fuzz/crafted.py): inputs
+    next to every rule the loaders check, for the fuzzers to mutate from."""
+    import crafted
+    for name, data, _ in crafted.model_cases():
+        write(out / ("gguf" if data[:4] == b"GGUF" else "llama2c") / f"crafted_{name}", data)
+    for name, data, _ in crafted.tokbin_cases():
+        write(out / "tokbin" / f"crafted_{name}", data)
+
+
 def encode_seeds(out: Path):
     texts = list(TEXTS)
     stories = conftest.SHARED_DATA / "pretrain" / "tiny_chinese_stories_simplified.jsonl.gz"
@@ -111,6 +123,7 @@ def main():
         llama2c_seeds(out / "llama2c", tmp)
         gguf_seeds(out / "gguf", tmp)
         tokbin_seeds(out / "tokbin", tmp)
+        crafted_seeds(out)
         encode_seeds(out / "encode")
     for sub in ("llama2c", "gguf", "tokbin", "encode"):
         files = list((out / sub).iterdir())

@@ -1,9 +1,14 @@
-# tinyllm: `make` builds the `run` CLI and libtinyllm.so (the C API, used by the tests through cffi).
+# tinyllm: `make` builds the `run` CLI and libtinyllm.so (the C API, used by the tests through cffi);
+# it needs only a C compiler. `make demo` and `make test` also set up a project-local .venv (once, see
+# "set-up" below), then print a story / run the whole test suite.
 CC ?= gcc
 CFLAGS ?= -O3
 CFLAGS += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fPIC -pthread
 LDLIBS = -lm
-PYTHON ?= python3
+# every target's Python is the .venv's; `make test PYTHON=python` uses your own environment as it is
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+PYTEST_ARGS ?= -q tests
 # opt-in: TINYLLM_NATIVE=1 adds -march=native (fast here, not portable to other machines)
 ifeq ($(TINYLLM_NATIVE),1)
 CFLAGS += -march=native
@@ -14,7 +19,7 @@ LIB_SRC = runtime/util.c runtime/kernels.c runtime/kernels_simd.c runtime/thread
 HEADERS = $(wildcard runtime/*.h)
 SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all test asan asan-test clean bench bench-serve fuzz fuzz-build fuzz-python
+.PHONY: all setup demo test asan asan-test clean bench bench-serve fuzz fuzz-build fuzz-python
 
 all: run libtinyllm.so
 
@@ -23,6 +28,45 @@ run: runtime/run.c $(LIB_SRC) $(HEADERS)
 
 libtinyllm.so: $(LIB_SRC) $(HEADERS)
 	$(CC) $(CFLAGS) -shared -o $@ $(LIB_SRC) $(LDLIBS)
+
+# set-up: .venv with torch's CPU wheel (first: a looser pin pulls a multi-GB CUDA build) and the package
+# with all its extras. Stamps in .venv make it happen once: the install reruns when setup.py or
+# pyproject.toml change, the pybind11 extension (tinyllm._runtime) is rebuilt when its C sources change.
+INSTALL_STAMP = $(VENV)/.tinyllm-installed
+EXT_STAMP = $(VENV)/.tinyllm-extension
+EXT_SRC = $(LIB_SRC) $(HEADERS) python/tinyllm/_runtime.cpp
+ifeq ($(PYTHON),$(VENV)/bin/python)
+setup: $(EXT_STAMP)
+	@echo "==> $(VENV) is set up (rm $(INSTALL_STAMP) to reinstall)"
+else
+setup:
+	@echo "==> using $(PYTHON) as it is (PYTHON was given): nothing installed"
+endif
+
+$(VENV)/bin/python:
+	@echo "==> python3 -m venv $(VENV), then the latest pip"
+	@python3 -m venv $(VENV)
+	@$(VENV)/bin/python -m pip install -q --upgrade pip
+
+$(INSTALL_STAMP): setup.py pyproject.toml | $(VENV)/bin/python
+	@echo "==> pip install torch==2.13.0 (the CPU build)"
+	@$(VENV)/bin/python -m pip install -q torch==2.13.0
+	@echo "==> pip install -e '.[train,serve,dev]' (the package, its C extension, every extra)"
+	@$(VENV)/bin/python -m pip install -q -e ".[train,serve,dev]"
+	@touch $@
+
+# the install above built the extension: rebuild only if a source changed since (or `make clean` removed it)
+$(EXT_STAMP): $(INSTALL_STAMP) $(EXT_SRC)
+	@if ! ls python/tinyllm/_runtime*.so >/dev/null 2>&1 || [ -n "$$(find $(EXT_SRC) -newer $(INSTALL_STAMP))" ]; then \
+	    echo "==> pip install --no-deps -e . (rebuilds the tinyllm._runtime extension)"; \
+	    $(VENV)/bin/python -m pip install -q --no-deps -e . || exit 1; \
+	fi
+	@touch $@
+
+# a fresh clone to a story: set-up, build, the bundled story model
+demo: setup all
+	@echo '==> ./run models/stories15M.bin -z models/tok5000.bin -i "从前"'
+	@./run models/stories15M.bin -z models/tok5000.bin -i "从前"
 
 # the same sources under AddressSanitizer + UndefinedBehaviorSanitizer, in build/asan/
 asan: build/asan/run build/asan/libtinyllm.so
@@ -35,11 +79,12 @@ build/asan/libtinyllm.so: $(LIB_SRC) $(HEADERS)
 	@mkdir -p build/asan
 	$(CC) $(CFLAGS) $(SAN_FLAGS) -shared -o $@ $(LIB_SRC) $(LDLIBS)
 
-test: all
-	$(PYTHON) -m pytest -q tests
+# README's test command and CI's: whatever set-up is missing, then the whole suite
+test: setup all
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 # C API and CLI tests against the sanitized builds (the pybind11 extension is not rebuilt with ASan)
-asan-test: asan
+asan-test: setup asan
 	TINYLLM_LIB=$(CURDIR)/build/asan/libtinyllm.so TINYLLM_RUN=$(CURDIR)/build/asan/run \
 	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
@@ -76,7 +121,7 @@ build/fuzz/fuzz_%: runtime/fuzz/fuzz_%.c runtime/fuzz/fuzz_common.h $(FUZZ_OBJ)
 	    -o $@ $< $(FUZZ_OBJ) $(LDLIBS)
 
 # seed inputs written with the project's own exporters (tiny models, tokenizers, text)
-build/fuzz/seeds/.done: runtime/fuzz/make_seeds.py export/llama2c.py export/gguf.py libtinyllm.so
+build/fuzz/seeds/.done: runtime/fuzz/make_seeds.py runtime/fuzz/crafted.py export/llama2c.py export/gguf.py libtinyllm.so
 	$(PYTHON) runtime/fuzz/make_seeds.py build/fuzz/seeds
 	@touch $@
 
@@ -114,13 +159,13 @@ fuzz-python: build/fuzz/seeds/.done build/fuzz/seeds/spmodel/.done
 	done; exit $$fail
 
 # decode/prefill speed against llama.cpp (xllamacpp): bench/results.json, RESULTS.md; then bench-serve
-bench: all
+bench: setup all
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/serve_load.py
 
 # `tinyllm serve` under 32 concurrent clients for 30 s on loopback; writes bench/serve_results.json, SERVE.md
-bench-serve: all
+bench-serve: setup all
 	$(PYTHON) bench/serve_load.py
 
 clean:
-	rm -rf run libtinyllm.so build python/tinyllm/_runtime*.so
+	rm -rf run libtinyllm.so build python/tinyllm/_runtime*.so $(EXT_STAMP)

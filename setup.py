@@ -54,13 +54,14 @@ setup(
     package_dir={"tinyllm": "python/tinyllm", "tinyllm.export": "export"},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExt},
-    install_requires=["numpy", "sentencepiece", "tqdm"],
+    # gguf (small, pure Python) is in the base install: converting between .bin and GGUF is runtime-side work
+    install_requires=["numpy", "sentencepiece", "tqdm", "gguf==0.19.0"],
     extras_require={
-        "train": ["torch", "matplotlib", "gguf==0.19.0"],
+        "train": ["torch", "matplotlib"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         # the peers the tests compare against: stock llama.cpp (xllamacpp), transformers (+ protobuf
         # to read tokenizer.model), jinja2 for the GGUF chat template
-        "dev": ["pytest", "cffi", "gguf==0.19.0", "matplotlib", "jinja2", "xllamacpp==2026.10.11549",
+        "dev": ["pytest", "cffi", "matplotlib", "jinja2", "xllamacpp==2026.10.11549",
                 "transformers==5.24.0", "protobuf==7.36.2",
                 # the server's peers: its dependencies, the openai client, a real browser (selenium)
                 "fastapi==0.165.0", "uvicorn==0.54.0", "httpx==0.28.1", "openai==3.57.0", "selenium==4.51.0",

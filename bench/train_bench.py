@@ -1,11 +1,18 @@
 """Training throughput: tokens/s of the real training step (tinyllm.train.loop) for a model shape,
-with the default settings (torch.compile + bf16 autocast where supported) against eager fp32, in one run.
+with the trainer's default settings (torch.compile + bf16 autocast where supported, fused AdamW, the thread
+count it measures as faster) against eager fp32, in one run; MFU against a peak the same run measures.
 
     python bench/train_bench.py                      # stories15M shape, vocab 5000, seq 256, batch 32
+    python bench/train_bench.py --before             # also the settings before issue 20, side by side
     python bench/train_bench.py --preset stories110M --device cuda
 
 Each setting: the first step (a cold torch.compile unless --warm-cache; timed separately), warmup
-steps, then several timed windows; the reported figure is the median window. Writes bench/train_results.json and prints a markdown table.
+steps, then several timed windows, alternating between settings; the reported figure is the median window.
+MFU: model FLOPs per token (6N + attention, Transformer.flops_per_token) x tok/s over the best bf16 (or
+fp32) matmul FLOP/s among the model's own shapes on the setting's threads, sampled between windows. One
+default step then runs under the torch profiler: seconds per phase (data, forward, backward, optimizer) and
+per kind of work (matmuls, attention, compiled kernels, logits/loss). Writes bench/train_results.json and
+prints markdown tables.
 """
 from __future__ import annotations
 
@@ -33,7 +40,8 @@ sys.path.insert(0, str(ROOT / "python"))
 
 from tinyllm.config import build_configs, load_preset  # noqa: E402
 from tinyllm.model import Transformer  # noqa: E402
-from tinyllm.train.loop import Env, _train_step, _wrap, cpu_supports_bf16, peak_flops, resolve_device  # noqa: E402
+from tinyllm.train.loop import (DEFAULT_THREADS, Env, _train_step, _wrap, choose_threads, cpu_supports_bf16,  # noqa: E402
+                               make_optimizer, peak_flops, resolve_device)
 
 
 class RandomBatches:
@@ -60,22 +68,36 @@ def cpu_name() -> str:
 
 
 class Setting:
-    """One way to train (compiled or not, bf16 or fp32): its model, optimizer and timed windows."""
+    """One way to train (compiled or not, bf16 or fp32, threads, optimizer): its model, optimizer and windows."""
 
-    def __init__(self, name, model_cfg, train_cfg, device, bf16, compile_model):
+    def __init__(self, name, model_cfg, train_cfg, device, bf16, compile_model, fused_adamw=True, threads=None):
         torch.manual_seed(0)
         self.name, self.device, self.train_cfg = name, device, train_cfg
         self.env = Env(device=device, bf16=bf16)
         self.model = Transformer(model_cfg).to(device).train()
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(train_cfg.weight_decay), lr=train_cfg.lr,
-                                           betas=(train_cfg.beta1, train_cfg.beta2),
-                                           fused=device.type == "cuda" or None)
+        if fused_adamw:
+            self.optimizer = make_optimizer(self.model, train_cfg, self.env)
+        else:  # the for-loop AdamW the trainer used before fused CPU kernels
+            self.optimizer = torch.optim.AdamW(self.model.param_groups(train_cfg.weight_decay), lr=train_cfg.lr,
+                                               betas=(train_cfg.beta1, train_cfg.beta2))
+        self.fused_adamw = fused_adamw
+        if threads is None:  # as the trainer does
+            torch.set_num_threads(DEFAULT_THREADS)
+            self.picked = choose_threads(self.model, self.env)
+            threads = torch.get_num_threads()
+        else:
+            self.picked = f"{threads} threads (fixed)"
+        self.threads = threads
         self.run_model, self.compiled = _wrap(self.model, self.env, compile_model)
         self.batches = RandomBatches(train_cfg.batch_size, model_cfg.max_seq_len, model_cfg.vocab_size)
         self.tokens_per_step = train_cfg.batch_size * model_cfg.max_seq_len * train_cfg.grad_accum
         self.flops_per_token = self.model.flops_per_token(model_cfg.max_seq_len)
         self.rates: list[float] = []
         self.first_step_s = None
+
+    def on_threads(self):
+        """Each setting runs (and compiles, on its first step: inductor bakes the count in) on its own threads."""
+        torch.set_num_threads(self.threads)
 
     def step(self):
         _train_step(self.run_model, self.model, self.optimizer, self.batches, _loss, self.train_cfg, self.env)
@@ -85,6 +107,7 @@ class Setting:
             torch.cuda.synchronize()
 
     def warm_up(self, steps: int):
+        self.on_threads()
         start = time.perf_counter()
         self.step()
         self.sync()
@@ -94,24 +117,134 @@ class Setting:
         self.sync()
 
     def window(self, steps: int):
+        self.on_threads()
         start = time.perf_counter()
         for _ in range(steps):
             self.step()
         self.sync()
         self.rates.append(self.tokens_per_step * steps / (time.perf_counter() - start))
-        print(f"  {self.name}: window {len(self.rates)}: {self.rates[-1]:,.0f} tok/s", file=sys.stderr, flush=True)
+        print(f"  {self.name}: window {len(self.rates)}: {self.rates[-1]:,.0f} tok/s "
+              f"(load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
 
-    def result(self) -> dict:
+    def profiled_step(self) -> dict:
+        """Seconds per phase of one step, from the torch profiler: the loop's own step cut into labelled parts."""
+        self.on_threads()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            for micro in range(self.train_cfg.grad_accum):
+                with torch.profiler.record_function("data"):
+                    batch = [t.to(self.device) for t in self.batches.next()]
+                with torch.profiler.record_function("forward"), self.env.autocast():
+                    loss = _loss(self.run_model, *batch) / self.train_cfg.grad_accum
+                with torch.profiler.record_function("backward"):
+                    loss.backward()
+            with torch.profiler.record_function("optimizer"):
+                if self.train_cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.sync()
+        return breakdown(prof, self.model.config.vocab_size)
+
+    def result(self, peaks: dict) -> dict:
         median = statistics.median(self.rates)
-        peak = peak_flops(self.env, self.train_cfg)
-        return {"setting": self.name, "compiled": self.compiled, "bf16": self.env.bf16,
+        dtype = "bf16" if self.env.bf16 else "fp32"
+        peak = peaks.get((dtype, self.threads)) or peak_flops(self.env, self.train_cfg)
+        return {"setting": self.name, "compiled": self.compiled, "bf16": self.env.bf16, "threads": self.threads,
+                "picked_threads": self.picked, "fused_adamw": self.fused_adamw,
                 "tokens_per_step": self.tokens_per_step, "first_step_s": round(self.first_step_s, 2),
                 "window_tok_per_s": [round(r, 1) for r in self.rates], "median_tok_per_s": round(median, 1),
+                "model_tflops": round(median * self.flops_per_token / 1e12, 4),
+                "peak_tflops": round(peak / 1e12, 4) if peak else None, "peak_dtype": dtype,
                 "mfu": round(median * self.flops_per_token / peak, 4) if peak else None}
 
 
 def _loss(model, x, y):
     return model(x, y)[1]
+
+
+# ---- the peak: matmuls of the model's own shapes -----------------------------------------------------
+
+def matmul_shapes(model_cfg, tokens: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the step's matmuls: forward, input gradients (the same shapes) and weight gradients."""
+    d, h, v = model_cfg.dim, model_cfg.hidden_dim, model_cfg.vocab_size
+    forward = [(tokens, d, d), (tokens, d, h), (tokens, h, d), (tokens, d, v), (tokens, v, d)]
+    weight_grads = [(d, tokens, d), (h, tokens, d), (d, tokens, h), (v, tokens, d)]
+    return forward + weight_grads
+
+
+def matmul_flops(shape, dtype, trials: int = 3) -> float:
+    """FLOP/s of the best of a few (m, k) @ (k, n) matmuls on the current threads."""
+    m, k, n = shape
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    a @ b  # first call: kernel selection
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best
+
+
+class Peaks:
+    """bf16 and fp32 matmul FLOP/s per shape and thread count, sampled once per round of windows."""
+
+    def __init__(self, shapes, threads: set[int]):
+        self.shapes, self.threads = shapes, sorted(threads)
+        self.samples = {(dt, n, s): [] for dt in ("bf16", "fp32") for n in self.threads for s in shapes}
+
+    def sample(self):
+        for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            for n in self.threads:
+                torch.set_num_threads(n)
+                for shape in self.shapes:
+                    self.samples[(dtype_name, n, shape)].append(matmul_flops(shape, dtype))
+
+    def medians(self) -> dict:
+        return {key: statistics.median(v) for key, v in self.samples.items() if v}
+
+    def peak(self) -> dict:
+        """(dtype, threads) -> the best shape's median FLOP/s: the peak a step of this model could reach."""
+        best: dict = {}
+        for (dtype, n, _), flops in self.medians().items():
+            best[(dtype, n)] = max(best.get((dtype, n), 0.0), flops)
+        return best
+
+
+# ---- where one step's time goes -----------------------------------------------------------------------
+
+PHASES = ("data", "forward", "backward", "optimizer")
+LOSS_NAMES = ("log_softmax", "nll_loss", "cross_entropy")
+
+
+def breakdown(prof, vocab_size: int) -> dict:
+    """Seconds per phase, and per kind of work inside them: matmuls, attention, compiled (fused) kernels,
+    and the logits/loss share (matmuls with a vocab-sized operand plus the softmax/NLL kernels)."""
+    phases = {p: 0.0 for p in PHASES}
+    kinds = {"matmul": 0.0, "attention": 0.0, "compiled kernels": 0.0, "logits/loss": 0.0}
+    others: dict[str, float] = {}
+    for event in prof.events():
+        name = event.name
+        if name in phases:
+            phases[name] += event.cpu_time_total / 1e6
+            continue
+        self_s = event.self_cpu_time_total / 1e6
+        shapes = str(getattr(event, "input_shapes", ""))
+        is_matmul = name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")
+        if any(key in name for key in LOSS_NAMES) or (is_matmul and str(vocab_size) in shapes):
+            kinds["logits/loss"] += self_s
+        if is_matmul:
+            kinds["matmul"] += self_s
+        elif "scaled_dot_product" in name:
+            kinds["attention"] += self_s
+        elif "cpp_fused" in name or name.startswith("## Call CompiledFxGraph"):
+            kinds["compiled kernels"] += self_s
+        else:
+            others[name] = others.get(name, 0.0) + self_s
+    total = sum(phases.values())
+    kinds["other"] = max(0.0, total - sum(v for k, v in kinds.items() if k != "logits/loss"))
+    return {"step_s": round(total, 4), "phases_s": {k: round(v, 4) for k, v in phases.items()},
+            "kinds_s": {k: round(v, 4) for k, v in kinds.items()},
+            "other_top_s": {k: round(v, 4) for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:8]}}
 
 
 def main():
@@ -123,6 +256,8 @@ def main():
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per window (default settings)")
     ap.add_argument("--eager-steps", type=int, default=1, help="steps per window for eager fp32 (it is slow)")
     ap.add_argument("--eager-windows", type=int, default=3, help="timed windows for eager fp32")
+    ap.add_argument("--before", action="store_true",
+                    help="also time the settings before issue 20 (compile + bf16, for-loop AdamW, all threads)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="reuse torch's inductor cache (default: a fresh one, so compile time is a cold compile)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "train_results.json"))
@@ -133,43 +268,82 @@ def main():
     device = resolve_device(args.device)
     default_bf16 = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or \
                    (device.type == "cpu" and cpu_supports_bf16())
+    # name the compiled kernels in the profile (a no-op unless the profiler runs)
+    torch._inductor.config.cpp.enable_kernel_profile = True
     load_before = os.getloadavg()
-    default = Setting("default (compile" + (" + bf16)" if default_bf16 else ", fp32)"), model_cfg, train_cfg,
+    precision = " + bf16" if default_bf16 else ", fp32"
+    default = Setting(f"default (compile{precision}, fused AdamW, picked threads)", model_cfg, train_cfg,
                       device, default_bf16, True)
-    eager = Setting("eager fp32", model_cfg, train_cfg, device, False, False)
-    default.warm_up(args.warmup)
-    eager.warm_up(1)
-    # alternate the windows so that other load on a shared machine hits both settings alike
+    settings = [default]
+    if args.before:
+        settings.append(Setting(f"before (compile{precision}, for-loop AdamW, {DEFAULT_THREADS} threads)",
+                                model_cfg, train_cfg, device, default_bf16, True, fused_adamw=False,
+                                threads=DEFAULT_THREADS))
+    eager = Setting("eager fp32", model_cfg, train_cfg, device, False, False, threads=DEFAULT_THREADS)
+    settings.append(eager)
+    for s in settings:
+        s.warm_up(args.warmup if s is not eager else 1)
+    peaks = Peaks(matmul_shapes(model_cfg, train_cfg.batch_size * model_cfg.max_seq_len),
+                  {s.threads for s in settings}) if device.type == "cpu" else None
+    # alternate the windows (and the matmul peak) so that other load on a shared machine hits all alike
     for i in range(max(args.windows, args.eager_windows)):
-        if i < args.windows:
-            default.window(args.steps)
-        if i < args.eager_windows:
-            eager.window(args.eager_steps)
-    results = [default.result(), eager.result()]
-    speedup = results[0]["median_tok_per_s"] / results[1]["median_tok_per_s"]
+        for s in settings:
+            if s is eager and i < args.eager_windows:
+                s.window(args.eager_steps)
+            elif s is not eager and i < args.windows:
+                s.window(args.steps)
+        if peaks:
+            peaks.sample()
+    phase_breakdown = default.profiled_step()
+    peak = peaks.peak() if peaks else {}
+    results = [s.result(peak) for s in settings]
+    speedup = results[0]["median_tok_per_s"] / results[-1]["median_tok_per_s"]
     report = {
         "preset": args.preset, "model": model_cfg.to_dict(), "batch_size": train_cfg.batch_size,
         "grad_accum": train_cfg.grad_accum,
         "params": Transformer(model_cfg).num_params(),
+        "flops_per_token": default.flops_per_token,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "cpu": cpu_name(), "threads": torch.get_num_threads(), "cpu_bf16": cpu_supports_bf16(),
+        "cpu": cpu_name(), "cpu_threads": DEFAULT_THREADS, "cpu_bf16": cpu_supports_bf16(),
         "torch": torch.__version__, "python": platform.python_version(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "results": results, "speedup_default_vs_eager_fp32": round(speedup, 2),
+        "matmul_peak_tflops": {f"{dt} {n} thread(s)": round(f / 1e12, 4) for (dt, n), f in peak.items()},
+        "matmul_tflops_by_shape": {f"{dt} {n} thread(s) {m}x{k}x{nn}": round(f / 1e12, 4)
+                                   for (dt, n, (m, k, nn)), f in (peaks.medians() if peaks else {}).items()},
+        "step_breakdown_default": phase_breakdown,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if args.before:
+        report["speedup_default_vs_before"] = round(results[0]["median_tok_per_s"] / results[1]["median_tok_per_s"], 2)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{args.preset} (batch {train_cfg.batch_size} x seq {model_cfg.max_seq_len}, "
-          f"vocab {model_cfg.vocab_size}, {report['params'] / 1e6:.1f}M params) on {report['device']} "
-          f"({report['cpu']}, {report['threads']} threads; load avg before {load_before[0]:.2f})\n")
-    print("| setting | tokens/s (median) | windows | first step (compile) | MFU |")
-    print("|---|---:|---|---:|---:|")
-    for r in results:
+    print_report(report, args)
+
+
+def print_report(report: dict, args):
+    print(f"\n{args.preset} (batch {report['batch_size']} x seq {report['model']['max_seq_len']}, "
+          f"vocab {report['model']['vocab_size']}, {report['params'] / 1e6:.1f}M params, "
+          f"{report['flops_per_token'] / 1e6:.1f} MFLOP/token) on {report['device']} ({report['cpu']}, "
+          f"{report['cpu_threads']} threads; load avg before {report['loadavg_before'][0]:.2f}, "
+          f"after {report['loadavg_after'][0]:.2f})\n")
+    print("| setting | threads | tokens/s (median) | windows | first step (compile) | TFLOP/s | MFU (vs peak) |")
+    print("|---|---|---:|---|---:|---:|---:|")
+    for r in report["results"]:
         windows = ", ".join(f"{w:,.0f}" for w in r["window_tok_per_s"])
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "n/a"
-        print(f"| {r['setting']} | {r['median_tok_per_s']:,.0f} | {windows} | {r['first_step_s']:.1f} s | {mfu} |")
-    print(f"\ndefault vs eager fp32: {speedup:.1f}x; results in {args.out}")
+        mfu = f"{r['mfu']:.1%} (of {r['peak_dtype']} {r['peak_tflops']:.3f})" if r["mfu"] else "n/a"
+        print(f"| {r['setting']} | {r['picked_threads']} | {r['median_tok_per_s']:,.0f} | {windows} | "
+              f"{r['first_step_s']:.1f} s | {r['model_tflops']:.3f} | {mfu} |")
+    if report["matmul_peak_tflops"]:
+        print("\nmatmul peak of the model's shapes (median of rounds, best shape): " +
+              ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in report["matmul_peak_tflops"].items()))
+    b = report["step_breakdown_default"]
+    print(f"\none default step under the profiler: {b['step_s']:.3f} s")
+    print("| phase | s | share |\n|---|---:|---:|")
+    for name, secs in {**b["phases_s"], **{f"  of which {k}": v for k, v in b["kinds_s"].items()}}.items():
+        print(f"| {name} | {secs:.3f} | {secs / max(b['step_s'], 1e-9):.0%} |")
+    extra = f"; default vs before: {report['speedup_default_vs_before']:.2f}x" if "speedup_default_vs_before" in report else ""
+    print(f"\ndefault vs eager fp32: {report['speedup_default_vs_eager_fp32']:.1f}x{extra}; results in {args.out}")
 
 
 if __name__ == "__main__":

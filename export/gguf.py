@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyllm.config import ModelConfig
+from tinyllm.config import ModelConfig, infer_piece_types, validate_vocab
 from tinyllm.errors import FormatError
 from tinyllm.fileio import atomic_path
 
@@ -167,9 +167,10 @@ def _names_to_ours(cfg: ModelConfig) -> dict[str, str]:
 
 
 def write_gguf(path, model_or_state_dict, config: ModelConfig, tokenizer=None, type: str = "f32",
-               chat_template: str | None = CHAT_TEMPLATE, name: str = "tinyllm") -> dict:
+               chat_template: str | None = CHAT_TEMPLATE, name: str = "tinyllm", sampling: dict | None = None) -> dict:
     """Write a GGUF file (atomic). tokenizer: a SentencePiece .model or tok.bin path (or a Vocab), or
-    None for a file without tokenizer metadata. Returns {"bytes", "weights", "bits_per_weight"}: bits
+    None for a file without tokenizer metadata. sampling: the model's recommended sampling (names of
+    tinyllm.sampling.DEFAULTS), stored as tinyllm.sampling.* keys that Runtime and the server use. Returns {"bytes", "weights", "bits_per_weight"}: bits
     over the stored tensors (norms included) per parameter."""
     import gguf
     cfg = config
@@ -198,6 +199,7 @@ def write_gguf(path, model_or_state_dict, config: ModelConfig, tokenizer=None, t
         writer.add_rope_freq_base(float(cfg.rope_theta))
         writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
         writer.add_vocab_size(cfg.vocab_size)
+        _add_sampling(writer, sampling or {})
         if vocab is not None:
             _add_vocab(writer, vocab, chat_template)
         for n, data, qtype in encoded:
@@ -210,6 +212,18 @@ def write_gguf(path, model_or_state_dict, config: ModelConfig, tokenizer=None, t
     stored = sum(d.nbytes for _, d, _ in encoded)
     weights = sum(a.size for _, a in plan)
     return {"bytes": Path(path).stat().st_size, "weights": weights, "bits_per_weight": 8.0 * stored / weights}
+
+
+def _add_sampling(writer, sampling: dict):
+    from tinyllm.errors import ConfigError
+    from tinyllm.sampling import DEFAULTS, MODEL_SAMPLING_KEYS
+    for name, value in sampling.items():
+        if name not in MODEL_SAMPLING_KEYS:
+            raise ConfigError(f"unknown sampling setting {name!r} (one of {', '.join(MODEL_SAMPLING_KEYS)})")
+        if isinstance(DEFAULTS[name], int):
+            writer.add_int32(MODEL_SAMPLING_KEYS[name], int(value))
+        else:
+            writer.add_float32(MODEL_SAMPLING_KEYS[name], float(value))
 
 
 def _add_vocab(writer, vocab: Vocab, chat_template: str | None):
@@ -245,7 +259,9 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
 
     V = gguf.GGUFValueType
     ints = {V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64}
-    kinds = {int: ints, float: ints | {V.FLOAT32, V.FLOAT64}, str: {V.STRING}, bool: {V.BOOL} | ints}
+    # the value types the C reader takes for each kind (runtime/format_gguf.c: get_int, get_float, ...)
+    kinds = {int: ints, float: {V.FLOAT32, V.FLOAT64}, str: {V.STRING}, bool: {V.BOOL} | ints,
+             "f32": {V.FLOAT32}, "i32": {V.INT32}}
 
     def field(key, kind, default=None, required=False, array=False):
         """The value of key, checked to be a kind (a list of kinds with array=True) before it is used."""
@@ -256,7 +272,8 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
             return default
         types = [V.ARRAY, f.types[-1]] if array and len(f.types) == 2 else [f.types[-1]] if f.types else []
         if f.types != types or types[-1] not in kinds[kind]:
-            want = f"an array of {kind.__name__}" if array else kind.__name__
+            name = getattr(kind, "__name__", kind)
+            want = f"an array of {name}" if array else name
             raise FormatError(f"GGUF key {key} holds {'/'.join(t.name for t in f.types)}, not {want} ({path})")
         try:
             return f.contents()
@@ -288,6 +305,7 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
             tie_embeddings="output.weight" not in tensors)
     except ValueError as e:  # ModelConfig.validate names the bad value
         raise FormatError(f"{e} ({path})") from None
+    _check_llama_keys(field, cfg, tensors, path)
     ours = _names_to_ours(cfg)
     shapes = _gguf_shapes(cfg)
     w = {}
@@ -298,6 +316,8 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
         if shape != shapes[name]:
             raise FormatError(f"tensor {name} has shape {shape}, the model's hyper-parameters say {shapes[name]} "
                               f"({path})")
+        if len(shape) == 1 and t.tensor_type.name not in ("F32", "F16"):
+            raise FormatError(f"norm tensor {name} has type {t.tensor_type.name}; F32 or F16 expected ({path})")
         try:
             values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         except (NotImplementedError, ValueError) as e:
@@ -310,27 +330,69 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
         raise FormatError(f"tensors missing: {missing[:3]} ({path})")
     vocab = None
     if field("tokenizer.ggml.model", str) == "llama" and r.get_field("tokenizer.ggml.tokens") is not None:
-        pieces = field("tokenizer.ggml.tokens", str, array=True)
-        n = len(pieces)
-        scores = field("tokenizer.ggml.scores", float, [0.0] * n, array=True)
-        types = field("tokenizer.ggml.token_type", int, [1] * n, array=True)
-        if len(scores) != n or len(types) != n:
-            raise FormatError(f"GGUF tokenizer has {n} tokens, {len(scores)} scores and {len(types)} token types "
-                              f"({path})")
-        vocab = Vocab(list(pieces), [float(x) for x in scores], [int(x) for x in types],
-                      bool(field("tokenizer.ggml.add_space_prefix", bool, True)),
-                      bool(field("tokenizer.ggml.remove_extra_whitespaces", bool, False)))
+        vocab = _read_embedded_vocab(field, cfg.vocab_size, path)
     return cfg, w, vocab
+
+
+def _check_llama_keys(field, cfg: ModelConfig, tensors: dict, path):
+    """What the C reader refuses beyond the hyper-parameters: keys for a model it does not run."""
+    vocab_size = field("llama.vocab_size", int, cfg.vocab_size)
+    if vocab_size != cfg.vocab_size:
+        raise FormatError(f"llama.vocab_size {vocab_size} differs from token_embd.weight's {cfg.vocab_size} rows "
+                          f"({path})")
+    for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
+        value = field(key, int, cfg.head_dim)
+        if value != cfg.head_dim:
+            raise FormatError(f"GGUF key {key} = {value}, not the head size {cfg.head_dim} (tinyllm runs dense llama "
+                              f"models with full-width RoPE) ({path})")
+    if field("llama.expert_count", int, 0) != 0:
+        raise FormatError(f"llama.expert_count is not 0: mixture-of-experts models are not supported ({path})")
+    if field("llama.rope.scaling.type", str, "none") != "none":
+        raise FormatError(f"RoPE scaling {field('llama.rope.scaling.type', str)!r} is not supported ({path})")
+    if "rope_freqs.weight" in tensors:
+        raise FormatError(f"tensor rope_freqs.weight (Llama 3 RoPE scaling) is not supported ({path})")
+
+
+def _read_embedded_vocab(field, vocab_size: int, path) -> Vocab:
+    """tokenizer.ggml.* as a Vocab, under the C reader's rules (runtime/format_gguf.c read_vocab and
+    runtime/tokenizer.c build_from_vocab): scores float32, types int32 (0, llama.cpp's "undefined", is
+    normal), types inferred by position when absent, ids inside the vocabulary."""
+    pieces = list(field("tokenizer.ggml.tokens", str, array=True))
+    n = len(pieces)
+    if n != vocab_size:
+        raise FormatError(f"tokenizer.ggml.tokens holds {n} pieces but the model's vocabulary is {vocab_size} "
+                          f"({path})")
+    scores = [float(x) for x in field("tokenizer.ggml.scores", "f32", [0.0] * n, array=True)]
+    types = field("tokenizer.ggml.token_type", "i32", None, array=True)
+    if types is None:
+        types = infer_piece_types([p.replace(SPACE, " ").encode("utf-8") for p in pieces])
+    types = [1 if int(t) == 0 else int(t) for t in types]
+    if len(scores) != n or len(types) != n:
+        raise FormatError(f"GGUF tokenizer has {n} tokens, {len(scores)} scores and {len(types)} token types "
+                          f"({path})")
+    ids = {}
+    for name in ("bos", "eos", "unknown"):
+        ids[name] = field(f"tokenizer.ggml.{name}_token_id", int, -1)
+        if not -1 <= ids[name] < n:
+            raise FormatError(f"GGUF key tokenizer.ggml.{name}_token_id = {ids[name]} is outside -1..{n - 1} ({path})")
+    validate_vocab(pieces, scores, types, path, unk_id=ids["unknown"])
+    return Vocab(pieces, scores, types, bool(field("tokenizer.ggml.add_space_prefix", bool, True)),
+                 bool(field("tokenizer.ggml.remove_extra_whitespaces", bool, False)))
 
 
 _VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalar types
 
 
-def _check_gguf_counts(path):
-    """Walk the header, metadata and tensor infos, refusing any count the file cannot hold.
+_TENSOR_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 8: ("Q8_0", 32, 34)}  # (name, block, bytes)
 
-    gguf.GGUFReader reads past the end of the file as empty arrays, so a metadata array claiming 2^60
-    items made it loop (and allocate) 2^60 times; every item here must lie inside the file."""
+
+def _check_gguf_counts(path):
+    """Walk the header, metadata and tensor infos under the C reader's rules (runtime/format_gguf.c parse),
+    refusing any count the file cannot hold and any tensor whose data does not lie, aligned, inside it.
+
+    gguf.GGUFReader reads past the end of the file as empty arrays (a metadata array claiming 2^60 items
+    made it loop 2^60 times) and adds tensor offsets modulo 2^64 (one that wraps read another tensor's
+    bytes): every item here must lie inside the file before it runs."""
     import mmap
     with open(path, "rb") as f:
         if f.seek(0, 2) == 0:
@@ -347,6 +409,12 @@ def _check_gguf_counts(path):
 
     u32 = lambda what: int.from_bytes(take(4, what), "little")
     u64 = lambda what: int.from_bytes(take(8, what), "little")
+
+    def string(what: str, limit: int) -> bytes:
+        length = u64(what)
+        if length > limit and length <= n - pos:
+            raise FormatError(f"GGUF {what} is {length} bytes long (at most {limit} allowed) ({path})")
+        return take(length, what)
 
     def value(vtype: int, depth: int, what: str):
         if vtype in _VALUE_SIZES:
@@ -365,17 +433,49 @@ def _check_gguf_counts(path):
 
     if take(4, "magic") != b"GGUF":
         raise FormatError(f"not a GGUF file ({path})")
-    u32("version")
+    version = u32("version")
+    if version not in (2, 3):
+        raise FormatError(f"unsupported GGUF version {version} (expected 2 or 3) ({path})")
     n_tensors, n_kv = u64("tensor count"), u64("metadata count")
+    alignment = 32
     for i in range(n_kv):
-        take(u64(f"metadata key {i}"), f"metadata key {i}")
-        value(u32(f"metadata {i}"), 0, f"metadata {i}")
+        key = string(f"metadata key {i}", 65536)
+        vtype, start = u32(f"metadata {i}"), pos
+        value(vtype, 0, f"metadata {i}")
+        if key == b"general.alignment":
+            alignment = int.from_bytes(data[start:pos], "little") if vtype == 4 else 0
+            if not 0 < alignment <= 1 << 20 or alignment & (alignment - 1):
+                raise FormatError(f"general.alignment is not a uint32 power of two up to 2^20 ({path})")
+    infos = []
     for i in range(n_tensors):
-        take(u64(f"tensor {i} name"), f"tensor {i} name")
+        name = string(f"tensor {i} name", 65536).decode("utf-8", "replace")
         n_dims = u32(f"tensor {i}")
-        if n_dims > 4:
-            raise FormatError(f"GGUF tensor {i} has {n_dims} dimensions (at most 4) ({path})")
-        take(8 * n_dims + 12, f"tensor {i}")
+        if not 1 <= n_dims <= 4:
+            raise FormatError(f"GGUF tensor {i} has {n_dims} dimensions (1 to 4 allowed) ({path})")
+        extents = [u64(f"tensor {i}") for _ in range(n_dims)]
+        ttype, offset = u32(f"tensor {i}"), u64(f"tensor {i}")
+        count = 1
+        for e in extents:
+            count *= e
+            if not 0 < e <= 1 << 40 or count > 1 << 40:
+                raise FormatError(f"GGUF tensor {name} has an absurd extent {e} ({path})")
+        if ttype not in _TENSOR_TYPES:
+            raise FormatError(f"GGUF tensor {name} has type {ttype}; tinyllm runs F32, F16, Q8_0 and Q4_0 ({path})")
+        type_name, block, block_bytes = _TENSOR_TYPES[ttype]
+        if extents[0] % block:
+            raise FormatError(f"GGUF tensor {name} has rows of {extents[0]} values, not a multiple of the "
+                              f"{type_name} block of {block} ({path})")
+        infos.append((name, offset, count // block * block_bytes, ttype))
+    data_start = -(-pos // alignment) * alignment
+    for name, offset, nbytes, ttype in infos:
+        if offset % alignment:
+            raise FormatError(f"GGUF tensor {name} starts at offset {offset}, not a multiple of the alignment "
+                              f"{alignment} ({path})")
+        if data_start + offset + nbytes > n:
+            raise FormatError(f"GGUF tensor {name} ({nbytes} bytes at offset {offset}) lies outside the file's "
+                              f"{max(0, n - data_start)} data bytes ({path})")
+        if ttype == 0 and (data_start + offset) % 4:
+            raise FormatError(f"GGUF F32 tensor {name!r} is not 4-byte aligned ({path})")
 
 
 def _gguf_shapes(cfg: ModelConfig) -> dict[str, tuple]:

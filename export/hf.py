@@ -12,8 +12,6 @@ even rows, then its odd rows (permute_for_hf); the importer undoes it (permute_f
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -112,14 +110,23 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
 
 # ---- writing ---------------------------------------------------------------------------------------
 
+def _replaceable(existing: str) -> bool:
+    """An existing directory write_hf may replace: an earlier export (config.json) or an empty directory."""
+    return (Path(existing) / "config.json").is_file() or not any(Path(existing).iterdir())
+
+
 def write_hf(out_dir, model_or_state_dict, config: ModelConfig, tokenizer_model=None, chat_template: str | None = None,
              dtype: str = "float32"):
-    """Write a transformers LlamaForCausalLM directory; tokenizer_model: a SentencePiece .model (optional)."""
+    """Write a transformers LlamaForCausalLM directory; tokenizer_model: a SentencePiece .model (optional).
+    Atomic as a whole: a directory already there (an earlier export) is replaced, never mixed with new files."""
+    from tinyllm.fileio import atomic_dir
+    with atomic_dir(out_dir, replaceable=_replaceable) as tmp:
+        _write_hf_files(Path(tmp), model_or_state_dict, config, tokenizer_model, chat_template, dtype)
+
+
+def _write_hf_files(out: Path, model_or_state_dict, cfg: ModelConfig, tokenizer_model, chat_template, dtype):
     from tinyllm.export.llama2c import _has_separate_classifier, _state_arrays
-    cfg = config
     w = _state_arrays(model_or_state_dict)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tied = not _has_separate_classifier(w, cfg)
     names = _hf_names(cfg)
     tensors = {}
@@ -219,12 +226,16 @@ def read_hf(in_dir) -> tuple[ModelConfig, dict[str, np.ndarray]]:
             raise FormatError(f"missing {f.name} in {d} (only safetensors checkpoints are read)")
         hf.update(read_safetensors(f))
     w = {}
+    shapes = _shapes(cfg)
     for ours, theirs in _hf_names(cfg).items():
         if theirs not in hf:
             if ours == "output.weight":
                 continue
             raise FormatError(f"tensor {theirs} is missing ({d})")
         a = hf[theirs]
+        if a.shape != shapes[ours]:
+            raise FormatError(f"tensor {theirs} has shape {list(a.shape)} but config.json implies "
+                              f"{list(shapes[ours])}: the weights and config.json are from different models ({d})")
         if ours.endswith("attention.wq.weight"):
             a = permute_from_hf(a, cfg.n_heads)
         elif ours.endswith("attention.wk.weight"):
@@ -234,6 +245,19 @@ def read_hf(in_dir) -> tuple[ModelConfig, dict[str, np.ndarray]]:
         w["output.weight"] = w["tok_embeddings.weight"]
         cfg.tie_embeddings = True
     return cfg, w
+
+
+def _shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """The shape of each of our tensors under cfg."""
+    d, h, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
+    per_layer = {"attention.wq": (d, d), "attention.wk": (kv, d), "attention.wv": (kv, d), "attention.wo": (d, d),
+                 "feed_forward.w1": (h, d), "feed_forward.w3": (h, d), "feed_forward.w2": (d, h),
+                 "attention_norm": (d,), "ffn_norm": (d,)}
+    shapes = {"tok_embeddings.weight": (cfg.vocab_size, d), "norm.weight": (d,), "output.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        for key, shape in per_layer.items():
+            shapes[f"layers.{i}.{key}.weight"] = shape
+    return shapes
 
 
 def tokenizer_of(in_dir) -> Path | None:

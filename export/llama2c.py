@@ -11,7 +11,7 @@ import struct
 
 import numpy as np
 
-from tinyllm.config import ModelConfig
+from tinyllm.config import ModelConfig, infer_piece_types, validate_vocab
 from tinyllm.errors import FormatError
 from tinyllm.fileio import atomic_write
 
@@ -317,24 +317,30 @@ def write_tokenizer(sp_model_path, out_path):
                              f"the C runtime encodes BPE only ({sp_model_path})")
     if facts.treat_whitespace_as_suffix:
         raise TokenizerError(f"treat_whitespace_as_suffix is not supported by the C runtime ({sp_model_path})")
-    pieces = [p.replace("\u2581", " ").encode("utf-8") for p in facts.pieces]
-    flags = ((TOK_FLAG_ADD_DUMMY_PREFIX if facts.add_dummy_prefix else 0)
-             | (TOK_FLAG_REMOVE_EXTRA_WHITESPACES if facts.remove_extra_whitespaces else 0)
-             | (TOK_FLAG_ESCAPE_WHITESPACES if facts.escape_whitespaces else 0))
+    _write_tok_bin(out_path, facts.pieces, facts.scores, facts.types, facts.add_dummy_prefix,
+                   facts.remove_extra_whitespaces, facts.escape_whitespaces)
+
+
+def write_vocab_tokenizer(vocab, out_path):
+    """Write a GGUF vocabulary (tinyllm.export.gguf.Vocab) as tok.bin with our trailer. Atomic.
+
+    GGUF's "llama" tokenizer always spells spaces as U+2581, so escape_whitespaces is on."""
+    _write_tok_bin(out_path, vocab.pieces, vocab.scores, vocab.types, vocab.add_dummy_prefix,
+                   vocab.remove_extra_whitespaces, True)
+
+
+def _write_tok_bin(out_path, pieces, scores, types, add_dummy_prefix, remove_extra_whitespaces, escape_whitespaces):
+    pieces = [p.replace("\u2581", " ").encode("utf-8") for p in pieces]
+    flags = ((TOK_FLAG_ADD_DUMMY_PREFIX if add_dummy_prefix else 0)
+             | (TOK_FLAG_REMOVE_EXTRA_WHITESPACES if remove_extra_whitespaces else 0)
+             | (TOK_FLAG_ESCAPE_WHITESPACES if escape_whitespaces else 0))
     with atomic_write(out_path) as f:
         f.write(struct.pack("<i", max(len(p) for p in pieces)))
-        for piece, score in zip(pieces, facts.scores):
+        for piece, score in zip(pieces, scores):
             f.write(struct.pack("<fi", score, len(piece)))
             f.write(piece)
         f.write(TOK_TRAILER_MAGIC + struct.pack("<iii", TOK_TRAILER_VERSION, flags, len(pieces)))
-        f.write(bytes(facts.types))
-
-
-def _infer_piece_types(pieces: list[bytes]) -> list[int]:
-    """Types a trailer-less (stock llama2.c) file implies: 0 unk, 1-2 control, <0xXX> bytes, rest normal."""
-    import re
-    byte_piece = re.compile(rb"<0x[0-9A-F]{2}>")
-    return [2 if i == 0 else 3 if i <= 2 else 6 if byte_piece.fullmatch(p) else 1 for i, p in enumerate(pieces)]
+        f.write(bytes(types))
 
 
 def read_tokenizer(path, vocab_size: int | None = None):
@@ -346,9 +352,11 @@ def read_tokenizer(path, vocab_size: int | None = None):
     data = open(path, "rb").read()
     if len(data) < 4:
         raise FormatError(f"tok.bin too short for its header: {path}")
+    if len(data) > 0xFFFFFFFF:  # the C runtime's piece offsets are 32-bit
+        raise FormatError(f"tok.bin is implausibly large ({len(data)} bytes): {path}")
     max_len = struct.unpack_from("<i", data, 0)[0]
-    if max_len <= 0:
-        raise FormatError(f"tok.bin max_token_length is {max_len}: {path}")
+    if not 0 < max_len <= len(data):
+        raise FormatError(f"tok.bin max_token_length is {max_len} in a file of {len(data)} bytes: {path}")
     pos, pieces, scores = 4, [], []
     while pos < len(data) and data[pos:pos + 4] != TOK_TRAILER_MAGIC:
         if pos + 8 > len(data):
@@ -366,12 +374,15 @@ def read_tokenizer(path, vocab_size: int | None = None):
         version, flags, n = struct.unpack_from("<iii", data, pos + 4)
         if version != TOK_TRAILER_VERSION:
             raise FormatError(f"tok.bin trailer version {version} is not supported: {path}")
+        if flags & ~(TOK_FLAG_ADD_DUMMY_PREFIX | TOK_FLAG_REMOVE_EXTRA_WHITESPACES | TOK_FLAG_ESCAPE_WHITESPACES):
+            raise FormatError(f"tok.bin trailer has unknown flags {flags:#x}: {path}")
         if n != len(pieces) or len(data) != pos + 16 + n:
             raise FormatError(f"tok.bin trailer describes {n} pieces in {len(data) - pos - 16} bytes, "
                               f"the file holds {len(pieces)} pieces: {path}")
         types = list(data[pos + 16:])
     else:
-        flags, types = TOK_DEFAULT_FLAGS, _infer_piece_types(pieces)
+        flags, types = TOK_DEFAULT_FLAGS, infer_piece_types(pieces)
+    validate_vocab(pieces, scores, types, path)
     if vocab_size is not None and vocab_size != len(pieces):
         from tinyllm.errors import TokenizerError
         raise TokenizerError(f"tokenizer {path} holds {len(pieces)} pieces but the model's vocab_size is {vocab_size}")

@@ -100,8 +100,8 @@ def test_convert_command_goes_through_every_format_and_reports_quantization(tmp_
     from tinyllm.export.llama2c import write_model
     cfg, model = random_model(seed=7)
     write_model(tmp_path / "m.bin", model, cfg, version=1)
-    chain = [("m.bin", "hf", ["--tokenizer", str(tokenizer)]), ("hf", "m.pt", []), ("m.pt", "m.gguf", []),
-             ("m.gguf", "back.bin", [])]
+    chain = [("m.bin", "hf", ["--tokenizer", str(tokenizer)]), ("hf", "m.pt", []),
+             ("m.pt", "m.gguf", ["--tokenizer", str(tokenizer)]), ("m.gguf", "back.bin", [])]
     for src, dst, extra in chain:
         r = subprocess.run([sys.executable, "-m", "tinyllm.cli", "convert", str(tmp_path / src), str(tmp_path / dst),
                             *extra], capture_output=True, text=True, timeout=120)

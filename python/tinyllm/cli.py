@@ -20,17 +20,20 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
+from pathlib import Path
 
 from .errors import TinyLLMError
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps descriptions' line breaks; appends real defaults (not None/False) to option help."""
+    """Keeps descriptions' line breaks; appends real defaults (not None/False) to option help that does
+    not already state its default."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
-                and "%(default)" not in text:
+                and "%(default)" not in text and "(default" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -51,10 +54,10 @@ train it on the same mix as the model."""
                        help="text/JSONL/JSON file, optionally .gz/.xz, with an optional sampling weight; repeat "
                             "for several. Weights, split and seed work as in `tinyllm data prepare`, so the "
                             "same --input list trains the tokenizer on the model's mix, without its val documents")
-        p.add_argument("--val-fraction", type=float, default=0.01, help="as in `data prepare` (default: 0.01)")
-        p.add_argument("--seed", type=int, default=1234, help="as in `data prepare` (default: 1234)")
+        p.add_argument("--val-fraction", type=float, default=0.01, help="as in `data prepare`")
+        p.add_argument("--seed", type=int, default=1234, help="as in `data prepare`")
         p.add_argument("--vocab-size", type=int, default=5000, help="number of pieces")
-        p.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.model and tok{N}.bin")
+        p.add_argument("--out", required=True, metavar="DIR", help="directory for tok.model and tok{N}.bin")
         p.add_argument("--character-coverage", type=float, default=0.995,
                        help="fraction of characters covered by pieces; the rest fall back to bytes")
         _add_reader_arguments(p)
@@ -171,6 +174,10 @@ def _export_hf(args, model, cfg):
     """Write a Hugging Face LlamaForCausalLM directory (no C runtime check)."""
     from tinyllm.export.hf import write_hf
     write_hf(args.out, model, cfg, args.tokenizer)
+    files = ", ".join(sorted(p.name for p in Path(args.out).iterdir()))
+    print(f"wrote {args.out} (hf: {files}); not checked against the C runtime. Load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})"
+          + (" and AutoTokenizer.from_pretrained(the same)" if args.tokenizer else ""), file=sys.stderr)
     return False
 
 
@@ -189,20 +196,32 @@ weight and the logit drift against fp32); hf (a transformers LlamaForCausalLM di
 
     @staticmethod
     def add_arguments(p):
-        p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by training")
+        p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP)
         p.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="output format")
         p.add_argument("--out", required=True, metavar="FILE", help="output file")
         p.add_argument("--version", type=int, choices=[0, 1, 2], default=None,
                        help="llama2c format version (default 1)")
         p.add_argument("--tokenizer", metavar="MODEL",
-                       help="SentencePiece .model, used by the check (and by formats that embed a tokenizer)")
+                       help="SentencePiece .model, used by the check and embedded by gguf and hf (default: the one "
+                            "the training data was prepared with; gguf and hf refuse to go without one)")
+        p.add_argument("--no-tokenizer", action="store_true",
+                       help="gguf/hf: write the weights without a tokenizer (llama.cpp and transformers cannot use "
+                            "them alone)")
         p.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"], default="f32",
                        help="gguf tensor type of the weight matrices (norms stay f32; default f32)")
 
     @staticmethod
     def run(args) -> int:
         from .checkpoint import load_model
+        from tinyllm.export.convert import check_tokenizer_for, find_tokenizer
+        args.checkpoint = pick_checkpoint(args.checkpoint)
         model, cfg = load_model(args.checkpoint)
+        if args.tokenizer is None and not args.no_tokenizer:
+            found, where = find_tokenizer(args.checkpoint, cfg)
+            if found is not None:
+                print(f"tokenizer: {where}", file=sys.stderr)
+                args.tokenizer = str(found)
+            check_tokenizer_for(args.format, found, tried=where, allow_none=False)
         verify = EXPORTERS[args.format](args, model, cfg)
         if verify:
             try:
@@ -223,7 +242,9 @@ class Convert:
     HELP = "convert a model between llama2.c .bin, GGUF, Hugging Face directories and checkpoints"
     DESCRIPTION = """\
 Read IN (format told by content) and write OUT in the format its name implies (.bin llama2c, .gguf,
-.pt checkpoint, anything else a Hugging Face directory) or the one --format names."""
+.pt checkpoint, anything else a Hugging Face directory) or the one --format names. The tokenizer
+goes into a GGUF or Hugging Face OUT, and beside a .bin OUT as tok<vocab>.bin; it is found as
+--tokenizer describes, and a GGUF or Hugging Face OUT without one is refused."""
 
     @staticmethod
     def add_arguments(p):
@@ -233,17 +254,93 @@ Read IN (format told by content) and write OUT in the format its name implies (.
                        help="output format (default: from OUT's name)")
         p.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"], default="f32", help="gguf tensor type")
         p.add_argument("--version", type=int, choices=[0, 1, 2], default=1, help="llama2c format version")
-        p.add_argument("--tokenizer", metavar="MODEL", help="SentencePiece .model to embed or copy")
+        p.add_argument("--tokenizer", metavar="FILE",
+                       help="SentencePiece .model (or tok.bin for GGUF/.bin) to embed or write beside OUT (default: "
+                            "the input's own, a checkpoint's training tokenizer, else tok.model, tok<vocab>.model, "
+                            "tok<vocab>.bin or tokenizer.bin beside IN; a GGUF or Hugging Face OUT without one is "
+                            "refused)")
+        p.add_argument("--no-tokenizer", action="store_true",
+                       help="write the weights without a tokenizer (llama.cpp and transformers cannot use them alone)")
 
     @staticmethod
     def run(args) -> int:
         from tinyllm.export.convert import convert
         info = convert(args.input, args.output, args.format, type=args.type, tokenizer=args.tokenizer,
-                       version=args.version)
-        extra = "".join(f", {k.replace('_', ' ')} {v:.4g}" for k, v in info.items()
-                        if k in ("bits_per_weight", "max_logit_drift"))
-        print(f"wrote {args.output} ({info['format']}{extra})", file=sys.stderr)
+                       version=args.version, allow_no_tokenizer=args.no_tokenizer)
+        print(f"wrote {args.output} ({info['format']}{_quantization_note(info)})", file=sys.stderr)
+        _report_tokenizer(info)
         return 0
+
+
+def _quantization_note(info: dict) -> str:
+    if "bits_per_weight" not in info or info["format"] != "gguf":
+        return ""
+    note = f", bits per weight {info['bits_per_weight']:.4g}"
+    if "max_logit_drift" in info:
+        drift = info["max_logit_drift"]
+        note += f", max logit drift {drift:.4g}" if drift is not None else \
+            ", logit drift not measured (needs torch: pip install -e '.[train]')"
+    return note
+
+
+def _report_tokenizer(info: dict):
+    """Say which tokenizer went into (or beside) the output, and any file written besides OUT."""
+    if info.get("tokenizer_file"):
+        print(f"wrote {info['tokenizer_file']} (the runtime's tokenizer, from {info['tokenizer']})", file=sys.stderr)
+    elif info["format"] in ("gguf", "hf"):
+        origin = info["tokenizer"]
+        print(f"tokenizer: {origin}" if origin else "tokenizer: none (--no-tokenizer)", file=sys.stderr)
+    elif info["format"] == "llama2c":
+        print("no tokenizer written beside it: give ./run one with -z", file=sys.stderr)
+
+
+# ---- which checkpoint --------------------------------------------------------------------------------
+
+CHECKPOINT_HELP = ("checkpoint written by training, or its out-dir: then best.pt (the best val loss) when "
+                   "there is one, else ckpt.pt (the last step)")
+
+
+def pick_checkpoint(path: str) -> str:
+    """The checkpoint file a --checkpoint argument means, said on stderr when there is a choice: a
+    training out-dir means its best.pt (else ckpt.pt); a runtime model file is refused with what to do."""
+    from .train.loop import BEST_NAME, CHECKPOINT_NAME
+    if os.path.isdir(path):
+        best, last = os.path.join(path, BEST_NAME), os.path.join(path, CHECKPOINT_NAME)
+        if not os.path.isfile(best):
+            if os.path.isfile(last):
+                print(f"checkpoint: {last} (the last step; no {BEST_NAME} in {path})", file=sys.stderr)
+            return last
+        print(f"checkpoint: {best} ({_describe_checkpoint(best)[1]}; {last} holds the last step)", file=sys.stderr)
+        return best
+    _refuse_runtime_model(path)
+    best = os.path.join(os.path.dirname(path), BEST_NAME)
+    if os.path.basename(path) == CHECKPOINT_NAME and os.path.isfile(best):
+        (last_step, last_text), (best_step, best_text) = _describe_checkpoint(path), _describe_checkpoint(best)
+        if best_step != last_step:
+            print(f"checkpoint: {path} as given ({last_text}); {best} has the best val loss ({best_text})",
+                  file=sys.stderr)
+    return path
+
+
+def _describe_checkpoint(path: str) -> tuple[int, str]:
+    """(step, "step N, val loss X") of a checkpoint."""
+    from .checkpoint import load_checkpoint
+    ckpt = load_checkpoint(path)
+    val, val_step = ckpt["extra"].get("val_loss"), ckpt["extra"].get("val_step")
+    text = f"step {ckpt['step']}"
+    if val is not None:
+        text += f", val loss {val:.4f}" + (f" (of step {val_step})" if val_step not in (None, ckpt["step"]) else "")
+    return ckpt["step"], text
+
+
+def _refuse_runtime_model(path: str):
+    """A llama2.c or GGUF file given where a training checkpoint belongs: say what it is and what reads it."""
+    from tinyllm.export.convert import runtime_model_kind
+    kind = runtime_model_kind(path)
+    if kind is not None:
+        raise TinyLLMError(f"{path} is a {kind} model file, not a training checkpoint (.pt): run it with "
+                           f"./run or tinyllm.Runtime, or make a checkpoint of it with `tinyllm convert {path} "
+                           f"model.pt` ({path})")
 
 
 # ---- sample --------------------------------------------------------------------------------------
@@ -255,7 +352,7 @@ class Sample:
 
     @staticmethod
     def add_arguments(p):
-        p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint written by training")
+        p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP)
         p.add_argument("--tokenizer", metavar="MODEL",
                        help="SentencePiece .model (default: the one the training data was prepared with)")
         p.add_argument("--prompt", default="", help="text to continue (empty: start from BOS)")
@@ -272,6 +369,7 @@ class Sample:
         from .checkpoint import load_checkpoint, load_model
         from .sampling import Sampler, SampleParams
         from .tokenizer import Tokenizer
+        args.checkpoint = pick_checkpoint(args.checkpoint)
         tok_path = args.tokenizer or _tokenizer_of(load_checkpoint(args.checkpoint), args.checkpoint)
         tok = Tokenizer(tok_path)
         model, cfg = load_model(args.checkpoint)
@@ -329,6 +427,12 @@ The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_k
         p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted, in KiB")
         p.add_argument("--max-concurrent", type=int, default=64,
                        help="generations computed at once; further requests wait their turn")
+        p.add_argument("--max-connections", type=int, default=512,
+                       help="open connections at most (kept under the fd limit); idle ones make room, else 503")
+        p.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds a connection may take to send a request's head")
+        p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request may take to send its body")
+        p.add_argument("--api-docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
         p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level")
 
@@ -336,13 +440,16 @@ The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_k
     def run(args) -> int:
         from .runtime import Runtime
         from .server import Limits, serve
-        if args.max_concurrent < 1 or args.max_body_kb < 1 or args.max_tokens < 0:
-            raise TinyLLMError("--max-concurrent and --max-body-kb must be >= 1, --max-tokens >= 0")
+        if args.max_concurrent < 1 or args.max_body_kb < 1 or args.max_tokens < 0 or args.max_connections < 1 \
+                or not args.header_timeout > 0 or not args.body_timeout > 0:
+            raise TinyLLMError("--max-concurrent, --max-body-kb and --max-connections must be >= 1, --max-tokens "
+                               ">= 0, the timeouts > 0")
         runtime = Runtime(args.model, args.tokenizer, threads=args.threads)
         model_id = args.model_id or os.path.splitext(os.path.basename(args.model))[0]
         limits = Limits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
-                        max_concurrent=args.max_concurrent)
-        serve(runtime, model_id, limits, args.host, args.port, args.log_level)
+                        max_concurrent=args.max_concurrent, max_connections=args.max_connections,
+                        header_timeout=args.header_timeout, body_timeout=args.body_timeout)
+        serve(runtime, model_id, limits, args.host, args.port, args.log_level, args.api_docs)
         return 0
 
 
@@ -369,12 +476,12 @@ def _stage(spec):
     return importlib.import_module(spec) if isinstance(spec, str) else spec
 
 
-def _add_stage(subparsers, name, spec):
+def _add_stage(subparsers, name, spec, command=None):
     stage = _stage(spec)
     p = subparsers.add_parser(name, help=stage.HELP, description=getattr(stage, "DESCRIPTION", stage.HELP),
                               formatter_class=_Formatter)
     stage.add_arguments(p)
-    p.set_defaults(_run=stage.run, _config_keys=getattr(stage, "CONFIG_KEYS", False))
+    p.set_defaults(_run=stage.run, _config_keys=getattr(stage, "CONFIG_KEYS", False), _command=command or name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,15 +492,36 @@ def build_parser() -> argparse.ArgumentParser:
         gp = sub.add_parser(group, help=f"{help_text}: {', '.join(stages)}", formatter_class=_Formatter)
         gsub = gp.add_subparsers(title="commands", metavar="COMMAND", required=True)
         for name, spec in stages.items():
-            _add_stage(gsub, name, spec)
+            _add_stage(gsub, name, spec, f"{group} {name}")
     for name, spec in STAGES.items():
         _add_stage(sub, name, spec)
     return parser
 
 
+# optional packages -> the extra that brings them ("" for the base install)
+EXTRAS = {"torch": "train", "matplotlib": "train", "fastapi": "serve", "uvicorn": "serve", "gguf": ""}
+
+
+def missing_package_error(command: str, package: str) -> str:
+    """One line naming the package a command needs and the install line, from a clone and from a wheel."""
+    extra = EXTRAS[package]
+    if not extra:
+        return (f"`tinyllm {command}` needs the {package} package, part of the base install: "
+                f"pip install -e . (in a clone) or pip install tinyllm (from a wheel)")
+    return (f"`tinyllm {command}` needs {package}, from the {extra} extras: pip install -e '.[{extra}]' "
+            f"(in a clone) or pip install 'tinyllm[{extra}]' (from a wheel)")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one `warning: ...` line, without the source line Python prints by default."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args._argv = argv  # for the resume command an interrupted training run prints
     if extra:
         if getattr(args, "_config_keys", False):
             from .config import config_fields
@@ -401,15 +529,23 @@ def main(argv=None) -> int:
                   f"{', '.join('--' + k.replace('_', '-') for k in sorted(config_fields()))}", file=sys.stderr)
             return 2
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    shown_by_python, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return args._run(args)
     except TinyLLMError as e:
         print(f"error: {e}", file=sys.stderr)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"error: {e.strerror} ({e.filename})", file=sys.stderr)
+    except ModuleNotFoundError as e:
+        package = (e.name or "").split(".")[0]
+        if package not in EXTRAS:
+            raise
+        print(f"error: {missing_package_error(args._command, package)}", file=sys.stderr)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown_by_python
     return 1
 
 

@@ -292,11 +292,10 @@ def run(args) -> int:
     summary = dpo(model_cfg, train_cfg, tok, args.data, weights, resume=resume, beta=args.beta,
                   system=args.system, skip_bad=args.skip_bad, val_fraction=args.val_fraction,
                   progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr) if master else None)
-    if master:
-        val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
-        print(f"DPO to step {summary['step']} ({summary['stopped_by']}, {summary['elapsed_s']:.0f} s{val}); "
-              f"checkpoint: {summary['checkpoint']}", file=sys.stderr)
-    return 0
+    if not master:
+        return 0
+    from .loop import finish
+    return finish("DPO", summary, args._argv)
 
 
 # ---- make-pairs -------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | No
 
     from ..data import ShardBatches, ShardDataset, load_meta
     from ..model import Transformer
-    from .loop import describe_run, setup, teardown, train
+    from .loop import describe_run, measure_step_time, setup, teardown, train
 
     meta = load_meta(train_cfg.data_dir)
     if model_cfg.vocab_size != meta["vocab_size"]:
@@ -88,7 +88,11 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | No
                                    train_cfg.batch_size, train_cfg.seed + 1, env.rank, env.world)
         if dry_run:
             tokens_per_step = train_batches.tokens_per_batch() * train_cfg.grad_accum * env.world
-            return {"dry_run": describe_run(model, model_cfg, train_cfg, env, tokens_per_step)}
+            if env.master:
+                print(f"timing a few training steps{' (compiling first)' if train_cfg.compile else ''}...",
+                      file=sys.stderr)
+            measured = measure_step_time(model, train_cfg, env, train_batches)
+            return {"dry_run": describe_run(model, model_cfg, train_cfg, env, tokens_per_step, measured)}
         summary = train(model, model_cfg, train_cfg, env, train_batches, val_batches,
                         resume=resume, stop_at_step=stop_at_step, progress=progress)
         summary["tokenizer"] = meta["tokenizer"]["path"]
@@ -108,8 +112,5 @@ def run(args) -> int:
     if "dry_run" in summary:
         print(summary["dry_run"])
         return 0
-    val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
-    mode = ("compiled" if summary["compiled"] else "eager") + (" bf16" if summary["bf16"] else " fp32")
-    print(f"trained to step {summary['step']} ({summary['stopped_by']}, {mode}, "
-          f"{summary['elapsed_s']:.0f} s{val}); checkpoint: {summary['checkpoint']}", file=sys.stderr)
-    return 0
+    from .loop import finish
+    return finish("trained", summary, args._argv)

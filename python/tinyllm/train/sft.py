@@ -155,8 +155,7 @@ def run(args) -> int:
                   skip_bad=args.skip_bad, identity=args.identity, val_fraction=args.val_fraction,
                   progress=not args.no_progress,
                   log=lambda m: print(m, file=sys.stderr) if master else None)
-    if master:
-        val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
-        print(f"fine-tuned to step {summary['step']} ({summary['stopped_by']}, {summary['elapsed_s']:.0f} s{val}); "
-              f"checkpoint: {summary['checkpoint']}", file=sys.stderr)
-    return 0
+    if not master:
+        return 0
+    from .loop import finish
+    return finish("fine-tuned", summary, args._argv)

@@ -281,6 +281,44 @@ def test_batches_are_next_token_pairs_and_deterministic_for_a_seed(shards):
     assert (x == x2).all() and not (x == x3).all()
 
 
+def _long_document_shards(tmp_path, tokenizer_model, shard_tokens):
+    """40 documents of ~300 tokens (30 synthetic ones joined each)."""
+    parts = synthetic_documents(1200, seed=5)
+    docs = ["".join(parts[i:i + 30]) for i in range(0, len(parts), 30)]
+    src = write_jsonl(tmp_path / "long.jsonl", [{"text": d} for d in docs])
+    prepare([Source(src)], tokenizer_model, str(tmp_path / "out"), val_fraction=0.25, progress=False,
+            shard_tokens=shard_tokens)
+    return str(tmp_path / "out"), docs
+
+
+def _windows(ds, n_batches, batch_size=8):
+    return np.concatenate([ds.batch(i, batch_size, seed=11)[0].numpy() for i in range(n_batches)])
+
+
+def test_a_share_of_train_windows_begins_at_a_document_exactly_as_a_prompt_is_fed(tmp_path, tokenizer_model):
+    # The prompt echo ("从前" -> "从前从前"): a prompt is fed as BOS at position 0 of an empty
+    # context, while windows at random offsets almost never begin at a BOS.
+    import sentencepiece as spm
+    out, docs = _long_document_shards(tmp_path, tokenizer_model, shard_tokens=1000)
+    assert len(load_meta(out)["splits"]["train"]["shards"]) > 2  # document numbering spans shards
+    T = 16
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+    doc_prefixes = {tuple(([sp.bos_id()] + sp.encode(d))[:T]) for d in docs}
+    ds = ShardDataset(out, "train", T)
+    x = _windows(ds, 50)
+    at_bos = x[:, 0] == sp.bos_id()
+    assert abs(at_bos.mean() - data.DOC_START_FRACTION) < 0.08  # random offsets alone: ~1 in 300
+    assert all(tuple(row) in doc_prefixes for row in x[at_bos])  # a document's start, as SentencePiece encodes it
+    assert (~at_bos).mean() > 0.6  # the rest still begin anywhere
+
+
+def test_val_windows_stay_uniform_and_the_share_can_be_set(tmp_path, tokenizer_model):
+    out, _ = _long_document_shards(tmp_path, tokenizer_model, shard_tokens=100_000)
+    bos = load_meta(out)["bos_id"]
+    assert (_windows(ShardDataset(out, "val", 16), 20)[:, 0] == bos).mean() < 0.05
+    assert (_windows(ShardDataset(out, "train", 16, doc_start_fraction=1.0), 5)[:, 0] == bos).all()
+
+
 def test_batch_stream_resumes_exactly_from_its_state(shards):
     ds = ShardDataset(shards, "train", 16)
     a = ShardBatches(ds, 4, seed=3)

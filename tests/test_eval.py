@@ -156,11 +156,33 @@ def test_eval_command_prints_json_with_per_subject_accuracy_beside_chance(files,
     assert "chance 25%" in captured.err
 
 
+def test_cmmlu_layout_reads_and_scores_like_the_same_questions_in_c_eval_layout(files, tmp_path, capsys):
+    # CMMLU (haonan-li/CMMLU data/{dev,test}/*.csv): ",Question,A,B,C,D,Answer", an unnamed index column
+    import csv
+
+    from tinyllm.cli import main
+    from tinyllm.eval import read_mc
+    tok_path, _model, _ckpt, bin_path, _gguf, ceval = files
+    cmmlu = tmp_path / "cmmlu"
+    cmmlu.mkdir()
+    with open(cmmlu / "toy.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["", "Question", "A", "B", "C", "D", "Answer"])
+        w.writerows([[q["id"], q["question"], q["A"], q["B"], q["C"], q["D"], q["answer"]] for q in QUESTIONS])
+    assert read_mc(cmmlu) == {"toy": read_mc(ceval / "toy_val.csv")["toy"]}
+    results = []
+    for source in (cmmlu, ceval / "toy_val.csv"):
+        assert main(["eval", "--model", str(bin_path), "--tokenizer", str(tok_path.parent / f"tok{VOCAB}.bin"),
+                     "--ceval", str(source), "--no-progress"]) == 0
+        results.append(json.loads(capsys.readouterr().out)["multiple_choice"])
+    assert results[0] == results[1] and results[0]["overall"]["questions"] == len(QUESTIONS)
+
+
 def test_bad_multiple_choice_files_and_backend_choices_are_errors(files, tmp_path):
     from tinyllm.errors import DataError, InvalidArgumentError
     from tinyllm.eval import load_backend, read_mc
     (tmp_path / "a_val.csv").write_text("id,question,A,B,C,answer\n0,q,1,2,3,A\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"missing columns \['D'\]"):
+    with pytest.raises(DataError, match=r"missing columns \['D'\] \(C-Eval's"):
         read_mc(tmp_path / "a_val.csv")
     (tmp_path / "b_val.csv").write_text("id,question,A,B,C,D,answer\n0,q,1,2,3,4,E\n", encoding="utf-8")
     with pytest.raises(DataError, match="not one of A-D on line 2"):

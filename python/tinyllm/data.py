@@ -34,6 +34,12 @@ META_VERSION = 1
 DEFAULT_SHARD_TOKENS = 50_000_000
 VAL_TEXTS = "val_texts.jsonl"  # the val documents as text: {"source": file name, "text": ...} per line
 DOC_SEPARATORS = ("blank", "line", "file")
+# Share of training windows that begin at a document's BOS rather than at a random token. A prompt
+# is always fed as BOS at position 0 of an empty context; windows at random offsets almost never
+# look like that (one in ~1,000 for the bundled mix), and a model that never saw it echoed its
+# prompt ("从前从前…"): on a story slice where "，" follows a document's opening 从前 43% of the time
+# and 从前 33%, it gave 从前 p 0.30 and "，" 0.10 after [BOS, 从前]; with these windows 0.17 and 0.56.
+DOC_START_FRACTION = 0.25
 
 
 # ---- reading documents ------------------------------------------------------------------------
@@ -531,13 +537,20 @@ def load_meta(data_dir: str) -> dict:
 
 
 class ShardDataset:
-    """Random windows of seq_len + 1 tokens from one split's shards (np.memmap, nothing loaded)."""
+    """Windows of seq_len + 1 tokens from one split's shards (np.memmap, nothing loaded).
 
-    def __init__(self, data_dir: str, split: str, seq_len: int):
+    A share doc_start_fraction of the windows begins at a random document's BOS, as every prompt
+    does; the rest begin at a random token. doc_start_fraction defaults to DOC_START_FRACTION for
+    train and 0 otherwise, so that val loss stays a plain per-token figure comparable across runs."""
+
+    def __init__(self, data_dir: str, split: str, seq_len: int, doc_start_fraction: float | None = None):
         self.meta = load_meta(data_dir)
         if split not in self.meta["splits"]:
             raise DataError(f"no {split!r} split ({data_dir})")
         self.seq_len = seq_len
+        if doc_start_fraction is None:
+            doc_start_fraction = DOC_START_FRACTION if split == "train" else 0.0
+        self.doc_start_fraction = doc_start_fraction
         dtype = np.dtype(self.meta["dtype"])
         self.shards = [np.memmap(os.path.join(data_dir, s["file"]), dtype=dtype, mode="r")
                        for s in self.meta["splits"][split]["shards"] if s["tokens"] > seq_len]
@@ -548,6 +561,9 @@ class ShardDataset:
                             f"{self.meta['splits'][split]['tokens']} tokens ({data_dir})")
         self.cum_starts = np.cumsum(starts)
         self.num_tokens = int(sum(len(s) for s in self.shards))
+        # BOS positions that can start a window, numbered across shards like cum_starts
+        self.doc_starts = [_positions_of(s, self.meta["bos_id"], limit=n) for s, n in zip(self.shards, starts)]
+        self.cum_docs = np.cumsum([len(d) for d in self.doc_starts])
 
     def batch(self, index: int, batch_size: int, seed: int):
         """(x, y) int64 tensors of shape (batch_size, seq_len); the same (index, seed) gives the same batch."""
@@ -556,10 +572,25 @@ class ShardDataset:
         picks = rng.integers(0, self.cum_starts[-1], size=batch_size)
         shard_ids = np.searchsorted(self.cum_starts, picks, side="right")
         offsets = picks - np.concatenate(([0], self.cum_starts))[shard_ids]
+        at_doc = rng.random(batch_size) < self.doc_start_fraction
+        if at_doc.any() and self.cum_docs[-1]:
+            shard_ids[at_doc], offsets[at_doc] = self._doc_windows(rng.integers(0, self.cum_docs[-1], at_doc.sum()))
         T = self.seq_len
         rows = np.stack([self.shards[s][o:o + T + 1] for s, o in zip(shard_ids, offsets)]).astype(np.int64)
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
+
+    def _doc_windows(self, doc_picks: np.ndarray):
+        """(shard index, offset) of the BOS of each picked document (numbered across shards)."""
+        shard_ids = np.searchsorted(self.cum_docs, doc_picks, side="right")
+        within = doc_picks - np.concatenate(([0], self.cum_docs))[shard_ids]
+        return shard_ids, np.array([self.doc_starts[s][i] for s, i in zip(shard_ids, within)], dtype=np.int64)
+
+
+def _positions_of(tokens: np.ndarray, token_id: int, limit: int, block: int = 1 << 24) -> np.ndarray:
+    """Positions p < limit where tokens[p] == token_id, scanned in blocks to bound memory."""
+    found = [np.flatnonzero(tokens[i:min(i + block, limit)] == token_id) + i for i in range(0, limit, block)]
+    return np.concatenate(found).astype(np.int64) if found else np.zeros(0, dtype=np.int64)
 
 
 class ShardBatches:

@@ -16,7 +16,8 @@ Scoring rules (both backends):
   turn of "{question}"); each option text A-D is encoded on its own and scored by the sum of its
   tokens' log-probabilities after the prompt. accuracy picks the highest sum; accuracy_norm the highest
   sum per character of the option (lm-eval's acc_norm). Questions are {id, question, A, B, C, D, answer}
-  rows of C-Eval CSVs; the subject is the file name without _val/_dev/_test.
+  rows of C-Eval CSVs, or of CMMLU's (,Question,A,B,C,D,Answer); the subject is the file name without
+  _val/_dev/_test.
 - Generations: each prompt is a user message in the chat template; sampling uses tinyllm.sampling's
   algorithm on both backends, so the same seed gives the same tokens.
 """
@@ -56,8 +57,8 @@ class TorchBackend:
         self.max_seq_len = model.config.max_seq_len
         self.bos_id, self.eos_id = tokenizer.bos_id, tokenizer.eos_id
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        return self.tok.encode(text, bos=bos)
+    def encode(self, text: str, bos: bool = False, special: bool = True) -> list[int]:
+        return self.tok.encode(text, bos=bos, special=special)
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids))
@@ -99,8 +100,8 @@ class CBackend:
         self.max_seq_len = runtime.config.max_seq_len
         self.bos_id, self.eos_id = runtime.bos_id, runtime.eos_id
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        return self.rt.encode(text, bos=bos)
+    def encode(self, text: str, bos: bool = False, special: bool = True) -> list[int]:
+        return self.rt.encode(text, bos=bos, special=special)
 
     def decode(self, ids) -> str:
         return self.rt.decode(ids)
@@ -205,7 +206,7 @@ def perplexity(backend, texts, progress: bool = False) -> dict:
 # ---- multiple choice (C-Eval format) ------------------------------------------------------------------
 
 def read_mc(paths) -> dict[str, list[dict]]:
-    """{subject: [question rows]} from C-Eval CSV files or directories of them."""
+    """{subject: [question rows]} from C-Eval or CMMLU CSV files or directories of them."""
     files = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         p = Path(p)
@@ -224,16 +225,30 @@ def read_mc(paths) -> dict[str, list[dict]]:
             subject = subject.removesuffix(suffix)
         with open(f, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            missing = {"question", "A", "B", "C", "D", "answer"} - set(reader.fieldnames or [])
-            if missing:
-                raise DataError(f"missing columns {sorted(missing)} ({f})")
+            columns = _mc_columns(reader.fieldnames or [], f)
             rows = []
-            for line, row in enumerate(reader, 2):
+            for line, raw in enumerate(reader, 2):
+                row = {ours: raw[theirs] for ours, theirs in columns.items()}
                 if row["answer"] not in LETTERS:
                     raise DataError(f"answer {row['answer']!r} is not one of A-D on line {line} ({f})")
                 rows.append(row)
         out.setdefault(subject, []).extend(rows)
     return out
+
+
+def _mc_columns(fieldnames: list[str], path) -> dict[str, str]:
+    """{our column: the file's column}. C-Eval writes id,question,A,B,C,D,answer; CMMLU writes
+    ,Question,A,B,C,D,Answer (capitalised, and an unnamed index column where C-Eval has id)."""
+    by_lower = {name.strip().lower(): name for name in fieldnames}
+    wanted = ["question", "A", "B", "C", "D", "answer"]
+    missing = [w for w in wanted if w.lower() not in by_lower]
+    if missing:
+        raise DataError(f"missing columns {missing} (C-Eval's id,question,A,B,C,D,answer or "
+                        f"CMMLU's ,Question,A,B,C,D,Answer) ({path})")
+    columns = {w: by_lower[w.lower()] for w in wanted}
+    if "id" in by_lower or "" in by_lower:
+        columns["id"] = by_lower.get("id", by_lower.get(""))
+    return columns
 
 
 def mc_prompt_ids(backend, question: str, template: str = "plain") -> list[int]:
@@ -342,7 +357,8 @@ def add_arguments(p):
     p.add_argument("--doc-sep", choices=["blank", "line", "file"], default="blank",
                    help="plain text: documents separated by blank lines, lines, or whole files")
     p.add_argument("--max-docs", type=int, default=0, help="evaluate at most this many documents (0: all)")
-    p.add_argument("--ceval", action="append", metavar="PATH", help="C-Eval-format CSV file or directory; repeatable")
+    p.add_argument("--ceval", action="append", metavar="PATH",
+                   help="C-Eval- or CMMLU-format CSV file or directory; repeatable")
     p.add_argument("--max-per-subject", type=int, default=0, help="questions per subject at most (0: all)")
     p.add_argument("--template", choices=["plain", "chat"], default="plain",
                    help="multiple-choice prompt: plain text or the chat template's user turn")

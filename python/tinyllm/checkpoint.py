@@ -83,6 +83,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     """The checkpoint dict at path, checked to be one of ours."""
     if not os.path.isfile(path):
         raise FormatError(f"checkpoint not found ({path})")
+    _refuse_runtime_model(path)
     try:
         with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -101,6 +102,16 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         raise FormatError(f"checkpoint version {ckpt.get('version')} is not one of {READABLE_VERSIONS}; "
                           f"it was written by another tinyllm release ({path})")
     return ckpt
+
+
+def _refuse_runtime_model(path: str):
+    """A llama2.c or GGUF file given where a training checkpoint belongs: say what it is and what reads it."""
+    from .export.convert import runtime_model_kind  # export imports this module: import when needed
+    kind = runtime_model_kind(path)
+    if kind is not None:
+        raise FormatError(f"{path} is a {kind} model file, not a training checkpoint (.pt): run it with ./run "
+                          f"or tinyllm.Runtime, or make a checkpoint of it with `tinyllm convert {path} model.pt` "
+                          f"({path})")
 
 
 def _unsafe_globals(path: str) -> list[str]:

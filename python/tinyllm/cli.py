@@ -302,7 +302,7 @@ CHECKPOINT_HELP = ("checkpoint written by training, or its out-dir: then best.pt
 
 def pick_checkpoint(path: str) -> str:
     """The checkpoint file a --checkpoint argument means, said on stderr when there is a choice: a
-    training out-dir means its best.pt (else ckpt.pt); a runtime model file is refused with what to do."""
+    training out-dir means its best.pt (else ckpt.pt). (load_checkpoint refuses a runtime model file.)"""
     from .train.loop import BEST_NAME, CHECKPOINT_NAME
     if os.path.isdir(path):
         best, last = os.path.join(path, BEST_NAME), os.path.join(path, CHECKPOINT_NAME)
@@ -312,7 +312,6 @@ def pick_checkpoint(path: str) -> str:
             return last
         print(f"checkpoint: {best} ({_describe_checkpoint(best)[1]}; {last} holds the last step)", file=sys.stderr)
         return best
-    _refuse_runtime_model(path)
     best = os.path.join(os.path.dirname(path), BEST_NAME)
     if os.path.basename(path) == CHECKPOINT_NAME and os.path.isfile(best):
         (last_step, last_text), (best_step, best_text) = _describe_checkpoint(path), _describe_checkpoint(best)
@@ -331,16 +330,6 @@ def _describe_checkpoint(path: str) -> tuple[int, str]:
     if val is not None:
         text += f", val loss {val:.4f}" + (f" (of step {val_step})" if val_step not in (None, ckpt["step"]) else "")
     return ckpt["step"], text
-
-
-def _refuse_runtime_model(path: str):
-    """A llama2.c or GGUF file given where a training checkpoint belongs: say what it is and what reads it."""
-    from tinyllm.export.convert import runtime_model_kind
-    kind = runtime_model_kind(path)
-    if kind is not None:
-        raise TinyLLMError(f"{path} is a {kind} model file, not a training checkpoint (.pt): run it with "
-                           f"./run or tinyllm.Runtime, or make a checkpoint of it with `tinyllm convert {path} "
-                           f"model.pt` ({path})")
 
 
 # ---- sample --------------------------------------------------------------------------------------

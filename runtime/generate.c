@@ -67,6 +67,7 @@ void tl_generator_free(tl_generator *g) {
 
 tl_status tl_generator_prompt_ids(tl_generator *g, const int *ids, int n) {
     g->ended_with_eos = 0;
+    g->n_pending = 0; /* an unfinished character of the previous answer stays unfinished */
     const int start = tl_session_pos(g->session);
     tl_status st = tl_session_feed(g->session, ids, n, g->logits, 0);
     if (st == TL_OK) memcpy(g->context + start, ids, (size_t)n * sizeof(int));
@@ -90,74 +91,154 @@ tl_status tl_generator_prompt(tl_generator *g, const char *text, size_t len, int
     return tl_generator_prompt_ids(g, g->ids, n);
 }
 
-/* The chat template's special pieces; python/tinyllm/chat.py spells the same template. */
-#define CHAT_SYSTEM "<|system|>\n"
-#define CHAT_USER "<|user|>\n"
-#define CHAT_ASSISTANT "\n<|assistant|>\n"
+/* The chat template's pieces; python/tinyllm/chat.py spells the same template. Only these come from
+ * the template as role tokens: the messages are encoded as plain text (tl_tokenizer_encode_plain), so
+ * a user who types "<|assistant|>" cannot forge a turn. */
+#define CHAT_SYSTEM "<|system|>"
+#define CHAT_USER "<|user|>"
+#define CHAT_ASSISTANT "<|assistant|>"
 
-tl_status tl_generator_chat_turn(tl_generator *g, const char *system, const char *user) {
-    if (user == NULL || user[0] == '\0') return tl_fail(TL_ERR_ARGUMENT, "empty user message");
-    if (g->ended_with_eos) {
-        const int eos = tl_tokenizer_eos(g->tok);
-        tl_status st = tl_generator_prompt_ids(g, &eos, 1);
-        if (st != TL_OK) return st;
-    }
-    const int first = tl_session_pos(g->session) == 0;
-    const size_t sys_len = (first && system) ? strlen(system) : 0;
-    const size_t len = strlen(CHAT_SYSTEM) + sys_len + 1 + strlen(CHAT_USER) + strlen(user) + strlen(CHAT_ASSISTANT);
-    char *text = malloc(len + 1);
-    if (text == NULL) return tl_fail(TL_ERR_MEMORY, "out of memory for a chat turn");
-    text[0] = '\0';
-    if (sys_len > 0) {
-        strcat(text, CHAT_SYSTEM);
-        strcat(text, system);
-        strcat(text, "\n");
-    }
-    strcat(text, CHAT_USER);
-    strcat(text, user);
-    strcat(text, CHAT_ASSISTANT);
-    tl_status st = tl_generator_prompt(g, text, strlen(text), first);
-    free(text);
+static int utf8_sequence(const unsigned char *s, size_t n, size_t *len);
+
+/* Offset of the first byte of text that is not part of a whole UTF-8 character, or -1. */
+static long invalid_utf8_at(const char *text) {
+    const size_t n = strlen(text);
+    for (size_t i = 0, len; i < n; i += len)
+        if (utf8_sequence((const unsigned char *)text + i, n - i, &len) != 1) return (long)i;
+    return -1;
+}
+
+/* Append the ids of text (plain: no role tokens) to g->ids[*n..]. */
+static tl_status append_plain(tl_generator *g, const char *text, size_t len, int *n) {
+    int got = 0;
+    const int cap = tl_session_n_ctx(g->session) - *n;
+    tl_status st = tl_tokenizer_encode_plain(g->tok, text, len, 0, 0, g->ids + *n, cap, &got);
+    *n += got; /* on TL_ERR_RANGE, got is how many it would take: the caller reports the total */
     return st;
 }
 
-/* Length of a UTF-8 character from its first byte; 0 for a byte that cannot start one. */
-static size_t utf8_length(unsigned char lead) {
-    if (lead < 0x80) return 1;
-    if (lead >= 0xC2 && lead <= 0xDF) return 2;
-    if (lead >= 0xE0 && lead <= 0xEF) return 3;
-    if (lead >= 0xF0 && lead <= 0xF4) return 4;
-    return 0;
+/* Append "\n{text}\n" as one piece of text, as the template spells it between role tokens. */
+static tl_status append_line(tl_generator *g, const char *text, int *n) {
+    const size_t len = strlen(text);
+    char *line = malloc(len + 3);
+    if (line == NULL) return tl_fail(TL_ERR_MEMORY, "out of memory for a chat turn");
+    line[0] = '\n';
+    memcpy(line + 1, text, len);
+    line[len + 1] = '\n';
+    line[len + 2] = '\0';
+    tl_status st = append_plain(g, line, len + 2, n);
+    free(line);
+    return st;
 }
 
-/* Move pending bytes + piece into g->text, holding back a trailing incomplete character. */
+/* Append a role token; a tokenizer without it (no chat model) gets its spelling as text. */
+static tl_status append_role(tl_generator *g, const char *piece, int *n) {
+    const int id = tl_tokenizer_piece_id(g->tok, piece);
+    if (id < 0) return append_plain(g, piece, strlen(piece), n);
+    if (*n >= tl_session_n_ctx(g->session)) {
+        (*n)++;
+        return TL_ERR_RANGE;
+    }
+    g->ids[(*n)++] = id;
+    return TL_OK;
+}
+
+tl_status tl_generator_chat_turn(tl_generator *g, const char *system, const char *user) {
+    if (user == NULL || user[0] == '\0') return tl_fail(TL_ERR_ARGUMENT, "empty user message");
+    const long bad_user = invalid_utf8_at(user), bad_system = system ? invalid_utf8_at(system) : -1;
+    if (bad_user >= 0 || bad_system >= 0)
+        return tl_fail(TL_ERR_ARGUMENT, "the %s message is not valid UTF-8 (byte %ld)", bad_user >= 0 ? "user" : "system",
+                       bad_user >= 0 ? bad_user : bad_system);
+    /* build the whole turn first, so that a message that cannot be encoded leaves the session as it was */
+    int n = 0;
+    tl_status st = TL_OK;
+    const int first = tl_session_pos(g->session) == 0;
+    if (first && tl_tokenizer_bos(g->tok) < 0) return tl_fail(TL_ERR_ARGUMENT, "the tokenizer has no <s> piece");
+    if (g->ended_with_eos && !first) g->ids[n++] = tl_tokenizer_eos(g->tok);
+    if (first) g->ids[n++] = tl_tokenizer_bos(g->tok);
+    if (first && system != NULL && system[0] != '\0') {
+        st = append_role(g, CHAT_SYSTEM, &n);
+        if (st == TL_OK) st = append_line(g, system, &n);
+    }
+    if (st == TL_OK) st = append_role(g, CHAT_USER, &n);
+    if (st == TL_OK) st = append_line(g, user, &n);
+    if (st == TL_OK) st = append_role(g, CHAT_ASSISTANT, &n);
+    if (st == TL_OK) st = append_plain(g, "\n", 1, &n);
+    const int room = tl_session_n_ctx(g->session) - tl_session_pos(g->session);
+    if (st == TL_ERR_RANGE || (st == TL_OK && n > room))
+        return tl_fail(TL_ERR_RANGE, "the message does not fit in the context (%s%d tokens, %d of %d positions free)",
+                       st == TL_ERR_RANGE ? "at least " : "", n, room, tl_session_n_ctx(g->session));
+    if (st != TL_OK) return st;
+    return tl_generator_prompt_ids(g, g->ids, n);
+}
+
+/* U+FFFD, what bytes that cannot form a character become. */
+static const char REPLACEMENT[] = "\xEF\xBF\xBD";
+
+/* Read the UTF-8 sequence at s[0:n] (RFC 3629: no overlongs, surrogates or code points above U+10FFFF).
+ * Returns 1 for a whole character of *len bytes; 0 when s[0:*len] is a maximal invalid subpart (what
+ * Unicode and Python's errors="replace" turn into one U+FFFD); -1 when all n bytes are a valid start cut
+ * short, which more bytes may complete. */
+static int utf8_sequence(const unsigned char *s, size_t n, size_t *len) {
+    const unsigned lead = s[0];
+    unsigned lo = 0x80, hi = 0xBF; /* allowed range of the second byte */
+    size_t want;
+    *len = 1;
+    if (lead < 0x80) return 1;
+    if (lead >= 0xC2 && lead <= 0xDF) {
+        want = 2;
+    } else if (lead >= 0xE0 && lead <= 0xEF) {
+        want = 3;
+        if (lead == 0xE0) lo = 0xA0;
+        if (lead == 0xED) hi = 0x9F;
+    } else if (lead >= 0xF0 && lead <= 0xF4) {
+        want = 4;
+        if (lead == 0xF0) lo = 0x90;
+        if (lead == 0xF4) hi = 0x8F;
+    } else {
+        return 0;
+    }
+    for (size_t i = 1; i < want; i++) {
+        *len = i;
+        if (i == n) return -1;
+        if (s[i] < (i == 1 ? lo : 0x80) || s[i] > (i == 1 ? hi : 0xBF)) return 0;
+    }
+    *len = want;
+    return 1;
+}
+
+/* Move pending bytes + piece into g->text as valid UTF-8: invalid bytes become U+FFFD, a trailing
+ * incomplete character is held back in g->pending until the next piece. */
 static tl_status take_complete_text(tl_generator *g, const char *piece, size_t piece_len, size_t *out_len) {
-    const size_t need = g->n_pending + piece_len + 1;
+    const size_t n_in = g->n_pending + piece_len;
+    const size_t need = 3 * n_in + 1; /* every byte may become a 3-byte U+FFFD */
     if (need > g->text_cap) {
         char *bigger = realloc(g->text, need);
         if (bigger == NULL) return tl_fail(TL_ERR_MEMORY, "out of memory for generated text");
         g->text = bigger;
         g->text_cap = need;
     }
-    size_t n = g->n_pending;
-    memcpy(g->text, g->pending, g->n_pending);
-    memcpy(g->text + n, piece, piece_len);
-    n += piece_len;
+    /* the input goes at the end of the buffer, the output grows from its start and never overtakes it */
+    unsigned char *in = (unsigned char *)g->text + need - 1 - n_in;
+    memcpy(in, g->pending, g->n_pending);
+    memcpy(in + g->n_pending, piece, piece_len);
     g->n_pending = 0;
-    /* find where the last character starts; keep it back if its bytes are not all here yet */
-    size_t start = n;
-    while (start > 0 && n - start < 4 && ((unsigned char)g->text[start - 1] & 0xC0) == 0x80) start--;
-    if (start > 0) {
-        const size_t want = utf8_length((unsigned char)g->text[start - 1]);
-        if (want > n - (start - 1)) {
-            start--;
-            g->n_pending = n - start;
-            memcpy(g->pending, g->text + start, g->n_pending);
-            n = start;
+    size_t o = 0;
+    for (size_t i = 0, len; i < n_in; i += len) {
+        const int kind = utf8_sequence(in + i, n_in - i, &len);
+        if (kind < 0) {
+            memcpy(g->pending, in + i, len);
+            g->n_pending = len;
+        } else if (kind == 0) {
+            memcpy(g->text + o, REPLACEMENT, 3);
+            o += 3;
+        } else {
+            memmove(g->text + o, in + i, len);
+            o += len;
         }
     }
-    g->text[n] = '\0';
-    *out_len = n;
+    g->text[o] = '\0';
+    *out_len = o;
     return TL_OK;
 }
 
@@ -193,9 +274,11 @@ tl_status tl_generator_next(tl_generator *g, int *token, const char **text, size
 }
 
 const char *tl_generator_flush(tl_generator *g, size_t *len) {
-    *len = g->n_pending;
+    /* after EOS the held bytes are what the model wrote: invalid, so U+FFFD; after a cut they are a
+     * character whose remaining bytes were never sampled: dropped, so the text never ends mid-character */
+    *len = g->n_pending > 0 && g->ended_with_eos ? 3 : 0;
     g->n_pending = 0;
-    memcpy(g->text, g->pending, *len);
+    memcpy(g->text, REPLACEMENT, *len);
     g->text[*len] = '\0';
     return g->text;
 }

@@ -1,9 +1,12 @@
 /* run.c - the `run` command: generate text or chat with a model, llama2.c's flags.
  * Only argument parsing and printing live here; everything else is the library (tinyllm.h). */
+#include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "tinyllm.h"
 
@@ -17,21 +20,25 @@ static void usage(FILE *out) {
         "generates text, or chats, streaming UTF-8 to stdout; speed goes to stderr.\n"
         "\n"
         "Options:\n"
-        "  -t <float>  temperature, 0 = greedy (default 1.0)\n"
-        "  -p <float>  top-p (nucleus) sampling mass, 1 = off (default 0.9)\n"
-        "  -k <int>    top-k: sample among the k most likely tokens, 0 = off (default 0)\n"
-        "  -r <float>  repetition penalty for the last 64 tokens, 1 = off (default 1; chat 1.1)\n"
-        "  -g <int>    forbid repeating any n-gram of this size, 0 = off (default 0; chat 4)\n"
-        "  -s <int>    random seed (default 0 = from the clock)\n"
-        "  -n <int>    tokens in the sequence, prompt included (default 256, at most the model's\n"
-        "              seq_len)\n"
+        "  -t <float>  temperature, 0 = greedy (default %.1f)\n"
+        "  -p <float>  top-p (nucleus) sampling mass, 1 = off (default %.1f)\n"
+        "  -k <int>    top-k: sample among the k most likely tokens, 0 = off (default %d)\n"
+        "  -r <float>  repetition penalty for the last %d tokens, 1 = off (default 1; chat %.1f)\n"
+        "  -g <int>    forbid repeating any n-gram of this size, 0 = off (default 0; chat %d)\n"
+        "  -s <int>    random seed, 0 .. 2^64-1 (default 0 = from the clock)\n"
+        "  -n <int>    steps, as in llama2.c: positions the model runs, prompt included (BOS is\n"
+        "              position 0), each giving the next token; with no prompt -n 40 prints 40\n"
+        "              tokens (default 256, at most the model's seq_len; in chat, for the whole talk)\n"
         "  -i <string> prompt (generate mode: omitted = start from BOS; chat: first user message)\n"
         "  -z <path>   tokenizer file (default: a GGUF model's own, else tok<vocab>.bin beside the\n"
         "              model, then tokenizer.bin)\n"
-        "  -m <mode>   generate | chat (default generate)\n"
+        "  -m <mode>   generate | chat (default generate); chat reads a user turn per line of stdin,\n"
+        "              skips (and reports, exit status 1) a line that is not UTF-8 or does not fit\n"
         "  -y <string> system prompt in chat mode\n"
-        "  -j <int>    threads (default: the number of physical cores)\n"
-        "  -h          this help\n");
+        "  -j <int>    threads (default: the number of physical cores; at most the CPUs)\n"
+        "  -h          this help\n",
+        TL_DEFAULT_TEMPERATURE, TL_DEFAULT_TOP_P, TL_DEFAULT_TOP_K, TL_CHAT_REPETITION_WINDOW,
+        TL_CHAT_REPETITION_PENALTY, TL_CHAT_NO_REPEAT_NGRAM);
 }
 
 static int fail(const char *what) {
@@ -47,11 +54,20 @@ static double now_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Strict number parsing: "12abc" or "" is an error, not 12 or 0. */
-static int parse_long(const char *s, long *out) {
+/* Strict number parsing: "12abc", "" or a value outside [lo, hi] is an error, not 12, 0 or a wrap. */
+static int parse_long(const char *s, long lo, long hi, long *out) {
     char *end = NULL;
+    errno = 0;
     *out = strtol(s, &end, 10);
-    return end != s && *end == '\0';
+    return end != s && *end == '\0' && errno == 0 && *out >= lo && *out <= hi;
+}
+
+/* A seed: any unsigned 64-bit number (strtoull would take "-1" as 2^64-1). */
+static int parse_seed(const char *s, unsigned long long *out) {
+    char *end = NULL;
+    errno = 0;
+    *out = strtoull(s, &end, 10);
+    return s[strspn(s, " \t")] != '-' && end != s && *end == '\0' && errno == 0;
 }
 
 static int parse_float(const char *s, float *out) {
@@ -60,11 +76,12 @@ static int parse_float(const char *s, float *out) {
     return end != s && *end == '\0';
 }
 
-/* Stream tokens until EOS, the step budget or a full context; returns tokens generated or -1. */
-static int stream_answer(tl_generator *g, tl_session *s, int steps) {
+/* Stream tokens until EOS or the end of the steps: the session holds `steps` positions, and the token
+ * sampled at the last one is printed but not fed (llama2.c's loop); returns tokens generated or -1. */
+static int stream_answer(tl_generator *g) {
     int generated = 0;
     int done = 0;
-    while (!done && tl_session_pos(s) < steps) {
+    while (!done) {
         int token;
         const char *text;
         size_t len;
@@ -79,7 +96,7 @@ static int stream_answer(tl_generator *g, tl_session *s, int steps) {
     return generated;
 }
 
-static int generate(tl_generator *g, tl_session *s, const tl_tokenizer *tok, const char *prompt, int steps) {
+static int generate(tl_generator *g, tl_session *s, const tl_tokenizer *tok, const char *prompt) {
     const double prompt_start = now_s();
     if (prompt) {
         if (tl_generator_prompt(g, prompt, strlen(prompt), 1) != TL_OK) return fail_lib();
@@ -90,9 +107,10 @@ static int generate(tl_generator *g, tl_session *s, const tl_tokenizer *tok, con
     }
     const int n_prompt = tl_session_pos(s);
     const double start = now_s();
-    const int n = stream_answer(g, s, steps);
+    const int n = stream_answer(g);
     if (n < 0) return fail_lib();
     printf("\n");
+    fflush(stdout); /* the text and its newline before the speed lines, where both go to one terminal */
     const double end = now_s();
     /* decode speed (llama2.c's line), then the prompt's: tokens fed through the batched prefill */
     if (n > 0) fprintf(stderr, "achieved tok/s: %.1f\n", n / (end - start > 1e-9 ? end - start : 1e-9));
@@ -100,34 +118,78 @@ static int generate(tl_generator *g, tl_session *s, const tl_tokenizer *tok, con
     return 0;
 }
 
-/* Read one line from stdin without its newline; 0 at end of input. */
-static int read_line(const char *label, char *buf, size_t size) {
-    printf("%s", label);
-    fflush(stdout);
-    if (fgets(buf, (int)size, stdin) == NULL) return 0;
-    buf[strcspn(buf, "\r\n")] = '\0';
-    return 1;
+/* Read one line of any length from stdin into *line (without its line end); -1 at end of input, else
+ * its length (it may hold NUL bytes, which the caller refuses). */
+static long read_line(int prompting, char **line, size_t *cap) {
+    if (prompting) {
+        printf("User: ");
+        fflush(stdout);
+    }
+    ssize_t n = getline(line, cap, stdin);
+    if (n < 0) return -1;
+    while (n > 0 && ((*line)[n - 1] == '\n' || (*line)[n - 1] == '\r')) (*line)[--n] = '\0';
+    return (long)n;
 }
 
+/* Talk until end of input or a full context. A line that cannot be a turn (NUL, invalid UTF-8, too
+ * long for what is left of the context) is reported and skipped: nothing of it reaches the cache.
+ * On a terminal the turns are labelled; from a pipe only the answers are printed, one per line. */
 static int chat(tl_generator *g, tl_session *s, const char *system, const char *first_message, int steps) {
-    char line[4096];
+    const int interactive = isatty(STDIN_FILENO);
+    char *line = NULL;
+    size_t cap = 0;
+    int line_no = 0, skipped = 0, rc = 0;
     const char *message = first_message;
     for (;;) {
         if (message == NULL) {
-            if (!read_line("User: ", line, sizeof(line))) return 0;
-            if (line[0] == '\0') continue;
+            const long len = read_line(interactive, &line, &cap);
+            if (len < 0) break;
+            line_no++;
+            if (len == 0) continue;
+            if (memchr(line, '\0', (size_t)len) != NULL) {
+                fprintf(stderr, "error: line %d holds a NUL byte; skipped\n", line_no);
+                skipped = 1;
+                continue;
+            }
             message = line;
         }
-        if (tl_generator_chat_turn(g, system, message) != TL_OK) return fail_lib();
-        printf("Assistant: ");
-        if (stream_answer(g, s, steps) < 0) return fail_lib();
+        const tl_status st = tl_generator_chat_turn(g, system, message);
+        message = NULL;
+        if (st == TL_ERR_ARGUMENT || st == TL_ERR_RANGE) {
+            if (line_no > 0) fprintf(stderr, "error: %s (line %d); skipped\n", tl_last_error(), line_no);
+            else fprintf(stderr, "error: %s (-i); skipped\n", tl_last_error());
+            skipped = 1;
+            continue;
+        }
+        if (st != TL_OK) {
+            rc = fail_lib();
+            break;
+        }
+        if (interactive) printf("Assistant: ");
+        if (stream_answer(g) < 0) {
+            rc = fail_lib();
+            break;
+        }
         printf("\n");
+        fflush(stdout);
         if (tl_session_pos(s) >= steps) {
             fprintf(stderr, "(context of %d tokens is full)\n", steps);
-            return 0;
+            break;
         }
-        message = NULL;
     }
+    if (interactive && rc == 0 && tl_session_pos(s) < steps) printf("\n"); /* end the "User: " line */
+    free(line);
+    return rc != 0 ? rc : skipped;
+}
+
+/* No -z and no tokenizer where one is looked for: say where we looked and how to name one. */
+static void no_tokenizer(const char *model_path, const tl_config *config) {
+    const char *slash = strrchr(model_path, '/');
+    const int dir_len = slash ? (int)(slash - model_path + 1) : 0;
+    fprintf(stderr, "error: no tokenizer for %s: tried %s%.*stok%d.bin (beside the model) and ./tokenizer.bin; "
+            "name one with -z <tok.bin> (%s)\n", model_path,
+            config->file_format == TL_FORMAT_GGUF ? "the model file itself, " : "", dir_len, model_path,
+            config->vocab_size, model_path);
 }
 
 int main(int argc, char **argv) {
@@ -138,8 +200,10 @@ int main(int argc, char **argv) {
     const char *model_path = argv[1], *tokenizer_path = NULL, *prompt = NULL, *mode = "generate";
     const char *system_prompt = NULL;
     tl_sample_params params = tl_sample_defaults();
-    long steps = 0, threads = 0, seed = 0, top_k = 0, ngram = -1;
-    float penalty = -1.0f; /* -1: the mode's default */
+    long steps = 0, threads = 0, top_k = 0, ngram = -1;
+    unsigned long long seed = 0;
+    float penalty = 0.0f;
+    int penalty_given = 0; /* else the mode's default */
     for (int i = 2; i < argc; i += 2) {
         const char *flag = argv[i];
         if (strcmp(flag, "-h") == 0) {
@@ -156,15 +220,16 @@ int main(int argc, char **argv) {
         }
         const char *value = argv[i + 1];
         int ok = 1;
+        const char *want = "a number";
         switch (flag[1]) {
             case 't': ok = parse_float(value, &params.temperature); break;
             case 'p': ok = parse_float(value, &params.top_p); break;
-            case 'k': ok = parse_long(value, &top_k); break;
-            case 'r': ok = parse_float(value, &penalty); break;
-            case 'g': ok = parse_long(value, &ngram); break;
-            case 's': ok = parse_long(value, &seed); break;
-            case 'n': ok = parse_long(value, &steps); break;
-            case 'j': ok = parse_long(value, &threads); break;
+            case 'k': ok = parse_long(value, 0, INT_MAX, &top_k), want = "an integer in 0..2147483647"; break;
+            case 'r': ok = parse_float(value, &penalty), penalty_given = 1; break;
+            case 'g': ok = parse_long(value, 0, INT_MAX, &ngram), want = "an integer in 0..2147483647"; break;
+            case 's': ok = parse_seed(value, &seed), want = "an integer in 0..18446744073709551615"; break;
+            case 'n': ok = parse_long(value, 0, INT_MAX, &steps), want = "an integer in 0..2147483647"; break;
+            case 'j': ok = parse_long(value, 0, INT_MAX, &threads), want = "an integer in 0..2147483647"; break;
             case 'i': prompt = value; break;
             case 'z': tokenizer_path = value; break;
             case 'm': mode = value; break;
@@ -174,7 +239,7 @@ int main(int argc, char **argv) {
                 return 1;
         }
         if (!ok) {
-            fprintf(stderr, "error: %s expects a number, got '%s'\n", flag, value);
+            fprintf(stderr, "error: %s expects %s, got '%s'\n", flag, want, value);
             return 1;
         }
     }
@@ -183,15 +248,26 @@ int main(int argc, char **argv) {
         return 1;
     }
     if (prompt && prompt[0] == '\0') return fail("empty prompt (-i \"\"); omit -i to start from BOS");
-    if (steps < 0 || threads < 0 || top_k < 0 || ngram < -1) return fail("-n, -j, -k and -g must not be negative");
     params.top_k = (int)top_k;
     /* small models loop: chat turns the repetition controls on unless told otherwise */
     const int chatting = strcmp(mode, "chat") == 0;
-    params.repetition_penalty = penalty >= 0.0f ? penalty : (chatting ? 1.1f : 1.0f);
-    params.repetition_window = 64;
-    params.no_repeat_ngram = ngram >= 0 ? (int)ngram : (chatting ? 4 : 0);
-    params.seed = seed > 0 ? (unsigned long long)seed : (unsigned long long)time(NULL);
-    if (threads > 0) tl_set_threads((int)threads);
+    params.repetition_penalty = penalty_given ? penalty : (chatting ? TL_CHAT_REPETITION_PENALTY : 1.0f);
+    params.repetition_window = TL_CHAT_REPETITION_WINDOW;
+    params.no_repeat_ngram = ngram >= 0 ? (int)ngram : (chatting ? TL_CHAT_NO_REPEAT_NGRAM : 0);
+    params.seed = seed > 0 ? seed : (unsigned long long)time(NULL);
+    /* the sampler's own checks (NaN, negative, out of range), before the model is loaded */
+    tl_sampler *check = NULL;
+    if (tl_sampler_new(1, &params, &check) != TL_OK) {
+        fprintf(stderr, "error: %s (see -t, -p, -r in run -h)\n", tl_last_error());
+        return 1;
+    }
+    tl_sampler_free(check);
+    if (threads > 0) {
+        tl_set_threads((int)threads);
+        if (tl_get_threads() < threads)
+            fprintf(stderr, "warning: -j %ld is more than the %d CPUs this process may use; using %d\n", threads,
+                    tl_get_threads(), tl_get_threads());
+    }
 
     tl_model *model = NULL;
     if (tl_model_load(model_path, &model) != TL_OK) return fail_lib();
@@ -210,21 +286,27 @@ int main(int argc, char **argv) {
         tl_tokenizer_from_model(model, &tok) != TL_OK) { /* a GGUF file carries its tokenizer */
         fprintf(stderr, "note: %s\n", tl_last_error());
     }
-    if (tokenizer_path == NULL && tok == NULL) {
+    const int searched = tokenizer_path == NULL && tok == NULL;
+    if (searched) {
         tl_default_tokenizer_path(model_path, config.vocab_size, default_tok, sizeof(default_tok));
         tokenizer_path = default_tok;
+    }
+    if (tok == NULL && tl_tokenizer_load(tokenizer_path, config.vocab_size, &tok) != TL_OK) {
+        if (searched && access(tokenizer_path, F_OK) != 0) no_tokenizer(model_path, &config);
+        else fail_lib();
+        tl_model_free(model);
+        return 1;
     }
     tl_session *session = NULL;
     tl_generator *gen = NULL;
     int rc = 1;
-    if ((tok == NULL && tl_tokenizer_load(tokenizer_path, config.vocab_size, &tok) != TL_OK) ||
-        tl_session_new(model, (int)steps, &session) != TL_OK ||
+    if (tl_session_new(model, (int)steps, &session) != TL_OK ||
         tl_generator_new(session, tok, &params, &gen) != TL_OK) {
         rc = fail_lib();
     } else if (chatting) {
         rc = chat(gen, session, system_prompt, prompt, (int)steps);
     } else {
-        rc = generate(gen, session, tok, prompt, (int)steps);
+        rc = generate(gen, session, tok, prompt);
     }
     tl_generator_free(gen);
     tl_session_free(session);

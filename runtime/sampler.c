@@ -23,7 +23,7 @@ struct tl_sampler {
 };
 
 tl_sample_params tl_sample_defaults(void) {
-    tl_sample_params p = {1.0f, 0.9f, 0, 0, 1.0f, 0, 0};
+    tl_sample_params p = {TL_DEFAULT_TEMPERATURE, TL_DEFAULT_TOP_P, TL_DEFAULT_TOP_K, 0, 1.0f, 0, 0};
     return p;
 }
 
@@ -184,7 +184,10 @@ int tl_sampler_sample(tl_sampler *s, float *logits) {
     if (s->params.repetition_penalty > 0.0f && s->params.repetition_penalty != 1.0f) penalize_repetition(s, logits);
     if (s->params.no_repeat_ngram > 0) ban_repeated_ngrams(s, logits);
     const int best = argmax(logits, n);
-    if (s->params.temperature == 0.0f || logits[best] == -INFINITY) return best; /* greedy, or all banned */
+    /* greedy, or all banned; or a temperature so small that the best logit overflows divided by it
+     * (1e-45): the distribution it stands for is greedy's, the arithmetic would give NaN */
+    if (s->params.temperature == 0.0f || logits[best] == -INFINITY || !isfinite(logits[best] / s->params.temperature))
+        return best;
     for (int i = 0; i < n; i++) logits[i] /= s->params.temperature;
     tl_softmax(logits, n);
     const float coin = random_f32(&s->rng_state);

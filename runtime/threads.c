@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "threads.h"
 
@@ -54,6 +55,13 @@ static tl_pool pool = {
     .wake = PTHREAD_COND_INITIALIZER,
     .busy = PTHREAD_MUTEX_INITIALIZER,
 };
+
+int tl_pool_cpu_count(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+    const long online = sysconf(_SC_NPROCESSORS_ONLN);
+    return online > 0 ? (int)online : 1;
+}
 
 static long now_ns(void) {
     struct timespec ts;

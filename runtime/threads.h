@@ -2,6 +2,9 @@
 #ifndef TINYLLM_THREADS_H
 #define TINYLLM_THREADS_H
 
+/* CPUs this process may run on (its affinity mask): more threads than these only take turns. */
+int tl_pool_cpu_count(void);
+
 /* Use n threads in all (the caller plus n - 1 workers); n <= 1 runs everything on the caller. */
 void tl_pool_set_threads(int n);
 

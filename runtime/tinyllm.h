@@ -30,7 +30,8 @@ typedef enum {
 /* The message of the last failure on this thread ("" if none). */
 const char *tl_last_error(void);
 
-/* Number of threads the matmuls use; n <= 0 restores the default (physical cores). */
+/* Number of threads the matmuls use; n <= 0 restores the default (physical cores), n beyond the CPUs
+ * this process may use is capped at them (tl_get_threads tells; callers warn). */
 void tl_set_threads(int n);
 int tl_get_threads(void);
 
@@ -65,7 +66,10 @@ typedef struct {
 typedef struct tl_model tl_model;
 
 /* Map a model file, validating every size: llama2.c (v0 legacy, v1 fp32, v2 int8) or GGUF (v2/v3,
- * arch "llama", tensors F32/F16/Q8_0/Q4_0), told apart by magic. */
+ * arch "llama", tensors F32/F16/Q8_0/Q4_0), told apart by magic. Hyper-parameters are capped (dim 2^16,
+ * hidden_dim 2^18, 1024 layers and heads, vocab 2^22, seq_len 2^20). What loading allocates is bounded
+ * by the file: the weights stay mapped, the norms are copied as fp32, plus a few bytes per layer,
+ * tensor and metadata entry; nothing depends on seq_len (RoPE is computed per step). */
 tl_status tl_model_load(const char *path, tl_model **out);
 void tl_model_free(tl_model *model);
 void tl_model_config(const tl_model *model, tl_config *out);
@@ -95,6 +99,11 @@ void tl_default_tokenizer_path(const char *model_path, int vocab_size, char *buf
  * *n_ids receives the number written; TL_ERR_RANGE if max_ids is too small. */
 tl_status tl_tokenizer_encode(const tl_tokenizer *tok, const char *text, size_t text_len,
                               int add_bos, int add_eos, int *ids, int max_ids, int *n_ids);
+/* tl_tokenizer_encode for text from a user (a chat message): user-defined pieces such as the chat
+ * template's "<|user|>" are plain text here, neither matched nor formed by merges, so no text gives
+ * their ids (SentencePiece's result with those pieces made CONTROL). Otherwise the same ids. */
+tl_status tl_tokenizer_encode_plain(const tl_tokenizer *tok, const char *text, size_t text_len,
+                                    int add_bos, int add_eos, int *ids, int max_ids, int *n_ids);
 /* The bytes token `id` stands for when it follows `prev` (byte tokens give one raw byte;
  * control tokens give ""). The pointer stays valid while the tokenizer lives. */
 const char *tl_tokenizer_piece(const tl_tokenizer *tok, int prev, int id, size_t *len);
@@ -107,7 +116,10 @@ tl_status tl_tokenizer_decode(const tl_tokenizer *tok, const int *ids, int n_ids
 
 typedef struct tl_session tl_session;
 
-/* n_ctx <= 0 means the model's seq_len; larger than seq_len is an error. */
+/* n_ctx <= 0 means the model's seq_len; larger than seq_len is an error. The KV cache starts with
+ * room for 16 positions and doubles (up to n_ctx) as positions are fed, so a session costs memory for
+ * the context it uses, not the one it may use: n_layers x positions x kv_dim x 8 bytes (4 with
+ * kv_f16). A feed whose room cannot be allocated fails with TL_ERR_MEMORY. */
 tl_status tl_session_new(const tl_model *model, int n_ctx, tl_session **out);
 /* Session options beyond the context length. */
 typedef struct {
@@ -139,8 +151,18 @@ typedef struct {
                                  history; 0: off */
 } tl_sample_params;
 
+/* The sampling defaults of every entry point (python/tinyllm/sampling.py's DEFAULTS and CHAT_DEFAULTS
+ * hold the same numbers; a test keeps them equal). Chat mode adds the repetition controls. */
+#define TL_DEFAULT_TEMPERATURE 0.7f
+#define TL_DEFAULT_TOP_P 0.9f
+#define TL_DEFAULT_TOP_K 0
+#define TL_CHAT_REPETITION_PENALTY 1.1f
+#define TL_CHAT_REPETITION_WINDOW 64
+#define TL_CHAT_NO_REPEAT_NGRAM 4
+
 typedef struct tl_sampler tl_sampler;
 
+/* TL_DEFAULT_* sampling, repetition controls off. */
 tl_sample_params tl_sample_defaults(void);
 tl_status tl_sampler_new(int vocab_size, const tl_sample_params *params, tl_sampler **out);
 void tl_sampler_free(tl_sampler *sampler);
@@ -166,16 +188,22 @@ void tl_generator_free(tl_generator *g);
 tl_status tl_generator_prompt(tl_generator *g, const char *text, size_t len, int add_bos);
 /* Feed token ids instead of text. */
 tl_status tl_generator_prompt_ids(tl_generator *g, const int *ids, int n);
-/* Sample one token and feed it. *token receives it; *text and *text_len the newly complete UTF-8
- * text (never a partial character; may be empty). *done becomes 1 when the token is EOS (not
+/* Sample one token and feed it. *token receives it; *text and *text_len the newly complete text, always
+ * valid UTF-8 (may be empty): a character whose bytes come from several byte tokens is held back until
+ * it is complete, and bytes that cannot form one become U+FFFD, one per maximal invalid subpart (as
+ * Python's errors="replace"). *done becomes 1 when the token is EOS (not
  * fed, no text) or when the context is full (the token's text is still given). */
 tl_status tl_generator_next(tl_generator *g, int *token, const char **text, size_t *text_len, int *done);
 /* Feed one user turn of the chat template: on an empty session BOS, then
  * "<|system|>\n{system}\n" when system is non-empty, then "<|user|>\n{user}\n<|assistant|>\n".
+ * Only the template gives role tokens: "\n{system}\n" and "\n{user}\n" are encoded as plain text
+ * (tl_tokenizer_encode_plain). Nothing is fed when the turn cannot be encoded or does not fit.
  * If the previous answer ended with EOS, that EOS is fed first, so the KV cache holds the whole
  * conversation and history is never re-encoded. */
 tl_status tl_generator_chat_turn(tl_generator *g, const char *system, const char *user);
-/* Bytes still held back as an incomplete UTF-8 sequence (flushed as-is at the end). */
+/* The end of an answer's text (valid UTF-8, usually empty): an incomplete character still held back
+ * becomes U+FFFD after EOS (the model wrote invalid UTF-8) and is dropped after a cut (a token budget
+ * or a full context), so that a cut never ends inside a character. */
 const char *tl_generator_flush(tl_generator *g, size_t *len);
 /* The token ids in the session's cache, as this generator fed them (prompts, chat turns and
  * sampled tokens); *n receives their number (the session's position). Valid until the next call. */

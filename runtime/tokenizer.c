@@ -16,6 +16,9 @@
  *
  * A GGUF model file can carry the same tokenizer (tokenizer.ggml.*, model "llama"): its pieces use
  * U+2581 for spaces; tl_tokenizer_from_model converts them and shares the rest of the building.
+ *
+ * The Python readers apply the same vocabulary rules (validate_vocab in python/tinyllm/config.py):
+ * tests/test_reader_verdicts.py requires both sides to give every crafted file the same verdict.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -248,7 +251,7 @@ static tl_status index_pieces(tl_tokenizer *t, const char *path, int has_trailer
             if (t->unk < 0) t->unk = i;
         } else if (type == PIECE_BYTE) {
             int b = byte_piece_value(s, t->len[i]);
-            if (b < 0) return tl_fail(TL_ERR_FORMAT, "tok.bin byte piece %d is not of the form <0xXX>: %s", i, path);
+            if (b < 0) return tl_fail(TL_ERR_FORMAT, "tokenizer byte piece %d is not of the form <0xXX>: %s", i, path);
             if (t->byte_id[b] < 0) t->byte_id[b] = i;
             t->byte_fallback = 1;
         } else if (type == PIECE_CONTROL && has_trailer) {
@@ -354,6 +357,8 @@ static tl_status build_from_vocab(const tl_embedded_vocab *v, tl_tokenizer *t) {
     for (int i = 0; i < n; i++) { /* lengths were checked against the file by the GGUF reader */
         uint64_t len;
         memcpy(&len, p, 8);
+        if (!is_utf8((const char *)p + 8, (size_t)len)) /* GGUF strings are UTF-8, as the Python reader requires */
+            return tl_fail(TL_ERR_FORMAT, "%s: piece %d is not valid UTF-8", source, i);
         const size_t u = unescaped_len(p + 8, (size_t)len);
         if (u > max_len) max_len = u;
         text_bytes += u + 1;
@@ -508,6 +513,7 @@ typedef struct {
     int *ids;
     int max_ids, n_ids;
     int prev_unk;      /* the last id came from an unknown symbol (runs of them become one <unk>) */
+    int plain;         /* user-defined pieces are plain text: never cut out, formed or emitted */
 } bpe_state;
 
 /* Heap order: higher score first, then the leftmost pair (SentencePiece's agenda order). */
@@ -551,6 +557,7 @@ static void try_pair(bpe_state *b, int left, int right) {
     const tok_slot *slot = find_slot(b->t, s, (size_t)size, hash_bytes(s, (size_t)size));
     if (slot->key < 0 || slot->merge_id < 0) return;
     int id = slot->merge_id;
+    if (b->plain && b->t->type[id] == PIECE_USER) return;
     heap_push(b, (bpe_pair){b->t->score[id], left, right, size});
     if (b->t->type[id] == PIECE_UNUSED) b->unused_split[id] = l->len;
 }
@@ -570,7 +577,7 @@ static void emit_symbol(bpe_state *b, const char *s, int32_t n) {
         emit_symbol(b, s + split, n - split);
         return;
     }
-    if (id >= 0 && t->type[id] != PIECE_UNKNOWN) {
+    if (id >= 0 && t->type[id] != PIECE_UNKNOWN && !(b->plain && t->type[id] == PIECE_USER)) {
         emit(b, id);
         b->prev_unk = 0;
         return;
@@ -620,7 +627,7 @@ static tl_status bpe(bpe_state *b, size_t n) {
         for (int i = 0; i < t->vocab_size; i++) b->unused_split[i] = -1;
     int n_sym = 0;
     for (size_t i = 0; i < n;) {
-        int32_t len = match_user(t, b->text + i, n - i);
+        int32_t len = b->plain ? 0 : match_user(t, b->text + i, n - i);
         int freeze = len > 0;
         if (!freeze) len = (int32_t)utf8_char_len((const unsigned char *)b->text + i, n - i);
         b->sym[n_sym] = (bpe_symbol){(int32_t)i, len, n_sym - 1, -1, freeze};
@@ -644,8 +651,8 @@ static tl_status bpe(bpe_state *b, size_t n) {
     return TL_OK;
 }
 
-tl_status tl_tokenizer_encode(const tl_tokenizer *t, const char *text, size_t text_len, int add_bos, int add_eos,
-                              int *ids, int max_ids, int *n_ids) {
+static tl_status encode(const tl_tokenizer *t, const char *text, size_t text_len, int add_bos, int add_eos,
+                        int plain, int *ids, int max_ids, int *n_ids) {
     if (n_ids) *n_ids = 0;
     if (!t || !n_ids) return tl_fail(TL_ERR_ARGUMENT, "tl_tokenizer_encode: tokenizer or n_ids is NULL");
     if (!text && text_len > 0) return tl_fail(TL_ERR_ARGUMENT, "tl_tokenizer_encode: text is NULL");
@@ -663,7 +670,7 @@ tl_status tl_tokenizer_encode(const tl_tokenizer *t, const char *text, size_t te
     char *norm = malloc(text_len + 2);
     if (!norm) return tl_fail(TL_ERR_MEMORY, "out of memory encoding %zu bytes", text_len);
     size_t n = text_len > 0 ? normalize(t, s, text_len, norm) : 0;
-    bpe_state b = {t, norm, NULL, NULL, 0, NULL, ids, max_ids, 0, 0};
+    bpe_state b = {t, norm, NULL, NULL, 0, NULL, ids, max_ids, 0, 0, plain};
     if (add_bos) emit(&b, t->bos);
     tl_status st = bpe(&b, n);
     if (add_eos) emit(&b, t->eos);
@@ -678,6 +685,16 @@ tl_status tl_tokenizer_encode(const tl_tokenizer *t, const char *text, size_t te
     }
     *n_ids = b.n_ids;
     return TL_OK;
+}
+
+tl_status tl_tokenizer_encode(const tl_tokenizer *t, const char *text, size_t text_len, int add_bos, int add_eos,
+                              int *ids, int max_ids, int *n_ids) {
+    return encode(t, text, text_len, add_bos, add_eos, 0, ids, max_ids, n_ids);
+}
+
+tl_status tl_tokenizer_encode_plain(const tl_tokenizer *t, const char *text, size_t text_len, int add_bos,
+                                    int add_eos, int *ids, int max_ids, int *n_ids) {
+    return encode(t, text, text_len, add_bos, add_eos, 1, ids, max_ids, n_ids);
 }
 
 /* ---- decoding ---------------------------------------------------------------------------------- */

@@ -223,7 +223,8 @@ def test_gguf_carries_its_tokenizer_for_runtime_and_run(f32_files, tokenizer, te
     r = subprocess.run([RUN_BIN, str(f32_files[3]), "-t", "0", "-n", "20", "-i", "从前"], capture_output=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    expected = rt.generate("从前", max_new_tokens=20 - len(rt.encode("从前")), temperature=0)
+    # llama2.c's -n: 20 positions from BOS, the last one's token printed too
+    expected = rt.generate("从前", max_new_tokens=20 - len(rt.encode("从前")) + 1, temperature=0)
     assert r.stdout.decode().rstrip("\n") == "从前" + expected
 
 

@@ -69,7 +69,8 @@ def _greedy_torch(model, cfg, n):
 
 
 def _run_greedy_text(path, tok_path, n_tokens):
-    out = subprocess.run([RUN_BIN, str(path), "-z", str(tok_path), "-t", "0", "-n", str(n_tokens + 1)],
+    # llama2.c's -n: positions run from BOS on, each giving a token, so -n N prints N tokens after BOS
+    out = subprocess.run([RUN_BIN, str(path), "-z", str(tok_path), "-t", "0", "-n", str(n_tokens)],
                          capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr.decode()
     assert b"tok/s" in out.stderr

@@ -63,11 +63,13 @@ struct Tokenizer {
         return new Tokenizer(t);
     }
     ~Tokenizer() { tl_tokenizer_free(ptr); }
-    std::vector<int> encode(const py::bytes &text, bool bos, bool eos) const {
+    // special=false: user-defined pieces (the chat template's role tokens) are plain text
+    std::vector<int> encode(const py::bytes &text, bool bos, bool eos, bool special) const {
         std::string s = text;
         std::vector<int> ids(s.size() + 3);  // BPE never yields more ids than bytes (+ BOS/EOS)
         int n = 0;
-        check(tl_tokenizer_encode(ptr, s.data(), s.size(), bos, eos, ids.data(), (int)ids.size(), &n));
+        auto encode = special ? tl_tokenizer_encode : tl_tokenizer_encode_plain;
+        check(encode(ptr, s.data(), s.size(), bos, eos, ids.data(), (int)ids.size(), &n));
         ids.resize(n);
         return ids;
     }
@@ -189,7 +191,8 @@ PYBIND11_MODULE(_runtime, m) {
     py::class_<Tokenizer>(m, "Tokenizer")
         .def(py::init<const std::string &, int>())
         .def_static("from_model", &Tokenizer::from_model)
-        .def("encode", &Tokenizer::encode, py::arg("text"), py::arg("bos"), py::arg("eos"))
+        .def("encode", &Tokenizer::encode, py::arg("text"), py::arg("bos"), py::arg("eos"),
+             py::arg("special") = true)
         .def("decode", &Tokenizer::decode)
         .def_property_readonly("vocab_size", &Tokenizer::vocab_size)
         .def_property_readonly("bos_id", &Tokenizer::bos)

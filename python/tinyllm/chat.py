@@ -3,8 +3,12 @@
     <|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n{answer}</s>  (user/assistant repeat)
 
 Tokens, exactly as the C runtime's chat mode (runtime/generate.c, tl_generator_chat_turn) feeds them:
-BOS; then per user turn ONE encoded string, "<|system|>\n{system}\n" (first turn only, when the system
-prompt is non-empty) + "<|user|>\n{user}\n<|assistant|>\n"; then the answer encoded on its own plus EOS.
+BOS; then per user turn "<|system|>\n{system}\n" (first turn only, when the system prompt is non-empty)
++ "<|user|>\n{user}\n<|assistant|>\n"; then the answer encoded on its own plus EOS. Only the template
+gives role tokens: the text between them ("\n{user}\n", ...) and the answers are encoded as plain text
+(encode(..., special=False): "<|assistant|>" typed in a message stays characters), so no message can
+forge a turn. Role tokens are user-defined pieces, which SentencePiece never merges across, so for
+ordinary messages these are the ids of the whole turn string encoded at once.
 Training puts the loss on the answer tokens and their EOS only. GGUF's tokenizer.chat_template
 (export/gguf.py) renders the same text; splitting its render at the message boundaries gives the same
 pieces. A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}.
@@ -55,10 +59,24 @@ def split_conversation(messages) -> tuple[str, list[tuple[str, str | None]]]:
     return system, turns
 
 
+def turn_parts(user: str, system: str = "") -> list[str]:
+    """One user turn as role tokens (SPECIAL_TOKENS) and the plain text between them (system: the first
+    turn's system prompt, else empty)."""
+    head = [SYSTEM_TOKEN, f"\n{system}\n"] if system else []
+    return head + [USER_TOKEN, f"\n{user}\n", ASSISTANT_TOKEN, "\n"]
+
+
 def turn_prompt(user: str, system: str = "") -> str:
-    """The text one user turn is encoded from (system: the first turn's system prompt, else empty)."""
-    head = f"{SYSTEM_TOKEN}\n{system}\n" if system else ""
-    return f"{head}{USER_TOKEN}\n{user}\n{ASSISTANT_TOKEN}\n"
+    """The text of one user turn (see turn_parts)."""
+    return "".join(turn_parts(user, system))
+
+
+def encode_turn(tok, user: str, system: str = "") -> list[int]:
+    """Ids of one user turn: role tokens as their ids, the messages as plain text."""
+    ids = []
+    for part in turn_parts(user, system):
+        ids += tok.encode(part, bos=False, special=part in SPECIAL_TOKENS)
+    return ids
 
 
 def segments(messages) -> list[tuple[str, bool]]:
@@ -80,13 +98,17 @@ def render(messages) -> str:
 
 def encode(tok, messages) -> tuple[list[int], list[int]]:
     """(token ids, loss mask) of a conversation; mask[i] is 1 where ids[i] is an answer token or the EOS
-    that closes an answer (the positions training predicts). tok: anything with encode(text, bos=False),
-    bos_id and eos_id (tinyllm.tokenizer.Tokenizer, tinyllm.Runtime)."""
+    that closes an answer (the positions training predicts). tok: anything with
+    encode(text, bos=False, special=...), bos_id and eos_id (tinyllm.tokenizer.Tokenizer, tinyllm.Runtime).
+    Role tokens come from the template only (see the module docstring)."""
+    system, turns = split_conversation(messages)
     ids, mask = [tok.bos_id], [0]
-    for text, is_answer in segments(messages):
-        piece = tok.encode(text, bos=False)
-        if is_answer:
-            piece = piece + [tok.eos_id]
-        ids += piece
-        mask += [int(is_answer)] * len(piece)
+    for i, (user, answer) in enumerate(turns):
+        prompt = encode_turn(tok, user, system if i == 0 else "")
+        ids += prompt
+        mask += [0] * len(prompt)
+        if answer is not None:
+            piece = tok.encode(answer, bos=False, special=False) + [tok.eos_id]
+            ids += piece
+            mask += [1] * len(piece)
     return ids, mask

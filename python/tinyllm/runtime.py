@@ -1,7 +1,10 @@
 """tinyllm.Runtime: the C runtime from Python (no torch needed)."""
 from __future__ import annotations
 
+import math
+import numbers
 import os
+import warnings
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -9,9 +12,10 @@ import numpy as np
 from . import _runtime
 from .config import ModelConfig
 from .errors import InvalidArgumentError
-from .sampling import CHAT_DEFAULTS
+from .sampling import CHAT_DEFAULTS, DEFAULTS, MODEL_SAMPLING_KEYS
 
-REPETITION_WINDOW = 64  # tokens the repetition penalty looks back over (run's -r uses the same)
+REPETITION_WINDOW = CHAT_DEFAULTS["repetition_window"]  # tokens the repetition penalty looks back over
+INT_MAX = 2**31 - 1  # the C side holds counts and ids in int
 
 
 class Runtime:
@@ -21,16 +25,24 @@ class Runtime:
     tokenizer_path defaults to a GGUF file's own tokenizer, else tok<vocab>.bin beside the model
     (then ./tokenizer.bin);
     threads defaults to the number of physical cores.
+    Sampling arguments left as None take sampling_defaults: tinyllm.sampling.DEFAULTS, overridden by
+    what the model file recommends (GGUF keys tinyllm.sampling.*).
     """
 
     def __init__(self, model_path, tokenizer_path=None, threads: int | None = None):
         if threads is not None:
-            _runtime.set_threads(int(threads))
+            _runtime.set_threads(_check_int("threads", threads, 1, 4096))
+            if _runtime.get_threads() < threads:  # the C side caps threads at the CPUs we may use
+                warnings.warn(f"threads={threads} is more than the {_runtime.get_threads()} CPUs this process "
+                              f"may use; using {_runtime.get_threads()}", stacklevel=2)
         self.model_path = os.fspath(model_path)
         self._model = _runtime.Model(self.model_path)
         self._raw_config = self._model.config()
         vocab = self._raw_config["vocab_size"]
-        if tokenizer_path is None and self._raw_config["file_format"] == "gguf":
+        gguf_file = self._raw_config["file_format"] == "gguf"
+        # what the file recommends replaces the table (llama2.c files carry no recommendation)
+        self.sampling_defaults = DEFAULTS | (_model_sampling(self.model_path) if gguf_file else {})
+        if tokenizer_path is None and gguf_file:
             self.tokenizer_path = self.model_path  # a GGUF file carries its tokenizer
             self._tok = _runtime.Tokenizer.from_model(self._model)
             return
@@ -62,32 +74,48 @@ class Runtime:
     def eos_id(self) -> int:
         return self._tok.eos_id
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of text, exactly as SentencePiece gives them."""
-        return self._tok.encode(text.encode("utf-8"), bos, eos)
+    def encode(self, text: str, bos: bool = True, eos: bool = False, special: bool = True) -> list[int]:
+        """Token ids of text, exactly as SentencePiece gives them. special=False: text from a user, in which
+        user-defined pieces such as "<|user|>" are plain text (never their ids; see tinyllm.chat)."""
+        return self._tok.encode(_utf8(_check_text("text", text), allow_nul=True), bos, eos, special)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids (byte tokens joined into characters; invalid UTF-8 replaced)."""
-        return self._tok.decode(list(ids)).decode("utf-8", errors="replace")
+        return self._tok.decode(self._check_ids("ids", ids)).decode("utf-8", errors="replace")
 
     def logits(self, tokens: Iterable[int]) -> np.ndarray:
         """Logits (len(tokens), vocab) of every position, computed from an empty context."""
-        tokens = list(tokens)
+        tokens = self._check_ids("tokens", tokens)
         if not tokens:
             raise InvalidArgumentError("logits() needs at least one token")
         session = _runtime.Session(self._model, 0)
         return session.feed(tokens, True)
 
-    def _generator(self, temperature=1.0, top_p=0.9, top_k=0, seed=None, repetition_penalty=1.0, no_repeat_ngram=0):
-        session = _runtime.Session(self._model, 0)
+    def _check_ids(self, name: str, ids) -> list[int]:
+        """ids as a list of ints, each a token id of this model; InvalidArgumentError otherwise."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise InvalidArgumentError(f"{name} must be a sequence of token ids, got {type(ids).__name__}")
+        vocab = self._raw_config["vocab_size"]
+        return [_check_int(f"{name}[{i}]", t, 0, vocab - 1) for i, t in enumerate(ids)]
+
+    def _generator(self, temperature=None, top_p=None, top_k=None, seed=None, repetition_penalty=1.0,
+                   no_repeat_ngram=0):
+        given = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+        p = self.sampling_defaults | {k: v for k, v in given.items() if v is not None}
+        temperature = _check_float("temperature", p["temperature"], 0.0, 1e6)
+        top_p = _check_float("top_p", p["top_p"], 0.0, 1.0, low_open=True)
+        top_k = _check_int("top_k", p["top_k"], 0, INT_MAX)
+        repetition_penalty = _check_float("repetition_penalty", repetition_penalty, 0.0, 1e6)
+        no_repeat_ngram = _check_int("no_repeat_ngram", no_repeat_ngram, 0, INT_MAX)
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") or 1
-        return session, _runtime.Generator(session, self._tok, float(temperature), float(top_p), int(top_k),
-                                           int(seed) & 0xFFFFFFFFFFFFFFFF, float(repetition_penalty),
-                                           REPETITION_WINDOW, int(no_repeat_ngram))
+        seed = _check_int("seed", seed, 0, 2**64 - 1)
+        session = _runtime.Session(self._model, 0)
+        return session, _runtime.Generator(session, self._tok, temperature, top_p, top_k, seed, repetition_penalty,
+                                           REPETITION_WINDOW, no_repeat_ngram)
 
-    def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
-               top_k: int = 0, seed: int | None = None, stop: Iterable[str] | None = None,
+    def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
+               top_p: float | None = None, top_k: int | None = None, seed: int | None = None, stop: Iterable[str] | None = None,
                repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> Iterator[str]:
         """Yield the continuation of prompt piece by piece (never a partial character).
 
@@ -105,6 +133,8 @@ class Runtime:
         default to CHAT_DEFAULTS as in chat())."""
         if (prompt is None) == (messages is None):
             raise InvalidArgumentError("completion() takes a prompt or messages, not both")
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0, INT_MAX)
+        stop = _check_stops(stop)
         if messages is not None:
             sampling = {k: CHAT_DEFAULTS[k] for k in ("repetition_penalty", "no_repeat_ngram")} | sampling
         session, gen = self._generator(**sampling)
@@ -115,13 +145,13 @@ class Runtime:
                 raise InvalidArgumentError("the conversation must end with a user message")
             _feed_turns(self, gen, system, turns, 0)
         else:
-            if not prompt:
+            if not _check_text("prompt", prompt):
                 raise InvalidArgumentError("empty prompt")
             gen.prompt(_utf8(prompt), True)
-        return Completion(self, session, gen, max_new_tokens, list(stop or []))
+        return Completion(self, session, gen, max_new_tokens, stop)
 
-    def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
-                 top_k: int = 0, seed: int | None = None, stop: Iterable[str] | None = None,
+    def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None, stop: Iterable[str] | None = None,
                  repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> str:
         """The continuation of prompt as one string (see stream)."""
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop,
@@ -131,8 +161,9 @@ class Runtime:
                      top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                      repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> list[int]:
         """Sampled token ids after prompt_ids (EOS included when it ends the text)."""
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0, INT_MAX)
         _, gen = self._generator(temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram)
-        gen.prompt_ids(list(prompt_ids))
+        gen.prompt_ids(self._check_ids("prompt_ids", prompt_ids))
         out = []
         for _ in range(max_new_tokens):
             token, _text, done = gen.next()
@@ -141,16 +172,16 @@ class Runtime:
                 break
         return out
 
-    def chat(self, messages, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
-             top_k: int = 0, seed: int | None = None,
+    def chat(self, messages, max_new_tokens: int = 256, temperature: float | None = None,
+             top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
              repetition_penalty: float = CHAT_DEFAULTS["repetition_penalty"],
              no_repeat_ngram: int = CHAT_DEFAULTS["no_repeat_ngram"]) -> str:
         """The assistant's answer to a conversation ending in a user message (see stream_chat)."""
         return "".join(self.stream_chat(messages, max_new_tokens, temperature, top_p, top_k, seed,
                                         repetition_penalty, no_repeat_ngram))
 
-    def stream_chat(self, messages, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.9,
-                    top_k: int = 0, seed: int | None = None,
+    def stream_chat(self, messages, max_new_tokens: int = 256, temperature: float | None = None,
+                    top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                     repetition_penalty: float = CHAT_DEFAULTS["repetition_penalty"],
                     no_repeat_ngram: int = CHAT_DEFAULTS["no_repeat_ngram"]) -> Iterator[str]:
         """Yield the answer to messages ({"role", "content"} dicts in the chat template's order, ending with a
@@ -158,7 +189,7 @@ class Runtime:
 
         The conversation stays in one KV cache: when messages extend the previous call's conversation and
         its answer (same sampling settings), only the new turns are fed; otherwise a fresh ChatSession starts."""
-        key = (float(temperature), float(top_p), int(top_k), seed, float(repetition_penalty), int(no_repeat_ngram))
+        key = (temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram)
         chat = getattr(self, "_chat", None)
         if chat is None or chat.settings != key or not chat.extends(messages):
             chat = ChatSession(self, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
@@ -208,12 +239,12 @@ class ChatSession:
     """One conversation in one KV cache, in the chat template of tinyllm.chat (fed by the C generator's
     chat_turn). Each reply feeds only the turns the cache does not hold yet; history is never re-encoded."""
 
-    def __init__(self, runtime: Runtime, temperature: float = 1.0, top_p: float = 0.9, top_k: int = 0,
-                 seed: int | None = None, repetition_penalty: float = CHAT_DEFAULTS["repetition_penalty"],
+    def __init__(self, runtime: Runtime, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, seed: int | None = None,
+                 repetition_penalty: float = CHAT_DEFAULTS["repetition_penalty"],
                  no_repeat_ngram: int = CHAT_DEFAULTS["no_repeat_ngram"]):
         self.runtime = runtime
-        self.settings = (float(temperature), float(top_p), int(top_k), seed, float(repetition_penalty),
-                         int(no_repeat_ngram))
+        self.settings = (temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram)
         self._session, self._gen = runtime._generator(temperature, top_p, top_k, seed, repetition_penalty,
                                                       no_repeat_ngram)
         self.messages: list[dict] = []  # the conversation the cache holds (answers as returned)
@@ -232,6 +263,7 @@ class ChatSession:
     def stream_reply(self, messages, max_new_tokens: int = 256) -> Iterator[str]:
         """Feed the turns of messages this session has not seen, then yield the answer to the last one."""
         from .chat import split_conversation
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0, INT_MAX)
         if not self.extends(messages):
             raise InvalidArgumentError("messages do not continue this chat session's conversation")
         system, turns = split_conversation([_plain(m) for m in messages])
@@ -262,18 +294,74 @@ def _feed_turns(runtime: Runtime, gen, system: str, turns, start: int) -> None:
     for i, (user, answer) in enumerate(turns[start:], start):
         gen.chat_turn(_utf8(system if i == 0 else ""), _utf8(user))
         if answer is not None:
-            gen.prompt_ids(runtime.encode(answer, bos=False) + [runtime.eos_id])
+            gen.prompt_ids(runtime.encode(answer, bos=False, special=False) + [runtime.eos_id])
 
 
-def _utf8(text: str) -> bytes:
-    """text as UTF-8 for the C side, which reads C strings: NUL and lone surrogates are refused."""
+def _utf8(text: str, allow_nul: bool = False) -> bytes:
+    """text as UTF-8 for the C side, which reads C strings: NUL (unless allow_nul: the encoder takes a
+    length) and lone surrogates are refused."""
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InvalidArgumentError(f"text is not valid Unicode ({e.reason} at character {e.start})") from None
-    if b"\0" in data:
+    if not allow_nul and b"\0" in data:
         raise InvalidArgumentError("text contains a NUL character")
     return data
+
+
+# ---- argument checks: every public method refuses what the C side cannot take, with our exceptions ----
+
+def _check_int(name: str, value, low: int, high: int) -> int:
+    """value as an int in [low, high] (bool and float are not ints); InvalidArgumentError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidArgumentError(f"{name} must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidArgumentError(f"{name} must be between {low} and {high}, got {value}")
+    return int(value)
+
+
+def _check_float(name: str, value, low: float, high: float, low_open: bool = False) -> float:
+    """value as a finite float in [low, high] ((low, high] when low_open); InvalidArgumentError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise InvalidArgumentError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+def _check_text(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{name} must be a str, got {type(value).__name__}")
+    return value
+
+
+def _check_stops(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise InvalidArgumentError(f"stop strings must be non-empty str, got {s!r:.40}")
+    return stops
+
+
+def _model_sampling(path: str) -> dict:
+    """The sampling a GGUF file recommends (its tinyllm.sampling.* keys), as DEFAULTS' names -> values.
+    Read with the gguf package (a base dependency) since the C reader keeps only what inference needs;
+    GGUFReader parses every key (0.5 s for chat15M), so only a file whose key-value section (before the
+    tensors: its first MiBs) names one of the keys is parsed."""
+    with open(path, "rb") as f:
+        if b"tinyllm.sampling." not in f.read(8 << 20):
+            return {}
+    from gguf import GGUFReader
+    reader = GGUFReader(path)
+    out = {}
+    for name, key in MODEL_SAMPLING_KEYS.items():
+        field = reader.get_field(key)
+        if field is not None and field.data:
+            value = field.parts[field.data[0]][0]
+            out[name] = int(value) if isinstance(DEFAULTS[name], int) else _float32_as_written(float(value))
+    return out
 
 
 def _plain(message) -> dict:

@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from tinyllm.chat import SPECIAL_TOKENS
+from tinyllm.config import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, validate_vocab  # noqa: F401
 from tinyllm.errors import DataError, TokenizerError
 
 MAX_SENTENCE_BYTES = 16384   # documents are cut at line ends into chunks of at most this many bytes
 TEXT_FIELDS = ("text", "content")
 
-# SentencePiece's ModelProto.SentencePiece.Type numbering
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 
 
@@ -262,6 +261,37 @@ def _proto_fields(data: bytes):
             raise TokenizerError(f"malformed SentencePiece model: wire type {wire}")
 
 
+def _field_bytes(number: int, wire: int, value) -> bytes:
+    """One protobuf field, serialized (the inverse of what _proto_fields yields)."""
+    def varint(v: int) -> bytes:
+        out = bytearray()
+        while v >= 0x80:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+        return bytes(out)
+    key = varint(number << 3 | wire)
+    if wire == 0:
+        return key + varint(value)
+    if wire == 2:
+        return key + varint(len(value)) + value
+    return key + value
+
+
+def user_pieces_as_control(model_proto: bytes) -> bytes:
+    """The serialized ModelProto with every USER_DEFINED piece made CONTROL. SentencePiece then neither cuts
+    such pieces out of text nor forms them by merges, so text typed by a user ("<|user|>") never yields
+    their ids: the plain-text encoding chat messages get (tinyllm.chat; the C runtime's
+    tl_tokenizer_encode_plain gives the same ids)."""
+    out = bytearray()
+    for number, wire, value in _proto_fields(model_proto):
+        if number == 1 and wire == 2:  # a SentencePiece piece: rewrite its type field
+            value = b"".join(_field_bytes(n, w, CONTROL if (n, w, v) == (3, 0, USER_DEFINED) else v)
+                             for n, w, v in _proto_fields(value))
+        out += _field_bytes(number, wire, value)
+    return bytes(out)
+
+
 def read_model_facts(model_path) -> ModelFacts:
     """Parse the fields we use from a SentencePiece ModelProto (sentencepiece_model.proto numbering)."""
     try:
@@ -308,6 +338,7 @@ def read_model_facts(model_path) -> ModelFacts:
                     facts.escape_whitespaces = bool(v)
     if not facts.pieces:
         raise TokenizerError(f"not a SentencePiece model: no pieces ({model_path})")
+    validate_vocab(facts.pieces, facts.scores, facts.types, model_path)
     return facts
 
 
@@ -339,9 +370,19 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self.sp.eos_id()
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Ids of text, optionally framed by BOS/EOS."""
-        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+    def encode(self, text: str, bos: bool = False, eos: bool = False, special: bool = True) -> list[int]:
+        """Ids of text, optionally framed by BOS/EOS. special=False: text from a user, in which user-defined
+        pieces such as "<|user|>" are plain text (see user_pieces_as_control)."""
+        sp = self.sp if special else self._plain_processor()
+        return sp.encode(text, add_bos=bos, add_eos=eos)
+
+    def _plain_processor(self):
+        """A second SentencePieceProcessor over the model with its user-defined pieces made CONTROL."""
+        if getattr(self, "_plain_sp", None) is None:
+            import sentencepiece as spm
+            self._plain_sp = spm.SentencePieceProcessor()
+            self._plain_sp.LoadFromSerializedProto(user_pieces_as_control(self.sp.serialized_model_proto()))
+        return self._plain_sp
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(list(ids))

@@ -26,6 +26,9 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
+ROPE_PREBUILT_POSITIONS = 4096  # RoPE positions tabulated when the model is built; more on demand
+
+
 def rope_tables(head_dim: int, max_seq_len: int, theta: float):
     """cos and sin of position * frequency, each (max_seq_len, head_dim // 2)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
@@ -128,7 +131,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # RoPE tables for the first positions only, grown when a longer sequence comes: a config that
+        # claims a context of 2^20 must not cost gigabytes before anything runs (issue 13.2)
+        cos, sin = rope_tables(cfg.head_dim, min(cfg.max_seq_len, ROPE_PREBUILT_POSITIONS), cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -136,6 +141,12 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def _grow_rope_tables(self, n_positions: int):
+        """Tables for at least n_positions (doubling, at most max_seq_len), on the model's device."""
+        n = min(max(n_positions, 2 * self.rope_cos.shape[0]), self.config.max_seq_len)
+        cos, sin = rope_tables(self.config.head_dim, n, self.config.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     @staticmethod
     def _init_weights(module):
@@ -148,6 +159,8 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if start_pos + T > self.rope_cos.shape[0]:
+            self._grow_rope_tables(start_pos + T)
         cos = self.rope_cos[start_pos:start_pos + T]
         sin = self.rope_sin[start_pos:start_pos + T]
         x = self.dropout(self.tok_embeddings(tokens))

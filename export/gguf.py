@@ -167,11 +167,13 @@ def _names_to_ours(cfg: ModelConfig) -> dict[str, str]:
 
 
 def write_gguf(path, model_or_state_dict, config: ModelConfig, tokenizer=None, type: str = "f32",
-               chat_template: str | None = CHAT_TEMPLATE, name: str = "tinyllm", sampling: dict | None = None) -> dict:
+               chat_template: str | None = CHAT_TEMPLATE, name: str = "tinyllm",
+               sampling: dict | None = None) -> dict:
     """Write a GGUF file (atomic). tokenizer: a SentencePiece .model or tok.bin path (or a Vocab), or
     None for a file without tokenizer metadata. sampling: the model's recommended sampling (names of
-    tinyllm.sampling.DEFAULTS), stored as tinyllm.sampling.* keys that Runtime and the server use. Returns {"bytes", "weights", "bits_per_weight"}: bits
-    over the stored tensors (norms included) per parameter."""
+    tinyllm.sampling.DEFAULTS), stored as tinyllm.sampling.* keys that Runtime and the server use.
+    Returns {"bytes", "weights", "bits_per_weight"}: bits over the stored tensors (norms included) per
+    parameter."""
     import gguf
     cfg = config
     w = _arrays(model_or_state_dict)

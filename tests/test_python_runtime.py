@@ -188,3 +188,46 @@ def test_streamed_text_never_splits_a_multibyte_character(tmp_path):
     boundaries = np.cumsum([len(c) for c in chunks])
     for start, end in characters:
         assert not any(start < b < end for b in boundaries), (start, end)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda rt: rt.encode("a\udc80b"), "not valid Unicode"),
+    (lambda rt: rt.encode(b"bytes"), "must be a str"),
+    (lambda rt: rt.decode([2**40]), "between 0 and"),
+    (lambda rt: rt.decode([-1]), "between 0 and"),
+    (lambda rt: rt.decode(["3"]), "must be an integer"),
+    (lambda rt: rt.logits([1.5]), "must be an integer"),
+    (lambda rt: rt.generate("丁", top_k=10**12), "top_k"),
+    (lambda rt: rt.generate("丁", max_new_tokens=-5), "max_new_tokens"),
+    (lambda rt: rt.generate("丁", max_new_tokens="16"), "max_new_tokens"),
+    (lambda rt: rt.generate("丁", temperature=float("nan")), "temperature"),
+    (lambda rt: rt.generate("丁", temperature=True), "temperature"),
+    (lambda rt: rt.generate("丁", top_p=0), "top_p"),
+    (lambda rt: rt.generate("丁", seed=-1), "seed"),
+    (lambda rt: rt.generate("丁", stop=[""]), "stop"),
+    (lambda rt: rt.generate_ids([3, 2**40], 4), "prompt_ids"),
+    (lambda rt: rt.chat([{"role": "user", "content": "丁"}, {"role": "assistant", "content": "\udc80"},
+                         {"role": "user", "content": "丁"}]), "not valid Unicode"),
+])
+def test_public_api_refuses_bad_arguments_with_tinyllm_errors(runtime_model, call, words):
+    from tinyllm.errors import InvalidArgumentError
+    rt = runtime_model[0]
+    with pytest.raises(InvalidArgumentError, match=words):
+        call(rt)
+
+
+def test_sampling_defaults_come_from_the_table_and_the_models_metadata(runtime_model, tmp_path):
+    from tinyllm import Runtime
+    from tinyllm.export.gguf import write_gguf
+    from tinyllm.sampling import DEFAULTS
+    rt, cfg, model, _ = runtime_model
+    assert rt.sampling_defaults == DEFAULTS
+    seeded = dict(max_new_tokens=30, seed=11)
+    assert rt.generate("丁", **seeded) == rt.generate("丁", temperature=DEFAULTS["temperature"],
+                                                       top_p=DEFAULTS["top_p"], top_k=DEFAULTS["top_k"], **seeded)
+    path = tmp_path / "recommends.gguf"
+    write_gguf(path, model, cfg, tokenizer=None, sampling={"temperature": 0.0, "top_k": 5})
+    carried = Runtime(path, rt.tokenizer_path)
+    assert carried.sampling_defaults == DEFAULTS | {"temperature": 0.0, "top_k": 5}
+    assert carried.generate("丁", **seeded) == rt.generate("丁", temperature=0.0, **seeded)  # greedy: its own
+    assert carried.generate("丁", temperature=1.5, **seeded) == rt.generate("丁", temperature=1.5, top_k=5, **seeded)

@@ -295,3 +295,42 @@ def test_refused_request_shows_the_servers_message(server, browser):
     browser.find_element(By.ID, "send").click()
     reply = wait_until_idle(browser)
     assert errors_shown(browser) == [] and reply_text(browser, reply)
+
+
+def test_sliders_start_at_the_servers_sampling_defaults(server, browser):
+    from tinyllm.sampling import DEFAULTS
+    open_page(browser, server)
+    assert float(browser.find_element(By.ID, "temperature").get_attribute("value")) == DEFAULTS["temperature"]
+    assert float(browser.find_element(By.ID, "top-p").get_attribute("value")) == DEFAULTS["top_p"]
+
+
+def test_page_speaks_chinese_to_a_chinese_browser_and_switches_to_english(server):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--lang=zh-CN",
+                "--disable-background-networking", "--no-first-run"):
+        options.add_argument(arg)
+    options.add_experimental_option("prefs", {"intl.accept_languages": "zh-CN,zh"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        open_page(driver, server)
+        assert driver.execute_script("return navigator.language").startswith("zh")
+        assert driver.find_element(By.ID, "send").text == "发送"
+        assert driver.find_element(By.ID, "new-chat").text == "新对话"
+        assert "Enter" in driver.find_element(By.ID, "prompt").get_attribute("placeholder")
+        assert "输入" in driver.find_element(By.ID, "prompt").get_attribute("placeholder")
+        driver.find_element(By.ID, "lang").click()
+        assert driver.find_element(By.ID, "send").text == "Send"
+        assert driver.find_element(By.ID, "new-chat").text == "New chat"
+        assert driver.find_element(By.ID, "model-name").text == "chat15M"
+        driver.find_element(By.ID, "lang").click()
+        assert driver.find_element(By.ID, "send").text == "发送"
+    finally:
+        driver.quit()
+
+
+def test_page_speaks_english_to_an_english_browser(server, browser):
+    open_page(browser, server)
+    assert browser.execute_script("return navigator.language").startswith("en")
+    assert browser.find_element(By.ID, "send").text == "Send"
+    assert browser.find_element(By.ID, "lang").text == "中文"

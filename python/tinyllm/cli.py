@@ -421,6 +421,9 @@ The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_k
         p.add_argument("--header-timeout", type=float, default=10.0,
                        help="seconds a connection may take to send a request's head")
         p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request may take to send its body")
+        p.add_argument("--drain-seconds", type=float, default=10.0,
+                       help="on SIGTERM/Ctrl-C, how long running generations may finish before their streams end "
+                            "with an error event")
         p.add_argument("--api-docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
         p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level")
@@ -430,14 +433,15 @@ The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_k
         from .runtime import Runtime
         from .server import Limits, serve
         if args.max_concurrent < 1 or args.max_body_kb < 1 or args.max_tokens < 0 or args.max_connections < 1 \
-                or not args.header_timeout > 0 or not args.body_timeout > 0:
+                or not args.header_timeout > 0 or not args.body_timeout > 0 or not args.drain_seconds >= 0:
             raise TinyLLMError("--max-concurrent, --max-body-kb and --max-connections must be >= 1, --max-tokens "
                                ">= 0, the timeouts > 0")
         runtime = Runtime(args.model, args.tokenizer, threads=args.threads)
         model_id = args.model_id or os.path.splitext(os.path.basename(args.model))[0]
         limits = Limits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
                         max_concurrent=args.max_concurrent, max_connections=args.max_connections,
-                        header_timeout=args.header_timeout, body_timeout=args.body_timeout)
+                        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                        drain_seconds=args.drain_seconds)
         serve(runtime, model_id, limits, args.host, args.port, args.log_level, args.api_docs)
         return 0
 

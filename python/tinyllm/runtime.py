@@ -115,7 +115,8 @@ class Runtime:
                                            REPETITION_WINDOW, no_repeat_ngram)
 
     def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
-               top_p: float | None = None, top_k: int | None = None, seed: int | None = None, stop: Iterable[str] | None = None,
+               top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+               stop: Iterable[str] | None = None,
                repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> Iterator[str]:
         """Yield the continuation of prompt piece by piece (never a partial character).
 
@@ -151,7 +152,8 @@ class Runtime:
         return Completion(self, session, gen, max_new_tokens, stop)
 
     def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None, stop: Iterable[str] | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                 stop: Iterable[str] | None = None,
                  repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> str:
         """The continuation of prompt as one string (see stream)."""
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop,

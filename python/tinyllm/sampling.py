@@ -13,19 +13,29 @@ import numpy as np
 MASK64 = (1 << 64) - 1
 
 
+# The sampling defaults of every entry point, in one table: `run` (runtime/tinyllm.h's TL_DEFAULT_*
+# constants hold the same numbers; tests/test_sampling_defaults.py keeps them equal), tinyllm.Runtime,
+# `tinyllm serve` and its web page (which reads them from /v1/models). A model file may carry its own
+# recommendation (GGUF keys tinyllm.sampling.*, see MODEL_SAMPLING_KEYS); it replaces these where the
+# user gives nothing. temperature 0.7: at 1.0 a 15M model writes word salad (models/README.md).
+DEFAULTS = dict(temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.0, no_repeat_ngram=0)
+
+# Chat defaults on top of DEFAULTS: small models loop, so chat turns both repetition controls on.
+CHAT_DEFAULTS = dict(repetition_penalty=1.1, repetition_window=64, no_repeat_ngram=4)
+
+# GGUF metadata keys a model's recommended sampling is stored under (export/gguf.py writes them).
+MODEL_SAMPLING_KEYS = {name: f"tinyllm.sampling.{name}" for name in DEFAULTS}
+
+
 @dataclass
 class SampleParams:
-    temperature: float = 1.0       # 0: greedy
-    top_p: float = 0.9             # 1: off
-    top_k: int = 0                 # 0: off
+    temperature: float = DEFAULTS["temperature"]  # 0: greedy
+    top_p: float = DEFAULTS["top_p"]               # 1: off
+    top_k: int = DEFAULTS["top_k"]                 # 0: off
     seed: int = 0                  # 0 picks a fixed non-zero state (like the C sampler)
     repetition_penalty: float = 1.0  # > 1 penalizes recent tokens; 0 or 1: off
     repetition_window: int = 0     # recent tokens the penalty looks at; 0: all
     no_repeat_ngram: int = 0       # n > 0 forbids repeating an n-gram of the history
-
-
-# Chat defaults: small models loop, so chat turns both controls on.
-CHAT_DEFAULTS = dict(repetition_penalty=1.1, repetition_window=64, no_repeat_ngram=4)
 
 
 class Sampler:

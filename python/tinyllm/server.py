@@ -15,8 +15,14 @@ Every refusal is a 4xx with OpenAI's error body {"error": {"message", "type", "p
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import json
 import os
+import resource
+import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,18 +30,21 @@ from importlib import resources
 from typing import AsyncIterator, Literal
 
 from .errors import ContextLengthError, DataError, InvalidArgumentError, TinyLLMError
-from .runtime import Completion, Runtime
+from .runtime import INT_MAX, Completion, Runtime
+from .sampling import CHAT_DEFAULTS
 
-try:
+try:  # the server is an extra
     import anyio
+    import h11
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
-except ImportError as e:  # the server is an extra: pip install tinyllm[serve]
-    raise TinyLLMError(f"`tinyllm serve` needs fastapi and uvicorn: pip install 'tinyllm[serve]' ({e.name} "
-                       f"is missing)") from None
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ImportError as e:
+    raise TinyLLMError(f"`tinyllm serve` needs fastapi and uvicorn ({e.name} is missing): pip install -e '.[serve]' "
+                       f"(in a clone) or pip install 'tinyllm[serve]' (from a wheel)") from None
 
 
 @dataclass
@@ -43,25 +52,36 @@ class Limits:
     max_body_bytes: int = 1 << 20   # a request body larger than this is refused (413) before it is parsed
     max_tokens: int = 0             # the most tokens one request may ask for (0: the model's context length)
     max_concurrent: int = 64        # generations computed at once; later requests wait their turn
+    max_connections: int = 512      # open connections (also kept under the fd limit); more are refused (503)
+    header_timeout: float = 10.0    # seconds a connection may take to send a request's head
+    body_timeout: float = 30.0      # seconds a request may take to send its body
+    idle_timeout: float = 5.0       # seconds a kept-alive connection may wait for its next request
+    drain_seconds: float = 10.0     # on SIGTERM/SIGINT, how long running generations may go on before
+                                    # their streams end with an error event
 
 
 # ---- requests ----------------------------------------------------------------------------------------
 # Fields follow OpenAI's API; fields it has that we do not use are ignored, except those whose absence
 # would change the answer silently (n > 1, logprobs), which are refused.
 
+# strict: a JSON string or bool is not a number ("n": "1", "n": true, "max_tokens": "16" are refused).
+STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     model: str | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)                              # tinyllm extension: 0 = off
-    seed: int | None = Field(None, ge=0)
+    # None: the model's recommended sampling, else tinyllm.sampling.DEFAULTS (Runtime.sampling_defaults)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=INT_MAX)        # tinyllm extension: 0 = off
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None                       # {"include_usage": true}
     n: int = Field(1, ge=1, le=1)
     logprobs: bool | int | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT_MAX)
     repetition_penalty: float | None = Field(None, ge=0.5, le=2.0)  # extension: > 1 penalises repeats
     no_repeat_ngram: int | None = Field(None, ge=0, le=16)          # extension: ban repeated n-grams
 
@@ -82,7 +102,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=1, le=INT_MAX)  # OpenAI's default for completions
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, list):
@@ -93,12 +113,13 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     role: str
     content: str | list[TextPart]
 
@@ -109,7 +130,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT_MAX)  # OpenAI's newer name for max_tokens
 
 
 # ---- errors --------------------------------------------------------------------------------------------
@@ -124,7 +145,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        # a body left unread (too large, too slow) leaves the connection unusable: close it
+        headers = {"connection": "close"} if self.status in (408, 413) else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def _validation_message(errors) -> tuple[str, str | None]:
@@ -155,15 +178,58 @@ def _map_large_blocks(threshold: int = 256 << 10) -> None:
 
 # ---- the app -------------------------------------------------------------------------------------------
 
-def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None) -> FastAPI:
-    """The FastAPI app serving runtime's model under the name model_id."""
+class Shutdown:
+    """When a signal asked the server to stop: running generations may go on for drain_seconds, then
+    each ends (a stream with an error event and [DONE], a plain request with a 503)."""
+
+    def __init__(self, drain_seconds: float):
+        self.drain_seconds, self.since = drain_seconds, None
+
+    def begin(self):
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def check(self, started: bool):
+        """Raise the 503 a generation ends with: at once when it has not started, else past the drain."""
+        if self.since is not None and (not started or time.monotonic() - self.since >= self.drain_seconds):
+            raise APIError(503, "the server is shutting down", kind="server_error", code="server_shutdown")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also starts the drain on SIGTERM/SIGINT, and whose run ends normally rather
+    than re-raising the signal (KeyboardInterrupt traceback on Ctrl-C)."""
+
+    def __init__(self, config, shutdown: Shutdown):
+        super().__init__(config)
+        self.shutdown_state = shutdown
+
+    def handle_exit(self, sig, frame):
+        self.shutdown_state.begin()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        handlers = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
+def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None, api_docs: bool = False,
+               shutdown: Shutdown | None = None) -> FastAPI:
+    """The FastAPI app serving runtime's model under the name model_id; /docs, /redoc and /openapi.json
+    only when api_docs (they describe the whole API to anyone who asks)."""
     limits = limits or Limits()
+    shutdown = shutdown or Shutdown(limits.drain_seconds)
     n_ctx = runtime.config.max_seq_len
     max_tokens_limit = min(limits.max_tokens or n_ctx, n_ctx)
     slots = anyio.Semaphore(limits.max_concurrent)
     state = {"active": 0, "served": 0, "cancelled": 0}  # generations running, ended, cut by a disconnect
+    docs = {} if api_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title="tinyllm", version="0.1.0",
-                  description=f"OpenAI-compatible API over the tinyllm C runtime, serving {model_id}.")
+                  description=f"OpenAI-compatible API over the tinyllm C runtime, serving {model_id}.", **docs)
 
     app.add_middleware(_BodyLimit, limits=limits)
 
@@ -210,13 +276,14 @@ def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None) ->
 
     async def _serve(request: Request, req: _Sampling, prompt, messages, chat: bool):
         _check_model(req.model, model_id)
+        shutdown.check(started=False)
         if req.logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs")
         if req.max_tokens is not None and req.max_tokens > max_tokens_limit:
             raise APIError(400, f"max_tokens is {req.max_tokens}; this server allows at most {max_tokens_limit} "
                                 f"(the model's context is {n_ctx} tokens)", param="max_tokens")
         max_new = req.max_tokens or max_tokens_limit
-        completion = await _start(runtime, prompt, messages, max_new, req.stops(), req.sampling(), n_ctx)
+        completion = await _start(runtime, prompt, messages, max_new, req.stops(), req.sampling())
         meta = _Meta(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()), model_id)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         if req.stream:
@@ -247,7 +314,11 @@ def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None) ->
             state["active"] += 1
             try:
                 pieces = iter(completion)
-                while batch := await anyio.to_thread.run_sync(_take_pieces, pieces):
+                while True:
+                    shutdown.check(started=True)  # past the drain at shutdown: end with a 503 / error event
+                    batch = await anyio.to_thread.run_sync(_take_pieces, pieces)
+                    if not batch:
+                        break
                     for piece in batch:
                         yield piece
                     if request is not None and await request.is_disconnected():
@@ -312,6 +383,8 @@ async def _guarded(events) -> AsyncIterator[bytes]:
             yield _sse(event)
     except TinyLLMError as e:
         yield _sse(APIError(500, str(e), kind="server_error").body())
+    except APIError as e:  # the drain at shutdown ran out
+        yield _sse(e.body())
     yield b"data: [DONE]\n\n"
 
 
@@ -319,14 +392,14 @@ def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
-async def _start(runtime: Runtime, prompt, messages, max_new: int, stops, sampling: dict, n_ctx: int) -> Completion:
+async def _start(runtime: Runtime, prompt, messages, max_new: int, stops, sampling: dict) -> Completion:
     """Feed the prompt in a worker thread (prefill is the long part of a short request); 4xx for bad input."""
     def start():
         return runtime.completion(prompt, messages, max_new_tokens=max_new, stop=stops, **sampling)
     try:
         return await anyio.to_thread.run_sync(start)
     except ContextLengthError as e:
-        raise APIError(400, f"the prompt does not fit in the model's context of {n_ctx} tokens ({e})",
+        raise APIError(400, str(e),  # the runtime's message says what does not fit and the room there was
                        param="messages" if messages is not None else "prompt",
                        code="context_length_exceeded") from None
     except (InvalidArgumentError, DataError) as e:
@@ -336,14 +409,20 @@ async def _start(runtime: Runtime, prompt, messages, max_new: int, stops, sampli
 async def _read_json(request: Request, limits: Limits):
     """The body as JSON, counted as it arrives (a chunked body has no content-length to check up front)."""
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limits.max_body_bytes:
-            raise _too_large(limits)
+    with anyio.move_on_after(limits.body_timeout) as timer:  # a body that stalls must not hold its connection
+        async for part in request.stream():
+            body += part
+            if len(body) > limits.max_body_bytes:
+                raise _too_large(limits)
+    if timer.cancelled_caught:
+        raise APIError(408, f"the request body did not arrive within {limits.body_timeout:g} s",
+                       code="request_timeout")
     try:
         return json.loads(bytes(body))  # bytes: json detects the encoding and refuses invalid UTF-8
     except (UnicodeDecodeError, ValueError) as e:
         raise APIError(400, f"the body is not valid JSON in UTF-8 ({e})") from None
+    except RecursionError:
+        raise APIError(400, "the body is not acceptable JSON (nested too deeply)") from None
 
 
 def _parse(request_class, data):
@@ -383,8 +462,12 @@ def _check_model(name: str | None, model_id: str) -> None:
 
 
 def _model_card(model_id: str, runtime: Runtime) -> dict:
+    """OpenAI's model object, plus the context length, the file's format and the sampling a request gets
+    when it names none (tinyllm extensions; the web page takes its defaults from here)."""
+    chat = runtime.sampling_defaults | {k: CHAT_DEFAULTS[k] for k in ("repetition_penalty", "no_repeat_ngram")}
     return {"id": model_id, "object": "model", "created": int(os.path.getmtime(runtime.model_path)),
-            "owned_by": "tinyllm", "context_length": runtime.config.max_seq_len, **runtime.file_info}
+            "owned_by": "tinyllm", "context_length": runtime.config.max_seq_len, **runtime.file_info,
+            "sampling": {"completion": dict(runtime.sampling_defaults), "chat": chat}}
 
 
 def _usage(completion: Completion) -> dict:
@@ -396,9 +479,118 @@ def _web_page() -> str:
     return resources.files("tinyllm").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
-def serve(runtime: Runtime, model_id: str, limits: Limits, host: str, port: int, log_level: str = "info") -> None:
+class _GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with what it lacks against idle and slow clients (1,100 idle sockets
+    used to exhaust the fd limit and stall /health): a connection must send a complete request head within
+    header_timeout (counted from when it starts waiting for one, so sending a byte at a time does not
+    help), and at most max_connections are open (kept 32 under the fd limit, so accept() never hits
+    EMFILE; see BACKLOG). At the cap the longest-waiting connection without a request makes room for the new one;
+    when every connection is busy with a request, the new one gets a 503 and is closed."""
+
+    def __init__(self, *args, limits: Limits, waiting: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.limits, self.waiting = limits, waiting  # waiting: connections without a request, oldest first
+        self.head_timer = None
+        self.refused = False
+
+    def connection_made(self, transport):
+        if len(self.connections) >= _connection_cap(self.limits):
+            oldest = next(iter(self.waiting), None)
+            if oldest is None:
+                self.refused = True
+                transport.write(_plain_response(503, "too many connections; try again later"))
+                transport.close()
+                return
+            oldest.drop(408, "no request within the time allowed")
+        super().connection_made(transport)
+        self.wait_for_head()
+
+    def connection_lost(self, exc):
+        if self.refused:
+            return
+        self.stop_waiting()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes):
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # a request head arrived
+            self.stop_waiting()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self.wait_for_head()
+
+    def wait_for_head(self):
+        if self.head_timer is None:
+            self.head_timer = self.loop.call_later(self.limits.header_timeout, self.drop, 408,
+                                                   "the request head did not arrive in time")
+            self.waiting[self] = None
+
+    def stop_waiting(self):
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        self.waiting.pop(self, None)
+
+    def drop(self, status: int, message: str):
+        """Close a connection that has no request in progress, saying why."""
+        self.stop_waiting()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self.transport.write(_plain_response(status, message))
+            self.transport.close()
+
+
+# asyncio accepts up to the listen backlog in one go before any connection_made runs, so the cap keeps
+# that many fds (plus 32 for the process's own files) free under the limit
+BACKLOG = 64
+
+
+def _connection_cap(limits: Limits) -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return limits.max_connections
+    return max(1, min(limits.max_connections, soft - BACKLOG - 32))
+
+
+def _plain_response(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 response with OpenAI's error body, for the protocol layer (no app involved)."""
+    body = json.dumps(APIError(status, message, kind="server_error").body()).encode()
+    reason = {408: "Request Timeout", 503: "Service Unavailable"}[status]
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a TinyLLMError saying why not (before anything claims to serve)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise TinyLLMError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise TinyLLMError(f"port {port} is in use, pick another with --port") from None
+        raise TinyLLMError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(runtime: Runtime, model_id: str, limits: Limits, host: str, port: int, log_level: str = "info",
+          api_docs: bool = False) -> None:
     """Run the app with uvicorn until interrupted."""
+    sock = listen(host, port)
     _map_large_blocks()
-    app = create_app(runtime, model_id, limits)
+    shutdown = Shutdown(limits.drain_seconds)
+    app = create_app(runtime, model_id, limits, api_docs, shutdown)
     print(f"tinyllm serve: {model_id} at http://{host}:{port}/ (web chat at /, API at /v1)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    protocol = functools.partial(_GuardedH11, limits=limits, waiting={})
+    # the graceful shutdown outlasts the drain, so every stream ends with its own error event, not a cut
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=limits.drain_seconds + 5,
+                            http=protocol, backlog=BACKLOG,
+                            timeout_keep_alive=limits.idle_timeout)
+    _Server(config, shutdown).run(sockets=[sock])

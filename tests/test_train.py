@@ -322,3 +322,23 @@ def test_sample_prints_text_from_a_checkpoint(shards, tmp_path, capsys):
     assert cli.main(["sample", "--checkpoint", str(tmp_path / "ckpt.pt"), "--prompt", "一",
                      "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("一")
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights_and_shape(shards, tmp_path):
+    data_dir, _ = shards
+    m, t = small_configs(data_dir, tmp_path / "first", max_steps=3)
+    pretrain(m, t, progress=False)
+    start = str(tmp_path / "first" / loop.CHECKPOINT_NAME)
+    # learning rate 0: the new run's weights stay the checkpoint's, where a fresh init would differ
+    m2, t2, resume = resolve_configs(None, {"data_dir": data_dir, "out_dir": str(tmp_path / "second"),
+                                            "max_steps": 2, "lr": 0.0, "min_lr": 0.0, "warmup_steps": 0,
+                                            "device": "cpu", "dtype": "fp32", "compile": False, "seed": 7},
+                                     resume=False, force=False, init_from=start)
+    assert resume is None and m2 == m and t2.max_steps == 2
+    summary = pretrain(m2, t2, progress=False, init_from=start)
+    assert summary["step"] == 2
+    expected, got = weights(tmp_path / "first"), weights(tmp_path / "second")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    with pytest.raises(ConfigError, match="cannot change model keys"):
+        resolve_configs(None, {"out_dir": str(tmp_path / "third"), "dim": 64}, resume=False, force=False,
+                        init_from=start)

@@ -187,7 +187,8 @@ def choose_threads(model, env: Env, rounds: int = 3) -> str:
     ran at ~1,000 tok/s against ~4,200 for one (every parallel op waits for the descheduled thread), so the
     choice is measured, not assumed. OMP_NUM_THREADS, when set, is obeyed as it is."""
     if env.device.type != "cpu" or env.world > 1 or "OMP_NUM_THREADS" in os.environ or DEFAULT_THREADS == 1:
-        return f"{torch.get_num_threads()} threads"
+        n = torch.get_num_threads()
+        return f"{n} thread{'s' if n != 1 else ''}"
     cfg, block = model.config, model.layers[0]
     gen = torch.Generator().manual_seed(0)  # the probe draws nothing from the run's RNG streams
     x = torch.randn(max(1, 4096 // cfg.max_seq_len), cfg.max_seq_len, cfg.dim, generator=gen)

@@ -148,8 +148,9 @@ def test_make_pairs_takes_reference_answers_as_chosen_and_runtime_samples_as_rej
     assert records[0]["prompt"] == "你好" and records[0]["chosen"] == "你好，朋友！"
     assert records[1]["prompt"][-1] == {"role": "user", "content": "为什么"}
     rt = tinyllm.Runtime(tmp_path / "sft.bin", tokbin)
-    assert records[0]["rejected"] == rt.chat([{"role": "user", "content": "你好"}], max_new_tokens=8, seed=5)
-    assert records[1]["rejected"] == rt.chat(records[1]["prompt"], max_new_tokens=8, seed=6)
+    sampling = dict(temperature=1.0, top_p=0.9)  # make-pairs' defaults: rejected answers sampled at full temperature
+    assert records[0]["rejected"] == rt.chat([{"role": "user", "content": "你好"}], max_new_tokens=8, seed=5, **sampling)
+    assert records[1]["rejected"] == rt.chat(records[1]["prompt"], max_new_tokens=8, seed=6, **sampling)
     pairs, _ = load_pairs(str(out))
     assert len(pairs) == 2
 

@@ -145,8 +145,10 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        # a body left unread (too large, too slow) leaves the connection unusable: close it
-        headers = {"connection": "close"} if self.status in (408, 413) else None
+        # a body that stalled leaves the connection unusable: close it. A body too large is not closed on at
+        # once: the client may still be sending it and would see a broken pipe instead of the 413, so the
+        # protocol reads and discards the rest (within the body timeout) as it does for any unread body
+        headers = {"connection": "close"} if self.status == 408 else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 

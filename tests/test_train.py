@@ -342,3 +342,6 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights_and_shape(shards,
     with pytest.raises(ConfigError, match="cannot change model keys"):
         resolve_configs(None, {"out_dir": str(tmp_path / "third"), "dim": 64}, resume=False, force=False,
                         init_from=start)
+    # an interrupted run continues from its own checkpoint: the printed command must not name --init-from
+    assert loop.resume_command(["pretrain", "--init-from", start, "--lr", "0"], "o") == \
+        "tinyllm pretrain --out-dir o --resume"

@@ -682,7 +682,7 @@ def resume_command(argv: list[str], out_dir: str) -> str:
     to the model's)."""
     from ..config import config_fields
     keys = config_fields()
-    takes_value = {"--config", "--stop-at-step"}
+    takes_value = {"--config", "--stop-at-step", "--init-from"}  # --init-from: the weights are in the checkpoint now
     dropped = {"--force", "--dry-run", "--resume"}
     kept, args = [], iter(argv)
     for arg in args:

@@ -13,6 +13,7 @@ CONFIGS = [
     dict(temperature=0.7, top_p=0.5, top_k=40, repetition_penalty=1.3, repetition_window=16),
     dict(temperature=1.0, top_p=0.95, top_k=0, repetition_penalty=1.1, no_repeat_ngram=2),
     dict(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.5, no_repeat_ngram=3),
+    dict(temperature=1e-45, top_p=0.9, top_k=0),  # the best logit overflows divided by it: greedy in both
 ]
 
 

@@ -91,7 +91,10 @@ class Sampler:
         best = int(np.argmax(x))
         if prm.temperature == 0 or x[best] == -np.inf:
             return best
-        x /= np.float32(prm.temperature)
+        with np.errstate(over="ignore"):
+            x /= np.float32(prm.temperature)
+        if not np.isfinite(x[best]):  # a temperature so small (1e-45) that it stands for greedy, as in sampler.c
+            return best
         x = np.exp(x - x.max(), dtype=np.float32)
         x /= np.add.accumulate(x)[-1]
         coin = self._random_f32()

@@ -121,7 +121,7 @@ build/fuzz/fuzz_%: runtime/fuzz/fuzz_%.c runtime/fuzz/fuzz_common.h $(FUZZ_OBJ)
 	    -o $@ $< $(FUZZ_OBJ) $(LDLIBS)
 
 # seed inputs written with the project's own exporters (tiny models, tokenizers, text)
-build/fuzz/seeds/.done: runtime/fuzz/make_seeds.py runtime/fuzz/crafted.py export/llama2c.py export/gguf.py libtinyllm.so
+build/fuzz/seeds/.done: runtime/fuzz/make_seeds.py runtime/fuzz/crafted.py export/llama2c.py export/gguf.py libtinyllm.so | setup
 	$(PYTHON) runtime/fuzz/make_seeds.py build/fuzz/seeds
 	@touch $@
 
@@ -142,7 +142,7 @@ fuzz: fuzz-build
 # TinyLLMError, a timeout or > 2 GB RSS (input kept in build/fuzz/artifacts/py_<name>/). No clang needed.
 FUZZ_PY_HARNESSES = llama2c gguf tokbin spmodel
 
-build/fuzz/seeds/spmodel/.done: runtime/fuzz/fuzz_python.py
+build/fuzz/seeds/spmodel/.done: runtime/fuzz/fuzz_python.py | setup
 	$(PYTHON) runtime/fuzz/fuzz_python.py seeds build/fuzz/seeds
 	@touch $@
 

@@ -485,8 +485,8 @@ class _GuardedH11(H11Protocol):
     """uvicorn's HTTP/1.1 protocol with what it lacks against idle and slow clients (1,100 idle sockets
     used to exhaust the fd limit and stall /health): a connection must send a complete request head within
     header_timeout (counted from when it starts waiting for one, so sending a byte at a time does not
-    help), and at most max_connections are open (kept 32 under the fd limit, so accept() never hits
-    EMFILE; see BACKLOG). At the cap the longest-waiting connection without a request makes room for the new one;
+    help), and at most max_connections are open (kept under the fd limit by the process's own files and
+    two listen backlogs, so accept() never hits EMFILE; see BACKLOG). At the cap the longest-waiting connection without a request makes room for the new one;
     when every connection is busy with a request, the new one gets a 503 and is closed."""
 
     def __init__(self, *args, limits: Limits, waiting: dict, **kwargs):
@@ -543,16 +543,25 @@ class _GuardedH11(H11Protocol):
             self.transport.close()
 
 
-# asyncio accepts up to the listen backlog in one go before any connection_made runs, so the cap keeps
-# that many fds (plus 32 for the process's own files) free under the limit
+# asyncio accepts up to the listen backlog in one go before any connection_made runs, and a connection
+# closed there gives its fd back only on a later turn of the event loop; so the cap keeps two backlogs' worth
+# of fds free under the limit, besides the process's own files (counted when the first connection comes)
 BACKLOG = 64
+
+
+@functools.lru_cache(maxsize=1)
+def _own_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc: a generous guess
+        return 64
 
 
 def _connection_cap(limits: Limits) -> int:
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return limits.max_connections
-    return max(1, min(limits.max_connections, soft - BACKLOG - 32))
+    return max(1, min(limits.max_connections, soft - _own_fds() - 2 * BACKLOG - 16))
 
 
 def _plain_response(status: int, message: str) -> bytes:

@@ -193,6 +193,11 @@ def time_run(path: Path, tok: Path, threads: int, n_new: int, scalar: bool = Fal
            "-i", prompt_text(PROMPT_TOKENS, variant)]
     if path.suffix == ".bin":
         cmd += ["-z", str(tok)]
+    return run_speeds(cmd, env)
+
+
+def run_speeds(cmd: list[str], env: dict) -> tuple[float | None, float | None]:
+    """(decode tok/s, prefill tok/s) that one `run` process reports on stderr (None where it said none)."""
     out = subprocess.run(cmd, capture_output=True, env=env, timeout=600)
     err = out.stderr.decode()
     if out.returncode != 0:

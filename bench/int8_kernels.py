@@ -33,17 +33,8 @@ def time_run(path: Path, kernels: str, threads: int, prompt: str) -> tuple[float
     cmd = [str(bench.RUN), str(path), "-t", "0", "-n", str(NEW_TOKENS + 64), "-j", str(threads), "-i", prompt]
     if path.suffix == ".bin":
         cmd += ["-z", str(ROOT / "models" / "tok5000.bin")]
-    out = subprocess.run(cmd, capture_output=True, env=env, timeout=600)
-    err = out.stderr.decode()
-    if out.returncode != 0:
-        raise RuntimeError(f"run failed: {err}")
-    decode = prefill = 0.0
-    for line in err.splitlines():
-        if line.startswith("achieved tok/s:"):
-            decode = float(line.split(":")[1])
-        if line.startswith("prompt tok/s:"):
-            prefill = float(line.split(":")[1].split()[0])
-    return decode, prefill
+    decode, prefill = bench.run_speeds(cmd, env)
+    return decode or 0.0, prefill or 0.0
 
 
 def main(argv=None):

@@ -98,13 +98,11 @@ tl_status tl_generator_prompt(tl_generator *g, const char *text, size_t len, int
 #define CHAT_USER "<|user|>"
 #define CHAT_ASSISTANT "<|assistant|>"
 
-static int utf8_sequence(const unsigned char *s, size_t n, size_t *len);
-
 /* Offset of the first byte of text that is not part of a whole UTF-8 character, or -1. */
 static long invalid_utf8_at(const char *text) {
     const size_t n = strlen(text);
     for (size_t i = 0, len; i < n; i += len)
-        if (utf8_sequence((const unsigned char *)text + i, n - i, &len) != 1) return (long)i;
+        if (tl_utf8_sequence((const unsigned char *)text + i, n - i, &len) != 1) return (long)i;
     return -1;
 }
 
@@ -175,38 +173,6 @@ tl_status tl_generator_chat_turn(tl_generator *g, const char *system, const char
 /* U+FFFD, what bytes that cannot form a character become. */
 static const char REPLACEMENT[] = "\xEF\xBF\xBD";
 
-/* Read the UTF-8 sequence at s[0:n] (RFC 3629: no overlongs, surrogates or code points above U+10FFFF).
- * Returns 1 for a whole character of *len bytes; 0 when s[0:*len] is a maximal invalid subpart (what
- * Unicode and Python's errors="replace" turn into one U+FFFD); -1 when all n bytes are a valid start cut
- * short, which more bytes may complete. */
-static int utf8_sequence(const unsigned char *s, size_t n, size_t *len) {
-    const unsigned lead = s[0];
-    unsigned lo = 0x80, hi = 0xBF; /* allowed range of the second byte */
-    size_t want;
-    *len = 1;
-    if (lead < 0x80) return 1;
-    if (lead >= 0xC2 && lead <= 0xDF) {
-        want = 2;
-    } else if (lead >= 0xE0 && lead <= 0xEF) {
-        want = 3;
-        if (lead == 0xE0) lo = 0xA0;
-        if (lead == 0xED) hi = 0x9F;
-    } else if (lead >= 0xF0 && lead <= 0xF4) {
-        want = 4;
-        if (lead == 0xF0) lo = 0x90;
-        if (lead == 0xF4) hi = 0x8F;
-    } else {
-        return 0;
-    }
-    for (size_t i = 1; i < want; i++) {
-        *len = i;
-        if (i == n) return -1;
-        if (s[i] < (i == 1 ? lo : 0x80) || s[i] > (i == 1 ? hi : 0xBF)) return 0;
-    }
-    *len = want;
-    return 1;
-}
-
 /* Move pending bytes + piece into g->text as valid UTF-8: invalid bytes become U+FFFD, a trailing
  * incomplete character is held back in g->pending until the next piece. */
 static tl_status take_complete_text(tl_generator *g, const char *piece, size_t piece_len, size_t *out_len) {
@@ -225,7 +191,7 @@ static tl_status take_complete_text(tl_generator *g, const char *piece, size_t p
     g->n_pending = 0;
     size_t o = 0;
     for (size_t i = 0, len; i < n_in; i += len) {
-        const int kind = utf8_sequence(in + i, n_in - i, &len);
+        const int kind = tl_utf8_sequence(in + i, n_in - i, &len);
         if (kind < 0) {
             memcpy(g->pending, in + i, len);
             g->n_pending = len;

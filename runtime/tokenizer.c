@@ -437,27 +437,10 @@ int tl_tokenizer_piece_id(const tl_tokenizer *t, const char *piece) {
 
 /* ---- encoding ---------------------------------------------------------------------------------- */
 
-/* Length of the well-formed UTF-8 character at s[0:n] (RFC 3629: no overlongs, no surrogates,
- * nothing above U+10FFFF), or 0 if it is malformed. */
+/* Length of the well-formed UTF-8 character at s[0:n], or 0 if it is malformed or cut short. */
 static size_t utf8_char_len(const unsigned char *s, size_t n) {
-    unsigned c = s[0];
-    if (c < 0x80) return 1;
     size_t len;
-    unsigned lo = 0x80, hi = 0xBF; /* allowed range of the second byte */
-    if (c >= 0xC2 && c <= 0xDF) len = 2;
-    else if (c >= 0xE0 && c <= 0xEF) {
-        len = 3;
-        if (c == 0xE0) lo = 0xA0;
-        if (c == 0xED) hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-        len = 4;
-        if (c == 0xF0) lo = 0x90;
-        if (c == 0xF4) hi = 0x8F;
-    } else return 0;
-    if (n < len || s[1] < lo || s[1] > hi) return 0;
-    for (size_t i = 2; i < len; i++)
-        if (s[i] < 0x80 || s[i] > 0xBF) return 0;
-    return len;
+    return tl_utf8_sequence(s, n, &len) == 1 ? len : 0;
 }
 
 /* SentencePiece's normalizer with identity rules, writing spaces where it writes U+2581.

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from tinyllm import data
 from tinyllm.data import ShardBatches, ShardDataset, Source, load_meta, parse_source, prepare
 from tinyllm.errors import DataError
@@ -395,3 +396,63 @@ def test_val_documents_are_also_kept_as_text_with_their_source(tmp_path, tokeniz
     # and planned_texts gives the same held-out documents without preparing anything
     val = [(si, t) for si, t in data.planned_texts([Source(a), Source(b, 3.0)], "val", val_fraction=0.25)]
     assert [t for _, t in val] == [r["text"] for r in rows]
+
+
+# ---- doubled openings (the "从前从前" prompt echo, issue 14.12) ------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("从前从前，有一位国王。", "从前，有一位国王。"),
+    ("  从前从前, 在一个村庄", "  从前, 在一个村庄"),
+    ("乡亲乡亲，打断骨头连着筋", "乡亲，打断骨头连着筋"),
+    ("很久很久以前，有一只猫。", "很久很久以前，有一只猫。"),  # the doubled word runs on: an idiom
+    ("一步一步，又一步，走到山顶。", "一步一步，又一步，走到山顶。"),  # the repetition goes on
+    ("从前，有一位国王。", "从前，有一位国王。"),
+    ("妈妈，我回来了。", "妈妈，我回来了。"),  # one character doubled is a word of its own
+    ("他说：从前从前，有一位国王。", "他说：从前从前，有一位国王。"),  # only the document's opening
+])
+def test_a_doubled_opening_word_is_said_once_and_idioms_are_kept(text, expected):
+    assert data.collapse_repeated_opening(text) == expected
+
+
+def test_prepared_shards_and_tokenizer_texts_say_a_doubled_opening_once(tmp_path, tokenizer_model):
+    from tinyllm.tokenizer import Tokenizer
+    docs = [("从前从前，" if i % 3 == 0 else "") + d for i, d in enumerate(synthetic_documents(60))]
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    meta = prepare([Source(src)], tokenizer_model, str(tmp_path / "out"), val_fraction=0.2, progress=False)
+    tok = Tokenizer(tokenizer_model)
+    stored = [tok.decode(d) for split in ("train", "val")
+              for d in _documents_in(_split_tokens(tmp_path / "out", split), meta["bos_id"], meta["eos_id"])]
+    expected = [d.replace("从前从前，", "从前，", 1) for d in docs]
+    assert sorted(stored) == sorted(expected)
+    assert meta["sources"][0]["openings_collapsed"] == 20 and meta["collapse_repeated_openings"] is True
+    planned = [t for _, t in data.planned_texts([Source(src)], "train", val_fraction=0.2)]
+    assert planned and not any(t.startswith("从前从前") for t in planned)
+
+    kept = prepare([Source(src)], tokenizer_model, str(tmp_path / "kept"), val_fraction=0.2, progress=False,
+                   collapse_openings=False)
+    stored = [tok.decode(d) for split in ("train", "val")
+              for d in _documents_in(_split_tokens(tmp_path / "kept", split), kept["bos_id"], kept["eos_id"])]
+    assert sorted(stored) == sorted(docs) and kept["sources"][0]["openings_collapsed"] == 0
+
+
+def test_the_story_corpus_behind_the_bundled_model_no_longer_opens_with_从前从前():
+    # The bundled model echoed "从前" because of this source: each of its 从前 openings is doubled.
+    path = SHARED_DATA / "pretrain" / "tiny_chinese_stories_simplified.jsonl.gz"
+    if not path.is_file():
+        pytest.skip(f"needs the shared corpora ({path} is absent)")
+    raw = [t for _, t in data.iter_records(str(path))]
+    assert sum(t.startswith("从前从前") for t in raw) > 50
+    planned = [t for _, t in data.planned_texts([Source(str(path))], "train")]
+    assert len(planned) > 2000
+    assert not any(t.startswith("从前从前") for t in planned)
+    assert sum(t.startswith("从前，") for t in planned) > 50
+
+
+def test_cli_keeps_doubled_openings_when_asked(tmp_path, tokenizer_model):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "从前从前，" + d} for d in synthetic_documents(30)])
+    for flag, out, collapsed in (([], "on", True), (["--keep-repeated-openings"], "off", False)):
+        r = _cli("data", "prepare", "--input", src, "--tokenizer", tokenizer_model, "--out", str(tmp_path / out),
+                 "--no-progress", *flag)
+        assert r.returncode == 0, r.stderr
+        assert load_meta(str(tmp_path / out))["collapse_repeated_openings"] is collapsed
+        assert ("doubled openings said once" in r.stderr) is collapsed  # 30 documents

@@ -86,12 +86,16 @@ def _add_reader_arguments(p):
                    help="skip JSON records whose FIELD is one of the values, e.g. book=肉蒲团,灯草和尚; repeatable")
     p.add_argument("--skip-invalid-utf8", action="store_true",
                    help="drop invalid UTF-8 bytes and report how many (default: stop with the file and byte offset)")
+    p.add_argument("--keep-repeated-openings", action="store_true",
+                   help="keep a doubled opening word as written (default: '从前从前，有…' is read as '从前，有…', "
+                        "which otherwise teaches the model to echo such a prompt; '很久很久以前' and repetitions "
+                        "that go on are never changed)")
 
 
 def _reader_kwargs(args) -> dict:
     from .data import parse_drop_filters
     return {"field": args.field, "doc_sep": args.doc_sep, "drop": parse_drop_filters(args.drop_field_values),
-            "skip_invalid_utf8": args.skip_invalid_utf8}
+            "skip_invalid_utf8": args.skip_invalid_utf8, "collapse_openings": not args.keep_repeated_openings}
 
 
 # ---- data prepare -------------------------------------------------------------------------------
@@ -143,6 +147,9 @@ directory that looks finished. An existing OUT is only replaced with --force."""
         for src in meta["sources"]:
             extra = f", {src['invalid_utf8_bytes']} invalid UTF-8 bytes dropped" if src["invalid_utf8_bytes"] else ""
             filtered = f", {src['documents_filtered']} filtered" if src["documents_filtered"] else ""
+            if src["openings_collapsed"]:
+                n = src["openings_collapsed"]
+                filtered += f", {n} doubled opening{'s' if n > 1 else ''} said once"
             print(f"{src['path']} (weight {src['weight']:g}): {src['documents_read']} documents read{filtered}, "
                   f"{src['documents_train']} train / {src['documents_val']} val written, "
                   f"{src['tokens_train']:,} / {src['tokens_val']:,} tokens{extra}", file=sys.stderr)

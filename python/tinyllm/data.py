@@ -19,6 +19,7 @@ import lzma
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -40,6 +41,27 @@ DOC_SEPARATORS = ("blank", "line", "file")
 # prompt ("从前从前…"): on a story slice where "，" follows a document's opening 从前 43% of the time
 # and 从前 33%, it gave 从前 p 0.30 and "，" 0.10 after [BOS, 从前]; with these windows 0.17 and 0.56.
 DOC_START_FRACTION = 0.25
+
+# A document that opens with its first word said twice ("从前从前，有一位…": 69 of the 2,277
+# tiny_chinese_stories, every 从前 opening of that source and about a third of the bundled mix's)
+# teaches a model that the prompt 从前 is followed by 从前 again: it echoed README's first prompt. Reading keeps one copy of a
+# word of 2-4 characters doubled at the very start before punctuation; a repetition that goes on
+# ("一步一步，又一步…", "呼噜呼噜，呼噜…") is a figure of speech and is left alone, as are
+# doubled words that run on into the sentence ("很久很久以前").
+_REPEATED_OPENING = re.compile(r"(\s*)(\w{2,4})\2(?=[，,。！？!?、；;：:\s])")
+_FIGURE_OF_SPEECH_SPAN = 10  # characters after the doubled word in which a third copy means "leave it"
+
+
+def collapse_repeated_opening(text: str) -> str:
+    """'从前从前，有一位…' -> '从前，有一位…'; every other text unchanged (see _REPEATED_OPENING)."""
+    m = _REPEATED_OPENING.match(text)
+    if not m:
+        return text
+    space, word = m.group(1), m.group(2)
+    rest = text[m.end():]
+    if word in rest[:_FIGURE_OF_SPEECH_SPAN]:
+        return text
+    return space + word + rest
 
 
 # ---- reading documents ------------------------------------------------------------------------
@@ -221,20 +243,20 @@ def _dropped_by(record, filters: dict[str, set[str]]) -> bool:
 def _new_source_stats(src: Source) -> dict:
     """The per-input counters meta.json reports."""
     return {"path": os.path.abspath(src.path), "weight": src.weight, "documents_read": 0, "documents_filtered": 0,
-            "documents_empty": 0, "documents_train": 0, "documents_val": 0, "tokens_train": 0, "tokens_val": 0,
-            "invalid_utf8_bytes": 0}
+            "documents_empty": 0, "openings_collapsed": 0, "documents_train": 0, "documents_val": 0,
+            "tokens_train": 0, "tokens_val": 0, "invalid_utf8_bytes": 0}
 
 
 def planned_texts(sources: list[Source], split: str = "train", *, field: str = "text", doc_sep: str = "blank",
                   skip_invalid_utf8: bool = False, drop: dict[str, set[str]] | None = None,
-                  val_fraction: float = 0.01, seed: int = 1234):
+                  collapse_openings: bool = True, val_fraction: float = 0.01, seed: int = 1234):
     """(source index, text) of the documents `prepare` writes to split, with the same split and
     weights: train documents once per copy (the tokenizer trains on the model's mix without its val
     documents), val documents once (held-out text for bits per character)."""
     stats = [_new_source_stats(s) for s in sources]
     for si, text, where, copies in _plan_documents(
             sources, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8, drop=drop or {},
-            val_fraction=val_fraction, seed=seed, source_stats=stats):
+            collapse_openings=collapse_openings, val_fraction=val_fraction, seed=seed, source_stats=stats):
         if where == split:
             for _ in range(copies if split == "train" else 1):
                 yield si, text
@@ -313,8 +335,11 @@ def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
     return [np.asarray(tok.encode(t, bos=True, eos=True), dtype=np.int32) for t in texts]
 
 
-def _plan_documents(sources, *, field, doc_sep, skip_invalid_utf8, drop, val_fraction, seed, source_stats):
+def _plan_documents(sources, *, field, doc_sep, skip_invalid_utf8, drop, collapse_openings, val_fraction, seed,
+                    source_stats):
     """Yield (source index, text, split, copies) for every document kept.
+
+    Text: with collapse_openings, a doubled opening word is said once (collapse_repeated_opening).
 
     Split: each document goes to val with probability val_fraction, decided by a generator seeded
     with (seed, source index), so the split depends only on the seed and the input order. If that
@@ -335,6 +360,11 @@ def _plan_documents(sources, *, field, doc_sep, skip_invalid_utf8, drop, val_fra
             if not text.strip():
                 st["documents_empty"] += 1
                 continue
+            if collapse_openings:
+                collapsed = collapse_repeated_opening(text)
+                if collapsed is not text:
+                    st["openings_collapsed"] += 1
+                    text = collapsed
             u_split, u_weight = rng.random(2)
             if u_split < val_fraction:
                 if u_weight < min(src.weight, 1.0):
@@ -365,7 +395,8 @@ def _chunks(items, size: int):
 
 
 def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: str = "text",
-            doc_sep: str = "blank", drop: dict[str, set[str]] | None = None, val_fraction: float = 0.01,
+            doc_sep: str = "blank", drop: dict[str, set[str]] | None = None, collapse_openings: bool = True,
+            val_fraction: float = 0.01,
             seed: int = 1234, workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             skip_invalid_utf8: bool = False, force: bool = False, progress: bool = True) -> dict:
     """Tokenize the sources into train/val shards under out_dir; returns the meta.json contents."""
@@ -404,7 +435,8 @@ def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: 
     writers = {split: _ShardWriter(tmp_dir, split, dtype, shard_tokens) for split in ("train", "val")}
     try:
         planned = _plan_documents(sources, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8,
-                                  drop=drop, val_fraction=val_fraction, seed=seed, source_stats=stats)
+                                  drop=drop, collapse_openings=collapse_openings, val_fraction=val_fraction,
+                                  seed=seed, source_stats=stats)
         bar = tqdm(desc="tokenizing", unit=" doc", disable=not progress, dynamic_ncols=True)
         val_texts = open(os.path.join(tmp_dir, VAL_TEXTS), "w", encoding="utf-8")
         with _encoder_pool(tokenizer_path, workers) as encode, val_texts:
@@ -432,6 +464,7 @@ def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: 
             "splits": {split: {"tokens": w.total, "shards": w.shards} for split, w in writers.items()},
             "sources": stats,
             "field": field, "doc_sep": doc_sep, "drop_field_values": {k: sorted(v) for k, v in drop.items()},
+            "collapse_repeated_openings": collapse_openings,
             "val_fraction": val_fraction, "seed": seed,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -121,7 +121,7 @@ build/fuzz/fuzz_%: runtime/fuzz/fuzz_%.c runtime/fuzz/fuzz_common.h $(FUZZ_OBJ)
 	    -o $@ $< $(FUZZ_OBJ) $(LDLIBS)
 
 # seed inputs written with the project's own exporters (tiny models, tokenizers, text)
-build/fuzz/seeds/.done: runtime/fuzz/make_seeds.py runtime/fuzz/crafted.py export/llama2c.py export/gguf.py libtinyllm.so | setup
+build/fuzz/seeds/.done: runtime/fuzz/make_seeds.py runtime/fuzz/crafted.py python/tinyllm/formats/llama2c.py python/tinyllm/formats/gguf.py libtinyllm.so | setup
 	$(PYTHON) runtime/fuzz/make_seeds.py build/fuzz/seeds
 	@touch $@
 

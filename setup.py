@@ -1,4 +1,4 @@
-"""Build tinyllm: the Python package, tinyllm.export (from export/) and the C runtime extension.
+"""Build tinyllm: the Python package (python/tinyllm) and the C runtime extension.
 
 The extension compiles the same runtime/*.c sources as the Makefile (threads: pthreads, see
 runtime/threads.c). TINYLLM_NATIVE=1 adds -march=native (faster here, not portable).
@@ -49,9 +49,9 @@ setup(
     version="0.1.0",
     description="Train a tiny llama-architecture model and run it anywhere on CPU",
     python_requires=">=3.10",
-    packages=["tinyllm", "tinyllm.train", "tinyllm.export"],
+    packages=["tinyllm", "tinyllm.train", "tinyllm.formats", "tinyllm.export"],
     package_data={"tinyllm": ["web/*.html"]},
-    package_dir={"tinyllm": "python/tinyllm", "tinyllm.export": "export"},
+    package_dir={"": "python"},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExt},
     # gguf (small, pure Python) is in the base install: converting between .bin and GGUF is runtime-side work

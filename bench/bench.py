@@ -1,7 +1,7 @@
 """`make bench`: decode and prefill speed of our runtime against stock llama.cpp, side by side.
 
 One run on one machine measures, for the 15M / 42M / 110M llama2.c shapes (vocab 32000, random
-weights) and the weight types f32, q8_0, q4_0 (GGUF files written by tinyllm.export.gguf, the same
+weights) and the weight types f32, q8_0, q4_0 (GGUF files written by tinyllm.formats.gguf, the same
 file for every runtime) plus llama2.c v2 int8 (our own Q8 .bin):
   - `run`           our CLI (its stderr: "achieved tok/s" decode, "prompt tok/s" prefill)
   - `Runtime`       tinyllm.Runtime (pybind11) in this process
@@ -99,7 +99,7 @@ def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
 def vocabulary():
     """<unk> <s> </s>, 256 byte pieces, then single characters from U+4E00 on: a prompt of k such
     characters is k tokens for our tokenizer and llama.cpp's alike (no dummy prefix)."""
-    from tinyllm.export.gguf import Vocab
+    from tinyllm.formats.gguf import Vocab
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(N_BYTE_PIECES)]
     types = [2, 3, 3] + [6] * N_BYTE_PIECES
     n_chars = VOCAB - len(pieces)
@@ -145,8 +145,8 @@ def random_state(cfg, seed: int) -> dict:
 
 def make_models(model_dir: Path, shapes) -> dict:
     from tinyllm.config import ModelConfig
-    from tinyllm.export.gguf import write_gguf
-    from tinyllm.export.llama2c import write_model
+    from tinyllm.formats.gguf import write_gguf
+    from tinyllm.formats.llama2c import write_model
     model_dir.mkdir(parents=True, exist_ok=True)
     vocab = vocabulary()
     tok = model_dir / f"tok{VOCAB}.bin"

@@ -3,7 +3,7 @@ ones (TINYLLM_KERNELS), side by side in one run: the runs alternate, so a neighb
 shared machine hits both alike; read the ratios, not the absolute figures.
 
 Models: models/stories15M.bin (llama2.c v2 int8), models/chat15M_q8_0.gguf, and a random 42M-shape
-Q4_0 GGUF written by tinyllm.export.gguf (as bench/bench.py builds its models) into build/bench/.
+Q4_0 GGUF written by tinyllm.formats.gguf (as bench/bench.py builds its models) into build/bench/.
 
     python bench/int8_kernels.py [--repeats 3] [--pairs avx512:vnni,avx2:avx2-int8]
 """

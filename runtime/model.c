@@ -1,58 +1,10 @@
 /* model.c - model loading, KV cache sessions and the forward pass. */
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "model.h"
 #include "threads.h"
-
-/* ----------------------------------------------------------------------------------------- */
-/* Threads */
-
-/* Physical cores: distinct (package, core) pairs in sysfs; SMT siblings share a core's units,
- * so a second thread per core slows the memory-bound decode down rather than up. */
-static int physical_cores(void) {
-    int seen[1024][2];
-    int n_seen = 0;
-    long n_cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    for (long cpu = 0; cpu < n_cpus && n_seen < 1024; cpu++) {
-        int ids[2] = {-1, -1};
-        const char *names[2] = {"physical_package_id", "core_id"};
-        for (int k = 0; k < 2; k++) {
-            char path[128];
-            snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu%ld/topology/%s", cpu, names[k]);
-            FILE *f = fopen(path, "r");
-            if (f == NULL) continue;
-            if (fscanf(f, "%d", &ids[k]) != 1) ids[k] = -1;
-            fclose(f);
-        }
-        if (ids[1] < 0) return (int)(n_cpus > 0 ? n_cpus : 1);
-        int known = 0;
-        for (int i = 0; i < n_seen; i++) known |= seen[i][0] == ids[0] && seen[i][1] == ids[1];
-        if (!known) {
-            seen[n_seen][0] = ids[0];
-            seen[n_seen][1] = ids[1];
-            n_seen++;
-        }
-    }
-    return n_seen > 0 ? n_seen : 1;
-}
-
-static int n_threads = 0; /* 0: not chosen yet */
-
-void tl_set_threads(int n) {
-    const int cpus = tl_pool_cpu_count(); /* threads beyond the CPUs only take turns (and spin) */
-    n_threads = n > 0 ? n : physical_cores();
-    if (n_threads > cpus) n_threads = cpus;
-    tl_pool_set_threads(n_threads);
-}
-
-int tl_get_threads(void) {
-    if (n_threads == 0) tl_set_threads(0);
-    return n_threads;
-}
 
 /* ----------------------------------------------------------------------------------------- */
 /* Model */

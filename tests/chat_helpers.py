@@ -54,7 +54,7 @@ def tiny_model(seed=0, scale=1.0, **kw):
 
 def save_as_checkpoint(path, model, cfg, data_dir="none"):
     """A training checkpoint holding model (what `tinyllm sft/dpo/eval --checkpoint` read)."""
-    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.formats.checkpoint import save_checkpoint
     save_checkpoint(str(path), model=model, optimizer=None, step=0, model_config=cfg,
                     train_config={"data_dir": data_dir})
     return path

@@ -72,7 +72,7 @@ def random_model(shape: str, seed: int = 0):
 def model_file(tmp_path):
     """factory: model_file(shape, version) -> (cfg, torch model, path of the written .bin)."""
     def make(shape="gqa_odd_vocab", version=1, seed=0):
-        from tinyllm.export.llama2c import write_model
+        from tinyllm.formats.llama2c import write_model
         cfg, model = random_model(shape, seed)
         path = tmp_path / f"{shape}_v{version}.bin"
         write_model(path, model, cfg, version=version)

@@ -47,7 +47,7 @@ def test_torch_on_the_exported_file_agrees_with_the_c_runtime(name):
     import torch
 
     import tinyllm
-    from tinyllm.export.llama2c import load_model
+    from tinyllm.formats.llama2c import load_model
     rt = tinyllm.Runtime(MODELS / name)
     model = load_model(MODELS / name)  # v2: the dequantized weights the C runtime multiplies with
     ids = rt.encode("从前有一个小村庄，村子里住着一位老人。")

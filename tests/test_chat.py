@@ -19,8 +19,8 @@ CONVERSATION = [
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """(SentencePiece .model path, llama2.c .bin path, GGUF path) of one random model."""
-    from tinyllm.export.gguf import write_gguf
-    from tinyllm.export.llama2c import write_model
+    from tinyllm.formats.gguf import write_gguf
+    from tinyllm.formats.llama2c import write_model
     out = tmp_path_factory.mktemp("chat")
     tok = train_small_tokenizer(out)
     cfg, model = tiny_model(seed=3, scale=3.0, max_seq_len=160)

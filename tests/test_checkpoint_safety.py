@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinyllm.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, set_rng_state
+from tinyllm.formats.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, set_rng_state
 from tinyllm.config import ModelConfig, TrainConfig
 from tinyllm.errors import FormatError
 from tinyllm.model import Transformer

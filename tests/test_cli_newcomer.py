@@ -305,7 +305,7 @@ def test_a_full_disk_is_one_clear_error_and_the_previous_file_is_intact(tmp_path
 
 def test_a_full_disk_leaves_no_empty_hf_directory(tmp_path, monkeypatch):
     from test_gguf import random_model
-    from tinyllm.export.hf import write_hf
+    from tinyllm.formats.hf import write_hf
     cfg, model = random_model()
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     with pytest.raises(FileError, match="no space left on device.*nothing was written"):
@@ -315,7 +315,7 @@ def test_a_full_disk_leaves_no_empty_hf_directory(tmp_path, monkeypatch):
 
 def test_an_hf_export_that_dies_between_files_leaves_the_previous_directory_whole(tmp_path, monkeypatch):
     from test_gguf import random_model
-    from tinyllm.export import hf
+    from tinyllm.formats import hf
     old_cfg, old = random_model(seed=1)
     hf.write_hf(tmp_path / "hf", old, old_cfg)
     before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
@@ -345,7 +345,7 @@ def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
 def test_an_hf_directory_whose_config_does_not_match_its_weights_is_a_clear_error(tmp_path):
     from test_gguf import random_model
     from tinyllm.errors import FormatError
-    from tinyllm.export.hf import read_hf, write_hf
+    from tinyllm.formats.hf import read_hf, write_hf
     cfg, model = random_model(seed=1)
     write_hf(tmp_path / "a", model, cfg)
     other_cfg, other = random_model(seed=2, dim=32, n_heads=2, n_kv_heads=2, hidden_dim=64)

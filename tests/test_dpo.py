@@ -36,7 +36,7 @@ def _write_jsonl(path, records):
 def test_dpo_learns_a_synthetic_preference_and_logs_rewards(tmp_path, tok):
     import torch
 
-    from tinyllm.checkpoint import load_model
+    from tinyllm.formats.checkpoint import load_model
     from tinyllm.config import TrainConfig
     from tinyllm.train.dpo import dpo, load_pairs, sequence_logps, tokenize_pairs
     from tinyllm.train.sft_data import collate_sft
@@ -130,7 +130,7 @@ def test_bad_pair_records_are_reported_by_line(tmp_path):
 def test_make_pairs_takes_reference_answers_as_chosen_and_runtime_samples_as_rejected(tmp_path, tok, capsys):
     import tinyllm
     from tinyllm.cli import main
-    from tinyllm.export.llama2c import write_model
+    from tinyllm.formats.llama2c import write_model
     from tinyllm.train.dpo import load_pairs
     cfg, model = tiny_model(seed=6, scale=2.0)
     write_model(tmp_path / "sft.bin", model, cfg, version=1)

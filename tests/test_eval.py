@@ -23,8 +23,8 @@ def files(tmp_path_factory):
     """(tokenizer .model, torch model, checkpoint, .bin, .gguf, C-Eval dir)."""
     import csv
 
-    from tinyllm.export.gguf import write_gguf
-    from tinyllm.export.llama2c import write_model
+    from tinyllm.formats.gguf import write_gguf
+    from tinyllm.formats.llama2c import write_model
     out = tmp_path_factory.mktemp("eval")
     tok = train_small_tokenizer(out)
     cfg, model = tiny_model(seed=8, scale=2.0, max_seq_len=64)

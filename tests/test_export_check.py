@@ -12,17 +12,17 @@ pytestmark = pytest.mark.noasan
                                        ("gguf", "f32"), ("gguf", "q8_0"), ("gguf", "q4_0")])
 def test_faithful_exports_pass_the_check(tmp_path, fmt, kind):
     from tinyllm.config import ModelConfig
-    from tinyllm.export.verify import check_export
+    from tinyllm.formats.verify import check_export
     from tinyllm.model import Transformer
     torch.manual_seed(0)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, max_seq_len=32)
     model = Transformer(cfg).eval()
     path = tmp_path / ("m.gguf" if fmt == "gguf" else "m.bin")
     if fmt == "gguf":
-        from tinyllm.export.gguf import write_gguf
+        from tinyllm.formats.gguf import write_gguf
         write_gguf(path, model, cfg, None, type=kind)
     else:
-        from tinyllm.export.llama2c import write_model
+        from tinyllm.formats.llama2c import write_model
         write_model(path, model, cfg, version=kind)
     info = check_export(path, model)
     assert info["max_rel_diff"] < 1e-4
@@ -32,8 +32,8 @@ def test_faithful_exports_pass_the_check(tmp_path, fmt, kind):
 
 def test_an_export_with_swapped_weights_fails_the_check(tmp_path):
     from tinyllm.errors import TinyLLMError
-    from tinyllm.export.llama2c import write_model
-    from tinyllm.export.verify import check_export
+    from tinyllm.formats.llama2c import write_model
+    from tinyllm.formats.verify import check_export
     cfg, model = random_model("gqa_odd_vocab")
     broken = random_model("gqa_odd_vocab")[1]
     with torch.no_grad():  # the kind of bug an exporter makes: w1 and w3 written in each other's place
@@ -59,7 +59,7 @@ def test_llama2c_header_claiming_huge_sizes_is_refused_before_allocation(tmp_pat
     import struct
 
     from tinyllm.errors import FormatError
-    from tinyllm.export.llama2c import MAGIC, read_model_arrays
+    from tinyllm.formats.llama2c import MAGIC, read_model_arrays
     for dims in ((8, 16, 1 << 27, 2, 2, 16, 8), (8, 16, 1, 2, 2, (1 << 31) - 1, 8)):
         for version in (1, 2):
             header = struct.pack("<Ii7iBi", MAGIC, version, *dims, 1, 4).ljust(256, b"\0")

@@ -158,8 +158,8 @@ class LlamaCpp:
 @pytest.fixture(scope="module")
 def f32_files(tmp_path_factory, tokenizer):
     """(cfg, torch model, llama2.c path, F32 GGUF path) of a random GQA model with the real tokenizer."""
-    from tinyllm.export.gguf import write_gguf
-    from tinyllm.export.llama2c import write_model
+    from tinyllm.formats.gguf import write_gguf
+    from tinyllm.formats.llama2c import write_model
     out = tmp_path_factory.mktemp("f32")
     cfg, model = random_model()
     write_model(out / "model.bin", model, cfg, version=1)
@@ -193,7 +193,7 @@ def test_runtime_gives_the_same_logits_on_gguf_as_on_the_llama2c_file(f32_files,
 def test_runtime_on_quantized_gguf_matches_torch_holding_the_dequantized_weights(tmp_path, tokenizer, texts, type_):
     import torch
     import tinyllm
-    from tinyllm.export.gguf import dequantized, write_gguf
+    from tinyllm.formats.gguf import dequantized, write_gguf
     from tinyllm.model import Transformer
     cfg, model = random_model(seed=3, tie_embeddings=False)
     path = tmp_path / f"m_{type_}.gguf"
@@ -248,8 +248,8 @@ def test_llama_cpp_rope_layout_is_ours_unpermuted(f32_files, tmp_path, tokenizer
     """The same weights with q/k rows permuted to Hugging Face's rotate-half layout give other logits in
     llama.cpp: the agreement above is a real test of the (unpermuted) layout."""
     import tinyllm
-    from tinyllm.export.gguf import write_gguf
-    from tinyllm.export.hf import permute_for_hf
+    from tinyllm.formats.gguf import write_gguf
+    from tinyllm.formats.hf import permute_for_hf
     cfg, model, _, gguf_path = f32_files
     sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     for i in range(cfg.n_layers):
@@ -301,7 +301,7 @@ def test_llama_cpp_and_our_runtime_agree_on_quantized_models(tmp_path, tokenizer
     """Both run the same quantized weights; llama.cpp also rounds activations to 8 bits, we do not:
     greedy tokens agree, logprobs within the tolerance."""
     import tinyllm
-    from tinyllm.export.gguf import write_gguf
+    from tinyllm.formats.gguf import write_gguf
     cfg, model = sharp_model(tokenizer)
     path = tmp_path / f"sharp_{type_}.gguf"
     write_gguf(path, model, cfg, tokenizer, type=type_)
@@ -318,7 +318,7 @@ def test_llama_cpp_and_our_runtime_agree_on_quantized_models(tmp_path, tokenizer
 @pytest.mark.noasan
 def test_quantizing_rows_that_are_not_whole_blocks_is_an_error_naming_the_tensor(tmp_path):
     from tinyllm.errors import FormatError
-    from tinyllm.export.gguf import write_gguf
+    from tinyllm.formats.gguf import write_gguf
     cfg, model = random_model(dim=48, n_heads=4, n_kv_heads=4, hidden_dim=96, vocab_size=64)
     with pytest.raises(FormatError, match=r"token_embd\.weight .*48 values.*block of 32"):
         write_gguf(tmp_path / "x.gguf", model, cfg, None, type="q8_0")
@@ -519,7 +519,7 @@ def test_read_gguf_on_truncated_files_raises_format_error(tmp_path):
     """fuzz_python gguf: the gguf package's reader fails on cut files with IndexError, KeyError, ...;
     read_gguf turned only ValueError/OSError into FormatError."""
     from tinyllm.errors import FormatError
-    from tinyllm.export.gguf import read_gguf
+    from tinyllm.formats.gguf import read_gguf
     data = tiny_gguf()
     path = tmp_path / "cut.gguf"
     for offset in sorted(set(list(range(0, 200, 3)) + list(range(200, len(data), 61)) + [len(data) - 1])):
@@ -550,7 +550,7 @@ def test_read_gguf_with_bad_metadata_raises_format_error(tmp_path, make, words):
     tensor name per claimed layer before any check) and tensors whose shapes disagree with the
     hyper-parameters got past read_gguf as ValueError, TypeError, MemoryError or a wrong-shaped state."""
     from tinyllm.errors import FormatError
-    from tinyllm.export.gguf import read_gguf
+    from tinyllm.formats.gguf import read_gguf
     path = tmp_path / "bad.gguf"
     path.write_bytes(make())
     with pytest.raises(FormatError, match=words):
@@ -560,7 +560,7 @@ def test_read_gguf_with_bad_metadata_raises_format_error(tmp_path, make, words):
 def test_read_vocab_of_a_tok_bin_with_a_non_utf8_piece_raises_format_error(tmp_path):
     """fuzz_python tokbin: read_vocab (a tok.bin tokenizer for a GGUF export) decoded pieces unchecked."""
     from tinyllm.errors import FormatError
-    from tinyllm.export.gguf import read_vocab
+    from tinyllm.formats.gguf import read_vocab
     pieces = [b"<unk>", b"<s>", b"</s>", b"a\xe4\xbd"]
     body = b"".join(struct.pack("<fi", -float(i), len(p)) + p for i, p in enumerate(pieces))
     path = tmp_path / "tok.bin"
@@ -575,7 +575,7 @@ def test_read_gguf_refuses_metadata_arrays_longer_than_the_file_before_reading_t
     claiming 2^40 items looped (allocating per item) until out of memory; read_gguf now checks every
     count against the file first."""
     from tinyllm.errors import FormatError
-    from tinyllm.export.gguf import read_gguf
+    from tinyllm.formats.gguf import read_gguf
     path = tmp_path / "big.gguf"
     path.write_bytes(tiny_gguf(extra_kv=[_kv("x.big", 9, struct.pack("<IQ", itype, 1 << 40))]))
     with pytest.raises(FormatError, match="needs .* bytes at offset"):

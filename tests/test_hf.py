@@ -24,7 +24,7 @@ def load_hf(path):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_transformers_runs_our_export_with_our_logits(tmp_path, tie):
-    from tinyllm.export.hf import write_hf
+    from tinyllm.formats.hf import write_hf
     cfg, model = random_model(seed=5, tie_embeddings=tie, vocab_size=300)
     write_hf(tmp_path, model, cfg)
     hf = load_hf(tmp_path)
@@ -33,7 +33,7 @@ def test_transformers_runs_our_export_with_our_logits(tmp_path, tie):
 
 
 def test_transformers_tokenizer_from_our_export_gives_sentencepiece_ids(tmp_path, tokenizer, texts):
-    from tinyllm.export.hf import write_hf
+    from tinyllm.formats.hf import write_hf
     from tinyllm.tokenizer import Tokenizer
     cfg, model = random_model()
     write_hf(tmp_path, model, cfg, tokenizer)
@@ -66,9 +66,9 @@ def make_hf_checkpoint(path, tie=False):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_checkpoint_made_by_transformers_imports_and_round_trips(tmp_path, tie):
-    from tinyllm.export.gguf import write_gguf
-    from tinyllm.export.hf import read_hf, read_safetensors, write_hf
-    from tinyllm.export.llama2c import write_model
+    from tinyllm.formats.gguf import write_gguf
+    from tinyllm.formats.hf import read_hf, read_safetensors, write_hf
+    from tinyllm.formats.llama2c import write_model
     from tinyllm.model import Transformer
     hf = make_hf_checkpoint(tmp_path / "hf", tie)
     cfg, w = read_hf(tmp_path / "hf")
@@ -97,7 +97,7 @@ def test_convert_command_goes_through_every_format_and_reports_quantization(tmp_
     import subprocess
     import sys
     import tinyllm
-    from tinyllm.export.llama2c import write_model
+    from tinyllm.formats.llama2c import write_model
     cfg, model = random_model(seed=7)
     write_model(tmp_path / "m.bin", model, cfg, version=1)
     chain = [("m.bin", "hf", ["--tokenizer", str(tokenizer)]), ("hf", "m.pt", []),

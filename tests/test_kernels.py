@@ -211,7 +211,7 @@ def numpy_model(tmp_path):
     tests also run under ASan."""
     def make(version=1):
         from tinyllm.config import ModelConfig
-        from tinyllm.export.llama2c import write_model
+        from tinyllm.formats.llama2c import write_model
         from conftest import SHAPES
         cfg = ModelConfig(**SHAPES["gqa_odd_vocab"])
         rng = np.random.default_rng(version)
@@ -256,7 +256,7 @@ def test_prefill_logits_equal_token_by_token_logits(numpy_model, version, path_n
 @pytest.mark.parametrize("path_name", SIMD_PATHS)
 @pytest.mark.parametrize("version", [1, 2])
 def test_simd_model_logits_match_torch(model_file, version, path_name):
-    from tinyllm.export.llama2c import load_model
+    from tinyllm.formats.llama2c import load_model
     import torch
     klib.tl_kernels_select(path_name.encode())
     cfg, _, path = model_file("mqa_separate_classifier", version)

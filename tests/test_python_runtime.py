@@ -93,7 +93,7 @@ def test_runtime_errors_are_tinyllm_exceptions(runtime_model, tmp_path):
 def test_runtime_releases_the_gil_while_computing(tmp_path):
     import tinyllm
     from tinyllm.config import ModelConfig
-    from tinyllm.export.llama2c import write_model
+    from tinyllm.formats.llama2c import write_model
     from tinyllm.model import Transformer
     cfg = ModelConfig(dim=256, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=256)
     path = tmp_path / "big.bin"
@@ -151,7 +151,7 @@ def write_byte_tokenizer(path):
 
 def test_streamed_text_never_splits_a_multibyte_character(tmp_path):
     from tinyllm.config import ModelConfig
-    from tinyllm.export.llama2c import write_model
+    from tinyllm.formats.llama2c import write_model
     from tinyllm.model import Transformer
     tok_path = tmp_path / "tok.bin"
     vocab = write_byte_tokenizer(tok_path)
@@ -218,7 +218,7 @@ def test_public_api_refuses_bad_arguments_with_tinyllm_errors(runtime_model, cal
 
 def test_sampling_defaults_come_from_the_table_and_the_models_metadata(runtime_model, tmp_path):
     from tinyllm import Runtime
-    from tinyllm.export.gguf import write_gguf
+    from tinyllm.formats.gguf import write_gguf
     from tinyllm.sampling import DEFAULTS
     rt, cfg, model, _ = runtime_model
     assert rt.sampling_defaults == DEFAULTS

@@ -80,7 +80,7 @@ def test_corpus_is_large_enough():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the garbage scales of crafted v2 files
 @pytest.mark.parametrize("name, data, ok", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
 def test_model_file_gets_the_same_verdict_in_c_and_python(tmp_path, name, data, ok):
-    from tinyllm.export.convert import read_any  # what `tinyllm convert` reads with
+    from tinyllm.formats.convert import read_any  # what `tinyllm convert` reads with
     path = write_case(tmp_path, name, data)
     c_ok, c_why = c_model_verdict(path)
     py_ok, py_why = python_verdict(read_any, path)
@@ -89,7 +89,7 @@ def test_model_file_gets_the_same_verdict_in_c_and_python(tmp_path, name, data, 
 
 @pytest.mark.parametrize("name, data, ok", TOKBIN_CASES, ids=[c[0] for c in TOKBIN_CASES])
 def test_tokbin_gets_the_same_verdict_in_c_and_python(tmp_path, name, data, ok):
-    from tinyllm.export.llama2c import read_tokenizer
+    from tinyllm.formats.llama2c import read_tokenizer
     path = write_case(tmp_path, name, data)
     c_ok, c_why = c_tokbin_verdict(path)
     py_ok, py_why = python_verdict(read_tokenizer, path)
@@ -127,7 +127,7 @@ def _sentencepiece_model(pieces) -> bytes:
 ])
 def test_sentencepiece_model_meets_the_same_vocabulary_rules(tmp_path, pieces, ok):
     from tinyllm.errors import TinyLLMError
-    from tinyllm.tokenizer import read_model_facts
+    from tinyllm.formats.spmodel import read_model_facts
     path = tmp_path / "tok.model"
     path.write_bytes(_sentencepiece_model(pieces))
     if ok:

@@ -51,7 +51,7 @@ def test_c_logits_match_torch_at_every_position(model_file, shape, version):
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_v2_logits_match_torch_holding_the_dequantized_weights(model_file, shape):
-    from tinyllm.export.llama2c import load_model
+    from tinyllm.formats.llama2c import load_model
     cfg, model, path = model_file(shape, 2)
     dequantized = load_model(path)
     tokens = random_tokens(cfg.vocab_size)
@@ -82,7 +82,7 @@ def _run_greedy_text(path, tok_path, n_tokens):
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_greedy_64_tokens_identical_across_torch_run_and_runtime(model_file, tmp_path, shape, version):
     import tinyllm
-    from tinyllm.export.llama2c import load_model
+    from tinyllm.formats.llama2c import load_model
     cfg, _, path = model_file(shape, version)
     reference = load_model(path)  # v2: the dequantized weights
     tok_path = tmp_path / "tok.bin"

@@ -201,7 +201,7 @@ def test_sft_command_learns_the_answers_from_a_pretrained_checkpoint(tmp_path, t
     import torch
 
     from tinyllm.chat import encode
-    from tinyllm.checkpoint import load_model
+    from tinyllm.formats.checkpoint import load_model
     from tinyllm.cli import main
     cfg, model = tiny_model(seed=4)
     start = save_as_checkpoint(tmp_path / "pre.pt", model, cfg)

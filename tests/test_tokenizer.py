@@ -17,7 +17,7 @@ sentencepiece = pytest.importorskip("sentencepiece")
 from capi import ffi, lib, last_error  # noqa: E402
 from tinyllm.chat import SPECIAL_TOKENS  # noqa: E402
 from tinyllm.errors import DataError, FormatError, TokenizerError  # noqa: E402
-from tinyllm.export.llama2c import read_tokenizer, write_tokenizer  # noqa: E402
+from tinyllm.formats.llama2c import read_tokenizer, write_tokenizer  # noqa: E402
 from tinyllm.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pretrain"
@@ -439,7 +439,7 @@ def test_decoding_an_out_of_range_id_is_an_argument_error(small_bin):
 
 def test_model_file_with_a_non_utf8_piece_raises_tokenizer_error(tmp_path):
     """fuzz_python spmodel: read_model_facts decoded piece text unchecked (UnicodeDecodeError)."""
-    from tinyllm.tokenizer import read_model_facts
+    from tinyllm.formats.spmodel import read_model_facts
     piece = b"\x0a\x02\xc3\x28"               # SentencePiece.piece = b"\xc3\x28" (not UTF-8)
     path = tmp_path / "bad.model"
     path.write_bytes(b"\x0a" + bytes([len(piece)]) + piece)  # ModelProto.pieces

@@ -15,7 +15,7 @@ import torch
 
 from test_data import synthetic_documents, write_jsonl
 from tinyllm import cli
-from tinyllm.checkpoint import load_checkpoint, load_model, save_checkpoint
+from tinyllm.formats.checkpoint import load_checkpoint, load_model, save_checkpoint
 from tinyllm.config import TrainConfig, build_configs, load_preset
 from tinyllm.data import Source, prepare
 from tinyllm.errors import ConfigError, FormatError
@@ -110,7 +110,7 @@ def test_end_to_end_tokenizer_prepare_pretrain_export_and_generate(tmp_path, cap
     assert cli.main(["export", "--checkpoint", str(out / "ckpt.pt"), "--format", "llama2c", "--out", str(exported),
                      "--tokenizer", str(tok_model)]) == 0
     assert exported.is_file()
-    if importlib.util.find_spec("tinyllm.export.verify") is not None:
+    if importlib.util.find_spec("tinyllm.formats.verify") is not None:
         assert "NOT verified" not in capsys.readouterr().err, "the export was not checked against the C runtime"
 
     try:

@@ -9,9 +9,9 @@ gives role tokens: the text between them ("\n{user}\n", ...) and the answers are
 (encode(..., special=False): "<|assistant|>" typed in a message stays characters), so no message can
 forge a turn. Role tokens are user-defined pieces, which SentencePiece never merges across, so for
 ordinary messages these are the ids of the whole turn string encoded at once.
-Training puts the loss on the answer tokens and their EOS only. GGUF's tokenizer.chat_template
-(export/gguf.py) renders the same text; splitting its render at the message boundaries gives the same
-pieces. A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}.
+Training puts the loss on the answer tokens and their EOS only. GGUF's tokenizer.chat_template and
+Hugging Face's chat_template are JINJA_TEMPLATE below, which renders the same text; splitting its
+render at the message boundaries gives the same pieces. A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}.
 """
 from __future__ import annotations
 
@@ -23,6 +23,21 @@ ASSISTANT_TOKEN = "<|assistant|>"
 SPECIAL_TOKENS = [SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]
 EOS_PIECE = "</s>"
 BOS_PIECE = "<s>"
+
+# Jinja for <|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n{answer}</s> (the format above).
+# It starts with bos_token like Llama 2's templates: transformers tokenizes the rendered text without
+# adding BOS, llama.cpp strips a leading BOS from the rendered text before it adds its own.
+JINJA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if message['content'] %}{{ '<|system|>\n' + message['content'] + '\n' }}{% endif %}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 
 
 def split_conversation(messages) -> tuple[str, list[tuple[str, str | None]]]:

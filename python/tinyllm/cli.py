@@ -162,7 +162,7 @@ directory that looks finished. An existing OUT is only replaced with --force."""
 
 def _export_llama2c(args, model, cfg):
     """Write a llama2.c .bin; returns True when the C runtime can check it."""
-    from tinyllm.export.llama2c import write_model
+    from tinyllm.formats.llama2c import write_model
     if args.version is None:
         args.version = 1
     write_model(args.out, model, cfg, version=args.version)
@@ -171,7 +171,7 @@ def _export_llama2c(args, model, cfg):
 
 def _export_gguf(args, model, cfg):
     """Write a GGUF file (tokenizer and chat template embedded when --tokenizer is given)."""
-    from tinyllm.export.gguf import write_gguf
+    from tinyllm.formats.gguf import write_gguf
     info = write_gguf(args.out, model, cfg, args.tokenizer, type=args.type)
     print(f"{args.out}: {args.type.upper()}, {info['bits_per_weight']:.2f} bits per weight", file=sys.stderr)
     return True
@@ -179,7 +179,7 @@ def _export_gguf(args, model, cfg):
 
 def _export_hf(args, model, cfg):
     """Write a Hugging Face LlamaForCausalLM directory (no C runtime check)."""
-    from tinyllm.export.hf import write_hf
+    from tinyllm.formats.hf import write_hf
     write_hf(args.out, model, cfg, args.tokenizer)
     files = ", ".join(sorted(p.name for p in Path(args.out).iterdir()))
     print(f"wrote {args.out} (hf: {files}); not checked against the C runtime. Load it with "
@@ -219,8 +219,8 @@ weight and the logit drift against fp32); hf (a transformers LlamaForCausalLM di
 
     @staticmethod
     def run(args) -> int:
-        from .checkpoint import load_model
-        from tinyllm.export.convert import check_tokenizer_for, find_tokenizer
+        from .formats.checkpoint import load_model
+        from tinyllm.formats.convert import check_tokenizer_for, find_tokenizer
         args.checkpoint = pick_checkpoint(args.checkpoint)
         model, cfg = load_model(args.checkpoint)
         if args.tokenizer is None and not args.no_tokenizer:
@@ -232,7 +232,7 @@ weight and the logit drift against fp32); hf (a transformers LlamaForCausalLM di
         verify = EXPORTERS[args.format](args, model, cfg)
         if verify:
             try:
-                from tinyllm.export.verify import check_export
+                from tinyllm.formats.verify import check_export
             except ImportError as e:
                 print(f"warning: {args.out} written but NOT verified: {e}", file=sys.stderr)
                 return 0
@@ -271,7 +271,7 @@ goes into a GGUF or Hugging Face OUT, and beside a .bin OUT as tok<vocab>.bin; i
 
     @staticmethod
     def run(args) -> int:
-        from tinyllm.export.convert import convert
+        from tinyllm.formats.convert import convert
         info = convert(args.input, args.output, args.format, type=args.type, tokenizer=args.tokenizer,
                        version=args.version, allow_no_tokenizer=args.no_tokenizer)
         print(f"wrote {args.output} ({info['format']}{_quantization_note(info)})", file=sys.stderr)
@@ -330,7 +330,7 @@ def pick_checkpoint(path: str) -> str:
 
 def _describe_checkpoint(path: str) -> tuple[int, str]:
     """(step, "step N, val loss X") of a checkpoint."""
-    from .checkpoint import load_checkpoint
+    from .formats.checkpoint import load_checkpoint
     ckpt = load_checkpoint(path)
     val, val_step = ckpt["extra"].get("val_loss"), ckpt["extra"].get("val_step")
     text = f"step {ckpt['step']}"
@@ -362,7 +362,7 @@ class Sample:
 
     @staticmethod
     def run(args) -> int:
-        from .checkpoint import load_checkpoint, load_model
+        from .formats.checkpoint import load_checkpoint, load_model
         from .sampling import Sampler, SampleParams
         from .tokenizer import Tokenizer
         args.checkpoint = pick_checkpoint(args.checkpoint)

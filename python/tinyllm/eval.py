@@ -146,7 +146,7 @@ def load_backend(model_path: str, backend: str | None = None, tokenizer: str | N
         raise InvalidArgumentError(f"backend must be torch or c, got {backend!r}")
     from .tokenizer import Tokenizer
     if is_checkpoint:
-        from .checkpoint import load_checkpoint, load_model
+        from .formats.checkpoint import load_checkpoint, load_model
         model, cfg = load_model(path)
         if tokenizer is None:
             from .cli import _tokenizer_of
@@ -154,7 +154,7 @@ def load_backend(model_path: str, backend: str | None = None, tokenizer: str | N
     else:
         import torch
 
-        from tinyllm.export.convert import read_any
+        from tinyllm.formats.convert import read_any
 
         from .model import Transformer
         cfg, arrays, _ = read_any(path)

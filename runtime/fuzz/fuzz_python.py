@@ -4,10 +4,10 @@
     python runtime/fuzz/fuzz_python.py seeds OUT_DIR      (writes OUT_DIR/spmodel: tiny .model seeds)
 
 HARNESS is one of:
-  llama2c  tinyllm.export.llama2c.read_model_arrays (llama2.c v0/v1/v2 .bin; what convert reads)
-  gguf     tinyllm.export.gguf.read_gguf (our code around the `gguf` package's GGUFReader)
-  tokbin   tinyllm.export.llama2c.read_tokenizer and tinyllm.export.gguf.read_vocab (tok.bin)
-  spmodel  tinyllm.tokenizer.read_model_facts (our protobuf reader of SentencePiece .model files)
+  llama2c  tinyllm.formats.llama2c.read_model_arrays (llama2.c v0/v1/v2 .bin; what convert reads)
+  gguf     tinyllm.formats.gguf.read_gguf (our code around the `gguf` package's GGUFReader)
+  tokbin   tinyllm.formats.llama2c.read_tokenizer and tinyllm.formats.gguf.read_vocab (tok.bin)
+  spmodel  tinyllm.formats.spmodel.read_model_facts (our protobuf reader of SentencePiece .model files)
 
 The contract: on any bytes a reader returns a consistent result or raises a TinyLLMError; any other
 exception (struct.error, IndexError, UnicodeDecodeError, a ValueError that is not ours, MemoryError
@@ -31,9 +31,9 @@ import gguf  # noqa: E402,F401
 
 with atheris.instrument_imports(include=["tinyllm"]):
     from tinyllm.errors import TinyLLMError
-    from tinyllm.export.gguf import read_gguf, read_vocab
-    from tinyllm.export.llama2c import read_model_arrays, read_tokenizer
-    from tinyllm.tokenizer import read_model_facts
+    from tinyllm.formats.gguf import read_gguf, read_vocab
+    from tinyllm.formats.llama2c import read_model_arrays, read_tokenizer
+    from tinyllm.formats.spmodel import read_model_facts
 
 ADDRESS_SPACE_LIMIT = 3 << 30  # bytes; the readers need a few MB for 64 KB inputs
 

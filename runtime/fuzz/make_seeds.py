@@ -54,7 +54,7 @@ def write(path: Path, data: bytes):
 
 
 def llama2c_seeds(out: Path, tmp: Path):
-    from tinyllm.export.llama2c import write_model
+    from tinyllm.formats.llama2c import write_model
     for shape in ("fuzz_tied", "fuzz_gqa", "fuzz_untied"):
         cfg, model = conftest.random_model(shape)
         for version in (0, 1, 2):
@@ -64,7 +64,7 @@ def llama2c_seeds(out: Path, tmp: Path):
 
 
 def gguf_seeds(out: Path, tmp: Path):
-    from tinyllm.export.gguf import write_gguf
+    from tinyllm.formats.gguf import write_gguf
     for shape in ("fuzz_tied", "fuzz_untied", "fuzz_q32"):
         cfg, model = conftest.random_model(shape)
         tok = tmp / f"tok{cfg.vocab_size}.bin"

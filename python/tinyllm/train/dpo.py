@@ -284,7 +284,7 @@ def run(args) -> int:
                                                               args.config, args.resume, args.force, DPO_DEFAULTS)
     tok = load_tokenizer(args.tokenizer, args.checkpoint, data_dir, model_cfg.vocab_size)
     if weights is None:  # resuming: the reference is still the model DPO started from
-        from ..checkpoint import load_checkpoint
+        from ..formats.checkpoint import load_checkpoint
         if not args.checkpoint:
             raise DataError("--resume needs --checkpoint: the reference model the run started from")
         weights = load_checkpoint(args.checkpoint)["model"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..formats.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..config import ModelConfig, TrainConfig
 from ..errors import ConfigError, DataError, TinyLLMError
 from ..fileio import atomic_write

@@ -49,7 +49,7 @@ def resolve_configs(config_path: str | None, overrides: dict, resume: bool, forc
                     init_from: str | None = None):
     """(ModelConfig, TrainConfig, checkpoint path to resume from or None). With init_from the model keys
     are that checkpoint's (a different shape could not take its weights), the training keys the preset's."""
-    from ..checkpoint import load_checkpoint
+    from ..formats.checkpoint import load_checkpoint
     from .loop import CHECKPOINT_NAME
     preset = load_preset(config_path) if config_path else {}
     out_dir = str(overrides.get("out_dir") or preset.get("out_dir") or TrainConfig.__dataclass_fields__["out_dir"].default)
@@ -101,7 +101,7 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | No
         torch.manual_seed(train_cfg.seed)
         model = Transformer(model_cfg)
         if init_from:
-            from ..checkpoint import load_checkpoint
+            from ..formats.checkpoint import load_checkpoint
             model.load_state_dict(load_checkpoint(init_from)["model"])
         train_batches = ShardBatches(ShardDataset(train_cfg.data_dir, "train", model_cfg.max_seq_len),
                                      train_cfg.batch_size, train_cfg.seed, env.rank, env.world)

@@ -75,7 +75,7 @@ def resolve(checkpoint: str | None, overrides: dict, config_path: str | None, re
             defaults: dict = SFT_DEFAULTS):
     """(ModelConfig, TrainConfig, starting weights or None, checkpoint to resume or None, data_dir of
     the pretrained model). Shared by sft and dpo."""
-    from ..checkpoint import load_checkpoint
+    from ..formats.checkpoint import load_checkpoint
     from .loop import CHECKPOINT_NAME
     preset = load_preset(config_path) if config_path else {}
     model_changes = sorted(k for k in {**preset, **overrides}

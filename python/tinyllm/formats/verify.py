@@ -7,34 +7,32 @@ stores them (dequantized), and their drift from fp32 is reported.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from tinyllm.errors import TinyLLMError
+from .. import _runtime
+from ..errors import TinyLLMError
+from ..tokenizer import Tokenizer
+from .convert import read_any
+from .weights import to_model
 
 TOLERANCE = 1e-4  # max |difference| relative to the largest |logit|, as in the runtime tests
 
 
 def _torch_logits(model, tokens) -> np.ndarray:
-    import torch
     with torch.no_grad():
         return model(torch.tensor([tokens]))[0][0].float().numpy()
 
 
 def _stored_model(path):
     """A torch model holding the weights as the file stores them (quantized ones dequantized)."""
-    import torch
-    from tinyllm.export.convert import read_any
-    from tinyllm.model import Transformer
     cfg, w, _ = read_any(path)
-    model = Transformer(cfg).eval()
-    model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in w.items()})
-    return model
+    return to_model(cfg, w)
 
 
 def check_export(path, model, tokenizer_path=None, n_tokens: int = 16, seed: int = 0) -> dict:
     """Raise TinyLLMError if the C runtime's logits for the exported file differ from torch's.
 
     Returns {"max_rel_diff": ..., "max_logit_drift": ...} (drift: against the fp32 model)."""
-    from tinyllm import _runtime
     model = model.eval()
     cfg = model.config
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=min(n_tokens, cfg.max_seq_len)).tolist()
@@ -53,7 +51,6 @@ def check_export(path, model, tokenizer_path=None, n_tokens: int = 16, seed: int
 
 
 def _check_tokenizer_fits(path, tokenizer_path, vocab_size: int):
-    from tinyllm.tokenizer import Tokenizer
     tok = Tokenizer(str(tokenizer_path))
     if tok.vocab_size != vocab_size:
         raise TinyLLMError(f"the tokenizer has {tok.vocab_size} pieces but the model {vocab_size} "

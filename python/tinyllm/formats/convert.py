@@ -5,13 +5,20 @@ out_path names (.bin, .gguf, .pt, or a directory for Hugging Face), or the one g
 """
 from __future__ import annotations
 
+import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from tinyllm.config import ModelConfig
-from tinyllm.errors import FormatError
+from ..config import ModelConfig
+from ..data import load_meta
+from ..errors import FormatError, TinyLLMError
+from ..fileio import atomic_path
+from .gguf import quantization_report, read_gguf, read_vocab, write_gguf
+from .hf import read_hf, tokenizer_of, write_hf
+from .llama2c import MAGIC, read_model_arrays, write_model, write_tokenizer, write_vocab_tokenizer
+from .weights import state_arrays, to_model
 
 FORMATS = ("llama2c", "gguf", "hf", "checkpoint")
 
@@ -35,7 +42,6 @@ def detect_format(path) -> str:
 
 def runtime_model_kind(path) -> str | None:
     """ "llama2.c" or "GGUF" when path is a model file the C runtime reads (header checked), else None."""
-    from tinyllm.export.llama2c import MAGIC
     p = Path(path)
     if not p.is_file():
         return None
@@ -66,18 +72,14 @@ def read_any(path) -> tuple[ModelConfig, dict[str, np.ndarray], object]:
     """(config, fp32 state dict, tokenizer source or None): a SentencePiece .model path or a gguf Vocab."""
     kind = detect_format(path)
     if kind == "gguf":
-        from tinyllm.export.gguf import read_gguf
         return read_gguf(path)
     if kind == "hf":
-        from tinyllm.export.hf import read_hf, tokenizer_of
         cfg, w = read_hf(path)
         return cfg, w, tokenizer_of(path)
     if kind == "checkpoint":
-        from tinyllm.checkpoint import load_model
+        from .checkpoint import load_model  # needs torch (the training extras); the other formats do not
         model, cfg = load_model(str(path))
-        from tinyllm.export.llama2c import _state_arrays
-        return cfg, _state_arrays(model), None
-    from tinyllm.export.llama2c import read_model_arrays
+        return cfg, state_arrays(model), None
     cfg, w = read_model_arrays(path)
     return cfg, w, None
 
@@ -95,9 +97,7 @@ def tokenizer_candidates(model_path, vocab_size: int) -> list[Path]:
 
 def _training_tokenizer(checkpoint_path) -> Path | None:
     """The SentencePiece model a checkpoint's training data was prepared with, if that data is still there."""
-    from tinyllm.checkpoint import load_checkpoint
-    from tinyllm.data import load_meta
-    from tinyllm.errors import TinyLLMError
+    from .checkpoint import load_checkpoint  # needs torch, which reading a checkpoint needs anyway
     data_dir = (load_checkpoint(str(checkpoint_path)).get("train_config") or {}).get("data_dir")
     try:
         path = Path(load_meta(data_dir)["tokenizer"]["path"])
@@ -110,8 +110,6 @@ def find_tokenizer(in_path, cfg: ModelConfig, embedded=None) -> tuple[object, st
     """(tokenizer source, where it was found) for a model read from in_path: the one the input carries,
     else a checkpoint's training tokenizer, else the first file beside the model whose piece count is
     the model's vocab_size. (None, what was tried) when there is none."""
-    from tinyllm.errors import TinyLLMError
-    from tinyllm.export.gguf import read_vocab
     if embedded is not None:
         return embedded, f"the one inside {in_path}"
     if detect_format(in_path) == "checkpoint":
@@ -163,25 +161,18 @@ def write_any(out_path, cfg: ModelConfig, w: dict[str, np.ndarray], fmt: str, *,
     """Write the state dict in format fmt; returns what the writer reports (GGUF: bits per weight; llama2c:
     "tokenizer_file", the tok<vocab>.bin written beside it)."""
     if fmt == "gguf":
-        from tinyllm.export.gguf import write_gguf
         return write_gguf(out_path, w, cfg, tokenizer, type=type)
     if type != "f32" and not (fmt == "llama2c" and type == "q8"):
         raise FormatError(f"--type {type} applies to GGUF only (llama2c: --version 2 is its int8 format)")
     if fmt == "hf":
-        from tinyllm.export.hf import write_hf
         write_hf(out_path, w, cfg, tokenizer if _is_sentencepiece_model(tokenizer) else None)
     elif fmt == "llama2c":
-        from tinyllm.export.llama2c import write_model
         write_model(out_path, w, cfg, version=version)
         if tokenizer is not None:
             return {"tokenizer_file": write_runtime_tokenizer(tokenizer, Path(out_path).parent, cfg.vocab_size)}
     elif fmt == "checkpoint":
-        import torch
-        from tinyllm.checkpoint import save_checkpoint
-        from tinyllm.model import Transformer
-        model = Transformer(cfg)
-        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in w.items()})
-        save_checkpoint(str(out_path), model=model, optimizer=None, step=0, model_config=cfg, train_config={})
+        from .checkpoint import save_checkpoint  # needs torch (the training extras)
+        save_checkpoint(str(out_path), model=to_model(cfg, w), optimizer=None, step=0, model_config=cfg, train_config={})
     else:
         raise FormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return {}
@@ -190,9 +181,6 @@ def write_any(out_path, cfg: ModelConfig, w: dict[str, np.ndarray], fmt: str, *,
 def write_runtime_tokenizer(tokenizer, out_dir, vocab_size: int) -> Path:
     """Write tok<vocab>.bin (what `run` and Runtime look for beside a .bin model) into out_dir from a
     SentencePiece .model, a GGUF vocabulary or another tok.bin; returns its path."""
-    import shutil
-    from tinyllm.export.llama2c import write_tokenizer, write_vocab_tokenizer
-    from tinyllm.fileio import atomic_path
     out = Path(out_dir) / f"tok{vocab_size}.bin"
     if _is_sentencepiece_model(tokenizer):
         write_tokenizer(tokenizer, out)
@@ -234,5 +222,4 @@ def _drift_report(w, cfg: ModelConfig, type: str) -> dict:
         import torch  # noqa: F401  (optional: the training extras)
     except ImportError:
         return {"max_logit_drift": None}
-    from tinyllm.export.gguf import quantization_report
     return quantization_report(w, cfg, type)

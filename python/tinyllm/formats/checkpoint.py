@@ -17,9 +17,12 @@ import random
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .errors import FormatError
-from .fileio import atomic_write
+from ..config import ModelConfig
+from ..errors import FormatError
+from ..fileio import atomic_write
+from ..model import Transformer
+from .convert import runtime_model_kind
+from .weights import clean_state_dict
 
 CHECKPOINT_FORMAT = "tinyllm-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -52,12 +55,6 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def clean_state_dict(model_or_state_dict) -> dict:
-    """Model weights without the torch.compile (_orig_mod.) and DDP (module.) name prefixes."""
-    sd = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
-    return {k.replace("_orig_mod.", "").replace("module.", ""): v for k, v in sd.items()}
 
 
 def save_checkpoint(path: str, *, model, optimizer, step: int, model_config: ModelConfig,
@@ -106,7 +103,6 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 def _refuse_runtime_model(path: str):
     """A llama2.c or GGUF file given where a training checkpoint belongs: say what it is and what reads it."""
-    from .export.convert import runtime_model_kind  # export imports this module: import when needed
     kind = runtime_model_kind(path)
     if kind is not None:
         raise FormatError(f"{path} is a {kind} model file, not a training checkpoint (.pt): run it with ./run "
@@ -126,7 +122,6 @@ def _unsafe_globals(path: str) -> list[str]:
 
 def load_model(path: str, device="cpu"):
     """(Transformer in eval mode, ModelConfig) from a checkpoint, for export, sampling and evaluation."""
-    from .model import Transformer
     ckpt = load_checkpoint(path)
     try:
         cfg = ModelConfig.from_dict(ckpt["model_config"])

@@ -11,9 +11,11 @@ import struct
 
 import numpy as np
 
-from tinyllm.config import ModelConfig, infer_piece_types, validate_vocab
-from tinyllm.errors import FormatError
-from tinyllm.fileio import atomic_write
+from ..config import ModelConfig, infer_piece_types, validate_vocab
+from ..errors import FormatError, TokenizerError
+from ..fileio import atomic_write
+from .spmodel import MODEL_TYPES, read_model_facts
+from .weights import LAYER_MATRICES, has_separate_classifier, layer_stack, state_arrays, to_model
 
 MAGIC = 0x616B3432          # "ak42" read as a little-endian uint32
 HEADER_BYTES = 256          # v1/v2 header size, zero padded
@@ -21,31 +23,6 @@ EXT_OFFSET = 64             # our extension inside the v1/v2 padding (stock read
 EXT_MAGIC = b"tlx1"         # followed by float32 rope_theta, float32 norm_eps
 DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_NORM_EPS = 1e-5
-
-# per-layer matrices in the order every version stores them
-LAYER_MATRICES = ["attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
-
-
-def _state_arrays(model_or_state_dict) -> dict[str, np.ndarray]:
-    """fp32 numpy arrays by parameter name, from a torch module or state dict."""
-    sd = model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict") else model_or_state_dict
-    out = {}
-    for name, t in sd.items():
-        if hasattr(t, "detach"):
-            t = t.detach().float().cpu().numpy()
-        out[name.removeprefix("_orig_mod.").removeprefix("module.")] = np.ascontiguousarray(t, dtype=np.float32)
-    return out
-
-
-def _layer_stack(w: dict, cfg: ModelConfig, key: str) -> list[np.ndarray]:
-    return [w[f"layers.{i}.{key}.weight"] for i in range(cfg.n_layers)]
-
-
-def _has_separate_classifier(w: dict, cfg: ModelConfig) -> bool:
-    if cfg.tie_embeddings or "output.weight" not in w:
-        return False
-    return not np.array_equal(w["output.weight"], w["tok_embeddings.weight"])
 
 
 def _header_ints(cfg: ModelConfig, vocab_size: int) -> tuple:
@@ -79,8 +56,8 @@ def dequantize_q8(q: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarr
 
 def write_model(path, model_or_state_dict, config: ModelConfig, version: int = 1, group_size: int | None = None):
     """Write a llama2.c model file: v0 (legacy fp32), v1 (fp32) or v2 (int8 groups). Atomic."""
-    cfg, w = config, _state_arrays(model_or_state_dict)
-    separate = _has_separate_classifier(w, cfg)
+    cfg, w = config, state_arrays(model_or_state_dict)
+    separate = has_separate_classifier(w, cfg)
     if version == 0:
         if cfg.rope_theta != DEFAULT_ROPE_THETA or cfg.norm_eps != DEFAULT_NORM_EPS:
             raise FormatError("llama2.c v0 cannot store rope_theta/norm_eps other than 10000/1e-5; use --version 1")
@@ -117,12 +94,12 @@ def _v0_tensors(w, cfg, separate):
     from tinyllm.model import rope_tables  # lazy: the torch model holds the one RoPE definition
     cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     out = [w["tok_embeddings.weight"]]
-    out += _layer_stack(w, cfg, "attention_norm")
+    out += layer_stack(w, cfg, "attention_norm")
     for key in LAYER_MATRICES[:4]:
-        out += _layer_stack(w, cfg, key)
-    out += _layer_stack(w, cfg, "ffn_norm")
+        out += layer_stack(w, cfg, key)
+    out += layer_stack(w, cfg, "ffn_norm")
     for key in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
-        out += _layer_stack(w, cfg, key)
+        out += layer_stack(w, cfg, key)
     out += [w["norm.weight"], cos.numpy(), sin.numpy()]
     if separate:
         out.append(w["output.weight"])
@@ -130,20 +107,20 @@ def _v0_tensors(w, cfg, separate):
 
 
 def _v1_tensors(w, cfg, separate):
-    out = _layer_stack(w, cfg, "attention_norm") + _layer_stack(w, cfg, "ffn_norm")
+    out = layer_stack(w, cfg, "attention_norm") + layer_stack(w, cfg, "ffn_norm")
     out += [w["norm.weight"], w["tok_embeddings.weight"]]
     for key in LAYER_MATRICES:
-        out += _layer_stack(w, cfg, key)
+        out += layer_stack(w, cfg, key)
     if separate:
         out.append(w["output.weight"])
     return out
 
 
 def _v2_tensors(w, cfg, separate, gs):
-    out = _layer_stack(w, cfg, "attention_norm") + _layer_stack(w, cfg, "ffn_norm") + [w["norm.weight"]]
+    out = layer_stack(w, cfg, "attention_norm") + layer_stack(w, cfg, "ffn_norm") + [w["norm.weight"]]
     matrices = [w["tok_embeddings.weight"]]
     for key in LAYER_MATRICES:
-        matrices += _layer_stack(w, cfg, key)
+        matrices += layer_stack(w, cfg, key)
     if separate:
         matrices.append(w["output.weight"])
     for m in matrices:
@@ -152,24 +129,13 @@ def _v2_tensors(w, cfg, separate, gs):
     return out
 
 
-def read_model(path) -> tuple[ModelConfig, dict]:
-    """Read any llama2.c model file into (config, fp32 state dict of torch tensors; v2 dequantized)."""
-    import torch
-    cfg, arrays = read_model_arrays(path)
-    return cfg, {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
-
-
 def load_model(path):
     """A torch Transformer (eval mode) holding the weights of a llama2.c file (v2 dequantized)."""
-    from tinyllm.model import Transformer
-    cfg, state = read_model(path)
-    model = Transformer(cfg)
-    model.load_state_dict(state)
-    return model.eval()
+    return to_model(*read_model_arrays(path))
 
 
 def read_model_arrays(path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Like read_model, with numpy arrays (no torch needed)."""
+    """(config, fp32 numpy arrays under our names; v2 dequantized) of any llama2.c model file."""
     data = open(path, "rb").read()
     if len(data) < 28:
         raise FormatError(f"file too small for a llama2.c header ({len(data)} bytes): {path}")
@@ -288,7 +254,7 @@ class _TensorReader:
 # export does), so a piece's bytes are exactly what it decodes to; byte pieces stay "<0x0A>" and
 # control pieces stay "<s>", "</s>", "<unk>" (llama2.c writes "\n<s>\n"; ours are findable by text).
 # Then our trailer, which stock llama2.c never reads: b"tltk", int32 version 1, int32 flags
-# (TOK_FLAG_*), int32 n, n uint8 piece types (SentencePiece numbering, tinyllm.tokenizer.NORMAL...).
+# (TOK_FLAG_*), int32 n, n uint8 piece types (SentencePiece numbering, tinyllm.config.NORMAL...).
 
 TOK_TRAILER_MAGIC = b"tltk"
 TOK_TRAILER_VERSION = 1
@@ -304,9 +270,6 @@ _TOK_FLAG_NAMES = {"add_dummy_prefix": TOK_FLAG_ADD_DUMMY_PREFIX,
 
 def write_tokenizer(sp_model_path, out_path):
     """Write a SentencePiece BPE model (identity normalizer) as tok.bin with our trailer. Atomic."""
-    from tinyllm.errors import TokenizerError
-    from tinyllm.tokenizer import read_model_facts, MODEL_TYPES
-
     facts = read_model_facts(sp_model_path)
     if facts.precompiled_charsmap:
         raise TokenizerError(f"the tokenizer normalizes text with '{facts.normalizer_name or 'custom rules'}', which "
@@ -322,7 +285,7 @@ def write_tokenizer(sp_model_path, out_path):
 
 
 def write_vocab_tokenizer(vocab, out_path):
-    """Write a GGUF vocabulary (tinyllm.export.gguf.Vocab) as tok.bin with our trailer. Atomic.
+    """Write a GGUF vocabulary (tinyllm.formats.gguf.Vocab) as tok.bin with our trailer. Atomic.
 
     GGUF's "llama" tokenizer always spells spaces as U+2581, so escape_whitespaces is on."""
     _write_tok_bin(out_path, vocab.pieces, vocab.scores, vocab.types, vocab.add_dummy_prefix,
@@ -384,6 +347,5 @@ def read_tokenizer(path, vocab_size: int | None = None):
         flags, types = TOK_DEFAULT_FLAGS, infer_piece_types(pieces)
     validate_vocab(pieces, scores, types, path)
     if vocab_size is not None and vocab_size != len(pieces):
-        from tinyllm.errors import TokenizerError
         raise TokenizerError(f"tokenizer {path} holds {len(pieces)} pieces but the model's vocab_size is {vocab_size}")
     return pieces, scores, types, {name: bool(flags & bit) for name, bit in _TOK_FLAG_NAMES.items()}

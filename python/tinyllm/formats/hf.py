@@ -17,18 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyllm.config import ModelConfig
-from tinyllm.errors import FormatError
+from ..chat import JINJA_TEMPLATE, SPECIAL_TOKENS
+from ..config import ModelConfig
+from ..errors import FormatError
+from ..fileio import atomic_dir, atomic_write
+from .spmodel import read_model_facts
+from .weights import has_separate_classifier, hf_names, state_arrays, tensor_shapes
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
-
-# our state-dict names -> transformers' (per layer, then global)
-LAYER_NAMES = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-
 
 def permute_for_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Rows of a q/k projection from adjacent-pair RoPE order to rotate-half order, head by head."""
@@ -42,20 +38,10 @@ def permute_from_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-def _hf_names(cfg: ModelConfig) -> dict[str, str]:
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
-    for i in range(cfg.n_layers):
-        for ours, theirs in LAYER_NAMES.items():
-            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
-    return names
-
-
 # ---- safetensors ------------------------------------------------------------------------------
 
 def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
     """Write fp32/fp16 arrays as a .safetensors file (atomic)."""
-    from tinyllm.fileio import atomic_write
     header, offset, blobs = {}, 0, []
     for name, a in tensors.items():
         a = np.ascontiguousarray(a)
@@ -119,16 +105,14 @@ def write_hf(out_dir, model_or_state_dict, config: ModelConfig, tokenizer_model=
              dtype: str = "float32"):
     """Write a transformers LlamaForCausalLM directory; tokenizer_model: a SentencePiece .model (optional).
     Atomic as a whole: a directory already there (an earlier export) is replaced, never mixed with new files."""
-    from tinyllm.fileio import atomic_dir
     with atomic_dir(out_dir, replaceable=_replaceable) as tmp:
         _write_hf_files(Path(tmp), model_or_state_dict, config, tokenizer_model, chat_template, dtype)
 
 
 def _write_hf_files(out: Path, model_or_state_dict, cfg: ModelConfig, tokenizer_model, chat_template, dtype):
-    from tinyllm.export.llama2c import _has_separate_classifier, _state_arrays
-    w = _state_arrays(model_or_state_dict)
-    tied = not _has_separate_classifier(w, cfg)
-    names = _hf_names(cfg)
+    w = state_arrays(model_or_state_dict)
+    tied = not has_separate_classifier(w, cfg)
+    names = hf_names(cfg)
     tensors = {}
     for ours, theirs in names.items():
         if ours == "output.weight" and tied:
@@ -142,7 +126,6 @@ def _write_hf_files(out: Path, model_or_state_dict, cfg: ModelConfig, tokenizer_
     write_safetensors(out / "model.safetensors", tensors)
     bos, eos, vocab_pieces = 1, 2, None
     if tokenizer_model is not None:
-        from tinyllm.tokenizer import read_model_facts
         facts = read_model_facts(tokenizer_model)
         vocab_pieces = facts
         bos = facts.pieces.index("<s>") if "<s>" in facts.pieces else None
@@ -163,16 +146,12 @@ def _write_hf_files(out: Path, model_or_state_dict, cfg: ModelConfig, tokenizer_
 
 
 def _write_json(path, obj):
-    from tinyllm.fileio import atomic_write
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
 
 def _write_tokenizer(out: Path, model_path, facts, chat_template):
-    from tinyllm.chat import SPECIAL_TOKENS
-    from tinyllm.export.gguf import CHAT_TEMPLATE
-    from tinyllm.fileio import atomic_write
     with atomic_write(out / "tokenizer.model") as f:
         f.write(Path(model_path).read_bytes())
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -186,7 +165,7 @@ def _write_tokenizer(out: Path, model_path, facts, chat_template):
         "add_bos_token": True, "add_eos_token": False, "add_prefix_space": bool(facts.add_dummy_prefix),
         "legacy": False, "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30,
         "sp_model_kwargs": {}, "added_tokens_decoder": added,
-        "chat_template": chat_template or CHAT_TEMPLATE,
+        "chat_template": chat_template or JINJA_TEMPLATE,
     })
     _write_json(out / "special_tokens_map.json", special)
 
@@ -226,8 +205,8 @@ def read_hf(in_dir) -> tuple[ModelConfig, dict[str, np.ndarray]]:
             raise FormatError(f"missing {f.name} in {d} (only safetensors checkpoints are read)")
         hf.update(read_safetensors(f))
     w = {}
-    shapes = _shapes(cfg)
-    for ours, theirs in _hf_names(cfg).items():
+    shapes = tensor_shapes(cfg)
+    for ours, theirs in hf_names(cfg).items():
         if theirs not in hf:
             if ours == "output.weight":
                 continue
@@ -245,19 +224,6 @@ def read_hf(in_dir) -> tuple[ModelConfig, dict[str, np.ndarray]]:
         w["output.weight"] = w["tok_embeddings.weight"]
         cfg.tie_embeddings = True
     return cfg, w
-
-
-def _shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """The shape of each of our tensors under cfg."""
-    d, h, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
-    per_layer = {"attention.wq": (d, d), "attention.wk": (kv, d), "attention.wv": (kv, d), "attention.wo": (d, d),
-                 "feed_forward.w1": (h, d), "feed_forward.w3": (h, d), "feed_forward.w2": (d, h),
-                 "attention_norm": (d,), "ffn_norm": (d,)}
-    shapes = {"tok_embeddings.weight": (cfg.vocab_size, d), "norm.weight": (d,), "output.weight": (cfg.vocab_size, d)}
-    for i in range(cfg.n_layers):
-        for key, shape in per_layer.items():
-            shapes[f"layers.{i}.{key}.weight"] = shape
-    return shapes
 
 
 def tokenizer_of(in_dir) -> Path | None:

@@ -24,31 +24,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 
-from tinyllm.config import ModelConfig, infer_piece_types, validate_vocab
-from tinyllm.errors import FormatError
-from tinyllm.fileio import atomic_path
+from ..chat import JINJA_TEMPLATE
+from ..config import ModelConfig, infer_piece_types, validate_vocab
+from ..errors import ConfigError, FormatError, TokenizerError
+from ..fileio import atomic_path
+from ..sampling import DEFAULTS, MODEL_SAMPLING_KEYS
+from .llama2c import read_tokenizer
+from .spmodel import read_model_facts
+from .weights import gguf_names, has_separate_classifier, state_arrays, tensor_shapes, to_model
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK = 32  # values per Q8_0 / Q4_0 block
 SPACE = "\u2581"
-
-# Jinja for <|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n{answer}</s> (see tinyllm.chat).
-# It starts with bos_token like Llama 2's templates: transformers tokenizes the rendered text without
-# adding BOS, llama.cpp strips a leading BOS from the rendered text before it adds its own.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}"
-    "{% if message['content'] %}{{ '<|system|>\n' + message['content'] + '\n' }}{% endif %}"
-    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-
 
 @dataclass
 class Vocab:
@@ -73,11 +63,8 @@ class Vocab:
 
 def read_vocab(path) -> Vocab:
     """The vocabulary of a tok.bin (name ending in .bin) or a SentencePiece .model."""
-    from tinyllm.errors import TokenizerError
-    from tinyllm.tokenizer import read_model_facts
     path = Path(path)
     if path.suffix == ".bin":
-        from tinyllm.export.llama2c import read_tokenizer
         pieces, scores, types, flags = read_tokenizer(path)
         text = []
         for i, p in enumerate(pieces):
@@ -95,29 +82,13 @@ def read_vocab(path) -> Vocab:
                  facts.remove_extra_whitespaces)
 
 
-def _arrays(model_or_state_dict) -> dict[str, np.ndarray]:
-    from tinyllm.export.llama2c import _state_arrays
-    return _state_arrays(model_or_state_dict)
-
-
 def tensor_plan(w: dict[str, np.ndarray], cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
     """(GGUF name, fp32 array (rows, cols)) in llama.cpp's order; output only when not tied."""
-    out = [("token_embd.weight", w["tok_embeddings.weight"])]
-    names = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
-             "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
-             "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down"}
-    for i in range(cfg.n_layers):
-        for ours, theirs in names.items():
-            out.append((f"blk.{i}.{theirs}.weight", w[f"layers.{i}.{ours}.weight"]))
-    out.append(("output_norm.weight", w["norm.weight"]))
-    from tinyllm.export.llama2c import _has_separate_classifier
-    if _has_separate_classifier(w, cfg):
-        out.append(("output.weight", w["output.weight"]))
-    return out
+    separate = has_separate_classifier(w, cfg)
+    return [(theirs, w[ours]) for ours, theirs in gguf_names(cfg).items() if ours != "output.weight" or separate]
 
 
 def _qtype(type_: str):
-    import gguf
     Q = gguf.GGMLQuantizationType
     try:
         return {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[type_]
@@ -127,7 +98,6 @@ def _qtype(type_: str):
 
 def encode_tensor(name: str, a: np.ndarray, type_: str) -> tuple[np.ndarray, object]:
     """(bytes or values to store, ggml type) for one tensor under the quantization rule."""
-    import gguf
     qtype = _qtype(type_)
     if a.ndim == 1 or type_ == "f32":
         return np.ascontiguousarray(a, dtype=np.float32), gguf.GGMLQuantizationType.F32
@@ -141,10 +111,9 @@ def encode_tensor(name: str, a: np.ndarray, type_: str) -> tuple[np.ndarray, obj
 
 def dequantized(w: dict[str, np.ndarray], cfg: ModelConfig, type_: str) -> dict[str, np.ndarray]:
     """The state dict as a GGUF of this type holds it (what llama.cpp and our runtime compute with)."""
-    import gguf
     out = dict(w)
-    plan = dict((name, a) for name, a in tensor_plan(w, cfg))
-    ours = _names_to_ours(cfg)
+    plan = dict(tensor_plan(w, cfg))
+    ours = {theirs: name for name, theirs in gguf_names(cfg).items()}
     for name, a in plan.items():
         data, qtype = encode_tensor(name, a, type_)
         back = gguf.quants.dequantize(data, qtype).reshape(a.shape).astype(np.float32)
@@ -154,34 +123,20 @@ def dequantized(w: dict[str, np.ndarray], cfg: ModelConfig, type_: str) -> dict[
     return out
 
 
-def _names_to_ours(cfg: ModelConfig) -> dict[str, str]:
-    m = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-         "output.weight": "output.weight"}
-    names = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
-             "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
-             "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down"}
-    for i in range(cfg.n_layers):
-        for ours, theirs in names.items():
-            m[f"blk.{i}.{theirs}.weight"] = f"layers.{i}.{ours}.weight"
-    return m
-
-
 def write_gguf(path, model_or_state_dict, config: ModelConfig, tokenizer=None, type: str = "f32",
-               chat_template: str | None = CHAT_TEMPLATE, name: str = "tinyllm",
+               chat_template: str | None = JINJA_TEMPLATE, name: str = "tinyllm",
                sampling: dict | None = None) -> dict:
     """Write a GGUF file (atomic). tokenizer: a SentencePiece .model or tok.bin path (or a Vocab), or
     None for a file without tokenizer metadata. sampling: the model's recommended sampling (names of
     tinyllm.sampling.DEFAULTS), stored as tinyllm.sampling.* keys that Runtime and the server use.
     Returns {"bytes", "weights", "bits_per_weight"}: bits over the stored tensors (norms included) per
     parameter."""
-    import gguf
     cfg = config
-    w = _arrays(model_or_state_dict)
+    w = state_arrays(model_or_state_dict)
     plan = tensor_plan(w, cfg)
     encoded = [(n, *encode_tensor(n, a, type)) for n, a in plan]  # errors before any file is touched
     vocab = tokenizer if isinstance(tokenizer, Vocab) or tokenizer is None else read_vocab(tokenizer)
     if vocab is not None and len(vocab.pieces) != cfg.vocab_size:
-        from tinyllm.errors import TokenizerError
         raise TokenizerError(f"the tokenizer holds {len(vocab.pieces)} pieces but the model's vocab_size is "
                              f"{cfg.vocab_size}")
     with atomic_path(path) as tmp:
@@ -217,8 +172,6 @@ def write_gguf(path, model_or_state_dict, config: ModelConfig, tokenizer=None, t
 
 
 def _add_sampling(writer, sampling: dict):
-    from tinyllm.errors import ConfigError
-    from tinyllm.sampling import DEFAULTS, MODEL_SAMPLING_KEYS
     for name, value in sampling.items():
         if name not in MODEL_SAMPLING_KEYS:
             raise ConfigError(f"unknown sampling setting {name!r} (one of {', '.join(MODEL_SAMPLING_KEYS)})")
@@ -252,7 +205,6 @@ def _add_vocab(writer, vocab: Vocab, chat_template: str | None):
 
 def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
     """(config, fp32 state dict in our names (quantized tensors dequantized), vocabulary or None)."""
-    import gguf
     _check_gguf_counts(path)
     try:
         r = gguf.GGUFReader(path)
@@ -308,7 +260,7 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
     except ValueError as e:  # ModelConfig.validate names the bad value
         raise FormatError(f"{e} ({path})") from None
     _check_llama_keys(field, cfg, tensors, path)
-    ours = _names_to_ours(cfg)
+    ours = {theirs: name for name, theirs in gguf_names(cfg).items()}
     shapes = _gguf_shapes(cfg)
     w = {}
     for name, t in tensors.items():
@@ -482,38 +434,22 @@ def _check_gguf_counts(path):
 
 def _gguf_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     """(rows, cols) of every tensor a llama GGUF of this config holds, by GGUF name."""
-    d, h, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
-    shapes = {"token_embd.weight": (cfg.vocab_size, d), "output.weight": (cfg.vocab_size, d),
-              "output_norm.weight": (d,)}
-    per_layer = {"attn_norm": (d,), "ffn_norm": (d,), "attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d),
-                 "attn_output": (d, d), "ffn_gate": (h, d), "ffn_up": (h, d), "ffn_down": (d, h)}
-    for i in range(cfg.n_layers):
-        for name, shape in per_layer.items():
-            shapes[f"blk.{i}.{name}.weight"] = shape
-    return shapes
+    shapes = tensor_shapes(cfg)
+    return {theirs: shapes[ours] for ours, theirs in gguf_names(cfg).items()}
 
 
 def load_gguf_model(path):
     """A torch Transformer (eval mode) holding a GGUF file's weights (dequantized)."""
-    import torch
-    from tinyllm.model import Transformer
     cfg, w, _ = read_gguf(path)
-    model = Transformer(cfg)
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in w.items()})
-    return model.eval()
+    return to_model(cfg, w)
 
 
 def quantization_report(model, config: ModelConfig, type: str, tokens: list[int] | None = None) -> dict:
     """Max |logit| difference between the fp32 model and the same model holding the weights as a GGUF
     of this type stores them, over a few token positions (torch)."""
     import torch
-    from tinyllm.model import Transformer
-    w = _arrays(model)
-    q = dequantized(w, config, type)
-    ref = Transformer(config).eval()
-    ref.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in w.items()})
-    other = Transformer(config).eval()
-    other.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in q.items()})
+    w = state_arrays(model)
+    ref, other = to_model(config, w), to_model(config, dequantized(w, config, type))
     if tokens is None:
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, config.vocab_size, (min(16, config.max_seq_len),), generator=g).tolist()

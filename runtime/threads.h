@@ -2,6 +2,10 @@
 #ifndef TINYLLM_THREADS_H
 #define TINYLLM_THREADS_H
 
+/* The thread count, tl_set_threads / tl_get_threads (tinyllm.h), is threads.c's too: the first
+ * tl_get_threads() picks the default (physical cores) and sizes the pool. */
+#include "tinyllm.h"
+
 /* CPUs this process may run on (its affinity mask): more threads than these only take turns. */
 int tl_pool_cpu_count(void);
 

@@ -456,3 +456,43 @@ def test_cli_keeps_doubled_openings_when_asked(tmp_path, tokenizer_model):
         assert r.returncode == 0, r.stderr
         assert load_meta(str(tmp_path / out))["collapse_repeated_openings"] is collapsed
         assert ("doubled openings said once" in r.stderr) is collapsed  # 30 documents
+
+
+def test_tokenizer_training_and_data_prepare_split_an_input_into_the_same_documents(tmp_path, tokenizer_model,
+                                                                                  monkeypatch):
+    import tinyllm.cli
+    import tinyllm.tokenizer
+    from tinyllm.tokenizer import Tokenizer
+    docs = synthetic_documents(40, seed=5)
+    docs[3] = "从前从前，" + docs[3]
+    plain = tmp_path / "book.txt"
+    plain.write_text("\n\n".join(docs[:20]) + "\n\n\n", encoding="utf-8")  # blank lines separate documents
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(docs[20:30]), encoding="utf-8")  # --doc-sep line: one per line
+    records = write_jsonl(tmp_path / "r.jsonl.gz", [{"text": d} for d in docs[30:]], gzip.open)
+    seen = []
+    real = tinyllm.tokenizer.train_tokenizer
+
+    def spy(texts, *args, **kwargs):
+        texts = list(texts)
+        seen.extend(texts)
+        return real(iter(texts), *args, **kwargs)
+
+    monkeypatch.setattr(tinyllm.tokenizer, "train_tokenizer", spy)
+    if hasattr(tinyllm.cli, "train_tokenizer"):
+        monkeypatch.setattr(tinyllm.cli, "train_tokenizer", spy)
+    inputs = []
+    for path in (plain, records):
+        inputs += ["--input", str(path)]
+    for doc_sep, extra in (("blank", inputs), ("line", ["--input", str(lines)])):
+        seen.clear()
+        common = [*extra, "--doc-sep", doc_sep, "--val-fraction", "0.2", "--seed", "3"]
+        assert tinyllm.cli.main(["tokenizer", "train", *common, "--vocab-size", "512",
+                                 "--out", str(tmp_path / f"tok-{doc_sep}")]) == 0
+        out = tmp_path / f"data-{doc_sep}"
+        assert tinyllm.cli.main(["data", "prepare", *common, "--tokenizer", tokenizer_model, "--out", str(out),
+                                 "--no-progress"]) == 0
+        meta = load_meta(str(out))
+        tok = Tokenizer(tokenizer_model)
+        prepared = [tok.decode(d) for d in _documents_in(_split_tokens(out, "train"), meta["bos_id"], meta["eos_id"])]
+        assert len(seen) >= 5 and sorted(seen) == sorted(prepared)

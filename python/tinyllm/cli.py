@@ -362,11 +362,11 @@ class Sample:
 
     @staticmethod
     def run(args) -> int:
-        from .formats.checkpoint import load_checkpoint, load_model
+        from .formats.checkpoint import load_checkpoint, load_model, training_tokenizer
         from .sampling import Sampler, SampleParams
         from .tokenizer import Tokenizer
         args.checkpoint = pick_checkpoint(args.checkpoint)
-        tok_path = args.tokenizer or _tokenizer_of(load_checkpoint(args.checkpoint), args.checkpoint)
+        tok_path = args.tokenizer or training_tokenizer(load_checkpoint(args.checkpoint), args.checkpoint)
         tok = Tokenizer(tok_path)
         model, cfg = load_model(args.checkpoint)
         if tok.vocab_size != cfg.vocab_size:
@@ -383,15 +383,6 @@ class Sample:
             if i + 1 < args.num_samples:
                 print("-" * 40)
         return 0
-
-
-def _tokenizer_of(ckpt: dict, ckpt_path: str) -> str:
-    from .data import load_meta
-    data_dir = (ckpt.get("train_config") or {}).get("data_dir")
-    try:
-        return load_meta(data_dir)["tokenizer"]["path"]
-    except (TinyLLMError, TypeError, KeyError):
-        raise TinyLLMError(f"cannot find the training tokenizer; pass --tokenizer ({ckpt_path})") from None
 
 
 # ---- serve ---------------------------------------------------------------------------------------

@@ -569,6 +569,16 @@ def load_meta(data_dir: str) -> dict:
     return meta
 
 
+def prepared_tokenizer(data_dir) -> str | None:
+    """The SentencePiece model data_dir's shards were encoded with, when its meta.json names one that is
+    still there (how a checkpoint finds its tokenizer: through its train_config's data_dir)."""
+    try:
+        path = load_meta(data_dir)["tokenizer"]["path"]
+    except (DataError, TypeError, KeyError):
+        return None
+    return path if os.path.isfile(path) else None
+
+
 class ShardDataset:
     """Windows of seq_len + 1 tokens from one split's shards (np.memmap, nothing loaded).
 

@@ -146,11 +146,10 @@ def load_backend(model_path: str, backend: str | None = None, tokenizer: str | N
         raise InvalidArgumentError(f"backend must be torch or c, got {backend!r}")
     from .tokenizer import Tokenizer
     if is_checkpoint:
-        from .formats.checkpoint import load_checkpoint, load_model
+        from .formats.checkpoint import load_checkpoint, load_model, training_tokenizer
         model, cfg = load_model(path)
         if tokenizer is None:
-            from .cli import _tokenizer_of
-            tokenizer = _tokenizer_of(load_checkpoint(path), path)
+            tokenizer = training_tokenizer(load_checkpoint(path), path)
     else:
         import torch
 

@@ -1,4 +1,5 @@
-"""SentencePiece BPE tokenizers: training on our corpora, a thin Tokenizer, and the model file facts.
+"""SentencePiece BPE tokenizers: training on our corpora and a thin Tokenizer (the .model file itself is
+read by tinyllm.formats.spmodel).
 
 Training settings are chosen so that the C runtime (runtime/tokenizer.c, via tok.bin) can give
 exactly SentencePiece's ids: identity normalization (the default nmt_nfkc rewrites full-width
@@ -15,82 +16,19 @@ Importing this module does not import torch.
 """
 from __future__ import annotations
 
-import gzip
 import io
-import json
-import lzma
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .chat import SPECIAL_TOKENS
+from .data import read_texts
 from .errors import DataError, TokenizerError
 from .fileio import atomic_write
 from .formats.llama2c import write_tokenizer
 from .formats.spmodel import user_pieces_as_control
 
 MAX_SENTENCE_BYTES = 16384   # documents are cut at line ends into chunks of at most this many bytes
-TEXT_FIELDS = ("text", "content")
-
-
-
-# ---- reading corpora -----------------------------------------------------------------------------
-
-def _open_text(path: Path):
-    name = path.name
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if name.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
-
-
-def _base_suffix(path: Path) -> str:
-    """Suffix without the compression suffix: data.jsonl.xz -> .jsonl"""
-    suffixes = [s for s in path.suffixes if s not in (".gz", ".xz")]
-    return suffixes[-1] if suffixes else ""
-
-
-def _record_text(record, path: Path, text_field: str | None) -> str:
-    if isinstance(record, str):
-        return record
-    if not isinstance(record, dict):
-        raise DataError(f"expected a JSON object with a text field, got {type(record).__name__} ({path})")
-    fields = (text_field,) if text_field else TEXT_FIELDS
-    for f in fields:
-        if isinstance(record.get(f), str):
-            return record[f]
-    raise DataError(f"JSON record has no string field {' or '.join(repr(f) for f in fields)} ({path})")
-
-
-def read_texts(paths, text_field: str | None = None) -> Iterator[str]:
-    """Documents from text files (one document per file), .jsonl and .json (a text field), .gz/.xz too."""
-    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-        path = Path(p)
-        if not path.is_file():
-            raise DataError(f"corpus file not found ({path})")
-        try:
-            with _open_text(path) as f:
-                kind = _base_suffix(path)
-                if kind == ".jsonl":
-                    for i, line in enumerate(f, 1):
-                        if line.strip():
-                            try:
-                                record = json.loads(line)
-                            except json.JSONDecodeError as e:
-                                raise DataError(f"bad JSON on line {i}: {e.msg} ({path})") from None
-                            yield _record_text(record, path, text_field)
-                elif kind == ".json":
-                    try:
-                        records = json.load(f)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"bad JSON: {e.msg} ({path})") from None
-                    for record in records if isinstance(records, list) else [records]:
-                        yield _record_text(record, path, text_field)
-                else:
-                    yield f.read()
-        except (UnicodeDecodeError, EOFError, lzma.LZMAError, gzip.BadGzipFile) as e:
-            raise DataError(f"cannot read {path.name}: {e}") from None
 
 
 def _chunks(text: str, limit: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
@@ -120,11 +58,13 @@ def _chunks(text: str, limit: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
 
 def train_tokenizer(inputs, vocab_size: int, out_dir, *, model_prefix: str = "tok", character_coverage: float = 0.995,
                     input_sentence_size: int = 2_000_000, num_threads: int | None = None, seed: int = 0,
-                    text_field: str | None = None, add_dummy_prefix: bool = False,
+                    text_field: str = "text", add_dummy_prefix: bool = False,
                     remove_extra_whitespaces: bool = False, write_bin: bool = True) -> Path:
     """Train a SentencePiece BPE model; return the .model path.
 
-    inputs: a corpus file, a list of them, or an iterator of texts (pass iter(list_of_texts)).
+    inputs: a corpus file, a list of them (read as tinyllm.data.read_texts reads them: documents
+    separated by blank lines in plain text, the text_field of JSON records), or an iterator of texts
+    (pass iter(list_of_texts)). `tinyllm tokenizer train` passes the documents of the model's data mix.
 
     Also writes tok{vocab_size}.bin beside it for the C runtime (unless write_bin is False).
     """
@@ -139,7 +79,7 @@ def train_tokenizer(inputs, vocab_size: int, out_dir, *, model_prefix: str = "to
         for p in inputs:
             if not isinstance(p, (str, os.PathLike)) or not Path(p).is_file():
                 raise DataError(f"corpus file not found ({p})")
-        texts = read_texts(inputs, text_field)
+        texts = read_texts([str(p) for p in inputs], field=text_field)
     else:
         texts = iter(inputs)
     out_dir = Path(out_dir)

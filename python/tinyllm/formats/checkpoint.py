@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..data import prepared_tokenizer
 from ..errors import FormatError
 from ..fileio import atomic_write
 from ..model import Transformer
@@ -99,6 +100,15 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         raise FormatError(f"checkpoint version {ckpt.get('version')} is not one of {READABLE_VERSIONS}; "
                           f"it was written by another tinyllm release ({path})")
     return ckpt
+
+
+def training_tokenizer(ckpt: dict, path: str) -> str:
+    """The SentencePiece model a checkpoint's training data was prepared with; an error naming --tokenizer
+    when that data (or its tokenizer) is gone."""
+    found = prepared_tokenizer((ckpt.get("train_config") or {}).get("data_dir"))
+    if found is None:
+        raise FormatError(f"cannot find the training tokenizer; pass --tokenizer ({path})")
+    return found
 
 
 def _refuse_runtime_model(path: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-from ..data import load_meta
+from ..data import prepared_tokenizer
 from ..errors import FormatError, TinyLLMError
 from ..fileio import atomic_path
 from .gguf import quantization_report, read_gguf, read_vocab, write_gguf
@@ -98,12 +98,8 @@ def tokenizer_candidates(model_path, vocab_size: int) -> list[Path]:
 def _training_tokenizer(checkpoint_path) -> Path | None:
     """The SentencePiece model a checkpoint's training data was prepared with, if that data is still there."""
     from .checkpoint import load_checkpoint  # needs torch, which reading a checkpoint needs anyway
-    data_dir = (load_checkpoint(str(checkpoint_path)).get("train_config") or {}).get("data_dir")
-    try:
-        path = Path(load_meta(data_dir)["tokenizer"]["path"])
-    except (TinyLLMError, TypeError, KeyError):
-        return None
-    return path if path.is_file() else None
+    found = prepared_tokenizer((load_checkpoint(str(checkpoint_path)).get("train_config") or {}).get("data_dir"))
+    return Path(found) if found else None
 
 
 def find_tokenizer(in_path, cfg: ModelConfig, embedded=None) -> tuple[object, str]:

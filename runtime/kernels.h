@@ -20,6 +20,8 @@ typedef struct {
 
 /* IEEE half (binary16) bits to float, exact for every value including subnormals, inf and NaN. */
 float tl_fp16_to_fp32(uint16_t h);
+/* float to IEEE half bits, rounding to nearest even (the f16 KV cache). */
+uint16_t tl_fp32_to_fp16(float f);
 
 /* Row `row` of W as floats (dequantized if needed): the token embedding lookup. */
 void tl_matrix_row(float *out, const tl_matrix *w, int row);
@@ -64,7 +66,8 @@ void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, i
  * n_keys floats of scratch. */
 void tl_attend(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
                int n_keys, int head_dim, float scale, int f16, float *att);
-/* float to IEEE half bits, rounding to nearest even (the f16 KV cache). */
-uint16_t tl_fp32_to_fp16(float f);
+/* The same by the scalar reference (kernels.c). */
+void tl_attend_scalar(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
+                      int n_keys, int head_dim, float scale, int f16, float *att);
 
 #endif

@@ -100,53 +100,6 @@ int tl_kernels_active(void) {
     return active_kernels;
 }
 
-/* ----------------------------------------------------------------------------------------- */
-/* f16 <-> f32 (scalar) */
-
-uint16_t tl_fp32_to_fp16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, sizeof(x));
-    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
-    const uint32_t abs = x & 0x7FFFFFFFu;
-    if (abs >= 0x7F800000u) return sign | 0x7C00 | (abs > 0x7F800000u ? 0x200 : 0); /* inf, NaN */
-    if (abs >= 0x477FF000u) return sign | 0x7C00; /* rounds past the largest half (65504): inf */
-    if (abs < 0x38800000u) {
-        /* below the smallest normal half (2^-14): a subnormal, mantissa units of 2^-24 */
-        if (abs < 0x33000000u) return sign; /* under half of 2^-24 rounds to zero */
-        const uint32_t exp = abs >> 23, mant = (abs & 0x7FFFFF) | 0x800000;
-        const uint32_t shift = 126 - exp; /* value = mant * 2^(exp-150) = h * 2^-24 */
-        uint32_t h = mant >> shift;
-        const uint32_t rest = mant & ((1u << shift) - 1), halfway = 1u << (shift - 1);
-        if (rest > halfway || (rest == halfway && (h & 1))) h++;
-        return sign | (uint16_t)h;
-    }
-    /* normal: rebias the exponent, round 13 mantissa bits to nearest even (may carry into exp) */
-    uint32_t h = ((abs >> 13) - (112u << 10));
-    const uint32_t rest = abs & 0x1FFF;
-    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++;
-    return sign | (uint16_t)h;
-}
-
-/* ----------------------------------------------------------------------------------------- */
-/* Scalar attention (the reference) */
-
-static float kv_at(const void *rows, size_t i, int f16) {
-    return f16 ? tl_fp16_to_fp32(((const uint16_t *)rows)[i]) : ((const float *)rows)[i];
-}
-
-static void attend_scalar(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
-                          int n_keys, int head_dim, float scale, int f16, float *att) {
-    for (int t = 0; t < n_keys; t++) {
-        float score = 0.0f;
-        for (int i = 0; i < head_dim; i++) score += q[i] * kv_at(keys, (size_t)t * kv_stride + i, f16);
-        att[t] = score * scale;
-    }
-    tl_softmax(att, n_keys);
-    memset(out, 0, head_dim * sizeof(float));
-    for (int t = 0; t < n_keys; t++)
-        for (int i = 0; i < head_dim; i++) out[i] += att[t] * kv_at(values, (size_t)t * kv_stride + i, f16);
-}
-
 /* Block size of a type: the columns sharing one scale (f32/f16 have none: 16). */
 static int block_cols(const tl_matrix *w) {
     switch (w->type) {
@@ -1099,5 +1052,5 @@ void tl_attend(float *out, const float *q, const void *keys, const void *values,
         return;
     }
 #endif
-    attend_scalar(out, q, keys, values, kv_stride, n_keys, head_dim, scale, f16, att);
+    tl_attend_scalar(out, q, keys, values, kv_stride, n_keys, head_dim, scale, f16, att);
 }

@@ -4,7 +4,7 @@ and the greedy outputs the tests hold them to. Writes models/card.json (the figu
     python models/measure.py              # needs ../shared/data (the held-out documents come from it)
 
 The held-out documents are the val split of the pretraining mix (`tinyllm data prepare` with the
-recipe's inputs, seed and filters), rebuilt here with tinyllm.data.planned_texts.
+recipe's inputs, seed and filters), rebuilt here with tinyllm.corpus.planned_texts.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ GREEDY_TOKENS = 64
 
 def heldout_texts(shared_data: Path = SHARED_DATA) -> dict[str, list[str]]:
     """{"classical": [...], "modern": [...]}: the val documents of the pretraining mix."""
-    from tinyllm.data import Source, planned_texts
+    from tinyllm.corpus import Source, planned_texts
     sources = [Source(str(shared_data / p), w) for p, w in HELDOUT["inputs"]]
     groups: dict[str, list[str]] = {"classical": [], "modern": []}
     drop = {k: set(v) for k, v in HELDOUT["drop"].items()}

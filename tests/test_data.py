@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from tinyllm import data
-from tinyllm.data import ShardBatches, ShardDataset, Source, load_meta, parse_source, prepare
+from tinyllm import corpus, data
+from tinyllm.corpus import Source, parse_source
+from tinyllm.data import ShardBatches, ShardDataset, load_meta, prepare
 from tinyllm.errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,16 +138,16 @@ def test_drop_field_values_filters_records_and_counts_them(tmp_path, tokenizer_m
     records = [{"book": "bad" if i % 5 == 0 else "good", "text": d} for i, d in enumerate(docs)]
     src = write_jsonl(tmp_path / "a.jsonl", records)
     meta = prepare([Source(src)], tokenizer_model, str(tmp_path / "out"), val_fraction=0.2, progress=False,
-                   drop=data.parse_drop_filters(["book=bad,worse"]))
+                   drop=corpus.parse_drop_filters(["book=bad,worse"]))
     assert meta["sources"][0]["documents_filtered"] == 10
     assert meta["sources"][0]["documents_train"] + meta["sources"][0]["documents_val"] == 40
 
 
 def test_field_option_reads_another_field_and_missing_field_is_an_error(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", [{"body": "一二三", "text": 1}])
-    assert [t for _, t in data.iter_records(src, field="body")] == ["一二三"]
+    assert [t for _, t in corpus.iter_records(src, field="body")] == ["一二三"]
     with pytest.raises(DataError, match=r"line 1.*'text'.*a\.jsonl"):
-        list(data.iter_records(src))
+        list(corpus.iter_records(src))
 
 
 def test_compressed_and_json_inputs_read_like_plain_jsonl(tmp_path):
@@ -156,7 +157,7 @@ def test_compressed_and_json_inputs_read_like_plain_jsonl(tmp_path):
     xz = write_jsonl(tmp_path / "a.jsonl.xz", records, lzma.open)
     js = tmp_path / "a.json"
     js.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    texts = [list(data.read_texts([p])) for p in (plain, gz, xz, str(js))]
+    texts = [list(corpus.read_texts([p])) for p in (plain, gz, xz, str(js))]
     assert texts[0] == [r["text"] for r in records]
     assert all(t == texts[0] for t in texts)
 
@@ -164,9 +165,9 @@ def test_compressed_and_json_inputs_read_like_plain_jsonl(tmp_path):
 def test_plain_text_documents_are_separated_by_blank_lines(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("第一段\n还是第一段\n\n\n第二段\n", encoding="utf-8")
-    assert list(data.read_texts([str(path)])) == ["第一段\n还是第一段", "第二段"]
-    assert list(data.read_texts([str(path)], doc_sep="line")) == ["第一段", "还是第一段", "第二段"]
-    assert len(list(data.read_texts([str(path)], doc_sep="file"))) == 1
+    assert list(corpus.read_texts([str(path)])) == ["第一段\n还是第一段", "第二段"]
+    assert list(corpus.read_texts([str(path)], doc_sep="line")) == ["第一段", "还是第一段", "第二段"]
+    assert len(list(corpus.read_texts([str(path)], doc_sep="file"))) == 1
 
 
 def test_existing_output_is_refused_without_force_and_replaced_with_it(tmp_path, tokenizer_model):
@@ -209,7 +210,7 @@ def test_invalid_utf8_in_compressed_input_gives_the_decompressed_offset(tmp_path
     with gzip.open(path, "wb") as f:
         f.write(b'{"text": "ok"}\n{"text": "x\xc3"}\n')
     with pytest.raises(DataError, match=r"byte offset 26 of the decompressed stream.*bad\.jsonl\.gz"):
-        list(data.read_texts([str(path)]))
+        list(corpus.read_texts([str(path)]))
 
 
 def test_skip_invalid_utf8_drops_the_bytes_and_counts_them(tmp_path, tokenizer_model):
@@ -394,7 +395,7 @@ def test_val_documents_are_also_kept_as_text_with_their_source(tmp_path, tokeniz
     by_source = {name: sum(r["source"] == name for r in rows) for name in ("a.jsonl", "b.jsonl")}
     assert [by_source["a.jsonl"], by_source["b.jsonl"]] == [s["documents_val"] for s in meta["sources"]]
     # and planned_texts gives the same held-out documents without preparing anything
-    val = [(si, t) for si, t in data.planned_texts([Source(a), Source(b, 3.0)], "val", val_fraction=0.25)]
+    val = [(si, t) for si, t in corpus.planned_texts([Source(a), Source(b, 3.0)], "val", val_fraction=0.25)]
     assert [t for _, t in val] == [r["text"] for r in rows]
 
 
@@ -411,7 +412,7 @@ def test_val_documents_are_also_kept_as_text_with_their_source(tmp_path, tokeniz
     ("他说：从前从前，有一位国王。", "他说：从前从前，有一位国王。"),  # only the document's opening
 ])
 def test_a_doubled_opening_word_is_said_once_and_idioms_are_kept(text, expected):
-    assert data.collapse_repeated_opening(text) == expected
+    assert corpus.collapse_repeated_opening(text) == expected
 
 
 def test_prepared_shards_and_tokenizer_texts_say_a_doubled_opening_once(tmp_path, tokenizer_model):
@@ -425,7 +426,7 @@ def test_prepared_shards_and_tokenizer_texts_say_a_doubled_opening_once(tmp_path
     expected = [d.replace("从前从前，", "从前，", 1) for d in docs]
     assert sorted(stored) == sorted(expected)
     assert meta["sources"][0]["openings_collapsed"] == 20 and meta["collapse_repeated_openings"] is True
-    planned = [t for _, t in data.planned_texts([Source(src)], "train", val_fraction=0.2)]
+    planned = [t for _, t in corpus.planned_texts([Source(src)], "train", val_fraction=0.2)]
     assert planned and not any(t.startswith("从前从前") for t in planned)
 
     kept = prepare([Source(src)], tokenizer_model, str(tmp_path / "kept"), val_fraction=0.2, progress=False,
@@ -440,9 +441,9 @@ def test_the_story_corpus_behind_the_bundled_model_no_longer_opens_with_从前�
     path = SHARED_DATA / "pretrain" / "tiny_chinese_stories_simplified.jsonl.gz"
     if not path.is_file():
         pytest.skip(f"needs the shared corpora ({path} is absent)")
-    raw = [t for _, t in data.iter_records(str(path))]
+    raw = [t for _, t in corpus.iter_records(str(path))]
     assert sum(t.startswith("从前从前") for t in raw) > 50
-    planned = [t for _, t in data.planned_texts([Source(str(path))], "train")]
+    planned = [t for _, t in corpus.planned_texts([Source(str(path))], "train")]
     assert len(planned) > 2000
     assert not any(t.startswith("从前从前") for t in planned)
     assert sum(t.startswith("从前，") for t in planned) > 50

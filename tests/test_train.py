@@ -17,7 +17,8 @@ from test_data import synthetic_documents, write_jsonl
 from tinyllm import cli
 from tinyllm.formats.checkpoint import load_checkpoint, load_model, save_checkpoint
 from tinyllm.config import TrainConfig, build_configs, load_preset
-from tinyllm.data import Source, prepare
+from tinyllm.corpus import Source
+from tinyllm.data import prepare
 from tinyllm.errors import ConfigError, FormatError
 from tinyllm.train import loop
 from tinyllm.train.pretrain import pretrain, resolve_configs
@@ -75,7 +76,8 @@ def _unigram_entropy(tokens: np.ndarray) -> float:
 
 @pytest.mark.skipif(not SHARED_PRETRAIN.is_dir(), reason=f"shared corpora not present ({SHARED_PRETRAIN})")
 def test_end_to_end_tokenizer_prepare_pretrain_export_and_generate(tmp_path, capsys):
-    from tinyllm.data import load_meta, read_texts
+    from tinyllm.corpus import read_texts
+    from tinyllm.data import load_meta
     # a slice of two real corpora, the small one weighted up
     stories = itertools.islice(read_texts([str(SHARED_PRETRAIN / "tiny_chinese_stories_simplified.jsonl.gz")]), 800)
     fables = itertools.islice(read_texts([str(SHARED_PRETRAIN / "cmrc2017_children_stories.jsonl.gz")]), 400)

@@ -23,7 +23,14 @@ import sys
 import warnings
 from pathlib import Path
 
+from .config import config_fields
+from .corpus import parse_drop_filters, parse_source, planned_texts
+from .data import prepare
 from .errors import TinyLLMError
+from .formats.convert import convert
+from .runtime import Runtime
+from .sampling import Sampler, SampleParams
+from .tokenizer import Tokenizer, train_tokenizer
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -64,8 +71,6 @@ train it on the same mix as the model."""
 
     @staticmethod
     def run(args) -> int:
-        from .data import parse_source, planned_texts
-        from .tokenizer import train_tokenizer
         sources = [parse_source(s) for s in args.input]
         for src in sources:
             if not os.path.isfile(src.path):
@@ -93,7 +98,6 @@ def _add_reader_arguments(p):
 
 
 def _reader_kwargs(args) -> dict:
-    from .data import parse_drop_filters
     return {"field": args.field, "doc_sep": args.doc_sep, "drop": parse_drop_filters(args.drop_field_values),
             "skip_invalid_utf8": args.skip_invalid_utf8, "collapse_openings": not args.keep_repeated_openings}
 
@@ -139,7 +143,6 @@ directory that looks finished. An existing OUT is only replaced with --force."""
 
     @staticmethod
     def run(args) -> int:
-        from .data import parse_source, prepare
         meta = prepare([parse_source(s) for s in args.input], args.tokenizer, args.out,
                        val_fraction=args.val_fraction, seed=args.seed, workers=args.workers or None,
                        shard_tokens=args.shard_tokens, force=args.force, progress=not args.no_progress,
@@ -160,86 +163,49 @@ directory that looks finished. An existing OUT is only replaced with --force."""
 
 # ---- export --------------------------------------------------------------------------------------
 
-def _export_llama2c(args, model, cfg):
-    """Write a llama2.c .bin; returns True when the C runtime can check it."""
-    from tinyllm.formats.llama2c import write_model
-    if args.version is None:
-        args.version = 1
-    write_model(args.out, model, cfg, version=args.version)
-    return True
-
-
-def _export_gguf(args, model, cfg):
-    """Write a GGUF file (tokenizer and chat template embedded when --tokenizer is given)."""
-    from tinyllm.formats.gguf import write_gguf
-    info = write_gguf(args.out, model, cfg, args.tokenizer, type=args.type)
-    print(f"{args.out}: {args.type.upper()}, {info['bits_per_weight']:.2f} bits per weight", file=sys.stderr)
-    return True
-
-
-def _export_hf(args, model, cfg):
-    """Write a Hugging Face LlamaForCausalLM directory (no C runtime check)."""
-    from tinyllm.formats.hf import write_hf
-    write_hf(args.out, model, cfg, args.tokenizer)
-    files = ", ".join(sorted(p.name for p in Path(args.out).iterdir()))
-    print(f"wrote {args.out} (hf: {files}); not checked against the C runtime. Load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})"
-          + (" and AutoTokenizer.from_pretrained(the same)" if args.tokenizer else ""), file=sys.stderr)
-    return False
-
-
-# format name -> writer(args, model, config) -> whether check_export applies
-EXPORTERS = {"llama2c": _export_llama2c, "gguf": _export_gguf, "hf": _export_hf}
-
-
 class Export:
     HELP = "export a checkpoint to another file format and verify it against the C runtime"
     DESCRIPTION = """\
-Write the checkpoint's model in another format, then run a few tokens through the C runtime and
-compare its logits with torch's; a mismatch is an error (a silently broken export gives gibberish).
-Formats: llama2c (--version 0: legacy fp32, 1: fp32 with a 256-byte header, 2: Q8_0); gguf (--type
-f32|f16|q8_0|q4_0, tokenizer and chat template embedded from --tokenizer; quantized types report bits per
-weight and the logit drift against fp32); hf (a transformers LlamaForCausalLM directory)."""
+Write the checkpoint's model in another format (the same writers as `tinyllm convert`), then run a
+few tokens through the C runtime and compare its logits with torch's; a mismatch is an error (a
+silently broken export gives gibberish). Formats: llama2c (--version 0: legacy fp32, 1: fp32 with a
+256-byte header, 2: Q8_0; the runtime's tok<vocab>.bin is written beside it); gguf (--type
+f32|f16|q8_0|q4_0, tokenizer and chat template embedded; quantized types report bits per weight and
+the logit drift against fp32); hf (a transformers LlamaForCausalLM directory, not checked)."""
 
     @staticmethod
     def add_arguments(p):
         p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP)
-        p.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="output format")
+        p.add_argument("--format", required=True, choices=["llama2c", "gguf", "hf"], help="output format")
         p.add_argument("--out", required=True, metavar="FILE", help="output file")
-        p.add_argument("--version", type=int, choices=[0, 1, 2], default=None,
-                       help="llama2c format version (default 1)")
+        p.add_argument("--version", type=int, choices=[0, 1, 2], default=1, help="llama2c format version")
         p.add_argument("--tokenizer", metavar="MODEL",
                        help="SentencePiece .model, used by the check and embedded by gguf and hf (default: the one "
                             "the training data was prepared with; gguf and hf refuse to go without one)")
         p.add_argument("--no-tokenizer", action="store_true",
-                       help="gguf/hf: write the weights without a tokenizer (llama.cpp and transformers cannot use "
-                            "them alone)")
+                       help="write the weights without a tokenizer (llama.cpp and transformers cannot use them alone)")
         p.add_argument("--type", choices=["f32", "f16", "q8_0", "q4_0"], default="f32",
-                       help="gguf tensor type of the weight matrices (norms stay f32; default f32)")
+                       help="gguf tensor type of the weight matrices (norms stay f32)")
 
     @staticmethod
     def run(args) -> int:
-        from .formats.checkpoint import load_model
-        from tinyllm.formats.convert import check_tokenizer_for, find_tokenizer
         args.checkpoint = pick_checkpoint(args.checkpoint)
-        model, cfg = load_model(args.checkpoint)
-        if args.tokenizer is None and not args.no_tokenizer:
-            found, where = find_tokenizer(args.checkpoint, cfg)
-            if found is not None:
-                print(f"tokenizer: {where}", file=sys.stderr)
-                args.tokenizer = str(found)
-            check_tokenizer_for(args.format, found, tried=where, allow_none=False)
-        verify = EXPORTERS[args.format](args, model, cfg)
-        if verify:
-            try:
-                from tinyllm.formats.verify import check_export
-            except ImportError as e:
-                print(f"warning: {args.out} written but NOT verified: {e}", file=sys.stderr)
-                return 0
-            info = check_export(args.out, model, tokenizer_path=args.tokenizer)
-            print(f"wrote {args.out} ({args.format}); the C runtime's logits match torch's "
-                  f"(max relative difference {info['max_rel_diff']:.2g}; max logit drift vs fp32 "
-                  f"{info['max_logit_drift']:.4g})", file=sys.stderr)
+        info = convert(args.checkpoint, args.out, args.format, type=args.type, tokenizer=args.tokenizer,
+                       version=args.version, allow_no_tokenizer=args.no_tokenizer)
+        _report_tokenizer(info)
+        if args.format == "hf":
+            files = ", ".join(sorted(p.name for p in Path(args.out).iterdir()))
+            print(f"wrote {args.out} (hf: {files}); not checked against the C runtime. Load it with "
+                  f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})"
+                  + (" and AutoTokenizer.from_pretrained(the same)" if info["tokenizer"] else ""), file=sys.stderr)
+            return 0
+        from .formats.checkpoint import load_model  # torch: the training extras
+        from .formats.verify import check_export
+        model, _ = load_model(args.checkpoint)
+        check = check_export(args.out, model, tokenizer_path=info.get("tokenizer_path"))
+        print(f"wrote {args.out} ({args.format}{_quantization_note(info)}); the C runtime's logits match torch's "
+              f"(max relative difference {check['max_rel_diff']:.2g}; max logit drift vs fp32 "
+              f"{check['max_logit_drift']:.4g})", file=sys.stderr)
         return 0
 
 
@@ -271,7 +237,6 @@ goes into a GGUF or Hugging Face OUT, and beside a .bin OUT as tok<vocab>.bin; i
 
     @staticmethod
     def run(args) -> int:
-        from tinyllm.formats.convert import convert
         info = convert(args.input, args.output, args.format, type=args.type, tokenizer=args.tokenizer,
                        version=args.version, allow_no_tokenizer=args.no_tokenizer)
         print(f"wrote {args.output} ({info['format']}{_quantization_note(info)})", file=sys.stderr)
@@ -310,7 +275,7 @@ CHECKPOINT_HELP = ("checkpoint written by training, or its out-dir: then best.pt
 def pick_checkpoint(path: str) -> str:
     """The checkpoint file a --checkpoint argument means, said on stderr when there is a choice: a
     training out-dir means its best.pt (else ckpt.pt). (load_checkpoint refuses a runtime model file.)"""
-    from .train.loop import BEST_NAME, CHECKPOINT_NAME
+    from .train.loop import BEST_NAME, CHECKPOINT_NAME  # torch: the training extras
     if os.path.isdir(path):
         best, last = os.path.join(path, BEST_NAME), os.path.join(path, CHECKPOINT_NAME)
         if not os.path.isfile(best):
@@ -330,7 +295,7 @@ def pick_checkpoint(path: str) -> str:
 
 def _describe_checkpoint(path: str) -> tuple[int, str]:
     """(step, "step N, val loss X") of a checkpoint."""
-    from .formats.checkpoint import load_checkpoint
+    from .formats.checkpoint import load_checkpoint  # torch: the training extras
     ckpt = load_checkpoint(path)
     val, val_step = ckpt["extra"].get("val_loss"), ckpt["extra"].get("val_step")
     text = f"step {ckpt['step']}"
@@ -362,9 +327,7 @@ class Sample:
 
     @staticmethod
     def run(args) -> int:
-        from .formats.checkpoint import load_checkpoint, load_model, training_tokenizer
-        from .sampling import Sampler, SampleParams
-        from .tokenizer import Tokenizer
+        from .formats.checkpoint import load_checkpoint, load_model, training_tokenizer  # torch: the training extras
         args.checkpoint = pick_checkpoint(args.checkpoint)
         tok_path = args.tokenizer or training_tokenizer(load_checkpoint(args.checkpoint), args.checkpoint)
         tok = Tokenizer(tok_path)
@@ -428,8 +391,7 @@ The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_k
 
     @staticmethod
     def run(args) -> int:
-        from .runtime import Runtime
-        from .server import Limits, serve
+        from .server import Limits, serve  # fastapi and uvicorn: the serve extras
         if args.max_concurrent < 1 or args.max_body_kb < 1 or args.max_tokens < 0 or args.max_connections < 1 \
                 or not args.header_timeout > 0 or not args.body_timeout > 0 or not args.drain_seconds >= 0:
             raise TinyLLMError("--max-concurrent, --max-body-kb and --max-connections must be >= 1, --max-tokens "
@@ -515,7 +477,6 @@ def main(argv=None) -> int:
     args._argv = argv  # for the resume command an interrupted training run prints
     if extra:
         if getattr(args, "_config_keys", False):
-            from .config import config_fields
             print(f"error: unknown config keys or arguments {extra}; valid keys: "
                   f"{', '.join('--' + k.replace('_', '-') for k in sorted(config_fields()))}", file=sys.stderr)
             return 2

@@ -2,11 +2,14 @@
 rules every reader of a model file or tokenizer applies, the C runtime's (ModelConfig.validate, validate_vocab)."""
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 import re
 import struct
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import ConfigError, FormatError
 
 
 # Upper bounds of the hyper-parameters, the C runtime's (runtime/model.c): far beyond any small model,
@@ -42,7 +45,6 @@ def validate_vocab(pieces, scores, types, source, unk_id: int = -1):
     """Raise FormatError unless the vocabulary is one the C tokenizer builds (runtime/tokenizer.c): 1 to
     2^28 pieces, finite float32 scores, known types (1..6), user-defined pieces valid UTF-8, byte pieces
     spelled <0xXX>, and an unknown piece (a piece of type 2, or unk_id). pieces are bytes or str."""
-    from .errors import FormatError
     n = len(pieces)
     if not 0 < n < MAX_PIECES:
         raise FormatError(f"the tokenizer holds {n} pieces (1 to {MAX_PIECES - 1} allowed) ({source})")
@@ -136,7 +138,6 @@ class ModelConfig:
 
 def _opt(default, help: str):
     """A dataclass field whose help text the CLI prints (the dataclass stays the one source of defaults)."""
-    from dataclasses import field
     return field(default=default, metadata={"help": help})
 
 
@@ -249,15 +250,12 @@ def _convert(name: str, type_name: str, value):
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        from .errors import ConfigError
         raise ConfigError(f"{name} must be {type_name}, got {value!r}") from None
 
 
 def load_preset(path: str) -> dict:
     """A TOML preset as a flat {key: value} dict; [model] and [train] tables (or bare keys) allowed."""
-    import tomllib
-
-    from .errors import ConfigError
+    import tomllib  # here, not at the top: Python 3.10 (which we support) has no tomllib; presets need 3.11
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -277,7 +275,6 @@ def load_preset(path: str) -> dict:
 
 def check_keys(values: dict, where: str | None = None):
     """Raise ConfigError for keys that are neither ModelConfig nor TrainConfig fields, listing the valid ones."""
-    from .errors import ConfigError
     known = config_fields()
     unknown = sorted(k for k in values if k not in known)
     if unknown:
@@ -288,7 +285,6 @@ def check_keys(values: dict, where: str | None = None):
 def build_configs(*layers: dict) -> tuple[ModelConfig, TrainConfig]:
     """ModelConfig and TrainConfig from the dataclass defaults updated by each {key: value} layer in turn
     (e.g. preset, then command line)."""
-    from .errors import ConfigError
     known = config_fields()
     values: dict[str, dict] = {"model": {}, "train": {}}
     for layer in layers:
@@ -304,7 +300,6 @@ def build_configs(*layers: dict) -> tuple[ModelConfig, TrainConfig]:
 
 def add_config_arguments(parser):
     """Add --KEY VALUE for every config field (dashes or underscores), defaulting to 'not given'."""
-    import argparse
     for name, (section, f) in config_fields().items():
         help_text = f.metadata.get("help") or MODEL_FIELD_HELP.get(name, "")
         default = f.default

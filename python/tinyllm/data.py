@@ -1,4 +1,5 @@
-"""Training data: corpus readers, the token-shard writer (`tinyllm data prepare`) and the shard reader.
+"""Training data: the token-shard writer (`tinyllm data prepare`) and the shard reader (documents come
+from tinyllm.corpus).
 
 A prepared data directory holds raw little-endian token arrays and a meta.json that describes them:
 
@@ -10,266 +11,33 @@ meta.json is always whole.
 """
 from __future__ import annotations
 
-import bz2
 import contextlib
-import gzip
 import hashlib
 import json
-import lzma
-import math
 import multiprocessing as mp
 import os
-import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
+from .corpus import DOC_SEPARATORS, Source, base_name, new_source_stats, plan_documents
 from .errors import DataError
 from .fileio import atomic_write
+from .tokenizer import Tokenizer
 
 META_FORMAT = "tinyllm-shards"
 META_VERSION = 1
 DEFAULT_SHARD_TOKENS = 50_000_000
 VAL_TEXTS = "val_texts.jsonl"  # the val documents as text: {"source": file name, "text": ...} per line
-DOC_SEPARATORS = ("blank", "line", "file")
 # Share of training windows that begin at a document's BOS rather than at a random token. A prompt
 # is always fed as BOS at position 0 of an empty context; windows at random offsets almost never
 # look like that (one in ~1,000 for the bundled mix), and a model that never saw it echoed its
 # prompt ("从前从前…"): on a story slice where "，" follows a document's opening 从前 43% of the time
 # and 从前 33%, it gave 从前 p 0.30 and "，" 0.10 after [BOS, 从前]; with these windows 0.17 and 0.56.
 DOC_START_FRACTION = 0.25
-
-# A document that opens with its first word said twice ("从前从前，有一位…": 69 of the 2,277
-# tiny_chinese_stories, every 从前 opening of that source and about a third of the bundled mix's)
-# teaches a model that the prompt 从前 is followed by 从前 again: it echoed README's first prompt. Reading keeps one copy of a
-# word of 2-4 characters doubled at the very start before punctuation; a repetition that goes on
-# ("一步一步，又一步…", "呼噜呼噜，呼噜…") is a figure of speech and is left alone, as are
-# doubled words that run on into the sentence ("很久很久以前").
-_REPEATED_OPENING = re.compile(r"(\s*)(\w{2,4})\2(?=[，,。！？!?、；;：:\s])")
-_FIGURE_OF_SPEECH_SPAN = 10  # characters after the doubled word in which a third copy means "leave it"
-
-
-def collapse_repeated_opening(text: str) -> str:
-    """'从前从前，有一位…' -> '从前，有一位…'; every other text unchanged (see _REPEATED_OPENING)."""
-    m = _REPEATED_OPENING.match(text)
-    if not m:
-        return text
-    space, word = m.group(1), m.group(2)
-    rest = text[m.end():]
-    if word in rest[:_FIGURE_OF_SPEECH_SPAN]:
-        return text
-    return space + word + rest
-
-
-# ---- reading documents ------------------------------------------------------------------------
-
-@dataclass
-class Source:
-    """One input: a file and its sampling weight (how many times, on average, each document is used)."""
-
-    path: str
-    weight: float = 1.0
-
-
-def parse_source(spec: str) -> Source:
-    """'corpus.jsonl.xz:2.5' -> Source('corpus.jsonl.xz', 2.5); no ':WEIGHT' suffix means weight 1."""
-    path, sep, tail = spec.rpartition(":")
-    if sep and path:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return Source(spec, 1.0)
-        if not math.isfinite(weight) or weight < 0:
-            raise DataError(f"input weight must be a non-negative number, got {tail!r} ({path})")
-        return Source(path, weight)
-    return Source(spec, 1.0)
-
-
-def parse_drop_filters(specs: list[str] | None) -> dict[str, set[str]]:
-    """['book=a,b', 'author=c'] -> {'book': {'a', 'b'}, 'author': {'c'}}."""
-    filters: dict[str, set[str]] = {}
-    for spec in specs or []:
-        name, sep, values = spec.partition("=")
-        if not sep or not name or not values:
-            raise DataError(f"--drop-field-values wants FIELD=VALUE[,VALUE...], got {spec!r}")
-        filters.setdefault(name, set()).update(v for v in values.split(",") if v)
-    return filters
-
-
-def _open_binary(path: str):
-    """Open a plain, .gz, .xz or .bz2 file for reading decompressed bytes."""
-    if not os.path.exists(path):
-        raise DataError(f"input file not found ({path})")
-    if os.path.isdir(path):
-        raise DataError(f"input is a directory, not a file ({path})")
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".xz"):
-        return lzma.open(path, "rb")
-    if path.endswith(".bz2"):
-        return bz2.open(path, "rb")
-    return open(path, "rb")
-
-
-def _base_name(path: str) -> str:
-    for ext in (".gz", ".xz", ".bz2"):
-        if path.endswith(ext):
-            return path[: -len(ext)]
-    return path
-
-
-class _Utf8Decoder:
-    """Decodes byte lines; invalid UTF-8 raises DataError with the file and byte offset, or is
-    dropped and counted when skip_invalid is set."""
-
-    def __init__(self, path: str, skip_invalid: bool):
-        self.path, self.skip_invalid = path, skip_invalid
-        self.offset = 0  # offset of the next line in the decompressed stream
-        self.invalid_bytes = 0
-
-    def decode(self, line: bytes) -> str:
-        start = self.offset
-        self.offset += len(line)
-        try:
-            return line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if not self.skip_invalid:
-                where = " of the decompressed stream" if _base_name(self.path) != self.path else ""
-                raise DataError(f"invalid UTF-8 at byte offset {start + e.start}{where} "
-                                f"(use --skip-invalid-utf8 to drop such bytes) ({self.path})") from None
-            text, bad = _decode_dropping(line)
-            self.invalid_bytes += bad
-            return text
-
-
-def _decode_dropping(data: bytes) -> tuple[str, int]:
-    """Decode UTF-8, dropping invalid bytes; returns the text and how many bytes were dropped."""
-    parts, bad, pos = [], 0, 0
-    while True:
-        try:
-            parts.append(data[pos:].decode("utf-8"))
-            return "".join(parts), bad
-        except UnicodeDecodeError as e:
-            parts.append(data[pos:pos + e.start].decode("utf-8"))
-            bad += e.end - e.start
-            pos += e.end
-
-
-def iter_records(path: str, *, field: str = "text", doc_sep: str = "blank",
-                 skip_invalid_utf8: bool = False, stats: dict | None = None):
-    """Yield (record, text) per document of one file. JSONL/JSON records are dicts (text = record[field]);
-    plain-text records are None. stats['invalid_utf8_bytes'] counts dropped bytes."""
-    stats = stats if stats is not None else {}
-    decoder = _Utf8Decoder(path, skip_invalid_utf8)
-    kind = os.path.splitext(_base_name(path))[1].lower()
-    with _open_binary(path) as raw:
-        try:
-            if kind == ".jsonl":
-                yield from _jsonl_records(raw, decoder, path, field)
-            elif kind == ".json":
-                yield from _json_records(raw, decoder, path, field)
-            else:
-                yield from _text_records(raw, decoder, doc_sep)
-        except (OSError, EOFError, lzma.LZMAError) as e:
-            raise DataError(f"cannot read compressed input: {e} ({path})") from None
-    stats["invalid_utf8_bytes"] = stats.get("invalid_utf8_bytes", 0) + decoder.invalid_bytes
-
-
-def _jsonl_records(raw, decoder, path, field):
-    for lineno, line in enumerate(raw, 1):
-        text = decoder.decode(line)
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"line {lineno} is not valid JSON: {e.msg} ({path})") from None
-        yield record, _field_text(record, field, f"line {lineno}", path)
-
-
-def _json_records(raw, decoder, path, field):
-    text = decoder.decode(raw.read())
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON: {e.msg} at line {e.lineno} ({path})") from None
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        raise DataError(f"a .json input must hold a list of records ({path})")
-    for i, record in enumerate(data):
-        yield record, _field_text(record, field, f"record {i}", path)
-
-
-def _field_text(record, field, where, path) -> str:
-    if isinstance(record, str):
-        return record
-    if not isinstance(record, dict) or field not in record:
-        raise DataError(f"{where} has no {field!r} field (choose one with --field) ({path})")
-    value = record[field]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} is {type(value).__name__}, not text ({path})")
-    return value
-
-
-def _text_records(raw, decoder, doc_sep):
-    if doc_sep == "file":
-        yield None, decoder.decode(raw.read())
-        return
-    lines: list[str] = []
-    for line in raw:
-        text = decoder.decode(line)
-        if doc_sep == "line":
-            if text.strip():
-                yield None, text.rstrip("\r\n")
-        elif text.strip():
-            lines.append(text)
-        elif lines:
-            yield None, "".join(lines).rstrip("\r\n")
-            lines = []
-    if lines:
-        yield None, "".join(lines).rstrip("\r\n")
-
-
-def _dropped_by(record, filters: dict[str, set[str]]) -> bool:
-    if not filters or not isinstance(record, dict):
-        return False
-    return any(str(record.get(name)) in values for name, values in filters.items() if name in record)
-
-
-def _new_source_stats(src: Source) -> dict:
-    """The per-input counters meta.json reports."""
-    return {"path": os.path.abspath(src.path), "weight": src.weight, "documents_read": 0, "documents_filtered": 0,
-            "documents_empty": 0, "openings_collapsed": 0, "documents_train": 0, "documents_val": 0,
-            "tokens_train": 0, "tokens_val": 0, "invalid_utf8_bytes": 0}
-
-
-def planned_texts(sources: list[Source], split: str = "train", *, field: str = "text", doc_sep: str = "blank",
-                  skip_invalid_utf8: bool = False, drop: dict[str, set[str]] | None = None,
-                  collapse_openings: bool = True, val_fraction: float = 0.01, seed: int = 1234):
-    """(source index, text) of the documents `prepare` writes to split, with the same split and
-    weights: train documents once per copy (the tokenizer trains on the model's mix without its val
-    documents), val documents once (held-out text for bits per character)."""
-    stats = [_new_source_stats(s) for s in sources]
-    for si, text, where, copies in _plan_documents(
-            sources, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8, drop=drop or {},
-            collapse_openings=collapse_openings, val_fraction=val_fraction, seed=seed, source_stats=stats):
-        if where == split:
-            for _ in range(copies if split == "train" else 1):
-                yield si, text
-
-
-def read_texts(paths: list[str], *, field: str = "text", doc_sep: str = "blank",
-               skip_invalid_utf8: bool = False, drop: dict[str, set[str]] | None = None):
-    """Yield the text of every document of every file, filters applied (used by tokenizer training)."""
-    for path in paths:
-        for record, text in iter_records(path, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8):
-            if text.strip() and not _dropped_by(record, drop or {}):
-                yield text
-
 
 # ---- preparing shards -------------------------------------------------------------------------
 
@@ -325,7 +93,6 @@ _worker_tokenizer = None
 
 def _worker_init(tokenizer_path: str):
     global _worker_tokenizer
-    from .tokenizer import Tokenizer
     _worker_tokenizer = Tokenizer(tokenizer_path)
 
 
@@ -333,54 +100,6 @@ def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
     """BOS + tokens + EOS for every text (runs in a worker process)."""
     tok = _worker_tokenizer
     return [np.asarray(tok.encode(t, bos=True, eos=True), dtype=np.int32) for t in texts]
-
-
-def _plan_documents(sources, *, field, doc_sep, skip_invalid_utf8, drop, collapse_openings, val_fraction, seed,
-                    source_stats):
-    """Yield (source index, text, split, copies) for every document kept.
-
-    Text: with collapse_openings, a doubled opening word is said once (collapse_repeated_opening).
-
-    Split: each document goes to val with probability val_fraction, decided by a generator seeded
-    with (seed, source index), so the split depends only on the seed and the input order. If that
-    leaves val empty, the last train document goes to val instead (so small corpora still get one).
-    Weights: a train document of a source with weight w is written floor(w) times, plus once more
-    with probability w - floor(w). A val document is written once with probability min(w, 1)."""
-    held = None  # the latest train document, kept back one step in case val ends up empty
-    any_val, any_train = False, False
-    for si, src in enumerate(sources):
-        st = source_stats[si]
-        rng = np.random.default_rng([seed, si])
-        for record, text in iter_records(src.path, field=field, doc_sep=doc_sep,
-                                         skip_invalid_utf8=skip_invalid_utf8, stats=st):
-            st["documents_read"] += 1
-            if _dropped_by(record, drop):
-                st["documents_filtered"] += 1
-                continue
-            if not text.strip():
-                st["documents_empty"] += 1
-                continue
-            if collapse_openings:
-                collapsed = collapse_repeated_opening(text)
-                if collapsed is not text:
-                    st["openings_collapsed"] += 1
-                    text = collapsed
-            u_split, u_weight = rng.random(2)
-            if u_split < val_fraction:
-                if u_weight < min(src.weight, 1.0):
-                    any_val = True
-                    yield si, text, "val", 1
-                continue
-            whole = math.floor(src.weight)
-            copies = whole + (1 if u_weight < src.weight - whole else 0)
-            if copies:
-                if held is not None:
-                    any_train = True
-                    yield held
-                held = (si, text, "train", copies)
-    if held is not None:
-        # move it to val only if train keeps at least one other document
-        yield held if any_val or not any_train else (held[0], held[1], "val", 1)
 
 
 def _chunks(items, size: int):
@@ -400,9 +119,6 @@ def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: 
             seed: int = 1234, workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             skip_invalid_utf8: bool = False, force: bool = False, progress: bool = True) -> dict:
     """Tokenize the sources into train/val shards under out_dir; returns the meta.json contents."""
-    from tqdm import tqdm
-
-    from .tokenizer import Tokenizer
 
     drop = drop or {}
     if not sources:
@@ -431,10 +147,10 @@ def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: 
     tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.partial-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
-    stats = [_new_source_stats(s) for s in sources]
+    stats = [new_source_stats(s) for s in sources]
     writers = {split: _ShardWriter(tmp_dir, split, dtype, shard_tokens) for split in ("train", "val")}
     try:
-        planned = _plan_documents(sources, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8,
+        planned = plan_documents(sources, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8,
                                   drop=drop, collapse_openings=collapse_openings, val_fraction=val_fraction,
                                   seed=seed, source_stats=stats)
         bar = tqdm(desc="tokenizing", unit=" doc", disable=not progress, dynamic_ncols=True)
@@ -446,7 +162,7 @@ def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: 
                     for _ in range(copies):
                         writers[split].write(ids)
                     if split == "val":  # the held-out text itself, for bits per character per source
-                        val_texts.write(json.dumps({"source": os.path.basename(_base_name(sources[si].path)), "text": text},
+                        val_texts.write(json.dumps({"source": os.path.basename(base_name(sources[si].path)), "text": text},
                                                    ensure_ascii=False) + "\n")
                     stats[si][f"documents_{split}"] += copies
                     stats[si][f"tokens_{split}"] += copies * len(ids)

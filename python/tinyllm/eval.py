@@ -31,8 +31,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from . import _runtime
+from .chat import encode
+from .corpus import read_texts
 from .errors import DataError, InvalidArgumentError, TinyLLMError
+from .fileio import atomic_write
+from .formats.convert import read_any
+from .formats.weights import to_model
+from .runtime import REPETITION_WINDOW, Runtime
+from .sampling import CHAT_DEFAULTS, Sampler, SampleParams
+from .tokenizer import Tokenizer
 
 CHANCE = 0.25
 MC_SUFFIX = "\n答案："
@@ -85,7 +95,6 @@ class TorchBackend:
         return out
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, params) -> list[int]:
-        from .sampling import Sampler
         return self.model.generate(prompt_ids, max_new_tokens, eos_id=self.eos_id,
                                    sampler=Sampler(self.model.config.vocab_size, params))
 
@@ -111,7 +120,6 @@ class CBackend:
 
     def continuation_logprobs(self, prompt: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
         """The prompt is fed once; each continuation after rewinding to its end (one KV cache)."""
-        from . import _runtime
         session = _runtime.Session(self.rt._model, 0)
         last = session.feed(prompt, False)
         out = []
@@ -123,7 +131,6 @@ class CBackend:
         return out
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, params) -> list[int]:
-        from .runtime import REPETITION_WINDOW
         if params.repetition_window not in (0, REPETITION_WINDOW) and params.repetition_penalty not in (0, 1):
             raise InvalidArgumentError(f"the runtime's repetition window is {REPETITION_WINDOW} tokens")
         return self.rt.generate_ids(prompt_ids, max_new_tokens, params.temperature, params.top_p, params.top_k,
@@ -139,26 +146,18 @@ def load_backend(model_path: str, backend: str | None = None, tokenizer: str | N
     if backend == "c":
         if is_checkpoint:
             raise InvalidArgumentError(f"the C backend reads .bin/.gguf files; export the checkpoint first ({path})")
-        import tinyllm
         runtime_tok = tokenizer if tokenizer and not tokenizer.endswith(".model") else None
-        return CBackend(tinyllm.Runtime(path, runtime_tok))
+        return CBackend(Runtime(path, runtime_tok))
     if backend != "torch":
         raise InvalidArgumentError(f"backend must be torch or c, got {backend!r}")
-    from .tokenizer import Tokenizer
     if is_checkpoint:
-        from .formats.checkpoint import load_checkpoint, load_model, training_tokenizer
+        from .formats.checkpoint import load_checkpoint, load_model, training_tokenizer  # torch: optional
         model, cfg = load_model(path)
         if tokenizer is None:
             tokenizer = training_tokenizer(load_checkpoint(path), path)
     else:
-        import torch
-
-        from tinyllm.formats.convert import read_any
-
-        from .model import Transformer
         cfg, arrays, _ = read_any(path)
-        model = Transformer(cfg)
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=False)
+        model = to_model(cfg, arrays)
         if tokenizer is None:
             raise InvalidArgumentError(f"the torch backend needs --tokenizer (a SentencePiece .model) for {path}")
     tok = Tokenizer(tokenizer)
@@ -184,7 +183,6 @@ def token_logprobs(backend, ids: list[int]) -> np.ndarray:
 
 def perplexity(backend, texts, progress: bool = False) -> dict:
     """Perplexity per token, bits per character and per token over documents (module rules)."""
-    from tqdm import tqdm
     nll, tokens, chars, docs = 0.0, 0, 0, 0
     for text in tqdm(list(texts), desc="perplexity", unit="doc", disable=not progress):
         if not text:
@@ -253,7 +251,6 @@ def _mc_columns(fieldnames: list[str], path) -> dict[str, str]:
 def mc_prompt_ids(backend, question: str, template: str = "plain") -> list[int]:
     """The prompt the options are scored after (module rules)."""
     if template == "chat":
-        from .chat import encode
         return encode(backend, [{"role": "user", "content": question}])[0]
     return [backend.bos_id] + backend.encode(question + MC_SUFFIX)
 
@@ -276,7 +273,6 @@ def score_question(backend, row: dict, template: str = "plain") -> dict:
 def multiple_choice(backend, subjects: dict[str, list[dict]], template: str = "plain", max_per_subject: int = 0,
                     progress: bool = False) -> dict:
     """Accuracy per subject and overall (micro-averaged over questions), with the 25% chance baseline."""
-    from tqdm import tqdm
     total = sum(min(len(r), max_per_subject) if max_per_subject else len(r) for r in subjects.values())
     bar = tqdm(total=total, desc="multiple choice", unit="q", disable=not progress)
     per, n_all, right_all, right_norm_all = {}, 0, 0, 0
@@ -320,11 +316,7 @@ def read_prompts(path: str) -> list[str]:
 def generations(backend, prompts: list[str], out_path: str, *, max_new_tokens: int = 128, params=None,
                 progress: bool = False) -> list[dict]:
     """Answer each prompt (a user message in the chat template) and write JSONL {prompt, output, tokens}."""
-    from tqdm import tqdm
 
-    from .chat import encode
-    from .fileio import atomic_write
-    from .sampling import CHAT_DEFAULTS, SampleParams
     params = params or SampleParams(temperature=0.0, **CHAT_DEFAULTS)
     out = []
     for prompt in tqdm(prompts, desc="generations", unit="prompt", disable=not progress):
@@ -379,14 +371,12 @@ def evaluate(args) -> dict:
     if not (args.text or args.ceval or args.prompts):
         raise InvalidArgumentError("nothing to evaluate: give --text, --ceval and/or --prompts")
     if args.text:
-        from .data import read_texts
         texts = list(read_texts(args.text, field=args.field, doc_sep=args.doc_sep))
         results["perplexity"] = perplexity(backend, texts[:args.max_docs] if args.max_docs else texts, progress)
     if args.ceval:
         results["multiple_choice"] = multiple_choice(backend, read_mc(args.ceval), args.template,
                                                      args.max_per_subject, progress)
     if args.prompts:
-        from .sampling import CHAT_DEFAULTS, SampleParams
         params = SampleParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed, **CHAT_DEFAULTS)
         gens = generations(backend, read_prompts(args.prompts), args.generations_out,
                            max_new_tokens=args.max_new_tokens, params=params, progress=progress)
@@ -395,7 +385,6 @@ def evaluate(args) -> dict:
 
 
 def run(args) -> int:
-    from .fileio import atomic_write
     results = evaluate(args)
     text = json.dumps(results, ensure_ascii=False, indent=2)
     if args.out:

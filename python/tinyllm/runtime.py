@@ -8,8 +8,10 @@ import warnings
 from typing import Iterable, Iterator
 
 import numpy as np
+from gguf import GGUFReader
 
 from . import _runtime
+from .chat import split_conversation
 from .config import ModelConfig
 from .errors import InvalidArgumentError
 from .sampling import CHAT_DEFAULTS, DEFAULTS, MODEL_SAMPLING_KEYS
@@ -140,7 +142,6 @@ class Runtime:
             sampling = {k: CHAT_DEFAULTS[k] for k in ("repetition_penalty", "no_repeat_ngram")} | sampling
         session, gen = self._generator(**sampling)
         if messages is not None:
-            from .chat import split_conversation
             system, turns = split_conversation([_plain(m) for m in messages])
             if turns[-1][1] is not None:
                 raise InvalidArgumentError("the conversation must end with a user message")
@@ -264,7 +265,6 @@ class ChatSession:
 
     def stream_reply(self, messages, max_new_tokens: int = 256) -> Iterator[str]:
         """Feed the turns of messages this session has not seen, then yield the answer to the last one."""
-        from .chat import split_conversation
         max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0, INT_MAX)
         if not self.extends(messages):
             raise InvalidArgumentError("messages do not continue this chat session's conversation")
@@ -355,7 +355,6 @@ def _model_sampling(path: str) -> dict:
     with open(path, "rb") as f:
         if b"tinyllm.sampling." not in f.read(8 << 20):
             return {}
-    from gguf import GGUFReader
     reader = GGUFReader(path)
     out = {}
     for name, key in MODEL_SAMPLING_KEYS.items():

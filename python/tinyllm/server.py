@@ -16,6 +16,8 @@ Every refusal is a 4xx with OpenAI's error body {"error": {"message", "type", "p
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import functools
 import json
@@ -168,8 +170,6 @@ def _map_large_blocks(threshold: int = 256 << 10) -> None:
     of the per-thread arenas, which keep them after they are freed: with requests coming and going on
     many threads, bench/serve_load.py saw RSS swing between 250 and 390 MB. A fixed threshold gives
     each cache back to the OS when its request ends. Not glibc (no mallopt): nothing to do."""
-    import ctypes
-    import ctypes.util
     M_MMAP_THRESHOLD = -3
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

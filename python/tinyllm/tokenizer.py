@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import sentencepiece as spm
+
 from .chat import SPECIAL_TOKENS
-from .data import read_texts
+from .corpus import read_texts
 from .errors import DataError, TokenizerError
 from .fileio import atomic_write
 from .formats.llama2c import write_tokenizer
@@ -62,13 +65,12 @@ def train_tokenizer(inputs, vocab_size: int, out_dir, *, model_prefix: str = "to
                     remove_extra_whitespaces: bool = False, write_bin: bool = True) -> Path:
     """Train a SentencePiece BPE model; return the .model path.
 
-    inputs: a corpus file, a list of them (read as tinyllm.data.read_texts reads them: documents
+    inputs: a corpus file, a list of them (read as tinyllm.corpus.read_texts reads them: documents
     separated by blank lines in plain text, the text_field of JSON records), or an iterator of texts
     (pass iter(list_of_texts)). `tinyllm tokenizer train` passes the documents of the model's data mix.
 
     Also writes tok{vocab_size}.bin beside it for the C runtime (unless write_bin is False).
     """
-    import sentencepiece as spm
 
     if vocab_size < 3 + len(SPECIAL_TOKENS) + 256:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: byte fallback alone needs "
@@ -133,7 +135,6 @@ def _explain_trainer_error(message: str, vocab_size: int) -> str:
         limit = text.rsplit("<=", 1)[-1].strip(" .")
         return f"vocab_size {vocab_size} is larger than this corpus supports (at most {limit}); use more text or a smaller vocab"
     if "Vocabulary size is smaller than required_chars" in text:
-        import re
         m = re.search(r"(\d+) vs (\d+)", text)
         need = f" ({m.group(2)} needed with the special pieces)" if m else ""
         return (f"vocab_size {vocab_size} cannot hold the corpus's required characters{need}; "
@@ -147,7 +148,6 @@ class Tokenizer:
     """A SentencePiece model: text <-> ids. Thin on purpose; the C runtime gives the same ids."""
 
     def __init__(self, model_path):
-        import sentencepiece as spm
         self.path = Path(model_path)
         if not self.path.is_file():
             raise TokenizerError(f"tokenizer model not found ({self.path})")
@@ -178,7 +178,6 @@ class Tokenizer:
     def _plain_processor(self):
         """A second SentencePieceProcessor over the model with its user-defined pieces made CONTROL."""
         if getattr(self, "_plain_sp", None) is None:
-            import sentencepiece as spm
             self._plain_sp = spm.SentencePieceProcessor()
             self._plain_sp.LoadFromSerializedProto(user_pieces_as_control(self.sp.serialized_model_proto()))
         return self._plain_sp

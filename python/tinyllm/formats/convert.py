@@ -192,7 +192,8 @@ def convert(in_path, out_path, out_format: str | None = None, *, type: str = "f3
             version: int = 1, report: bool = True, allow_no_tokenizer: bool = False) -> dict:
     """Convert in_path to out_path. tokenizer (a SentencePiece .model or tok.bin) overrides the one found in
     or beside the input; a GGUF or Hugging Face output without any is refused unless allow_no_tokenizer.
-    Returns {"format", "tokenizer" (where it came from, or None), for llama2c "tokenizer_file", for quantized
+    Returns {"format", "tokenizer" (where it came from, or None), "tokenizer_path" (the SentencePiece .model
+    used, or None), for llama2c "tokenizer_file", for quantized
     GGUF "bits_per_weight" and "max_logit_drift" (None without torch)}."""
     cfg, w, embedded = read_any(in_path)
     fmt = format_for_output(out_path, out_format)
@@ -206,7 +207,8 @@ def convert(in_path, out_path, out_format: str | None = None, *, type: str = "f3
             origin = None
     check_tokenizer_for(fmt, source, tried="", allow_none=allow_no_tokenizer)
     info = write_any(out_path, cfg, w, fmt, tokenizer=source, type=type, version=version)
-    info = {"format": fmt, "tokenizer": origin, **info}
+    info = {"format": fmt, "tokenizer": origin,
+            "tokenizer_path": str(source) if _is_sentencepiece_model(source) else None, **info}
     if report and fmt == "gguf" and type != "f32":
         info.update(_drift_report(w, cfg, type))
     return info

@@ -21,6 +21,7 @@ whose row length is not a multiple of the 32-value block is an error naming it, 
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,7 +348,6 @@ def _check_gguf_counts(path):
     gguf.GGUFReader reads past the end of the file as empty arrays (a metadata array claiming 2^60 items
     made it loop 2^60 times) and adds tensor offsets modulo 2^64 (one that wraps read another tensor's
     bytes): every item here must lie inside the file before it runs."""
-    import mmap
     with open(path, "rb") as f:
         if f.seek(0, 2) == 0:
             raise FormatError(f"empty file, not a GGUF ({path})")

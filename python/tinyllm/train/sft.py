@@ -12,6 +12,7 @@ import sys
 
 from ..config import (ModelConfig, TrainConfig, add_config_arguments, build_configs, load_preset,
                       overrides_from_args)
+from ..data import prepared_tokenizer
 from ..errors import ConfigError, TokenizerError
 
 CONFIG_KEYS = True
@@ -101,10 +102,11 @@ def resolve(checkpoint: str | None, overrides: dict, config_path: str | None, re
 
 def load_tokenizer(path: str | None, checkpoint: str | None, data_dir: str | None, vocab_size: int):
     """The SentencePiece tokenizer given, else the one the pretraining data used; checked against the model."""
-    from ..cli import _tokenizer_of
     from ..tokenizer import Tokenizer
     if path is None:
-        path = _tokenizer_of({"train_config": {"data_dir": data_dir}}, checkpoint or "checkpoint")
+        path = prepared_tokenizer(data_dir)
+        if path is None:
+            raise TokenizerError(f"cannot find the training tokenizer; pass --tokenizer ({checkpoint or data_dir})")
     tok = Tokenizer(path)
     if tok.vocab_size != vocab_size:
         raise TokenizerError(f"tokenizer has {tok.vocab_size} pieces but the model {vocab_size} ({path})")

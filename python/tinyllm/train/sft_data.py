@@ -107,14 +107,14 @@ class ReadReport:
 def read_json_records(path: str):
     """Yield (place, record or DataError) for each record of a JSONL or JSON file; a line that is not
     valid JSON yields a DataError naming its line."""
-    from ..data import _base_name, _open_binary
-    with _open_binary(path) as raw:
+    from ..corpus import base_name, open_binary
+    with open_binary(path) as raw:
         data = raw.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"invalid UTF-8 at byte {e.start} ({path})") from None
-    if _base_name(path).endswith(".json"):
+    if base_name(path).endswith(".json"):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:

@@ -14,8 +14,9 @@ ifeq ($(TINYLLM_NATIVE),1)
 CFLAGS += -march=native
 endif
 
-LIB_SRC = runtime/util.c runtime/kernels.c runtime/kernels_simd.c runtime/threads.c runtime/model.c runtime/format_llama2c.c runtime/format_gguf.c \
-          runtime/tokenizer.c runtime/sampler.c runtime/generate.c
+LIB_SRC = runtime/util.c runtime/kernels.c runtime/kernels_dispatch.c runtime/kernels_parallel.c runtime/kernels_avx512.c \
+          runtime/kernels_avx2.c runtime/kernels_int8.c runtime/threads.c runtime/model.c runtime/format_llama2c.c \
+          runtime/format_gguf.c runtime/tokenizer.c runtime/sampler.c runtime/generate.c
 HEADERS = $(wildcard runtime/*.h)
 SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
@@ -98,8 +99,8 @@ FUZZ_SECONDS ?= 60
 FUZZ_HARNESSES = llama2c gguf tokbin encode
 FUZZ_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -pthread -g -O1 -fno-omit-frame-pointer \
               -fno-sanitize-recover=undefined
-# kernels_simd.c's SIMD paths are GCC-only: the fuzz build takes its scalar paths (runtime/fuzz/kernels_scalar.c)
-FUZZ_OBJ = $(patsubst runtime/%.c,build/fuzz/obj/%.o,$(filter-out runtime/kernels_simd.c,$(LIB_SRC))) \
+# the SIMD kernels (runtime/kernels_*.c) are GCC-only: the fuzz build takes their scalar paths (runtime/fuzz/kernels_scalar.c)
+FUZZ_OBJ = $(patsubst runtime/%.c,build/fuzz/obj/%.o,$(filter-out runtime/kernels_%.c,$(LIB_SRC))) \
            build/fuzz/obj/kernels_scalar.o
 FUZZ_FLAGS = -max_len=65536 -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
 
@@ -111,7 +112,7 @@ build/fuzz/obj/%.o: runtime/%.c $(HEADERS)
 	@mkdir -p build/fuzz/obj
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link,address,undefined -c -o $@ $<
 
-build/fuzz/obj/kernels_scalar.o: runtime/fuzz/kernels_scalar.c runtime/kernels_simd.c $(HEADERS)
+build/fuzz/obj/kernels_scalar.o: runtime/fuzz/kernels_scalar.c runtime/kernels_dispatch.c runtime/kernels_parallel.c $(HEADERS)
 	@mkdir -p build/fuzz/obj
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link,address,undefined -c -o $@ $<
 

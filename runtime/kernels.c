@@ -1,5 +1,5 @@
 /* kernels.c - the scalar kernels: matmul (f32, int8 groups, f16, q8_0, q4_0) and attention as the
- * reference the SIMD paths (kernels_simd.c) are tested against, rmsnorm, softmax, rope, swiglu, f16. */
+ * reference the SIMD paths (kernels_*.c) are tested against, rmsnorm, softmax, rope, swiglu, f16. */
 #include <math.h>
 #include <string.h>
 
@@ -193,7 +193,8 @@ void tl_swiglu(float *a, const float *b, int n) {
 }
 
 /* ---- matmul scalar reference: the path TINYLLM_KERNELS=scalar runs, and what the SIMD paths in
- * kernels_simd.c are tested against. out[t * out_stride + i] = row i of W . x[t] for rows [r0, r1). */
+ * kernels_avx512.c, kernels_avx2.c and kernels_int8.c are tested against.
+ * out[t * out_stride + i] = row i of W . x[t] for rows [r0, r1). */
 
 void tl_matmul_rows_scalar(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1,
                            const float *x, int n) {

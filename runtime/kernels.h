@@ -33,7 +33,7 @@ void tl_rope(float *x, int n_heads, int head_dim, const float *cos, const float 
 /* a[i] = silu(a[i]) * b[i] (the SwiGLU gate). */
 void tl_swiglu(float *a, const float *b, int n);
 
-/* ---- matmuls and attention with run-time SIMD dispatch (kernels_simd.c) ---------------------- */
+/* ---- matmuls and attention with run-time SIMD dispatch (kernels_dispatch.c) ------------------ */
 
 /* Kernel paths. The first matmul picks the best float-activation path the CPU supports (avx512,
  * else avx2, else scalar), or the one named by TINYLLM_KERNELS=scalar|avx2|avx512|avx2-int8|vnni (a
@@ -41,7 +41,7 @@ void tl_swiglu(float *a, const float *b, int n);
  * int8 blocks of 32 once per matmul and multiply q8_0, q4_0 and llama2.c int8 weights with integer
  * dot products (avx2-int8: maddubs/madd; vnni: AVX512-VNNI vpdpbusd); other types, and int8 groups
  * that are not a multiple of 32, take the avx512/avx2 float path. They are opt-in: they change the
- * numbers slightly (activation rounding) and are not faster in every case (kernels_simd.c). */
+ * numbers slightly (activation rounding) and are not faster in every case (kernels_dispatch.c). */
 typedef enum {
     TL_KERNELS_SCALAR = 0, TL_KERNELS_AVX2 = 1, TL_KERNELS_AVX512 = 2, TL_KERNELS_AVX2_INT8 = 3, TL_KERNELS_VNNI = 4
 } tl_kernels;

@@ -1,0 +1,286 @@
+/* kernels_int8.c - the opt-in int8-activation kernels (TINYLLM_KERNELS=avx2-int8 or vnni): the
+ * activations quantized once per matmul, then integer dot products with q8_0, q4_0 and llama2.c
+ * int8 weights, on AVX2 (maddubs/madd) and on AVX512-VNNI (vpdpbusd). Apart from the float kernels
+ * because they compute other numbers (activation rounding) and own a per-thread quantization buffer.
+ *
+ * The activation vector is quantized once per matmul to blocks of 32 int8 with one float scale
+ * (amax / 127, rounded to nearest), like ggml's q8_0; each 32-column block is then an
+ * exact integer dot product, scaled by weight scale x activation scale. The only new error is the
+ * activation rounding: at most half a step (amax_b / 254) per value, so a block moves by at most
+ * sum_j |w_j| * amax_b / 254 (tests/test_kernels.py checks that bound).
+ *
+ * Signed x signed bytes: vpdpbusd and maddubs take one unsigned operand, so |w| and sign(w) * x
+ * are multiplied (sign transfer). q4_0 nibbles are already unsigned (0..15): they multiply x
+ * directly and the offset of 8 comes off as 8 * d_x * sum(q_x) per block, precomputed with the
+ * quantization. maddubs sums pairs into int16: 2 * 128 * 127 and 2 * 15 * 127 cannot saturate. */
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "kernels_simd.h"
+
+#ifdef TL_X86
+
+/* Whether the int8 paths take this matrix: whole 32-column blocks, int8 groups of whole blocks. */
+int tl_int8_fits(const tl_matrix *w) {
+    if (w->cols % TL_QK) return 0;
+    if (w->type == TL_TYPE_Q8) return w->group_size % TL_QK == 0 && w->cols % w->group_size == 0;
+    return w->type == TL_TYPE_Q8_0 || w->type == TL_TYPE_Q4_0;
+}
+
+/* One buffer per calling thread (a matmul quantizes on the caller; its workers only read it),
+ * freed when the thread exits (a server may run each request on a new thread). */
+typedef struct {
+    void *data;
+    size_t bytes;
+} quant_buffer;
+
+static pthread_key_t quant_key;
+static pthread_once_t quant_key_once = PTHREAD_ONCE_INIT;
+
+static void quant_buffer_free(void *p) {
+    quant_buffer *buf = p;
+    free(buf->data);
+    free(buf);
+}
+
+static void quant_key_create(void) { pthread_key_create(&quant_key, quant_buffer_free); }
+
+/* This thread's buffer, at least bytes long; NULL if out of memory. */
+static void *quant_scratch(size_t bytes) {
+    pthread_once(&quant_key_once, quant_key_create);
+    quant_buffer *buf = pthread_getspecific(quant_key);
+    if (buf == NULL) {
+        buf = calloc(1, sizeof(*buf));
+        if (buf == NULL || pthread_setspecific(quant_key, buf) != 0) {
+            free(buf);
+            return NULL;
+        }
+    }
+    if (bytes > buf->bytes) {
+        void *grown = realloc(buf->data, bytes);
+        if (grown == NULL) return NULL;
+        buf->data = grown;
+        buf->bytes = bytes;
+    }
+    return buf->data;
+}
+
+static void quantize_blocks_avx2(int8_t *q, float *d, float *dsum, const float *x, size_t blocks);
+
+/* x (n x cols, cols a multiple of 32) as int8 blocks in this thread's buffer; 0 if out of memory. */
+int tl_quantize_x(tl_quant_x *xq, const float *x, int n, int cols) {
+    const size_t blocks = (size_t)n * (cols / TL_QK);
+    float *d = quant_scratch(blocks * 2 * sizeof(float) + (size_t)n * cols);
+    if (d == NULL) return 0; /* the float path then */
+    float *dsum = d + blocks;
+    int8_t *q = (int8_t *)(dsum + blocks);
+    quantize_blocks_avx2(q, d, dsum, x, blocks);
+    *xq = (tl_quant_x){q, d, dsum, cols / TL_QK};
+    return 1;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+ALWAYS_INLINE float hmax_256(__m256 v) {
+    v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
+    v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, 0x4E));
+    v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, 0xB1));
+    return _mm256_cvtss_f32(v);
+}
+
+/* Each block of 32: scale amax / 127, values x * (127 / amax) rounded to nearest even (|q| <= 127). */
+static void quantize_blocks_avx2(int8_t *q, float *d, float *dsum, const float *x, size_t blocks) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (size_t b = 0; b < blocks; b++, x += TL_QK, q += TL_QK) {
+        __m256 v[4];
+        for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(x + 8 * i);
+        const __m256 amax01 = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
+        const __m256 amax23 = _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]));
+        const float amax = hmax_256(_mm256_max_ps(amax01, amax23));
+        const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m256i iv[4];
+        for (int i = 0; i < 4; i++) iv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+        /* packs work within 128-bit lanes: the permute puts the 4-value groups back in order */
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+        _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+        d[b] = amax / 127.0f;
+        dsum[b] = d[b] * hsum_256(_mm256_cvtepi32_ps(sum));
+    }
+}
+
+/* Block b of a row as 32 bytes in column order: signed values (q8_0, int8), or q4_0's unsigned
+ * nibbles (low nibbles are columns 0..15, high nibbles 16..31). */
+ALWAYS_INLINE __m256i wblock_i8(int type, const unsigned char *row, int b) {
+    if (type == TL_TYPE_Q8) return _mm256_loadu_si256((const __m256i *)(row + (size_t)b * TL_QK));
+    if (type == TL_TYPE_Q8_0) return _mm256_loadu_si256((const __m256i *)(row + (size_t)b * TL_Q8_0_BLOCK_BYTES + 2));
+    const __m128i q = _mm_loadu_si128((const __m128i *)(row + (size_t)b * TL_Q4_0_BLOCK_BYTES + 2));
+    const __m128i low = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+}
+
+/* Weight scale g of row r: of block g (q8_0, q4_0) or of int8 group g (group_size columns). */
+ALWAYS_INLINE float wscale_i8(int type, const tl_matrix *w, const unsigned char *row, size_t r, int g) {
+    uint16_t h;
+    switch (type) {
+    case TL_TYPE_Q8: return w->scales[r * (size_t)(w->cols / w->group_size) + g];
+    case TL_TYPE_Q8_0: memcpy(&h, row + (size_t)g * TL_Q8_0_BLOCK_BYTES, 2); return _cvtsh_ss(h);
+    default: memcpy(&h, row + (size_t)g * TL_Q4_0_BLOCK_BYTES, 2); return _cvtsh_ss(h);
+    }
+}
+
+ALWAYS_INLINE size_t wblock_bytes_i8(int type) {
+    return type == TL_TYPE_Q8 ? TL_QK : type == TL_TYPE_Q8_0 ? TL_Q8_0_BLOCK_BYTES : TL_Q4_0_BLOCK_BYTES;
+}
+
+/* 8 int32 partial sums of the 32 products w[j] * x[j] (maddubs pairs, then madd with ones). */
+ALWAYS_INLINE __m256i dot32_avx2(int type, __m256i wq, __m256i xq) {
+    const __m256i pairs = type == TL_TYPE_Q4_0
+                              ? _mm256_maddubs_epi16(wq, xq)
+                              : _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+/* out[(t0 + t) * os + r + i] = row r + i of W . token t0 + t of xq, for R rows x T tokens: each
+ * weight block is loaded once for the T tokens (16 ymm registers: 4 rows x 2 tokens of accumulators). */
+ALWAYS_INLINE void tile_i8_avx2(int type, int R, int T, const tl_matrix *w, int r, const tl_quant_x *xq, int t0,
+                               float *out, size_t os) {
+    const size_t stride = row_bytes(w), block_bytes = wblock_bytes_i8(type);
+    const int nb = xq->blocks;
+    const unsigned char *row[4];
+    __m256 acc[4][2];
+    float offset[4][2]; /* q4_0: sum over blocks of d_w * d_x * sum(q_x), taken 8 times off the end */
+    for (int i = 0; i < R; i++) {
+        row[i] = (const unsigned char *)w->data + (size_t)(r + i) * stride;
+        for (int t = 0; t < T; t++) {
+            acc[i][t] = _mm256_setzero_ps();
+            offset[i][t] = 0.0f;
+        }
+    }
+    const int blocks_per_scale = type == TL_TYPE_Q8 ? w->group_size / TL_QK : 1;
+    for (int g = 0, b = 0; b < nb; g++) {
+        float dw[4];
+        for (int i = 0; i < R; i++) dw[i] = wscale_i8(type, w, row[i], r + i, g);
+        for (const int end = b + blocks_per_scale; b < end; b++) {
+            __m256i xv[2];
+            float dx[2];
+            for (int t = 0; t < T; t++) {
+                const size_t tb = (size_t)(t0 + t) * nb + b;
+                xv[t] = _mm256_loadu_si256((const __m256i *)(xq->q + tb * TL_QK));
+                dx[t] = xq->d[tb];
+            }
+            for (int i = 0; i < R; i++) {
+                _mm_prefetch((const char *)row[i] + (size_t)b * block_bytes + PREFETCH_BYTES, _MM_HINT_T0);
+                const __m256i wv = wblock_i8(type, row[i], b);
+                for (int t = 0; t < T; t++) {
+                    const __m256i dot = dot32_avx2(type, wv, xv[t]);
+                    acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw[i] * dx[t]), acc[i][t]);
+                    if (type == TL_TYPE_Q4_0) offset[i][t] += dw[i] * xq->dsum[(size_t)(t0 + t) * nb + b];
+                }
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < T; t++) out[(size_t)(t0 + t) * os + r + i] = hsum_256(acc[i][t]) - 8.0f * offset[i][t];
+}
+
+/* Rows [r0, r1) for every token, 4 rows x 2 tokens at a time (the 4 weight rows stay in L1). */
+ALWAYS_INLINE void rows_i8_avx2_type(int type, float *out, size_t os, const tl_matrix *w, int r0, int r1,
+                                     const tl_quant_x *xq, int n) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        int t = 0;
+        for (; t + 2 <= n; t += 2) tile_i8_avx2(type, 4, 2, w, r, xq, t, out, os);
+        for (; t < n; t++) tile_i8_avx2(type, 4, 1, w, r, xq, t, out, os);
+    }
+    for (; r < r1; r++)
+        for (int t = 0; t < n; t++) tile_i8_avx2(type, 1, 1, w, r, xq, t, out, os);
+}
+
+void tl_rows_i8_avx2(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n) {
+    switch (w->type) {
+    case TL_TYPE_Q8: rows_i8_avx2_type(TL_TYPE_Q8, out, os, w, r0, r1, xq, n); break;
+    case TL_TYPE_Q8_0: rows_i8_avx2_type(TL_TYPE_Q8_0, out, os, w, r0, r1, xq, n); break;
+    default: rows_i8_avx2_type(TL_TYPE_Q4_0, out, os, w, r0, r1, xq, n); break;
+    }
+}
+
+#pragma GCC pop_options
+
+/* The same kernel with vpdpbusd (AVX512-VNNI on 256-bit vectors): one instruction per block and
+ * row instead of maddubs + madd, accumulating in int32 without the int16 step. */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+
+ALWAYS_INLINE __m256i dot32_vnni(int type, __m256i wq, __m256i xq) {
+    if (type == TL_TYPE_Q4_0) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, xq);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
+}
+
+/* out[(t0 + t) * os + r + i] = row r + i of W . token t0 + t of xq, for R rows x T tokens: each
+ * weight block is loaded once for the T tokens (AVX-512 has 32 ymm registers: 4 rows x 4 tokens of accumulators). */
+ALWAYS_INLINE void tile_i8_vnni(int type, int R, int T, const tl_matrix *w, int r, const tl_quant_x *xq, int t0,
+                               float *out, size_t os) {
+    const size_t stride = row_bytes(w), block_bytes = wblock_bytes_i8(type);
+    const int nb = xq->blocks;
+    const unsigned char *row[4];
+    __m256 acc[4][4];
+    float offset[4][4]; /* q4_0: sum over blocks of d_w * d_x * sum(q_x), taken 8 times off the end */
+    for (int i = 0; i < R; i++) {
+        row[i] = (const unsigned char *)w->data + (size_t)(r + i) * stride;
+        for (int t = 0; t < T; t++) {
+            acc[i][t] = _mm256_setzero_ps();
+            offset[i][t] = 0.0f;
+        }
+    }
+    const int blocks_per_scale = type == TL_TYPE_Q8 ? w->group_size / TL_QK : 1;
+    for (int g = 0, b = 0; b < nb; g++) {
+        float dw[4];
+        for (int i = 0; i < R; i++) dw[i] = wscale_i8(type, w, row[i], r + i, g);
+        for (const int end = b + blocks_per_scale; b < end; b++) {
+            __m256i xv[4];
+            float dx[4];
+            for (int t = 0; t < T; t++) {
+                const size_t tb = (size_t)(t0 + t) * nb + b;
+                xv[t] = _mm256_loadu_si256((const __m256i *)(xq->q + tb * TL_QK));
+                dx[t] = xq->d[tb];
+            }
+            for (int i = 0; i < R; i++) {
+                _mm_prefetch((const char *)row[i] + (size_t)b * block_bytes + PREFETCH_BYTES, _MM_HINT_T0);
+                const __m256i wv = wblock_i8(type, row[i], b);
+                for (int t = 0; t < T; t++) {
+                    const __m256i dot = dot32_vnni(type, wv, xv[t]);
+                    acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw[i] * dx[t]), acc[i][t]);
+                    if (type == TL_TYPE_Q4_0) offset[i][t] += dw[i] * xq->dsum[(size_t)(t0 + t) * nb + b];
+                }
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < T; t++) out[(size_t)(t0 + t) * os + r + i] = hsum_256(acc[i][t]) - 8.0f * offset[i][t];
+}
+
+/* Rows [r0, r1) for every token, 4 rows x 4 tokens at a time (the 4 weight rows stay in L1). */
+ALWAYS_INLINE void rows_i8_vnni_type(int type, float *out, size_t os, const tl_matrix *w, int r0, int r1,
+                                     const tl_quant_x *xq, int n) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        int t = 0;
+        for (; t + 4 <= n; t += 4) tile_i8_vnni(type, 4, 4, w, r, xq, t, out, os);
+        for (; t < n; t++) tile_i8_vnni(type, 4, 1, w, r, xq, t, out, os);
+    }
+    for (; r < r1; r++)
+        for (int t = 0; t < n; t++) tile_i8_vnni(type, 1, 1, w, r, xq, t, out, os);
+}
+
+void tl_rows_i8_vnni(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n) {
+    switch (w->type) {
+    case TL_TYPE_Q8: rows_i8_vnni_type(TL_TYPE_Q8, out, os, w, r0, r1, xq, n); break;
+    case TL_TYPE_Q8_0: rows_i8_vnni_type(TL_TYPE_Q8_0, out, os, w, r0, r1, xq, n); break;
+    default: rows_i8_vnni_type(TL_TYPE_Q4_0, out, os, w, r0, r1, xq, n); break;
+    }
+}
+
+#pragma GCC pop_options
+#endif /* TL_X86 */

@@ -1,0 +1,98 @@
+/* kernels_simd.h - what the SIMD kernel files (kernels_dispatch.c, kernels_parallel.c and the ISA
+ * files kernels_avx512.c, kernels_avx2.c, kernels_int8.c) share; internal, not part of the API: the
+ * x86 switch, tile and prefetch sizes, the int8 activations, each ISA file's entry points for the
+ * dispatch, and the helpers the ISA copies would otherwise each repeat. */
+#ifndef TINYLLM_KERNELS_SIMD_H
+#define TINYLLM_KERNELS_SIMD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "tinyllm.h"
+#include "kernels.h"
+
+/* The ISA files are GCC-only (#pragma GCC target, __builtin_cpu_supports("f16c")): elsewhere, and in
+ * the fuzz build (runtime/fuzz/kernels_scalar.c), they compile to nothing and the scalar paths run. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define TL_X86 1
+#include <immintrin.h>
+#endif
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* Columns of weights widened per prefill tile (a multiple of every block size up to 1024). */
+#define KC 1024
+/* How far ahead the decode kernels prefetch quantized weight rows (bytes past the block being read;
+ * with 4 rows in flight that is several tiles ahead). Without it the hardware prefetcher leaves the
+ * quantized rows latency-bound: measured on a 2-core EPYC, 42M Q8_0 decode went from 113 to 350
+ * tok/s with 8 KiB (512 B: 175, 2 KiB: 200, 16-32 KiB: about the same as 8 KiB). f32 rows, one
+ * cache line per vector, gain nothing from it. */
+#define PREFETCH_BYTES 8192
+
+/* x (n tokens x cols) quantized for the int8 paths (kernels_int8.c): blocks of 32 int8 values with
+ * one float scale each, like ggml's q8_0. */
+typedef struct {
+    const int8_t *q;     /* n x cols quantized values */
+    const float *d;      /* n x cols/32 block scales */
+    const float *dsum;   /* n x cols/32: d * sum of the block's quantized values (the q4_0 offset) */
+    int blocks;          /* blocks per token: cols / 32 */
+} tl_quant_x;
+
+/* kernels_dispatch.c, for kernels_parallel.c: a matmul job quantizes x once, then runs its chunks. */
+
+/* x quantized into xq for the active int8 path if that path takes w: 1; else 0 (the float path). */
+int tl_kernels_quantize(tl_quant_x *xq, const tl_matrix *w, const float *x, int n);
+/* tl_matmul_rows with x also at hand quantized (xq from tl_kernels_quantize, or NULL): the active
+ * int8 path takes xq where it takes w, every other path takes x. */
+void tl_matmul_rows_xq(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const float *x,
+                       const tl_quant_x *xq, int n);
+
+/* Block size of a type: the columns sharing one scale (f32/f16 have none: 16). */
+static inline int block_cols(const tl_matrix *w) {
+    switch (w->type) {
+    case TL_TYPE_Q8: return w->group_size;
+    case TL_TYPE_Q8_0: case TL_TYPE_Q4_0: return TL_QK;
+    default: return 16;
+    }
+}
+
+/* Bytes of one row of w. */
+static inline size_t row_bytes(const tl_matrix *w) {
+    switch (w->type) {
+    case TL_TYPE_F32: return (size_t)w->cols * 4;
+    case TL_TYPE_F16: return (size_t)w->cols * 2;
+    case TL_TYPE_Q8: return (size_t)w->cols;
+    case TL_TYPE_Q8_0: return (size_t)w->cols / TL_QK * TL_Q8_0_BLOCK_BYTES;
+    default: return (size_t)w->cols / TL_QK * TL_Q4_0_BLOCK_BYTES;
+    }
+}
+
+#ifdef TL_X86
+/* The ISA files' entry points: rows [r0, r1) of out (row t at out + t * os) = x (n tokens) @ W^T,
+ * for a w the path takes (kernels_dispatch.c checks), and one attention head as tl_attend. */
+void tl_rows_avx512(float *out, size_t os, const tl_matrix *w, int r0, int r1, const float *x, int n);
+void tl_attend_avx512(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
+                      int n_keys, int head_dim, float scale, int f16, float *att);
+void tl_rows_avx2(float *out, size_t os, const tl_matrix *w, int r0, int r1, const float *x, int n);
+void tl_attend_avx2(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
+                    int n_keys, int head_dim, float scale, int f16, float *att);
+/* kernels_int8.c: whether the int8 paths take w; x quantized in this thread's buffer (0 if out of
+ * memory); rows by avx2-int8 and by vnni. */
+int tl_int8_fits(const tl_matrix *w);
+int tl_quantize_x(tl_quant_x *xq, const float *x, int n, int cols);
+void tl_rows_i8_avx2(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n);
+void tl_rows_i8_vnni(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n);
+
+/* Helpers the ISA copies share, compiled for AVX2 + FMA + F16C: each inlines into any kernel built
+ * for that or more (the AVX-512 and VNNI targets include it). */
+
+__attribute__((target("avx2,fma,f16c"))) ALWAYS_INLINE float hsum_256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif /* TL_X86 */
+
+#endif

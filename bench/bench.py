@@ -222,7 +222,7 @@ class RuntimeRunner:
         generator loop Runtime.generate uses (timed: decode), at the same positions as `run`."""
         self.calls += 1
         ids = self.rt.encode(prompt_text(PROMPT_TOKENS, self.calls), bos=True)
-        _, gen = self.rt._generator(0.0, 1.0, 0, 1)
+        _, gen = self.rt._generator(self.rt._params({}, base=dict(temperature=0.0, top_p=1.0, top_k=0, seed=1)))
         t = time.perf_counter()
         gen.prompt_ids(ids)
         prefill = len(ids) / (time.perf_counter() - t)

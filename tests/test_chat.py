@@ -173,14 +173,19 @@ def test_runtime_chat_feeds_only_new_turns_into_one_kv_cache(files):
     assert rt._chat.context[:len(ids)] == ids
 
 
-def test_runtime_chat_uses_the_chat_sampling_defaults():
-    import inspect
-
+def test_runtime_chat_uses_the_chat_sampling_defaults(files):
     import tinyllm
     from tinyllm.sampling import CHAT_DEFAULTS
-    params = inspect.signature(tinyllm.Runtime.chat).parameters
-    assert params["repetition_penalty"].default == CHAT_DEFAULTS["repetition_penalty"]
-    assert params["no_repeat_ngram"].default == CHAT_DEFAULTS["no_repeat_ngram"]
+    _, _, gguf_path = files
+    rt = tinyllm.Runtime(gguf_path)
+    rt.chat(CONVERSATION[1:2], max_new_tokens=1, temperature=0.0)
+    used = rt._chat.params
+    assert (used.repetition_penalty, used.repetition_window, used.no_repeat_ngram) == (
+        CHAT_DEFAULTS["repetition_penalty"], CHAT_DEFAULTS["repetition_window"], CHAT_DEFAULTS["no_repeat_ngram"])
+    rt.chat(CONVERSATION[1:2], max_new_tokens=1, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
+    assert (rt._chat.params.repetition_penalty, rt._chat.params.no_repeat_ngram) == (1.0, 0)
+    # a plain completion keeps the controls off unless asked
+    assert rt._params({}).repetition_penalty == 1.0 and rt._params({}).no_repeat_ngram == 0
 
 
 # ---- role tokens typed by a user are plain text (issue 14.14) ---------------------------------------------
@@ -266,3 +271,13 @@ def test_plain_encoding_of_ordinary_text_is_sentencepiece_encoding(files):
     for _ in range(300):
         text = "".join(rng.choice(fragments) for _ in range(rng.randint(1, 12)))
         assert rt.encode(text, bos=False, special=False) == plain.encode(text), text
+
+
+def test_a_misspelt_sampling_argument_is_named_with_the_valid_ones(files):
+    import tinyllm
+    _, _, gguf_path = files
+    rt = tinyllm.Runtime(gguf_path)
+    for call in (lambda: rt.generate("你好", 4, temp=0.5), lambda: rt.chat(CONVERSATION[1:2], 4, topp=0.5),
+                 lambda: rt.completion("你好", top_kk=3)):
+        with pytest.raises(tinyllm.InvalidArgumentError, match=r"unknown sampling argument .*temperature, top_p"):
+            call()

@@ -14,7 +14,7 @@ from . import _runtime
 from .chat import split_conversation
 from .config import ModelConfig
 from .errors import InvalidArgumentError
-from .sampling import CHAT_DEFAULTS, DEFAULTS, MODEL_SAMPLING_KEYS
+from .sampling import CHAT_DEFAULTS, DEFAULTS, MODEL_SAMPLING_KEYS, SAMPLING_KEYS, SampleParams
 
 REPETITION_WINDOW = CHAT_DEFAULTS["repetition_window"]  # tokens the repetition penalty looks back over
 INT_MAX = 2**31 - 1  # the C side holds counts and ids in int
@@ -100,47 +100,59 @@ class Runtime:
         vocab = self._raw_config["vocab_size"]
         return [_check_int(f"{name}[{i}]", t, 0, vocab - 1) for i, t in enumerate(ids)]
 
-    def _generator(self, temperature=None, top_p=None, top_k=None, seed=None, repetition_penalty=1.0,
-                   no_repeat_ngram=0):
-        given = dict(temperature=temperature, top_p=top_p, top_k=top_k)
-        p = self.sampling_defaults | {k: v for k, v in given.items() if v is not None}
-        temperature = _check_float("temperature", p["temperature"], 0.0, 1e6)
-        top_p = _check_float("top_p", p["top_p"], 0.0, 1.0, low_open=True)
-        top_k = _check_int("top_k", p["top_k"], 0, INT_MAX)
-        repetition_penalty = _check_float("repetition_penalty", repetition_penalty, 0.0, 1e6)
-        no_repeat_ngram = _check_int("no_repeat_ngram", no_repeat_ngram, 0, INT_MAX)
+    def _params(self, sampling: dict, chat: bool = False, base: dict | None = None) -> SampleParams:
+        """One SampleParams from a method's sampling keywords (SAMPLING_KEYS): what is given and not None,
+        over `base`, over CHAT_DEFAULTS' repetition controls for chat, over sampling_defaults. A seed left
+        as None is drawn from os.urandom."""
+        unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+        if unknown:
+            raise InvalidArgumentError(f"unknown sampling argument {unknown[0]!r}; the sampling arguments are "
+                                       f"{', '.join(SAMPLING_KEYS)}")
+        p = dict(self.sampling_defaults)
+        if chat:
+            p.update({k: CHAT_DEFAULTS[k] for k in ("repetition_penalty", "no_repeat_ngram")})
+        p.update(base or {})
+        p.update({k: v for k, v in sampling.items() if v is not None})
+        seed = p.get("seed")
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") or 1
-        seed = _check_int("seed", seed, 0, 2**64 - 1)
-        session = _runtime.Session(self._model, 0)
-        return session, _runtime.Generator(session, self._tok, temperature, top_p, top_k, seed, repetition_penalty,
-                                           REPETITION_WINDOW, no_repeat_ngram)
+        return SampleParams(
+            temperature=_check_float("temperature", p["temperature"], 0.0, 1e6),
+            top_p=_check_float("top_p", p["top_p"], 0.0, 1.0, low_open=True),
+            top_k=_check_int("top_k", p["top_k"], 0, INT_MAX),
+            seed=_check_int("seed", seed, 0, 2**64 - 1),
+            repetition_penalty=_check_float("repetition_penalty", p["repetition_penalty"], 0.0, 1e6),
+            repetition_window=REPETITION_WINDOW,
+            no_repeat_ngram=_check_int("no_repeat_ngram", p["no_repeat_ngram"], 0, INT_MAX))
 
-    def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
-               top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-               stop: Iterable[str] | None = None,
-               repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> Iterator[str]:
+    def _generator(self, params: SampleParams):
+        """A fresh KV cache and the C generator that samples into it with params."""
+        session = _runtime.Session(self._model, 0)
+        return session, _runtime.Generator(session, self._tok, params.temperature, params.top_p, params.top_k,
+                                           params.seed, params.repetition_penalty, params.repetition_window,
+                                           params.no_repeat_ngram)
+
+    # The methods below take the sampling arguments as keywords (SAMPLING_KEYS): temperature, top_p,
+    # top_k, seed, repetition_penalty (> 1, over the last 64 tokens) and no_repeat_ngram (n > 0 bans
+    # repeating an n-gram). None or absent means the default (see _params).
+
+    def stream(self, prompt: str, max_new_tokens: int = 256, *, stop: Iterable[str] | None = None,
+               **sampling) -> Iterator[str]:
         """Yield the continuation of prompt piece by piece (never a partial character).
 
-        Stops at EOS, after max_new_tokens, when the context is full, or before the first stop string.
-        repetition_penalty (> 1, over the last 64 tokens) and no_repeat_ngram (n > 0) fight loops."""
-        yield from self.completion(prompt, max_new_tokens=max_new_tokens, stop=stop, temperature=temperature,
-                                   top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=repetition_penalty,
-                                   no_repeat_ngram=no_repeat_ngram)
+        Stops at EOS, after max_new_tokens, when the context is full, or before the first stop string."""
+        yield from self.completion(prompt, max_new_tokens=max_new_tokens, stop=stop, **sampling)
 
     def completion(self, prompt: str | None = None, messages=None, max_new_tokens: int = 256,
                    stop: Iterable[str] | None = None, **sampling) -> Completion:
         """A Completion of prompt, or of the chat messages' answer, in a fresh KV cache: the prompt is
-        fed now (errors surface here), the tokens are generated as it is iterated. sampling: temperature,
-        top_p, top_k, seed, repetition_penalty, no_repeat_ngram (for messages, the repetition controls
-        default to CHAT_DEFAULTS as in chat())."""
+        fed now (errors surface here), the tokens are generated as it is iterated (for messages, the
+        repetition controls default to CHAT_DEFAULTS as in chat())."""
         if (prompt is None) == (messages is None):
             raise InvalidArgumentError("completion() takes a prompt or messages, not both")
         max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0, INT_MAX)
         stop = _check_stops(stop)
-        if messages is not None:
-            sampling = {k: CHAT_DEFAULTS[k] for k in ("repetition_penalty", "no_repeat_ngram")} | sampling
-        session, gen = self._generator(**sampling)
+        session, gen = self._generator(self._params(sampling, chat=messages is not None))
         if messages is not None:
             system, turns = split_conversation([_plain(m) for m in messages])
             if turns[-1][1] is not None:
@@ -152,20 +164,15 @@ class Runtime:
             gen.prompt(_utf8(prompt), True)
         return Completion(self, session, gen, max_new_tokens, stop)
 
-    def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                 stop: Iterable[str] | None = None,
-                 repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 256, *, stop: Iterable[str] | None = None,
+                 **sampling) -> str:
         """The continuation of prompt as one string (see stream)."""
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop,
-                                   repetition_penalty, no_repeat_ngram))
+        return "".join(self.stream(prompt, max_new_tokens, stop=stop, **sampling))
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                     repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> list[int]:
-        """Sampled token ids after prompt_ids (EOS included when it ends the text)."""
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, **sampling) -> list[int]:
+        """Sampled token ids after prompt_ids (EOS included when it ends the text); greedy unless told."""
         max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0, INT_MAX)
-        _, gen = self._generator(temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram)
+        _, gen = self._generator(self._params(sampling, base=dict(temperature=0.0, top_p=1.0, top_k=0)))
         gen.prompt_ids(self._check_ids("prompt_ids", prompt_ids))
         out = []
         for _ in range(max_new_tokens):
@@ -175,28 +182,19 @@ class Runtime:
                 break
         return out
 
-    def chat(self, messages, max_new_tokens: int = 256, temperature: float | None = None,
-             top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-             repetition_penalty: float = CHAT_DEFAULTS["repetition_penalty"],
-             no_repeat_ngram: int = CHAT_DEFAULTS["no_repeat_ngram"]) -> str:
+    def chat(self, messages, max_new_tokens: int = 256, **sampling) -> str:
         """The assistant's answer to a conversation ending in a user message (see stream_chat)."""
-        return "".join(self.stream_chat(messages, max_new_tokens, temperature, top_p, top_k, seed,
-                                        repetition_penalty, no_repeat_ngram))
+        return "".join(self.stream_chat(messages, max_new_tokens, **sampling))
 
-    def stream_chat(self, messages, max_new_tokens: int = 256, temperature: float | None = None,
-                    top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                    repetition_penalty: float = CHAT_DEFAULTS["repetition_penalty"],
-                    no_repeat_ngram: int = CHAT_DEFAULTS["no_repeat_ngram"]) -> Iterator[str]:
+    def stream_chat(self, messages, max_new_tokens: int = 256, **sampling) -> Iterator[str]:
         """Yield the answer to messages ({"role", "content"} dicts in the chat template's order, ending with a
         user message) piece by piece, stopping at </s>. Repetition controls are on by default (CHAT_DEFAULTS).
 
         The conversation stays in one KV cache: when messages extend the previous call's conversation and
         its answer (same sampling settings), only the new turns are fed; otherwise a fresh ChatSession starts."""
-        key = (temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram)
         chat = getattr(self, "_chat", None)
-        if chat is None or chat.settings != key or not chat.extends(messages):
-            chat = ChatSession(self, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                               repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram)
+        if chat is None or chat.settings != sampling or not chat.extends(messages):
+            chat = ChatSession(self, **sampling)
             self._chat = chat
         yield from chat.stream_reply(messages, max_new_tokens)
 
@@ -242,14 +240,11 @@ class ChatSession:
     """One conversation in one KV cache, in the chat template of tinyllm.chat (fed by the C generator's
     chat_turn). Each reply feeds only the turns the cache does not hold yet; history is never re-encoded."""
 
-    def __init__(self, runtime: Runtime, temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, seed: int | None = None,
-                 repetition_penalty: float = CHAT_DEFAULTS["repetition_penalty"],
-                 no_repeat_ngram: int = CHAT_DEFAULTS["no_repeat_ngram"]):
+    def __init__(self, runtime: Runtime, **sampling):
         self.runtime = runtime
-        self.settings = (temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram)
-        self._session, self._gen = runtime._generator(temperature, top_p, top_k, seed, repetition_penalty,
-                                                      no_repeat_ngram)
+        self.settings = dict(sampling)  # as given: a later call with the same settings may continue this session
+        self.params = runtime._params(sampling, chat=True)  # what the sampler uses
+        self._session, self._gen = runtime._generator(self.params)
         self.messages: list[dict] = []  # the conversation the cache holds (answers as returned)
         self._complete = True  # False while a reply is being generated or after one failed
 

@@ -23,6 +23,9 @@ DEFAULTS = dict(temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.0, no_
 # Chat defaults on top of DEFAULTS: small models loop, so chat turns both repetition controls on.
 CHAT_DEFAULTS = dict(repetition_penalty=1.1, repetition_window=64, no_repeat_ngram=4)
 
+# The sampling keywords of tinyllm.Runtime's methods (and SampleParams' fields but the repetition window).
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "no_repeat_ngram")
+
 # GGUF metadata keys a model's recommended sampling is stored under (export/gguf.py writes them).
 MODEL_SAMPLING_KEYS = {name: f"tinyllm.sampling.{name}" for name in DEFAULTS}
 
@@ -33,9 +36,9 @@ class SampleParams:
     top_p: float = DEFAULTS["top_p"]               # 1: off
     top_k: int = DEFAULTS["top_k"]                 # 0: off
     seed: int = 0                  # 0 picks a fixed non-zero state (like the C sampler)
-    repetition_penalty: float = 1.0  # > 1 penalizes recent tokens; 0 or 1: off
+    repetition_penalty: float = DEFAULTS["repetition_penalty"]  # > 1 penalizes recent tokens; 0 or 1: off
     repetition_window: int = 0     # recent tokens the penalty looks at; 0: all
-    no_repeat_ngram: int = 0       # n > 0 forbids repeating an n-gram of the history
+    no_repeat_ngram: int = DEFAULTS["no_repeat_ngram"]          # n > 0 forbids repeating an n-gram of the history
 
 
 class Sampler:

@@ -29,23 +29,6 @@ ALWAYS_INLINE __m256 w8_256(int type, const unsigned char *row, int k) {
     }
 }
 
-ALWAYS_INLINE float block_scale_256(int type, const tl_matrix *w, const unsigned char *row, size_t r, int b) {
-    uint16_t h;
-    switch (type) {
-    case TL_TYPE_Q8: return w->scales[r * (size_t)(w->cols / w->group_size) + b];
-    case TL_TYPE_Q8_0: memcpy(&h, row + (size_t)b * TL_Q8_0_BLOCK_BYTES, 2); return _cvtsh_ss(h);
-    case TL_TYPE_Q4_0: memcpy(&h, row + (size_t)b * TL_Q4_0_BLOCK_BYTES, 2); return _cvtsh_ss(h);
-    default: return 1.0f;
-    }
-}
-
-ALWAYS_INLINE float w1_scalar_256(int type, const unsigned char *row, int j) {
-    if (type == TL_TYPE_F32) return ((const float *)row)[j];
-    uint16_t h;
-    memcpy(&h, row + 2 * (size_t)j, 2);
-    return _cvtsh_ss(h);
-}
-
 ALWAYS_INLINE void dot_rows_256(int type, int R, const tl_matrix *w, int r, const float *x, float *out) {
     const size_t stride = row_bytes(w);
     const int cols = w->cols;
@@ -63,7 +46,7 @@ ALWAYS_INLINE void dot_rows_256(int type, int R, const tl_matrix *w, int r, cons
         }
         for (int i = 0; i < R; i++) {
             float sum = hsum_256(acc[i]);
-            for (int j = k; j < cols; j++) sum += w1_scalar_256(type, row[i], j) * x[j];
+            for (int j = k; j < cols; j++) sum += w1_scalar(type, row[i], j) * x[j];
             out[i] = sum;
         }
         return;
@@ -82,7 +65,7 @@ ALWAYS_INLINE void dot_rows_256(int type, int R, const tl_matrix *w, int r, cons
             for (int i = 0; i < R; i++) part[i] = _mm256_fmadd_ps(w8_256(type, row[i], k), xv, part[i]);
         }
         for (int i = 0; i < R; i++)
-            acc[i] = _mm256_fmadd_ps(part[i], _mm256_set1_ps(block_scale_256(type, w, row[i], r + i, b)), acc[i]);
+            acc[i] = _mm256_fmadd_ps(part[i], _mm256_set1_ps(block_scale(type, w, row[i], r + i, b)), acc[i]);
     }
     for (int i = 0; i < R; i++) out[i] = hsum_256(acc[i]);
 }
@@ -103,10 +86,10 @@ ALWAYS_INLINE void widen_256(int type, const tl_matrix *w, int r, int R, int k0,
         for (; k + 8 <= k0 + len; k += 8) {
             __m256 v = w8_256(type, row, k);
             if (type != TL_TYPE_F16)
-                v = _mm256_mul_ps(v, _mm256_set1_ps(block_scale_256(type, w, row, r + i, k / bs)));
+                v = _mm256_mul_ps(v, _mm256_set1_ps(block_scale(type, w, row, r + i, k / bs)));
             _mm256_storeu_ps(dst + (k - k0), v);
         }
-        for (; k < k0 + len; k++) dst[k - k0] = w1_scalar_256(type, row, k);
+        for (; k < k0 + len; k++) dst[k - k0] = w1_scalar(type, row, k);
     }
 }
 

@@ -38,25 +38,6 @@ ALWAYS_INLINE __m512 w16_512(int type, const unsigned char *row, int k) {
     }
 }
 
-/* Scale of block b of row r. */
-ALWAYS_INLINE float block_scale(int type, const tl_matrix *w, const unsigned char *row, size_t r, int b) {
-    uint16_t h;
-    switch (type) {
-    case TL_TYPE_Q8: return w->scales[r * (size_t)(w->cols / w->group_size) + b];
-    case TL_TYPE_Q8_0: memcpy(&h, row + (size_t)b * TL_Q8_0_BLOCK_BYTES, 2); return _cvtsh_ss(h);
-    case TL_TYPE_Q4_0: memcpy(&h, row + (size_t)b * TL_Q4_0_BLOCK_BYTES, 2); return _cvtsh_ss(h);
-    default: return 1.0f;
-    }
-}
-
-/* Scalar value j of a row (for the f32/f16 tails that do not fill a vector). */
-ALWAYS_INLINE float w1_scalar(int type, const unsigned char *row, int j) {
-    if (type == TL_TYPE_F32) return ((const float *)row)[j];
-    uint16_t h;
-    memcpy(&h, row + 2 * (size_t)j, 2);
-    return _cvtsh_ss(h);
-}
-
 /* out[0..R) = rows r..r+R-1 of W . x: one pass over the weights (decode). */
 ALWAYS_INLINE void dot_rows_512(int type, int R, const tl_matrix *w, int r, const float *x, float *out) {
     const size_t stride = row_bytes(w);

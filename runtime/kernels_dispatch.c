@@ -108,7 +108,7 @@ static void rows_i8(float *out, size_t out_stride, const tl_matrix *w, int r0, i
 void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const float *x, int n) {
 #ifdef TL_X86
     tl_quant_x xq;
-    if (int8_active(w) && tl_quantize_x(&xq, x, n, w->cols)) {
+    if (tl_kernels_quantize(&xq, w, x, n)) {
         rows_i8(out, out_stride, w, r0, r1, &xq, n);
         return;
     }

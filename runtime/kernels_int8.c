@@ -120,16 +120,6 @@ ALWAYS_INLINE __m256i wblock_i8(int type, const unsigned char *row, int b) {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
 }
 
-/* Weight scale g of row r: of block g (q8_0, q4_0) or of int8 group g (group_size columns). */
-ALWAYS_INLINE float wscale_i8(int type, const tl_matrix *w, const unsigned char *row, size_t r, int g) {
-    uint16_t h;
-    switch (type) {
-    case TL_TYPE_Q8: return w->scales[r * (size_t)(w->cols / w->group_size) + g];
-    case TL_TYPE_Q8_0: memcpy(&h, row + (size_t)g * TL_Q8_0_BLOCK_BYTES, 2); return _cvtsh_ss(h);
-    default: memcpy(&h, row + (size_t)g * TL_Q4_0_BLOCK_BYTES, 2); return _cvtsh_ss(h);
-    }
-}
-
 ALWAYS_INLINE size_t wblock_bytes_i8(int type) {
     return type == TL_TYPE_Q8 ? TL_QK : type == TL_TYPE_Q8_0 ? TL_Q8_0_BLOCK_BYTES : TL_Q4_0_BLOCK_BYTES;
 }
@@ -161,7 +151,7 @@ ALWAYS_INLINE void tile_i8_avx2(int type, int R, int T, const tl_matrix *w, int 
     const int blocks_per_scale = type == TL_TYPE_Q8 ? w->group_size / TL_QK : 1;
     for (int g = 0, b = 0; b < nb; g++) {
         float dw[4];
-        for (int i = 0; i < R; i++) dw[i] = wscale_i8(type, w, row[i], r + i, g);
+        for (int i = 0; i < R; i++) dw[i] = block_scale(type, w, row[i], r + i, g);
         for (const int end = b + blocks_per_scale; b < end; b++) {
             __m256i xv[2];
             float dx[2];
@@ -237,7 +227,7 @@ ALWAYS_INLINE void tile_i8_vnni(int type, int R, int T, const tl_matrix *w, int 
     const int blocks_per_scale = type == TL_TYPE_Q8 ? w->group_size / TL_QK : 1;
     for (int g = 0, b = 0; b < nb; g++) {
         float dw[4];
-        for (int i = 0; i < R; i++) dw[i] = wscale_i8(type, w, row[i], r + i, g);
+        for (int i = 0; i < R; i++) dw[i] = block_scale(type, w, row[i], r + i, g);
         for (const int end = b + blocks_per_scale; b < end; b++) {
             __m256i xv[4];
             float dx[4];

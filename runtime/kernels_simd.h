@@ -87,11 +87,33 @@ void tl_rows_i8_vnni(float *out, size_t os, const tl_matrix *w, int r0, int r1, 
 /* Helpers the ISA copies share, compiled for AVX2 + FMA + F16C: each inlines into any kernel built
  * for that or more (the AVX-512 and VNNI targets include it). */
 
-__attribute__((target("avx2,fma,f16c"))) ALWAYS_INLINE float hsum_256(__m256 v) {
+__attribute__((target("avx2,fma,f16c")))
+ALWAYS_INLINE float hsum_256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* Scale of block b of row r: the block of a q8_0/q4_0 row, or the int8 group (1 for f32/f16). */
+__attribute__((target("avx2,fma,f16c")))
+ALWAYS_INLINE float block_scale(int type, const tl_matrix *w, const unsigned char *row, size_t r, int b) {
+    uint16_t h;
+    switch (type) {
+    case TL_TYPE_Q8: return w->scales[r * (size_t)(w->cols / w->group_size) + b];
+    case TL_TYPE_Q8_0: memcpy(&h, row + (size_t)b * TL_Q8_0_BLOCK_BYTES, 2); return _cvtsh_ss(h);
+    case TL_TYPE_Q4_0: memcpy(&h, row + (size_t)b * TL_Q4_0_BLOCK_BYTES, 2); return _cvtsh_ss(h);
+    default: return 1.0f;
+    }
+}
+
+/* Scalar value j of a row (for the f32/f16 tails that do not fill a vector). */
+__attribute__((target("avx2,fma,f16c")))
+ALWAYS_INLINE float w1_scalar(int type, const unsigned char *row, int j) {
+    if (type == TL_TYPE_F32) return ((const float *)row)[j];
+    uint16_t h;
+    memcpy(&h, row + 2 * (size_t)j, 2);
+    return _cvtsh_ss(h);
 }
 #endif /* TL_X86 */
 

@@ -144,51 +144,71 @@ def iter_records(path: str, *, field: str = "text", doc_sep: str = "blank",
                  skip_invalid_utf8: bool = False, stats: dict | None = None):
     """Yield (record, text) per document of one file. JSONL/JSON records are dicts (text = record[field]);
     plain-text records are None. stats['invalid_utf8_bytes'] counts dropped bytes."""
+    kind = os.path.splitext(base_name(path))[1].lower()
+    if kind in (".jsonl", ".json"):
+        for place, record in json_records(path, skip_invalid_utf8=skip_invalid_utf8, stats=stats):
+            if isinstance(record, DataError):
+                raise record
+            yield record, _field_text(record, field, place, path)
+        return
     stats = stats if stats is not None else {}
     decoder = _Utf8Decoder(path, skip_invalid_utf8)
-    kind = os.path.splitext(base_name(path))[1].lower()
     with open_binary(path) as raw:
         try:
-            if kind == ".jsonl":
-                yield from _jsonl_records(raw, decoder, path, field)
-            elif kind == ".json":
-                yield from _json_records(raw, decoder, path, field)
-            else:
-                yield from _text_records(raw, decoder, doc_sep)
+            yield from _text_records(raw, decoder, doc_sep)
         except (OSError, EOFError, lzma.LZMAError) as e:
             raise DataError(f"cannot read compressed input: {e} ({path})") from None
     stats["invalid_utf8_bytes"] = stats.get("invalid_utf8_bytes", 0) + decoder.invalid_bytes
 
 
-def _jsonl_records(raw, decoder, path, field):
+def json_records(path: str, *, skip_invalid_utf8: bool = False, stats: dict | None = None):
+    """Yield (place, record or DataError) for each record of a .jsonl or .json file (compressed or not):
+    place is "FILE:LINE" (JSONL) or "FILE record N" (JSON); a JSONL line that is not valid JSON yields a
+    DataError naming its line, so that a caller may skip it (SFT's --skip-bad) or raise it. Invalid UTF-8
+    and a .json file that does not parse raise."""
+    stats = stats if stats is not None else {}
+    decoder = _Utf8Decoder(path, skip_invalid_utf8)
+    with open_binary(path) as raw:
+        try:
+            if base_name(path).lower().endswith(".json"):
+                yield from _json_file_records(raw, decoder, path)
+            else:
+                yield from _jsonl_line_records(raw, decoder, path)
+        except (OSError, EOFError, lzma.LZMAError) as e:
+            raise DataError(f"cannot read compressed input: {e} ({path})") from None
+    stats["invalid_utf8_bytes"] = stats.get("invalid_utf8_bytes", 0) + decoder.invalid_bytes
+
+
+def _jsonl_line_records(raw, decoder, path):
     for lineno, line in enumerate(raw, 1):
         text = decoder.decode(line)
         if not text.strip():
             continue
         try:
-            record = json.loads(text)
+            yield f"{path}:{lineno}", json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"line {lineno} is not valid JSON: {e.msg} ({path})") from None
-        yield record, _field_text(record, field, f"line {lineno}", path)
+            yield f"{path}:{lineno}", DataError(f"bad JSON on line {lineno}: {e.msg} ({path})")
 
 
-def _json_records(raw, decoder, path, field):
+def _json_file_records(raw, decoder, path):
     text = decoder.decode(raw.read())
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON: {e.msg} at line {e.lineno} ({path})") from None
+        raise DataError(f"bad JSON at line {e.lineno} column {e.colno}: {e.msg} ({path})") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
         raise DataError(f"a .json input must hold a list of records ({path})")
-    for i, record in enumerate(data):
-        yield record, _field_text(record, field, f"record {i}", path)
+    for i, record in enumerate(data, 1):
+        yield f"{path} record {i}", record
 
 
-def _field_text(record, field, where, path) -> str:
+def _field_text(record, field, place, path) -> str:
     if isinstance(record, str):
         return record
+    where = place[len(path):].lstrip(":")  # "FILE:7" -> "line 7", "FILE record 7" -> "record 7"
+    where = f"line {where}" if where.isdigit() else where.strip()
     if not isinstance(record, dict) or field not in record:
         raise DataError(f"{where} has no {field!r} field (choose one with --field) ({path})")
     value = record[field]

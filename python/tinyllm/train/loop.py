@@ -22,9 +22,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
+from ..config import ModelConfig, TrainConfig, config_fields
 from ..formats.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ..config import ModelConfig, TrainConfig
 from ..errors import ConfigError, DataError, TinyLLMError
 from ..fileio import atomic_write
 
@@ -32,6 +34,7 @@ CHECKPOINT_NAME = "ckpt.pt"
 BEST_NAME = "best.pt"        # the weights of the evaluation with the lowest val loss so far
 RISING_EVALS_WARNING = 2     # warn when val loss has risen this many evaluations in a row
 METRICS_NAME = "metrics.jsonl"
+STAGE_KEY = "stage"          # extra[STAGE_KEY] of ckpt.pt: the stage's name and options (tinyllm.train.stage)
 PLOT_NAME = "loss.png"
 
 # dense bf16 peak TFLOP/s of GPUs we know, for MFU (matched against torch.cuda.get_device_name)
@@ -457,8 +460,7 @@ def _wrap(model, env: Env, compile_model: bool):
             warnings.warn(f"torch.compile is not available ({e}); training eagerly")
             compile_model = False
     if env.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        core = DDP(core, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        core = DistributedDataParallel(core, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     return core, compile_model
 
 
@@ -486,21 +488,22 @@ def evaluate(run_model, model, val_batches: list, loss_fn, env: Env) -> float:
 
 def train(model, model_cfg: ModelConfig, cfg: TrainConfig, env: Env, train_batches, val_batches=None, *,
           loss_fn=next_token_loss, resume: str | None = None, stop_at_step: int | None = None,
-          progress: bool = True, log=None) -> dict:
+          progress: bool = True, log=None, stage: dict | None = None) -> dict:
     """Train model in place for cfg.max_steps optimizer steps; returns a summary dict.
 
     resume: a checkpoint path whose model, optimizer, step, RNG and data position are restored.
     stop_at_step: stop early with a checkpoint there, as if the time budget had run out.
+    stage: the stage's record (tinyllm.train.stage.stage_record), kept in every ckpt.pt for --resume.
     A first SIGINT/SIGTERM stops after the current step with a checkpoint (stopped_by "interrupted").
     """
     log = log or (lambda msg: print(msg, file=sys.stderr) if env.master else None)
     with StopSignals(log) as signals:
         return _train(model, model_cfg, cfg, env, train_batches, val_batches, loss_fn=loss_fn, resume=resume,
-                      stop_at_step=stop_at_step, progress=progress, log=log, signals=signals)
+                      stop_at_step=stop_at_step, progress=progress, log=log, signals=signals, stage=stage)
 
 
 def _train(model, model_cfg: ModelConfig, cfg: TrainConfig, env: Env, train_batches, val_batches, *, loss_fn,
-           resume, stop_at_step, progress, log, signals: StopSignals) -> dict:
+           resume, stop_at_step, progress, log, signals: StopSignals, stage: dict | None) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT_NAME)
     best_path = os.path.join(cfg.out_dir, BEST_NAME)
@@ -536,7 +539,8 @@ def _train(model, model_cfg: ModelConfig, cfg: TrainConfig, env: Env, train_batc
         if env.master:
             save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step, model_config=model_cfg,
                             train_config=cfg.to_dict(), data_state=train_batches.state_dict(),
-                            extra={"tokens_seen": tokens_seen, "reason": reason, **vals.state()})
+                            extra={"tokens_seen": tokens_seen, "reason": reason, **vals.state(),
+                                   **({STAGE_KEY: stage} if stage is not None else {})})
         if env.world > 1:
             dist.barrier()
 
@@ -545,7 +549,6 @@ def _train(model, model_cfg: ModelConfig, cfg: TrainConfig, env: Env, train_batc
             save_checkpoint(best_path, model=model, optimizer=None, step=step, model_config=model_cfg,
                             train_config=cfg.to_dict(), extra={"reason": "best", **vals.state()})
 
-    from tqdm import tqdm
     bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (progress and env.master))
 
@@ -680,7 +683,6 @@ def resume_command(argv: list[str], out_dir: str) -> str:
     """The command that continues an interrupted run: its stage and data arguments with --out-dir and
     --resume. Config keys and --config are left out: the checkpoint holds the configs (and refuses changes
     to the model's)."""
-    from ..config import config_fields
     keys = config_fields()
     takes_value = {"--config", "--stop-at-step", "--init-from"}  # --init-from: the weights are in the checkpoint now
     dropped = {"--force", "--dry-run", "--resume"}

@@ -4,13 +4,17 @@
 """
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
 from ..config import (ModelConfig, TrainConfig, add_config_arguments, build_configs, load_preset,
                       overrides_from_args)
+from ..data import ShardBatches, ShardDataset
 from ..errors import ConfigError
+
+# torch (and the modules that need it: model, checkpoint, loop, stage) is imported inside the functions:
+# cli.build_parser imports this module for add_arguments, and `tinyllm --help` (or a runtime-only install
+# running `tinyllm convert`) must not load torch.
 
 CONFIG_KEYS = True  # takes --KEY VALUE for every config field
 HELP = "pretrain a model on prepared token shards (next-token prediction)"
@@ -45,36 +49,33 @@ def add_arguments(parser):
     add_config_arguments(group)
 
 
+def resolve_run(config_path: str | None, overrides: dict, resume: bool, force: bool, init_from: str | None = None):
+    """The run's Start (tinyllm.train.stage) with its configs. With init_from the model keys are that
+    checkpoint's (a different shape could not take its weights), the training keys the preset's."""
+    from ..formats.checkpoint import load_checkpoint
+    from .stage import model_keys, start_run
+    preset = load_preset(config_path) if config_path else {}
+    start = start_run("pretrain", preset, overrides, resume=resume, force=force,
+                      default_out_dir=TrainConfig.__dataclass_fields__["out_dir"].default)
+    if start.resumed is not None:
+        return start
+    if init_from:
+        changes = model_keys(overrides)
+        if changes:
+            raise ConfigError(f"cannot change model keys {changes} of the --init-from checkpoint ({init_from})")
+        train_keys = {k: v for k, v in preset.items() if k not in ModelConfig.__dataclass_fields__}
+        start.model_cfg, start.train_cfg = build_configs({**train_keys, **load_checkpoint(init_from)["model_config"]},
+                                                         overrides)
+    else:
+        start.model_cfg, start.train_cfg = build_configs(preset, overrides)
+    return start
+
+
 def resolve_configs(config_path: str | None, overrides: dict, resume: bool, force: bool,
                     init_from: str | None = None):
-    """(ModelConfig, TrainConfig, checkpoint path to resume from or None). With init_from the model keys
-    are that checkpoint's (a different shape could not take its weights), the training keys the preset's."""
-    from ..formats.checkpoint import load_checkpoint
-    from .loop import CHECKPOINT_NAME
-    preset = load_preset(config_path) if config_path else {}
-    out_dir = str(overrides.get("out_dir") or preset.get("out_dir") or TrainConfig.__dataclass_fields__["out_dir"].default)
-    ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        model_changes = sorted(k for k in overrides if k in ModelConfig.__dataclass_fields__)
-        if model_changes:
-            raise ConfigError(f"cannot change model keys {model_changes} when resuming ({ckpt_path})")
-        model_cfg, train_cfg = build_configs(ckpt["model_config"], ckpt["train_config"], overrides)
-        return model_cfg, train_cfg, ckpt_path
-    if os.path.exists(ckpt_path) and not force:
-        raise ConfigError(f"a checkpoint already exists; pass --resume to continue it or --force to start over "
-                          f"({ckpt_path})")
-    if init_from:
-        if resume:
-            raise ConfigError("--init-from starts a new run; --resume continues one: give one of them")
-        model_changes = sorted(k for k in overrides if k in ModelConfig.__dataclass_fields__)
-        if model_changes:
-            raise ConfigError(f"cannot change model keys {model_changes} of the --init-from checkpoint ({init_from})")
-        train_keys = {k: v for k, v in preset.items() if k not in ModelConfig.__dataclass_fields__}
-        model_cfg, train_cfg = build_configs({**train_keys, **load_checkpoint(init_from)["model_config"]}, overrides)
-        return model_cfg, train_cfg, None
-    model_cfg, train_cfg = build_configs(preset, overrides)
-    return model_cfg, train_cfg, None
+    """(ModelConfig, TrainConfig, checkpoint path to resume from or None): resolve_run's configs."""
+    start = resolve_run(config_path, overrides, resume, force, init_from)
+    return start.model_cfg, start.train_cfg, start.resume
 
 
 def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | None = None,
@@ -84,11 +85,13 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | No
     init_from: a checkpoint whose weights the run starts from (resolve_configs took its model keys)."""
     import torch
 
-    from ..data import ShardBatches, ShardDataset, load_meta
+    from ..formats.checkpoint import load_checkpoint
     from ..model import Transformer
     from .loop import describe_run, measure_step_time, setup, teardown, train
+    from .stage import stage_record
 
-    meta = load_meta(train_cfg.data_dir)
+    train_data = ShardDataset(train_cfg.data_dir, "train", model_cfg.max_seq_len)
+    meta = train_data.meta
     if init_from and model_cfg.vocab_size != meta["vocab_size"]:
         raise ConfigError(f"the --init-from checkpoint has vocab_size {model_cfg.vocab_size} but the data "
                           f"{meta['vocab_size']}: prepare the data with the checkpoint's tokenizer ({init_from})")
@@ -101,10 +104,8 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | No
         torch.manual_seed(train_cfg.seed)
         model = Transformer(model_cfg)
         if init_from:
-            from ..formats.checkpoint import load_checkpoint
             model.load_state_dict(load_checkpoint(init_from)["model"])
-        train_batches = ShardBatches(ShardDataset(train_cfg.data_dir, "train", model_cfg.max_seq_len),
-                                     train_cfg.batch_size, train_cfg.seed, env.rank, env.world)
+        train_batches = ShardBatches(train_data, train_cfg.batch_size, train_cfg.seed, env.rank, env.world)
         val_batches = ShardBatches(ShardDataset(train_cfg.data_dir, "val", model_cfg.max_seq_len),
                                    train_cfg.batch_size, train_cfg.seed + 1, env.rank, env.world)
         if dry_run:
@@ -115,7 +116,8 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | No
             measured = measure_step_time(model, train_cfg, env, train_batches)
             return {"dry_run": describe_run(model, model_cfg, train_cfg, env, tokens_per_step, measured)}
         summary = train(model, model_cfg, train_cfg, env, train_batches, val_batches,
-                        resume=resume, stop_at_step=stop_at_step, progress=progress)
+                        resume=resume, stop_at_step=stop_at_step, progress=progress,
+                        stage=stage_record("pretrain", {}))
         summary["tokenizer"] = meta["tokenizer"]["path"]
         return summary
     finally:
@@ -123,15 +125,16 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | No
 
 
 def run(args) -> int:
-    overrides = overrides_from_args(args)
-    model_cfg, train_cfg, resume = resolve_configs(args.config, overrides, args.resume, args.force, args.init_from)
-    explicit_vocab = "vocab_size" in overrides or "vocab_size" in (load_preset(args.config) if args.config else {})
-    summary = pretrain(model_cfg, train_cfg, resume=resume, dry_run=args.dry_run, stop_at_step=args.stop_at_step,
-                       progress=not args.no_progress, warn_vocab=explicit_vocab, init_from=args.init_from)
-    if int(os.environ.get("RANK", "0")) != 0:
+    from .loop import finish
+    from .stage import main_process
+    start = resolve_run(args.config, overrides_from_args(args), args.resume, args.force, args.init_from)
+    summary = pretrain(start.model_cfg, start.train_cfg, resume=start.resume, dry_run=args.dry_run,
+                       stop_at_step=args.stop_at_step, progress=not args.no_progress,
+                       warn_vocab=start.given("vocab_size"),
+                       init_from=None if start.resume else args.init_from)  # resuming: the weights are the run's
+    if not main_process():
         return 0
     if "dry_run" in summary:
         print(summary["dry_run"])
         return 0
-    from .loop import finish
     return finish("trained", summary, args._argv)

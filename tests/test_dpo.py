@@ -166,3 +166,57 @@ def test_dpo_command_runs_from_a_checkpoint(tmp_path, tok, capsys):
     assert rc == 0, capsys.readouterr().err
     records = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
     assert all("reward_accuracy" in r for r in records if "loss" in r)
+
+
+# ---- --resume needs nothing but the out-dir (issue 21) ------------------------------------------------
+
+def test_dpo_resumed_with_only_out_dir_and_resume_continues_the_run_exactly(tmp_path, tok, monkeypatch, capsys):
+    import torch
+
+    from tinyllm.cli import main
+    from tinyllm.formats.checkpoint import load_checkpoint
+    from tinyllm.train import loop
+    cfg, model = tiny_model(seed=7)
+    save_as_checkpoint(tmp_path / "sft.pt", model, cfg)
+    _write_jsonl(tmp_path / "pairs.jsonl", _synthetic_pairs(12, seed=3) + ["{broken"])
+    monkeypatch.chdir(tmp_path)
+    argv = ["dpo", "--checkpoint", "sft.pt", "--data", "pairs.jsonl", "--tokenizer", str(tok.path), "--beta", "0.3",
+            "--skip-bad", "--system", "你是助手", "--val-fraction", "0.25", "--max-steps", "6", "--batch-size", "2",
+            "--lr", "3e-3", "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "2", "--eval-steps", "1",
+            "--no-compile", "--dtype", "fp32", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--out-dir", "straight"]) == 0
+    assert main([*argv, "--out-dir", "broken", "--stop-at-step", "3"]) == 0
+    assert load_checkpoint("broken/ckpt.pt")["extra"]["stage"] == {"name": "dpo", "options": {
+        "checkpoint": str(tmp_path / "sft.pt"), "data": [str(tmp_path / "pairs.jsonl")], "tokenizer": str(tok.path),
+        "system": "你是助手", "skip_bad": True, "val_fraction": 0.25, "beta": 0.3}}
+    monkeypatch.chdir(tmp_path / "broken")
+    assert main(["dpo", "--out-dir", str(tmp_path / "broken"), "--resume", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+
+    def records(out):
+        return [{k: v for k, v in r.items() if k not in ("tok_per_s", "elapsed_s")}
+                for r in loop.Metrics.read(str(tmp_path / out / loop.METRICS_NAME))]
+    assert [r["step"] for r in records("straight") if "loss" in r] == list(range(1, 7))
+    assert records("straight") == records("broken")
+    a, b = (load_checkpoint(str(tmp_path / out / "ckpt.pt"))["model"] for out in ("straight", "broken"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the reference model is the saved --checkpoint: when it is gone, say so in one line
+    (tmp_path / "sft.pt").unlink()
+    capsys.readouterr()
+    assert main(["dpo", "--out-dir", str(tmp_path / "broken"), "--resume", "--max-steps", "8", "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: the reference checkpoint this run was started with is gone; pass --checkpoint to use another "
+        f"({tmp_path / 'sft.pt'})"]
+
+
+def test_make_pairs_and_the_cli_parser_need_no_torch():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None\n"  # `import torch` now fails
+            "import tinyllm.train.pairs as p; from tinyllm import cli; cli.build_parser()\n"
+            "assert callable(p.make_pairs) and callable(p.make_pairs_run)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "tinyllm.cli", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and not [line for line in r.stderr.splitlines() if "torch" in line]

@@ -240,3 +240,75 @@ def test_sft_refuses_to_change_the_model_shape(tmp_path, tok, capsys):
     rc = main(["sft", "--checkpoint", str(start), "--data", data, "--tokenizer", str(tok.path), "--dim", "64",
                "--out-dir", str(tmp_path / "o")])
     assert rc == 1 and "model shape comes from the checkpoint" in capsys.readouterr().err
+
+
+# ---- --resume needs nothing but the out-dir (issue 21) ------------------------------------------------
+
+def _metrics(out_dir):
+    from tinyllm.train import loop
+    return [r for r in loop.Metrics.read(str(out_dir / loop.METRICS_NAME))]
+
+
+def _weights(out_dir):
+    from tinyllm.formats.checkpoint import load_checkpoint
+    return load_checkpoint(str(out_dir / "ckpt.pt"))["model"]
+
+
+def test_sft_resumed_with_only_out_dir_and_resume_continues_the_run_exactly(tmp_path, tok, monkeypatch, capsys):
+    import torch
+
+    from tinyllm.cli import main
+    from tinyllm.formats.checkpoint import load_checkpoint
+    cfg, model = tiny_model(seed=4)
+    save_as_checkpoint(tmp_path / "pre.pt", model, cfg)
+    pairs = [("你好", "你好，朋友！"), ("写一首诗", "春天花开了。"), ("为什么", "因为今天天气很好。"), ("谢谢", "不用谢。"),
+             ("你是谁", "我是ChatGPT。"), ("再见", "再见，朋友。")]
+    _write_jsonl(tmp_path / "sft.jsonl", [{"instruction": q, "output": a} for q, a in pairs] + ["{broken"])
+    monkeypatch.chdir(tmp_path)  # relative paths: the checkpoint must keep where they point
+    # options away from their defaults, each of which changes the result if --resume dropped it
+    argv = ["sft", "--checkpoint", "pre.pt", "--data", "sft.jsonl", "--tokenizer", str(tok.path), "--skip-bad",
+            "--system", "你是小模型", "--identity", "keep", "--val-fraction", "0.34", "--max-steps", "8",
+            "--batch-size", "2", "--lr", "3e-3", "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "3",
+            "--eval-steps", "1", "--no-compile", "--dtype", "fp32", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--out-dir", "straight"]) == 0
+    assert main([*argv, "--out-dir", "broken", "--stop-at-step", "5"]) == 0
+    stage = load_checkpoint("broken/ckpt.pt")["extra"]["stage"]
+    assert stage == {"name": "sft", "options": {
+        "checkpoint": str(tmp_path / "pre.pt"), "data": [str(tmp_path / "sft.jsonl")], "tokenizer": str(tok.path),
+        "system": "你是小模型", "skip_bad": True, "identity": "keep", "val_fraction": 0.34}}
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path / "broken")
+    assert main(["sft", "--out-dir", str(tmp_path / "broken"), "--resume", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "at step 5" in err and "1 skipped (bad JSON" in err
+    straight, broken = _metrics(tmp_path / "straight"), _metrics(tmp_path / "broken")
+    drop_times = [{k: v for k, v in r.items() if k not in ("tok_per_s", "elapsed_s")} for r in straight]
+    assert [r["step"] for r in straight if "loss" in r] == list(range(1, 9))
+    assert drop_times == [{k: v for k, v in r.items() if k not in ("tok_per_s", "elapsed_s")} for r in broken]
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "broken")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_resume_says_in_one_line_which_saved_file_is_gone_and_an_explicit_option_overrides(tmp_path, tok,
+                                                                                              capsys):
+    from tinyllm.cli import main
+    cfg, model = tiny_model(seed=4)
+    start = save_as_checkpoint(tmp_path / "pre.pt", model, cfg)
+    data = _write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "你好", "output": "你好，朋友！"}] * 3)
+    out = tmp_path / "o"
+    assert main(["sft", "--checkpoint", str(start), "--data", data, "--tokenizer", str(tok.path), "--out-dir", str(out),
+                 "--max-steps", "3", "--stop-at-step", "1", "--batch-size", "2", "--val-fraction", "0",
+                 "--no-compile", "--dtype", "fp32", "--device", "cpu", "--no-progress"]) == 0
+    other = _write_jsonl(tmp_path / "other.jsonl", [{"instruction": "你好", "output": "你好，朋友！"}] * 3)
+    (tmp_path / "sft.jsonl").unlink()
+    capsys.readouterr()
+    assert main(["sft", "--out-dir", str(out), "--resume", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: the data file this run was started with is gone; pass --data to use another ({data})"]
+    assert main(["sft", "--out-dir", str(out), "--resume", "--no-progress", "--data", other, "--stop-at-step", "2"]) == 0
+    from tinyllm.formats.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 2 and ckpt["extra"]["stage"]["options"]["data"] == [other]
+    # a checkpoint of another stage is not continued by this one
+    assert main(["dpo", "--out-dir", str(out), "--resume", "--no-progress"]) == 1
+    assert "is a sft run's: continue it with `tinyllm sft" in capsys.readouterr().err

@@ -11,12 +11,23 @@ would give at each step, without holding a second model).
 from __future__ import annotations
 
 import functools
-import json
-import os
 import sys
 
+import numpy as np
+
+from ..chat import encode, split_conversation
+from ..config import add_config_arguments, overrides_from_args
 from ..errors import DataError
-from .sft_data import Example, ExampleBatches, RecordError, ReadReport, converted_records
+from .pairs import DESCRIPTION as MAKE_PAIRS_DESCRIPTION
+from .pairs import HELP as MAKE_PAIRS_HELP
+from .pairs import add_arguments as add_make_pairs_arguments
+from .pairs import make_pairs_run
+from .sft import resolve
+from .sft_data import (Example, ExampleBatches, ReadReport, RecordError, collate_sft, converted_records,
+                       split_train_val, to_messages)
+
+# torch (and the modules that need it: model, loop, stage) is imported inside the functions: cli.build_parser
+# imports this module for add_arguments, and `tinyllm --help` must not load torch.
 
 CONFIG_KEYS = True
 HELP = "preference-tune a checkpoint on chosen/rejected pairs (DPO); `dpo make-pairs` builds pairs"
@@ -30,6 +41,10 @@ Logged per metrics line: loss, reward_accuracy (share of pairs whose chosen rewa
 reward_margin (mean chosen - rejected reward), chosen_reward and rejected_reward, where a reward is
 beta * (log pi - log ref) of an answer. A pair longer than max_seq_len has its answers cut (the prompt
 kept); one whose prompt alone fills the context is skipped.
+
+ckpt.pt keeps this command's options (--checkpoint, the reference; --data, --tokenizer, --system,
+--skip-bad, --val-fraction, --beta), so `tinyllm dpo --out-dir OUT_DIR --resume` continues the run
+with nothing else; an option given with --resume overrides the saved one.
 
 `tinyllm dpo make-pairs` writes pairs from an SFT data set: chosen = its reference answer, rejected =
 an answer sampled from our own model with the C runtime (fast), in the chat template."""
@@ -55,8 +70,6 @@ def _answer(value, what: str) -> str:
 
 def to_pair(record, system: str = "") -> tuple[list[dict], str, str]:
     """(prompt messages ending with a user message, chosen, rejected) of one preference record."""
-    from ..chat import split_conversation
-    from .sft_data import to_messages
     if not isinstance(record, dict):
         raise RecordError("bad conversation", f"a record must be a JSON object, got {type(record).__name__}")
     chosen, rejected = _answer(record.get("chosen"), "chosen"), _answer(record.get("rejected"), "rejected")
@@ -88,9 +101,6 @@ def load_pairs(paths, system: str = "", skip_bad: bool = False):
 
 def _answer_example(tok, prompt, answer: str, seq_len: int) -> Example | None:
     """prompt + answer as an example whose mask covers only this answer and its EOS (cut to fit)."""
-    import numpy as np
-
-    from ..chat import encode
     prompt_len = len(encode(tok, prompt)[0])
     ids = encode(tok, prompt + [{"role": "assistant", "content": answer}])[0]
     if prompt_len >= seq_len + 1:
@@ -125,8 +135,6 @@ class PairExample:
 def collate_pairs(pairs: list[PairExample], seq_len: int):
     """(x, y, ref): the B chosen rows, then the B rejected rows, and their reference log-probs (2B,)."""
     import torch
-
-    from .sft_data import collate_sft
     x, y = collate_sft([p.chosen for p in pairs] + [p.rejected for p in pairs], seq_len)
     ref = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float32)
     return x, y, ref
@@ -144,8 +152,6 @@ def reference_logps(model, examples: list[tuple[Example, Example]], seq_len: int
                     device="cpu") -> list[tuple[float, float]]:
     """The frozen model's (log p(chosen), log p(rejected)) for every pair."""
     import torch
-
-    from .sft_data import collate_sft
     model.eval()
     out = []
     with torch.no_grad():
@@ -192,20 +198,29 @@ class DPOLoss:
 
 # ---- training ---------------------------------------------------------------------------------------
 
+DPO_OPTIONS = {"checkpoint": None, "data": None, "tokenizer": None, "system": "", "skip_bad": False,
+               "val_fraction": 0.05, "beta": 0.1}  # the stage's options, saved in its checkpoints
+
+
 def dpo(model_cfg, train_cfg, tok, data_paths, reference: dict, *, resume=None, beta: float = 0.1, system: str = "",
-        skip_bad: bool = False, val_fraction: float = 0.05, stop_at_step: int | None = None, progress: bool = True,
-        log=print) -> dict:
+        skip_bad: bool = False, val_fraction: float = 0.05, checkpoint: str | None = None,
+        stop_at_step: int | None = None, progress: bool = True, log=print) -> dict:
     """DPO starting from the reference weights (a state dict, also the frozen reference), or resuming a DPO
-    checkpoint that started from them; returns the loop's summary + the data report."""
+    checkpoint that started from them; returns the loop's summary + the data report. checkpoint: the file
+    the reference came from, recorded with the other options so that --resume finds it again."""
     import torch
 
     from ..model import Transformer
     from .loop import setup, teardown, train
-    from .sft_data import split_train_val
+    from .stage import absolute, path_list, stage_record
 
     if beta <= 0:
         raise DataError(f"beta must be positive, got {beta}")
-    pairs, report = load_pairs(data_paths, system=system, skip_bad=skip_bad)
+    paths = path_list(data_paths)
+    stage = stage_record("dpo", {"checkpoint": absolute(checkpoint), "data": [absolute(p) for p in paths],
+                                 "tokenizer": absolute(getattr(tok, "path", None)), "system": system,
+                                 "skip_bad": skip_bad, "val_fraction": val_fraction, "beta": beta})
+    pairs, report = load_pairs(paths, system=system, skip_bad=skip_bad)
     T = model_cfg.max_seq_len
     tokenized = tokenize_pairs(tok, pairs, T, report)
     if not tokenized:
@@ -231,120 +246,61 @@ def dpo(model_cfg, train_cfg, tok, data_paths, reference: dict, *, resume=None, 
         val = ExampleBatches(examples(val_pairs, refs[1]), train_cfg.batch_size, train_cfg.seed + 1, collate,
                              env.rank, env.world) if val_pairs else None
         summary = train(model, model_cfg, train_cfg, env, batches, val, loss_fn=DPOLoss(beta), resume=resume,
-                        stop_at_step=stop_at_step, progress=progress)
+                        stop_at_step=stop_at_step, progress=progress, stage=stage)
     finally:
         teardown(env)
     summary["data"] = report
     return summary
 
 
+RESUMED = "with --resume: the run's"
+
+
 def add_arguments(parser):
-    from ..config import add_config_arguments
-    from .sft import add_data_arguments
     parser.allow_abbrev = False  # else make-pairs' --out would be taken as an abbreviation of --out-dir
-    parser.add_argument("--checkpoint", metavar="CKPT", help="checkpoint to start from and to use as the reference")
-    parser.add_argument("--data", action="append", metavar="FILE", help="preference pairs file; repeatable")
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature: how far the policy may move")
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="pairs held out for val loss")
+    parser.add_argument("--checkpoint", metavar="CKPT",
+                        help=f"checkpoint to start from and to use as the reference (required unless --resume; "
+                             f"{RESUMED})")
+    parser.add_argument("--data", action="append", metavar="FILE",
+                        help=f"preference pairs file; repeatable (required unless --resume; {RESUMED})")
+    parser.add_argument("--beta", type=float,
+                        help=f"DPO temperature: how far the policy may move (default: 0.1; {RESUMED})")
+    parser.add_argument("--val-fraction", type=float, help=f"pairs held out for val loss (default: 0.05; {RESUMED})")
     parser.add_argument("--config", metavar="TOML", help="preset file with train keys")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT_DIR/ckpt.pt with the options it was started with (data, beta, "
+                             "reference checkpoint, ...); options given here override them")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                        help="stop with a checkpoint at step N as if out of time (--resume continues)")
     parser.add_argument("--tokenizer", metavar="MODEL",
-                        help="SentencePiece .model (default: the one the pretraining data was prepared with)")
-    parser.add_argument("--system", default="", help="system prompt for pairs without their own")
-    parser.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of stopping")
+                        help=f"SentencePiece .model (default: the one the pretraining data was prepared with; "
+                             f"{RESUMED})")
+    parser.add_argument("--system", help=f"system prompt for pairs without their own (default: none; {RESUMED})")
+    parser.add_argument("--skip-bad", action="store_true", default=None,
+                        help=f"skip (and count) malformed records instead of stopping (default: stop; {RESUMED})")
     group = parser.add_argument_group("config keys (train keys; the model comes from the checkpoint)")
     add_config_arguments(group)
+    # `dpo make-pairs` (tinyllm.train.pairs), until cli.py attaches it itself
     sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")
-    mp = sub.add_parser("make-pairs", help="build pairs: reference answers vs our own model's samples",
-                        description=MAKE_PAIRS_DESCRIPTION, formatter_class=parser.formatter_class)
-    mp.add_argument("--model", required=True, metavar="FILE", help="our SFT model as .bin or .gguf (C runtime)")
-    mp.add_argument("--runtime-tokenizer", metavar="TOKBIN",
-                    help="tok.bin for a .bin model (default: beside the model); a GGUF carries its own")
-    mp.add_argument("--data", action="append", required=True, metavar="FILE", help="SFT data file; repeatable")
-    mp.add_argument("--out", required=True, metavar="FILE", help="pairs JSONL to write")
-    add_data_arguments(mp)
-    mp.add_argument("--max-pairs", type=int, default=0, help="stop after this many pairs (0: all)")
-    mp.add_argument("--max-new-tokens", type=int, default=256, help="longest sampled answer")
-    mp.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    mp.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling")
-    mp.add_argument("--seed", type=int, default=1, help="pair i samples with seed + i")
-    mp.add_argument("--threads", type=int, default=None, help="runtime threads (default: physical cores)")
-    mp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mp = sub.add_parser("make-pairs", help=MAKE_PAIRS_HELP, description=MAKE_PAIRS_DESCRIPTION,
+                        formatter_class=parser.formatter_class)
+    add_make_pairs_arguments(mp)
     mp.set_defaults(_run=make_pairs_run, _config_keys=False)
 
 
 def run(args) -> int:
-    from ..config import overrides_from_args
-    from .sft import load_tokenizer, resolve
-    if not args.data:
-        raise DataError("--data (preference pairs) is required")
-    model_cfg, train_cfg, weights, resume, data_dir = resolve(args.checkpoint, overrides_from_args(args),
-                                                              args.config, args.resume, args.force, DPO_DEFAULTS)
-    tok = load_tokenizer(args.tokenizer, args.checkpoint, data_dir, model_cfg.vocab_size)
-    if weights is None:  # resuming: the reference is still the model DPO started from
-        from ..formats.checkpoint import load_checkpoint
-        if not args.checkpoint:
-            raise DataError("--resume needs --checkpoint: the reference model the run started from")
-        weights = load_checkpoint(args.checkpoint)["model"]
-    master = int(os.environ.get("RANK", "0")) == 0
-    summary = dpo(model_cfg, train_cfg, tok, args.data, weights, resume=resume, beta=args.beta,
-                  system=args.system, skip_bad=args.skip_bad, val_fraction=args.val_fraction,
-                  progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr) if master else None)
+    from .loop import finish
+    from .stage import main_process, options_from_args
+    start = resolve("dpo", options_from_args(args, DPO_OPTIONS), overrides_from_args(args), args.config,
+                    args.resume, args.force, defaults=DPO_DEFAULTS, option_defaults=DPO_OPTIONS,
+                    start_weights_on_resume=True)
+    master, o = main_process(), start.options
+    summary = dpo(start.model_cfg, start.train_cfg, start.tokenizer, o["data"], start.weights, resume=start.resume,
+                  beta=o["beta"], system=o["system"], skip_bad=o["skip_bad"], val_fraction=o["val_fraction"],
+                  checkpoint=o["checkpoint"], stop_at_step=args.stop_at_step, progress=not args.no_progress,
+                  log=lambda m: print(m, file=sys.stderr) if master else None)
     if not master:
         return 0
-    from .loop import finish
     return finish("DPO", summary, args._argv)
-
-
-# ---- make-pairs -------------------------------------------------------------------------------------
-
-MAKE_PAIRS_DESCRIPTION = """\
-For each conversation of an SFT data set (same formats and options as `tinyllm sft`), the prompt is
-the conversation up to its last user message, chosen is the reference answer and rejected is an
-answer our model samples for that prompt with the C runtime (chat template, repetition controls on).
-Pairs whose sample equals the reference or is empty are left out and counted. Writes JSONL records
-{"prompt": text or messages, "chosen", "rejected"} that `tinyllm dpo --data` reads."""
-
-
-def make_pairs(runtime, conversations, out_path: str, *, max_pairs: int = 0, max_new_tokens: int = 256,
-               temperature: float = 1.0, top_p: float = 0.9, seed: int = 1, progress: bool = True) -> dict:
-    """Write preference pairs (reference answer vs a sample from runtime) to out_path; returns counts."""
-    from tqdm import tqdm
-
-    from ..fileio import atomic_write
-    counts = {"pairs": 0, "same_as_reference": 0, "empty_sample": 0}
-    todo = conversations[:max_pairs] if max_pairs else conversations
-    with atomic_write(out_path, "w") as f:
-        for i, messages in enumerate(tqdm(todo, unit="pair", disable=not progress)):
-            prompt, chosen = messages[:-1], messages[-1]["content"]
-            rejected = runtime.chat(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    seed=seed + i)
-            if not rejected.strip():
-                counts["empty_sample"] += 1
-                continue
-            if rejected.strip() == chosen.strip():
-                counts["same_as_reference"] += 1
-                continue
-            simple = len(prompt) == 1
-            record = {"prompt": prompt[0]["content"] if simple else prompt, "chosen": chosen, "rejected": rejected}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            counts["pairs"] += 1
-    return counts
-
-
-def make_pairs_run(args) -> int:
-    import tinyllm
-
-    from .sft_data import load_conversations
-    conversations, report = load_conversations(args.data, system=args.system, skip_bad=args.skip_bad,
-                                               identity=args.identity)
-    print(f"data: {report.summary()}", file=sys.stderr)
-    runtime = tinyllm.Runtime(args.model, args.runtime_tokenizer, threads=args.threads)
-    counts = make_pairs(runtime, conversations, args.out, max_pairs=args.max_pairs,
-                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed, progress=not args.no_progress)
-    print(f"wrote {counts['pairs']} pairs to {args.out} ({counts['same_as_reference']} samples equal to the "
-          f"reference and {counts['empty_sample']} empty samples left out)", file=sys.stderr)
-    return 0

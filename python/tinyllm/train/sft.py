@@ -7,13 +7,18 @@ Data formats, truncation, padding and identity cleaning: see tinyllm.train.sft_d
 from __future__ import annotations
 
 import functools
-import os
 import sys
+from dataclasses import dataclass
 
-from ..config import (ModelConfig, TrainConfig, add_config_arguments, build_configs, load_preset,
-                      overrides_from_args)
+from ..config import ModelConfig, TrainConfig, add_config_arguments, build_configs, load_preset, overrides_from_args
 from ..data import prepared_tokenizer
-from ..errors import ConfigError, TokenizerError
+from ..errors import ConfigError, DataError, TokenizerError
+from ..tokenizer import Tokenizer
+from .sft_data import (ExampleBatches, add_data_arguments, collate_sft, load_conversations, split_train_val,
+                       tokenize_all)
+
+# torch (and the modules that need it: model, checkpoint, loop, stage) is imported inside the functions:
+# cli.build_parser imports this module for add_arguments, and `tinyllm --help` must not load torch.
 
 CONFIG_KEYS = True
 HELP = "fine-tune a pretrained checkpoint on instructions/conversations (loss on answers only)"
@@ -38,71 +43,110 @@ for any answer token is skipped. Batches are padded (one conversation per row), 
 drop skips such records; keep leaves them.
 
 Settings: SFT defaults, then --config, then --key value flags. Writes OUT_DIR/ckpt.pt,
-metrics.jsonl and loss.png like pretraining; --resume continues OUT_DIR/ckpt.pt (pass the same data).
+metrics.jsonl and loss.png like pretraining. ckpt.pt keeps this command's options (--checkpoint,
+--data, --tokenizer, --system, --skip-bad, --identity, --val-fraction), so `tinyllm sft --out-dir
+OUT_DIR --resume` continues the run with nothing else; an option given with --resume overrides the
+saved one.
 """
 
 # SFT starts from a trained model: a lower learning rate and a shorter schedule than pretraining
 SFT_DEFAULTS = {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 20, "max_steps": 1000, "batch_size": 16,
                 "eval_interval": 100, "eval_steps": 10, "ckpt_interval": 200, "out_dir": "out/sft"}
 ALLOWED_MODEL_KEYS = {"dropout"}
-
-
-def add_data_arguments(parser):
-    """--tokenizer, --system, --skip-bad, --identity: shared by sft and dpo make-pairs."""
-    parser.add_argument("--tokenizer", metavar="MODEL",
-                        help="SentencePiece .model (default: the one the pretraining data was prepared with)")
-    parser.add_argument("--system", default="", help="system prompt for records without their own")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip (and count) malformed JSON lines, records with missing fields and broken "
-                             "conversations instead of stopping at the first one")
-    parser.add_argument("--identity", choices=["rewrite", "drop", "keep"], default="rewrite",
-                        help="what to do with answers claiming to be another assistant (ChatGPT, 通义千问, ...)")
+# the options of the stage itself, saved in its checkpoints (tinyllm.train.stage): their defaults
+SFT_OPTIONS = {"checkpoint": None, "data": None, "tokenizer": None, "system": "", "skip_bad": False,
+               "identity": "rewrite", "val_fraction": 0.02}
+RESUMED = "with --resume: the run's"
 
 
 def add_arguments(parser):
     parser.add_argument("--checkpoint", metavar="CKPT", help="pretrained checkpoint to start from")
-    parser.add_argument("--data", action="append", required=True, metavar="FILE", help="SFT data file; repeatable")
-    add_data_arguments(parser)
-    parser.add_argument("--val-fraction", type=float, default=0.02, help="conversations held out for val loss")
+    parser.add_argument("--data", action="append", metavar="FILE",
+                        help=f"SFT data file; repeatable (required unless --resume; {RESUMED})")
+    add_data_arguments(parser, resumable=True)
+    parser.add_argument("--val-fraction", type=float,
+                        help=f"conversations held out for val loss (default: 0.02; {RESUMED})")
     parser.add_argument("--config", metavar="TOML", help="preset file with train keys")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT_DIR/ckpt.pt with the options it was started with; options "
+                             "given here override them")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                        help="stop with a checkpoint at step N as if out of time (--resume continues)")
     group = parser.add_argument_group("config keys (train keys; the model comes from the checkpoint)")
     add_config_arguments(group)
 
 
-def resolve(checkpoint: str | None, overrides: dict, config_path: str | None, resume: bool, force: bool,
-            defaults: dict = SFT_DEFAULTS):
-    """(ModelConfig, TrainConfig, starting weights or None, checkpoint to resume or None, data_dir of
-    the pretrained model). Shared by sft and dpo."""
+@dataclass
+class FineTuneStart:
+    """What sft and dpo settle before training: the configs, the stage's options (defaults, then the resumed
+    checkpoint's, then those given), the tokenizer, the starting checkpoint's weights and the checkpoint
+    to resume (None for a new run)."""
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    options: dict
+    tokenizer: Tokenizer
+    weights: dict | None
+    resume: str | None
+
+
+def resolve(stage: str, given: dict, overrides: dict, config_path: str | None, resume: bool, force: bool, *,
+            defaults: dict = SFT_DEFAULTS, option_defaults: dict = SFT_OPTIONS,
+            start_weights_on_resume: bool = False) -> FineTuneStart:
+    """Settle a fine-tuning stage's run (sft, dpo). given: the stage options from the command line (None:
+    not given). weights: the starting checkpoint's, for a new run; when resuming, only with
+    start_weights_on_resume (dpo: they are the frozen reference)."""
     from ..formats.checkpoint import load_checkpoint
-    from .loop import CHECKPOINT_NAME
+    from .stage import check_saved_file, model_keys, stage_options, start_run
     preset = load_preset(config_path) if config_path else {}
-    model_changes = sorted(k for k in {**preset, **overrides}
-                           if k in ModelConfig.__dataclass_fields__ and k not in ALLOWED_MODEL_KEYS)
+    model_changes = [k for k in model_keys({**preset, **overrides}) if k not in ALLOWED_MODEL_KEYS]
     if model_changes:
         raise ConfigError(f"the model shape comes from the checkpoint; cannot set {model_changes}")
-    out_dir = str(overrides.get("out_dir") or preset.get("out_dir") or defaults["out_dir"])
-    ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        model_cfg, train_cfg = build_configs(ckpt["model_config"], ckpt["train_config"], overrides)
-        return model_cfg, train_cfg, None, ckpt_path, ckpt["train_config"].get("data_dir")
-    if os.path.exists(ckpt_path) and not force:
-        raise ConfigError(f"a checkpoint already exists; pass --resume to continue it or --force to start over "
-                          f"({ckpt_path})")
-    if not checkpoint:
-        raise ConfigError("--checkpoint (the model to fine-tune) is required unless --resume")
-    start = load_checkpoint(checkpoint)
-    data_dir = (start.get("train_config") or {}).get("data_dir") or TrainConfig.__dataclass_fields__["data_dir"].default
-    model_cfg, train_cfg = build_configs(start["model_config"], {"data_dir": data_dir}, defaults, preset, overrides)
-    return model_cfg, train_cfg, start["model"], None, data_dir
+    start = start_run(stage, preset, overrides, resume=resume, force=force, default_out_dir=defaults["out_dir"],
+                      changeable_model_keys=ALLOWED_MODEL_KEYS)
+    saved = start.saved_options()
+    options = stage_options(option_defaults, saved, given)
+
+    def from_run(key):  # the value is the resumed run's, not given now
+        return given.get(key) is None and saved is not None and saved.get(key) is not None
+
+    if not options["data"]:
+        before = (f": {start.checkpoint_path} was written before runs kept their options"
+                  if start.resumed is not None and saved is None else " (unless --resume)")
+        raise DataError(f"--data is required{before}")
+    if from_run("data"):
+        for path in options["data"]:
+            check_saved_file(path, "data file", "--data")
+    weights = None
+    if start.resumed is not None:
+        model_cfg, train_cfg = start.model_cfg, start.train_cfg
+        data_dir = train_cfg.data_dir
+        if start_weights_on_resume:
+            if not options["checkpoint"]:
+                raise DataError(f"--resume needs --checkpoint: the reference model the run started from "
+                                f"({start.checkpoint_path} was written before runs kept their options)")
+            if from_run("checkpoint"):
+                check_saved_file(options["checkpoint"], "reference checkpoint", "--checkpoint")
+            weights = load_checkpoint(options["checkpoint"])["model"]
+    else:
+        if not options["checkpoint"]:
+            raise ConfigError("--checkpoint (the model to fine-tune) is required unless --resume")
+        begin = load_checkpoint(options["checkpoint"])
+        data_dir = (begin.get("train_config") or {}).get("data_dir") or \
+            TrainConfig.__dataclass_fields__["data_dir"].default
+        model_cfg, train_cfg = build_configs(begin["model_config"], {"data_dir": data_dir}, defaults, preset,
+                                             overrides)
+        weights = begin["model"]
+    if from_run("tokenizer"):
+        check_saved_file(options["tokenizer"], "tokenizer", "--tokenizer", TokenizerError)
+    tok = load_tokenizer(options["tokenizer"], options["checkpoint"], data_dir, model_cfg.vocab_size)
+    return FineTuneStart(model_cfg, train_cfg, options, tok, weights, start.resume)
 
 
 def load_tokenizer(path: str | None, checkpoint: str | None, data_dir: str | None, vocab_size: int):
     """The SentencePiece tokenizer given, else the one the pretraining data used; checked against the model."""
-    from ..tokenizer import Tokenizer
     if path is None:
         path = prepared_tokenizer(data_dir)
         if path is None:
@@ -115,15 +159,20 @@ def load_tokenizer(path: str | None, checkpoint: str | None, data_dir: str | Non
 
 def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, tok, data_paths, *, weights=None, resume=None,
         system: str = "", skip_bad: bool = False, identity: str = "rewrite", val_fraction: float = 0.02,
-        stop_at_step: int | None = None, progress: bool = True, log=print) -> dict:
-    """Fine-tune from weights (a state dict) or resume; returns the loop's summary plus the data report."""
+        checkpoint: str | None = None, stop_at_step: int | None = None, progress: bool = True, log=print) -> dict:
+    """Fine-tune from weights (a state dict) or resume; returns the loop's summary plus the data report.
+    checkpoint: the file weights came from, recorded with the other options in the run's checkpoints."""
     import torch
 
     from ..model import Transformer
     from .loop import setup, teardown, train
-    from .sft_data import ExampleBatches, collate_sft, load_conversations, split_train_val, tokenize_all
+    from .stage import absolute, path_list, stage_record
 
-    conversations, report = load_conversations(data_paths, system=system, skip_bad=skip_bad, identity=identity)
+    paths = path_list(data_paths)
+    stage = stage_record("sft", {"checkpoint": absolute(checkpoint), "data": [absolute(p) for p in paths],
+                                 "tokenizer": absolute(getattr(tok, "path", None)), "system": system,
+                                 "skip_bad": skip_bad, "identity": identity, "val_fraction": val_fraction})
+    conversations, report = load_conversations(paths, system=system, skip_bad=skip_bad, identity=identity)
     train_convs, val_convs = split_train_val(conversations, val_fraction, train_cfg.seed)
     T = model_cfg.max_seq_len
     train_ex = tokenize_all(tok, train_convs, T, report)
@@ -140,7 +189,7 @@ def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, tok, data_paths, *, weig
         val = ExampleBatches(val_ex, train_cfg.batch_size, train_cfg.seed + 1, collate, env.rank, env.world) \
             if val_ex else None
         summary = train(model, model_cfg, train_cfg, env, batches, val, resume=resume, stop_at_step=stop_at_step,
-                        progress=progress)
+                        progress=progress, stage=stage)
     finally:
         teardown(env)
     summary["data"] = report
@@ -148,16 +197,15 @@ def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, tok, data_paths, *, weig
 
 
 def run(args) -> int:
-    overrides = overrides_from_args(args)
-    model_cfg, train_cfg, weights, resume, data_dir = resolve(args.checkpoint, overrides, args.config,
-                                                              args.resume, args.force)
-    tok = load_tokenizer(args.tokenizer, args.checkpoint, data_dir, model_cfg.vocab_size)
-    master = int(os.environ.get("RANK", "0")) == 0
-    summary = sft(model_cfg, train_cfg, tok, args.data, weights=weights, resume=resume, system=args.system,
-                  skip_bad=args.skip_bad, identity=args.identity, val_fraction=args.val_fraction,
-                  progress=not args.no_progress,
-                  log=lambda m: print(m, file=sys.stderr) if master else None)
+    from .loop import finish
+    from .stage import main_process, options_from_args
+    start = resolve("sft", options_from_args(args, SFT_OPTIONS), overrides_from_args(args), args.config,
+                    args.resume, args.force)
+    master, o = main_process(), start.options
+    summary = sft(start.model_cfg, start.train_cfg, start.tokenizer, o["data"], weights=start.weights,
+                  resume=start.resume, system=o["system"], skip_bad=o["skip_bad"], identity=o["identity"],
+                  val_fraction=o["val_fraction"], checkpoint=o["checkpoint"], stop_at_step=args.stop_at_step,
+                  progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr) if master else None)
     if not master:
         return 0
-    from .loop import finish
     return finish("fine-tuned", summary, args._argv)

@@ -31,9 +31,14 @@ import numpy as np
 
 from ..chat import encode as encode_conversation
 from ..chat import split_conversation
+from ..corpus import base_name, open_binary
 from ..errors import DataError
 
+# torch is imported in collate_sft only: `tinyllm dpo make-pairs` (tinyllm.train.pairs) reads conversations
+# with this module and needs no torch
+
 PAD_MULTIPLE = 64
+IDENTITY_CHOICES = ("rewrite", "drop", "keep")
 
 # ---- identity cleaning (issue 9) -----------------------------------------------------------------
 
@@ -107,7 +112,6 @@ class ReadReport:
 def read_json_records(path: str):
     """Yield (place, record or DataError) for each record of a JSONL or JSON file; a line that is not
     valid JSON yields a DataError naming its line."""
-    from ..corpus import base_name, open_binary
     with open_binary(path) as raw:
         data = raw.read()
     try:
@@ -242,7 +246,7 @@ def load_conversations(paths, system: str = "", skip_bad: bool = False,
                        identity: str = "keep") -> tuple[list[list[dict]], ReadReport]:
     """(conversations, report) from SFT files. identity: keep, rewrite (claims of other assistants become
     tinyllm's) or drop (records with such claims are skipped)."""
-    if identity not in ("keep", "rewrite", "drop"):
+    if identity not in IDENTITY_CHOICES:
         raise DataError(f"identity must be keep, rewrite or drop, got {identity!r}")
     report, out = ReadReport(), []
     for place, messages in converted_records(paths, lambda r: to_messages(r, system), report, skip_bad):
@@ -258,6 +262,27 @@ def load_conversations(paths, system: str = "", skip_bad: bool = False,
         out.append(messages)
         report.kept += 1
     return out, report
+
+
+def add_data_arguments(parser, resumable: bool = False):
+    """--tokenizer, --system, --skip-bad, --identity: how SFT data is read (sft, dpo make-pairs). resumable:
+    options not given stay None, so that --resume can take the run's saved ones (the help says the default)."""
+    def default(value):
+        return None if resumable else value
+
+    def said(text, value):
+        return f"{text} (default: {value}; with --resume: the run's)" if resumable else text
+    parser.add_argument("--tokenizer", metavar="MODEL",
+                        help="SentencePiece .model (default: the one the pretraining data was prepared with"
+                             + ("; with --resume: the run's)" if resumable else ")"))
+    parser.add_argument("--system", default=default(""),
+                        help=said("system prompt for records without their own", "none"))
+    parser.add_argument("--skip-bad", action="store_true", default=default(False),
+                        help=said("skip (and count) malformed JSON lines, records with missing fields and broken "
+                                  "conversations instead of stopping at the first one", "stop"))
+    parser.add_argument("--identity", choices=IDENTITY_CHOICES, default=default("rewrite"),
+                        help=said("what to do with answers claiming to be another assistant (ChatGPT, 通义千问, ...)",
+                                  "rewrite"))
 
 
 # ---- tokens, truncation, batches ---------------------------------------------------------------------

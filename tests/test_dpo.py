@@ -214,7 +214,7 @@ def test_make_pairs_and_the_cli_parser_need_no_torch():
     import sys
     code = ("import sys; sys.modules['torch'] = None\n"  # `import torch` now fails
             "import tinyllm.train.pairs as p; from tinyllm import cli; cli.build_parser()\n"
-            "assert callable(p.make_pairs) and callable(p.make_pairs_run)")
+            "assert callable(p.make_pairs) and callable(cli.DpoMakePairs.run)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "tinyllm.cli", "--help"], capture_output=True,

@@ -5,32 +5,39 @@
     tinyllm pretrain          shards -> checkpoint
     tinyllm sft               checkpoint + chat data -> fine-tuned checkpoint (loss on answers)
     tinyllm dpo               checkpoint + preference pairs -> DPO checkpoint (`dpo make-pairs` builds pairs)
-    tinyllm export            checkpoint -> llama2.c .bin (verified against the C runtime)
+    tinyllm export            checkpoint -> llama2.c .bin, GGUF or HF (verified against the C runtime)
+    tinyllm convert           any model file -> any other format (.bin, GGUF, HF, checkpoint)
     tinyllm sample            checkpoint -> text (torch, for a quick look)
     tinyllm eval              perplexity, bits/char, C-Eval accuracy, generations (torch or C runtime)
     tinyllm serve             model -> OpenAI-compatible HTTP API and web chat page (C runtime)
 
-A stage is a module (or object) with HELP, optionally DESCRIPTION, add_arguments(parser) and run(args)
--> exit code; add it to STAGES (or to a group in GROUPS) and it becomes a subcommand.
+Every subcommand is a class here with HELP, optionally DESCRIPTION, add_arguments(parser) and run(args)
+-> exit code; add it to STAGES (or to a group in GROUPS, or under a stage in SUBSTAGES) and it becomes
+a subcommand. This module is the top layer: nothing imports it, and run() calls the library.
 Errors the user can fix print `error: <what> (<file>)` and exit 1, without a traceback.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from .config import config_fields
-from .corpus import parse_drop_filters, parse_source, planned_texts
+from . import eval as eval_module
+from .config import add_config_arguments, config_fields, overrides_from_args
+from .corpus import parse_drop_filters, parse_source, planned_texts, read_texts
 from .data import prepare
-from .errors import TinyLLMError
+from .errors import InvalidArgumentError, TinyLLMError
+from .eval import CHANCE, generations, load_backend, multiple_choice, perplexity, read_mc, read_prompts
+from .fileio import atomic_write
 from .formats.convert import convert
 from .runtime import Runtime
-from .sampling import Sampler, SampleParams
+from .sampling import CHAT_DEFAULTS, Sampler, SampleParams
 from .tokenizer import Tokenizer, train_tokenizer
+from .train.pairs import make_pairs
+from .train.sft_data import add_data_arguments, load_conversations
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -348,6 +355,314 @@ class Sample:
         return 0
 
 
+# ---- training stages -----------------------------------------------------------------------------
+# They need torch (the training extras): their modules are imported when the command runs, so that
+# `tinyllm --help` and the commands of a runtime-only install never load it.
+
+RESUMED = "with --resume: the run's"
+
+
+class Pretrain:
+    CONFIG_KEYS = True  # takes --KEY VALUE for every config field
+    HELP = "pretrain a model on prepared token shards (next-token prediction)"
+    DESCRIPTION = """\
+Pretrain a llama-architecture model on shards written by `tinyllm data prepare`.
+
+Settings come from the dataclass defaults, then the --config TOML preset, then --key value flags
+(every key below; dashes or underscores). The model's vocab_size is taken from the data's meta.json.
+Writes OUT_DIR/ckpt.pt (atomic; model, optimizer, step, RNG and data position), metrics.jsonl and
+loss.png. Under `torchrun --nproc_per_node N` it trains with DDP (NCCL on GPU, gloo on CPU);
+batch_size is per process, so N processes with grad_accum A equal 1 process with grad_accum N*A.
+"""
+
+    @staticmethod
+    def add_arguments(parser):
+        parser.add_argument("--config", metavar="TOML", help="preset file, e.g. configs/stories15M.toml")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from OUT_DIR/ckpt.pt: its configs, weights, optimizer, RNG and data "
+                                 "position (flags may still change train settings such as --max-steps)")
+        parser.add_argument("--force", action="store_true",
+                            help="start from scratch even if OUT_DIR already holds a checkpoint (it is replaced)")
+        parser.add_argument("--init-from", metavar="CKPT", default=None,
+                            help="start from the weights (and model shape) of this checkpoint, with a fresh optimizer "
+                                 "and schedule; a runtime model becomes one with `tinyllm convert model.bin model.pt`")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print parameters, memory estimate, tokens per step and estimated time, then exit")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                            help="stop with a checkpoint at step N as if out of time (the schedule still follows "
+                                 "--max-steps; --resume continues)")
+        group = parser.add_argument_group("config keys (override the preset)")
+        add_config_arguments(group)
+
+    @staticmethod
+    def run(args) -> int:
+        from .train.loop import finish  # torch: the training extras
+        from .train.pretrain import pretrain, resolve_run
+        from .train.stage import main_process
+        start = resolve_run(args.config, overrides_from_args(args), args.resume, args.force, args.init_from)
+        summary = pretrain(start.model_cfg, start.train_cfg, resume=start.resume, dry_run=args.dry_run,
+                           stop_at_step=args.stop_at_step, progress=not args.no_progress,
+                           warn_vocab=start.given("vocab_size"),
+                           init_from=None if start.resume else args.init_from)  # resuming: the weights are the run's
+        if not main_process():
+            return 0
+        if "dry_run" in summary:
+            print(summary["dry_run"])
+            return 0
+        return finish("trained", summary, args._argv)
+
+
+
+class Sft:
+    CONFIG_KEYS = True
+    HELP = "fine-tune a pretrained checkpoint on instructions/conversations (loss on answers only)"
+    DESCRIPTION = """\
+Fine-tune a pretrained checkpoint on chat data formatted with the chat template
+(<|system|>/<|user|>/<|assistant|>, answers closed by </s>). The loss covers the answer tokens and
+their closing </s> only. The model's shape comes from the checkpoint.
+
+Data (--data, repeatable): JSONL or a JSON list, optionally .gz/.xz, each record one of
+  alpaca    {"instruction", "input"?, "output", "system"?, "history"?}
+  ShareGPT  {"conversations": [{"from": "system"|"human"|"gpt", "value"}]}
+  messages  {"messages": [{"role": "system"|"user"|"assistant", "content"}]}
+Malformed JSON lines, missing fields and broken conversations stop with file:line, or are skipped
+with --skip-bad; empty answers are always skipped. Both are counted in the report.
+
+Length: a conversation longer than max_seq_len keeps its leading whole turns; a first turn that
+alone is too long has its answer cut (its </s> is not learned); a first prompt with no room left
+for any answer token is skipped. Batches are padded (one conversation per row), never packed.
+
+--identity rewrite (the default) replaces first-person claims of other assistants in answers
+("我是ChatGPT", "我是一个由OpenAI开发的...", "作为文心一言") by "我是tinyllm，一个小型中文语言模型";
+drop skips such records; keep leaves them.
+
+Settings: SFT defaults, then --config, then --key value flags. Writes OUT_DIR/ckpt.pt,
+metrics.jsonl and loss.png like pretraining. ckpt.pt keeps this command's options (--checkpoint,
+--data, --tokenizer, --system, --skip-bad, --identity, --val-fraction), so `tinyllm sft --out-dir
+OUT_DIR --resume` continues the run with nothing else; an option given with --resume overrides the
+saved one.
+"""
+
+    @staticmethod
+    def add_arguments(parser):
+        parser.add_argument("--checkpoint", metavar="CKPT", help="pretrained checkpoint to start from")
+        parser.add_argument("--data", action="append", metavar="FILE",
+                            help=f"SFT data file; repeatable (required unless --resume; {RESUMED})")
+        add_data_arguments(parser, resumable=True)
+        parser.add_argument("--val-fraction", type=float,
+                            help=f"conversations held out for val loss (default: 0.02; {RESUMED})")
+        parser.add_argument("--config", metavar="TOML", help="preset file with train keys")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from OUT_DIR/ckpt.pt with the options it was started with; options "
+                                 "given here override them")
+        parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                            help="stop with a checkpoint at step N as if out of time (--resume continues)")
+        group = parser.add_argument_group("config keys (train keys; the model comes from the checkpoint)")
+        add_config_arguments(group)
+
+    @staticmethod
+    def run(args) -> int:
+        from .train.loop import finish  # torch: the training extras
+        from .train.sft import SFT_OPTIONS, resolve, sft
+        from .train.stage import main_process, options_from_args
+        start = resolve("sft", options_from_args(args, SFT_OPTIONS), overrides_from_args(args), args.config,
+                        args.resume, args.force)
+        master, o = main_process(), start.options
+        summary = sft(start.model_cfg, start.train_cfg, start.tokenizer, o["data"], weights=start.weights,
+                      resume=start.resume, system=o["system"], skip_bad=o["skip_bad"], identity=o["identity"],
+                      val_fraction=o["val_fraction"], checkpoint=o["checkpoint"], stop_at_step=args.stop_at_step,
+                      progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr) if master else None)
+        if not master:
+            return 0
+        return finish("fine-tuned", summary, args._argv)
+
+
+
+class Dpo:
+    CONFIG_KEYS = True
+    HELP = "preference-tune a checkpoint on chosen/rejected pairs (DPO); `dpo make-pairs` builds pairs"
+    DESCRIPTION = """\
+Train with DPO on preference pairs, starting from (and with a frozen reference of) a checkpoint,
+usually the SFT model. Data (--data, repeatable; JSONL or a JSON list):
+  {"prompt": "user text" | [messages...], "chosen": "...", "rejected": "...", "system"?: "..."}
+  {"conversations": [{"from": "system"|"human", "value"}...], "chosen": {"from": "gpt", "value"},
+   "rejected": {"from": "gpt", "value"}}           (LLaMA-Factory's dpo_zh_demo.json)
+Logged per metrics line: loss, reward_accuracy (share of pairs whose chosen reward is higher),
+reward_margin (mean chosen - rejected reward), chosen_reward and rejected_reward, where a reward is
+beta * (log pi - log ref) of an answer. A pair longer than max_seq_len has its answers cut (the prompt
+kept); one whose prompt alone fills the context is skipped.
+
+ckpt.pt keeps this command's options (--checkpoint, the reference; --data, --tokenizer, --system,
+--skip-bad, --val-fraction, --beta), so `tinyllm dpo --out-dir OUT_DIR --resume` continues the run
+with nothing else; an option given with --resume overrides the saved one.
+
+`tinyllm dpo make-pairs` writes pairs from an SFT data set: chosen = its reference answer, rejected =
+an answer sampled from our own model with the C runtime (fast), in the chat template."""
+
+    @staticmethod
+    def add_arguments(parser):
+        parser.add_argument("--checkpoint", metavar="CKPT",
+                            help=f"checkpoint to start from and to use as the reference (required unless --resume; "
+                                 f"{RESUMED})")
+        parser.add_argument("--data", action="append", metavar="FILE",
+                            help=f"preference pairs file; repeatable (required unless --resume; {RESUMED})")
+        parser.add_argument("--beta", type=float,
+                            help=f"DPO temperature: how far the policy may move (default: 0.1; {RESUMED})")
+        parser.add_argument("--val-fraction", type=float, help=f"pairs held out for val loss (default: 0.05; {RESUMED})")
+        parser.add_argument("--config", metavar="TOML", help="preset file with train keys")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from OUT_DIR/ckpt.pt with the options it was started with (data, beta, "
+                                 "reference checkpoint, ...); options given here override them")
+        parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                            help="stop with a checkpoint at step N as if out of time (--resume continues)")
+        parser.add_argument("--tokenizer", metavar="MODEL",
+                            help=f"SentencePiece .model (default: the one the pretraining data was prepared with; "
+                                 f"{RESUMED})")
+        parser.add_argument("--system", help=f"system prompt for pairs without their own (default: none; {RESUMED})")
+        parser.add_argument("--skip-bad", action="store_true", default=None,
+                            help=f"skip (and count) malformed records instead of stopping (default: stop; {RESUMED})")
+        group = parser.add_argument_group("config keys (train keys; the model comes from the checkpoint)")
+        add_config_arguments(group)
+
+    @staticmethod
+    def run(args) -> int:
+        from .train.dpo import DPO_DEFAULTS, DPO_OPTIONS, dpo  # torch: the training extras
+        from .train.loop import finish
+        from .train.sft import resolve
+        from .train.stage import main_process, options_from_args
+        start = resolve("dpo", options_from_args(args, DPO_OPTIONS), overrides_from_args(args), args.config,
+                        args.resume, args.force, defaults=DPO_DEFAULTS, option_defaults=DPO_OPTIONS,
+                        start_weights_on_resume=True)
+        master, o = main_process(), start.options
+        summary = dpo(start.model_cfg, start.train_cfg, start.tokenizer, o["data"], start.weights, resume=start.resume,
+                      beta=o["beta"], system=o["system"], skip_bad=o["skip_bad"], val_fraction=o["val_fraction"],
+                      checkpoint=o["checkpoint"], stop_at_step=args.stop_at_step, progress=not args.no_progress,
+                      log=lambda m: print(m, file=sys.stderr) if master else None)
+        if not master:
+            return 0
+        return finish("DPO", summary, args._argv)
+
+
+
+class DpoMakePairs:
+    HELP = "build pairs: reference answers vs our own model's samples"
+    DESCRIPTION = """\
+For each conversation of an SFT data set (same formats and options as `tinyllm sft`), the prompt is
+the conversation up to its last user message, chosen is the reference answer and rejected is an
+answer our model samples for that prompt with the C runtime (chat template, repetition controls on).
+Pairs whose sample equals the reference or is empty are left out and counted. Writes JSONL records
+{"prompt": text or messages, "chosen", "rejected"} that `tinyllm dpo --data` reads."""
+
+    @staticmethod
+    def add_arguments(parser):
+        parser.add_argument("--model", required=True, metavar="FILE", help="our SFT model as .bin or .gguf (C runtime)")
+        parser.add_argument("--runtime-tokenizer", metavar="TOKBIN",
+                            help="tok.bin for a .bin model (default: beside the model); a GGUF carries its own")
+        parser.add_argument("--data", action="append", required=True, metavar="FILE", help="SFT data file; repeatable")
+        parser.add_argument("--out", required=True, metavar="FILE", help="pairs JSONL to write")
+        add_data_arguments(parser)
+        parser.add_argument("--max-pairs", type=int, default=0, help="stop after this many pairs (0: all)")
+        parser.add_argument("--max-new-tokens", type=int, default=256, help="longest sampled answer")
+        parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+        parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling")
+        parser.add_argument("--seed", type=int, default=1, help="pair i samples with seed + i")
+        parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: physical cores)")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    @staticmethod
+    def run(args) -> int:
+        conversations, report = load_conversations(args.data, system=args.system, skip_bad=args.skip_bad,
+                                                   identity=args.identity)
+        print(f"data: {report.summary()}", file=sys.stderr)
+        runtime = Runtime(args.model, args.runtime_tokenizer, threads=args.threads)
+        counts = make_pairs(runtime, conversations, args.out, max_pairs=args.max_pairs,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, progress=not args.no_progress)
+        print(f"wrote {counts['pairs']} pairs to {args.out} ({counts['same_as_reference']} samples equal to the "
+              f"reference and {counts['empty_sample']} empty samples left out)", file=sys.stderr)
+        return 0
+
+
+
+# ---- eval ------------------------------------------------------------------------------------------
+
+class Eval:
+    HELP = "evaluate a model: perplexity/bits per char, C-Eval multiple choice, generations (torch or C runtime)"
+    DESCRIPTION = eval_module.__doc__.split("\n\n", 1)[0] + "\n\n" + eval_module.__doc__.split("\n\n", 2)[2]
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("--model", required=True, metavar="FILE", help="checkpoint (.pt), llama2.c .bin or .gguf")
+        p.add_argument("--backend", choices=["torch", "c"], default=None,
+                       help="torch (reference) or c (the runtime; .bin/.gguf). Default: torch for .pt, else c")
+        p.add_argument("--tokenizer", metavar="FILE",
+                       help="SentencePiece .model for torch (default: the checkpoint's training tokenizer); "
+                            "tok.bin for c on a .bin (default: beside the model)")
+        p.add_argument("--text", action="append", metavar="FILE",
+                       help="held-out text for perplexity (plain, .jsonl/.json, .gz/.xz; see --field); repeatable")
+        p.add_argument("--field", default="text", help="JSON field holding the text")
+        p.add_argument("--doc-sep", choices=["blank", "line", "file"], default="blank",
+                       help="plain text: documents separated by blank lines, lines, or whole files")
+        p.add_argument("--max-docs", type=int, default=0, help="evaluate at most this many documents (0: all)")
+        p.add_argument("--ceval", action="append", metavar="PATH",
+                       help="C-Eval- or CMMLU-format CSV file or directory; repeatable")
+        p.add_argument("--max-per-subject", type=int, default=0, help="questions per subject at most (0: all)")
+        p.add_argument("--template", choices=["plain", "chat"], default="plain",
+                       help="multiple-choice prompt: plain text or the chat template's user turn")
+        p.add_argument("--prompts", metavar="FILE", help="prompts to answer (one per line, or JSON/JSONL)")
+        p.add_argument("--generations-out", default="generations.jsonl", metavar="FILE", help="where answers go")
+        p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+        p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling")
+        p.add_argument("--seed", type=int, default=1, help="sampling seed")
+        p.add_argument("--out", metavar="FILE", help="write the results as JSON here (always printed to stdout)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    @staticmethod
+    def evaluate(args) -> dict:
+        """The results dict of the sections asked for."""
+        backend = load_backend(args.model, args.backend, args.tokenizer)
+        progress = not args.no_progress
+        results = {"model": str(args.model), "backend": backend.name}
+        if not (args.text or args.ceval or args.prompts):
+            raise InvalidArgumentError("nothing to evaluate: give --text, --ceval and/or --prompts")
+        if args.text:
+            texts = list(read_texts(args.text, field=args.field, doc_sep=args.doc_sep))
+            results["perplexity"] = perplexity(backend, texts[:args.max_docs] if args.max_docs else texts, progress)
+        if args.ceval:
+            results["multiple_choice"] = multiple_choice(backend, read_mc(args.ceval), args.template,
+                                                         args.max_per_subject, progress)
+        if args.prompts:
+            params = SampleParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed, **CHAT_DEFAULTS)
+            gens = generations(backend, read_prompts(args.prompts), args.generations_out,
+                               max_new_tokens=args.max_new_tokens, params=params, progress=progress)
+            results["generations"] = {"file": args.generations_out, "prompts": len(gens)}
+        return results
+
+    @staticmethod
+    def run(args) -> int:
+        results = Eval.evaluate(args)
+        text = json.dumps(results, ensure_ascii=False, indent=2)
+        if args.out:
+            with atomic_write(args.out, "w") as f:
+                f.write(text + "\n")
+        print(text)
+        if "perplexity" in results:
+            r = results["perplexity"]
+            print(f"perplexity {r['perplexity']:.3f}, {r['bits_per_character']:.4f} bits/char over {r['characters']:,} "
+                  f"characters", file=sys.stderr)
+        if "multiple_choice" in results:
+            o = results["multiple_choice"]["overall"]
+            print(f"multiple choice: accuracy {o['accuracy']:.1%} (length-normalized {o['accuracy_norm']:.1%}) over "
+                  f"{o['questions']} questions; chance {CHANCE:.0%}", file=sys.stderr)
+        return 0
+
+
 # ---- serve ---------------------------------------------------------------------------------------
 
 class Serve:
@@ -408,12 +723,12 @@ The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_k
 
 # ---- the command ---------------------------------------------------------------------------------
 
-# name -> stage: a module path (imported lazily, so `tinyllm --help` does not import torch) or an object
+# name -> stage: an object with HELP, DESCRIPTION (optional), add_arguments(parser) and run(args) -> exit code
 STAGES = {
-    "pretrain": "tinyllm.train.pretrain",
-    "sft": "tinyllm.train.sft",
-    "dpo": "tinyllm.train.dpo",
-    "eval": "tinyllm.eval",
+    "pretrain": Pretrain,
+    "sft": Sft,
+    "dpo": Dpo,
+    "eval": Eval,
     "export": Export,
     "convert": Convert,
     "sample": Sample,
@@ -423,18 +738,16 @@ GROUPS = {
     "tokenizer": ("SentencePiece tokenizer", {"train": TokenizerTrain}),
     "data": ("training data", {"prepare": DataPrepare}),
 }
+# stages under a stage: `tinyllm dpo make-pairs`
+SUBSTAGES = {"dpo": {"make-pairs": DpoMakePairs}}
 
 
-def _stage(spec):
-    return importlib.import_module(spec) if isinstance(spec, str) else spec
-
-
-def _add_stage(subparsers, name, spec, command=None):
-    stage = _stage(spec)
+def _add_stage(subparsers, name, stage, command=None):
     p = subparsers.add_parser(name, help=stage.HELP, description=getattr(stage, "DESCRIPTION", stage.HELP),
                               formatter_class=_Formatter)
     stage.add_arguments(p)
     p.set_defaults(_run=stage.run, _config_keys=getattr(stage, "CONFIG_KEYS", False), _command=command or name)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,10 +757,15 @@ def build_parser() -> argparse.ArgumentParser:
     for group, (help_text, stages) in GROUPS.items():
         gp = sub.add_parser(group, help=f"{help_text}: {', '.join(stages)}", formatter_class=_Formatter)
         gsub = gp.add_subparsers(title="commands", metavar="COMMAND", required=True)
-        for name, spec in stages.items():
-            _add_stage(gsub, name, spec, f"{group} {name}")
-    for name, spec in STAGES.items():
-        _add_stage(sub, name, spec)
+        for name, stage in stages.items():
+            _add_stage(gsub, name, stage, f"{group} {name}")
+    for name, stage in STAGES.items():
+        p = _add_stage(sub, name, stage)
+        if name in SUBSTAGES:
+            p.allow_abbrev = False  # else `dpo make-pairs --out` would be read as dpo's --out-dir
+            psub = p.add_subparsers(title="subcommands", metavar="COMMAND")
+            for sub_name, sub_stage in SUBSTAGES[name].items():
+                _add_stage(psub, sub_name, sub_stage, f"{name} {sub_name}")
     return parser
 
 

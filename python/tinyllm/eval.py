@@ -27,7 +27,6 @@ import csv
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,6 @@ from tqdm import tqdm
 
 from . import _runtime
 from .chat import encode
-from .corpus import read_texts
 from .errors import DataError, InvalidArgumentError, TinyLLMError
 from .fileio import atomic_write
 from .formats.convert import read_any
@@ -133,8 +131,10 @@ class CBackend:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, params) -> list[int]:
         if params.repetition_window not in (0, REPETITION_WINDOW) and params.repetition_penalty not in (0, 1):
             raise InvalidArgumentError(f"the runtime's repetition window is {REPETITION_WINDOW} tokens")
-        return self.rt.generate_ids(prompt_ids, max_new_tokens, params.temperature, params.top_p, params.top_k,
-                                    params.seed, params.repetition_penalty, params.no_repeat_ngram)
+        return self.rt.generate_ids(prompt_ids, max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                                    top_k=params.top_k, seed=params.seed,
+                                    repetition_penalty=params.repetition_penalty,
+                                    no_repeat_ngram=params.no_repeat_ngram)
 
 
 def load_backend(model_path: str, backend: str | None = None, tokenizer: str | None = None):
@@ -330,73 +330,3 @@ def generations(backend, prompts: list[str], out_path: str, *, max_new_tokens: i
 
 
 # ---- the command --------------------------------------------------------------------------------------
-
-HELP = "evaluate a model: perplexity/bits per char, C-Eval multiple choice, generations (torch or C runtime)"
-DESCRIPTION = __doc__.split("\n\n", 1)[0] + "\n\n" + __doc__.split("\n\n", 2)[2]
-
-
-def add_arguments(p):
-    p.add_argument("--model", required=True, metavar="FILE", help="checkpoint (.pt), llama2.c .bin or .gguf")
-    p.add_argument("--backend", choices=["torch", "c"], default=None,
-                   help="torch (reference) or c (the runtime; .bin/.gguf). Default: torch for .pt, else c")
-    p.add_argument("--tokenizer", metavar="FILE",
-                   help="SentencePiece .model for torch (default: the checkpoint's training tokenizer); "
-                        "tok.bin for c on a .bin (default: beside the model)")
-    p.add_argument("--text", action="append", metavar="FILE",
-                   help="held-out text for perplexity (plain, .jsonl/.json, .gz/.xz; see --field); repeatable")
-    p.add_argument("--field", default="text", help="JSON field holding the text")
-    p.add_argument("--doc-sep", choices=["blank", "line", "file"], default="blank",
-                   help="plain text: documents separated by blank lines, lines, or whole files")
-    p.add_argument("--max-docs", type=int, default=0, help="evaluate at most this many documents (0: all)")
-    p.add_argument("--ceval", action="append", metavar="PATH",
-                   help="C-Eval- or CMMLU-format CSV file or directory; repeatable")
-    p.add_argument("--max-per-subject", type=int, default=0, help="questions per subject at most (0: all)")
-    p.add_argument("--template", choices=["plain", "chat"], default="plain",
-                   help="multiple-choice prompt: plain text or the chat template's user turn")
-    p.add_argument("--prompts", metavar="FILE", help="prompts to answer (one per line, or JSON/JSONL)")
-    p.add_argument("--generations-out", default="generations.jsonl", metavar="FILE", help="where answers go")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling")
-    p.add_argument("--seed", type=int, default=1, help="sampling seed")
-    p.add_argument("--out", metavar="FILE", help="write the results as JSON here (always printed to stdout)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def evaluate(args) -> dict:
-    """The results dict of the sections asked for."""
-    backend = load_backend(args.model, args.backend, args.tokenizer)
-    progress = not args.no_progress
-    results = {"model": str(args.model), "backend": backend.name}
-    if not (args.text or args.ceval or args.prompts):
-        raise InvalidArgumentError("nothing to evaluate: give --text, --ceval and/or --prompts")
-    if args.text:
-        texts = list(read_texts(args.text, field=args.field, doc_sep=args.doc_sep))
-        results["perplexity"] = perplexity(backend, texts[:args.max_docs] if args.max_docs else texts, progress)
-    if args.ceval:
-        results["multiple_choice"] = multiple_choice(backend, read_mc(args.ceval), args.template,
-                                                     args.max_per_subject, progress)
-    if args.prompts:
-        params = SampleParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed, **CHAT_DEFAULTS)
-        gens = generations(backend, read_prompts(args.prompts), args.generations_out,
-                           max_new_tokens=args.max_new_tokens, params=params, progress=progress)
-        results["generations"] = {"file": args.generations_out, "prompts": len(gens)}
-    return results
-
-
-def run(args) -> int:
-    results = evaluate(args)
-    text = json.dumps(results, ensure_ascii=False, indent=2)
-    if args.out:
-        with atomic_write(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    if "perplexity" in results:
-        r = results["perplexity"]
-        print(f"perplexity {r['perplexity']:.3f}, {r['bits_per_character']:.4f} bits/char over {r['characters']:,} "
-              f"characters", file=sys.stderr)
-    if "multiple_choice" in results:
-        o = results["multiple_choice"]["overall"]
-        print(f"multiple choice: accuracy {o['accuracy']:.1%} (length-normalized {o['accuracy_norm']:.1%}) over "
-              f"{o['questions']} questions; chance {CHANCE:.0%}", file=sys.stderr)
-    return 0

@@ -11,43 +11,18 @@ would give at each step, without holding a second model).
 from __future__ import annotations
 
 import functools
-import sys
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..chat import encode, split_conversation
-from ..config import add_config_arguments, overrides_from_args
 from ..errors import DataError
-from .pairs import DESCRIPTION as MAKE_PAIRS_DESCRIPTION
-from .pairs import HELP as MAKE_PAIRS_HELP
-from .pairs import add_arguments as add_make_pairs_arguments
-from .pairs import make_pairs_run
-from .sft import resolve
+from ..model import Transformer
+from .loop import setup, teardown, train
 from .sft_data import (Example, ExampleBatches, ReadReport, RecordError, collate_sft, converted_records,
                        split_train_val, to_messages)
-
-# torch (and the modules that need it: model, loop, stage) is imported inside the functions: cli.build_parser
-# imports this module for add_arguments, and `tinyllm --help` must not load torch.
-
-CONFIG_KEYS = True
-HELP = "preference-tune a checkpoint on chosen/rejected pairs (DPO); `dpo make-pairs` builds pairs"
-DESCRIPTION = """\
-Train with DPO on preference pairs, starting from (and with a frozen reference of) a checkpoint,
-usually the SFT model. Data (--data, repeatable; JSONL or a JSON list):
-  {"prompt": "user text" | [messages...], "chosen": "...", "rejected": "...", "system"?: "..."}
-  {"conversations": [{"from": "system"|"human", "value"}...], "chosen": {"from": "gpt", "value"},
-   "rejected": {"from": "gpt", "value"}}           (LLaMA-Factory's dpo_zh_demo.json)
-Logged per metrics line: loss, reward_accuracy (share of pairs whose chosen reward is higher),
-reward_margin (mean chosen - rejected reward), chosen_reward and rejected_reward, where a reward is
-beta * (log pi - log ref) of an answer. A pair longer than max_seq_len has its answers cut (the prompt
-kept); one whose prompt alone fills the context is skipped.
-
-ckpt.pt keeps this command's options (--checkpoint, the reference; --data, --tokenizer, --system,
---skip-bad, --val-fraction, --beta), so `tinyllm dpo --out-dir OUT_DIR --resume` continues the run
-with nothing else; an option given with --resume overrides the saved one.
-
-`tinyllm dpo make-pairs` writes pairs from an SFT data set: chosen = its reference answer, rejected =
-an answer sampled from our own model with the C runtime (fast), in the chat template."""
+from .stage import absolute, path_list, stage_record
 
 DPO_DEFAULTS = {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 10, "max_steps": 300, "batch_size": 8,
                 "eval_interval": 50, "eval_steps": 10, "ckpt_interval": 100, "weight_decay": 0.0,
@@ -134,7 +109,6 @@ class PairExample:
 
 def collate_pairs(pairs: list[PairExample], seq_len: int):
     """(x, y, ref): the B chosen rows, then the B rejected rows, and their reference log-probs (2B,)."""
-    import torch
     x, y = collate_sft([p.chosen for p in pairs] + [p.rejected for p in pairs], seq_len)
     ref = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float32)
     return x, y, ref
@@ -142,7 +116,6 @@ def collate_pairs(pairs: list[PairExample], seq_len: int):
 
 def sequence_logps(logits, y):
     """Sum of log p(y) over the positions whose label is not -100, per row (float32)."""
-    import torch
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = torch.gather(logp, -1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * (y != -100)).sum(-1)
@@ -151,7 +124,6 @@ def sequence_logps(logits, y):
 def reference_logps(model, examples: list[tuple[Example, Example]], seq_len: int, batch_size: int = 16,
                     device="cpu") -> list[tuple[float, float]]:
     """The frozen model's (log p(chosen), log p(rejected)) for every pair."""
-    import torch
     model.eval()
     out = []
     with torch.no_grad():
@@ -172,8 +144,6 @@ class DPOLoss:
         self._sums, self._n = {}, 0
 
     def __call__(self, model, x, y, ref):
-        import torch
-        import torch.nn.functional as F
         logps = sequence_logps(model(x)[0], y)
         B = x.shape[0] // 2
         chosen_reward = self.beta * (logps[:B] - ref[:B])
@@ -208,11 +178,7 @@ def dpo(model_cfg, train_cfg, tok, data_paths, reference: dict, *, resume=None, 
     """DPO starting from the reference weights (a state dict, also the frozen reference), or resuming a DPO
     checkpoint that started from them; returns the loop's summary + the data report. checkpoint: the file
     the reference came from, recorded with the other options so that --resume finds it again."""
-    import torch
 
-    from ..model import Transformer
-    from .loop import setup, teardown, train
-    from .stage import absolute, path_list, stage_record
 
     if beta <= 0:
         raise DataError(f"beta must be positive, got {beta}")
@@ -253,54 +219,3 @@ def dpo(model_cfg, train_cfg, tok, data_paths, reference: dict, *, resume=None, 
     return summary
 
 
-RESUMED = "with --resume: the run's"
-
-
-def add_arguments(parser):
-    parser.allow_abbrev = False  # else make-pairs' --out would be taken as an abbreviation of --out-dir
-    parser.add_argument("--checkpoint", metavar="CKPT",
-                        help=f"checkpoint to start from and to use as the reference (required unless --resume; "
-                             f"{RESUMED})")
-    parser.add_argument("--data", action="append", metavar="FILE",
-                        help=f"preference pairs file; repeatable (required unless --resume; {RESUMED})")
-    parser.add_argument("--beta", type=float,
-                        help=f"DPO temperature: how far the policy may move (default: 0.1; {RESUMED})")
-    parser.add_argument("--val-fraction", type=float, help=f"pairs held out for val loss (default: 0.05; {RESUMED})")
-    parser.add_argument("--config", metavar="TOML", help="preset file with train keys")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT_DIR/ckpt.pt with the options it was started with (data, beta, "
-                             "reference checkpoint, ...); options given here override them")
-    parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
-                        help="stop with a checkpoint at step N as if out of time (--resume continues)")
-    parser.add_argument("--tokenizer", metavar="MODEL",
-                        help=f"SentencePiece .model (default: the one the pretraining data was prepared with; "
-                             f"{RESUMED})")
-    parser.add_argument("--system", help=f"system prompt for pairs without their own (default: none; {RESUMED})")
-    parser.add_argument("--skip-bad", action="store_true", default=None,
-                        help=f"skip (and count) malformed records instead of stopping (default: stop; {RESUMED})")
-    group = parser.add_argument_group("config keys (train keys; the model comes from the checkpoint)")
-    add_config_arguments(group)
-    # `dpo make-pairs` (tinyllm.train.pairs), until cli.py attaches it itself
-    sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")
-    mp = sub.add_parser("make-pairs", help=MAKE_PAIRS_HELP, description=MAKE_PAIRS_DESCRIPTION,
-                        formatter_class=parser.formatter_class)
-    add_make_pairs_arguments(mp)
-    mp.set_defaults(_run=make_pairs_run, _config_keys=False)
-
-
-def run(args) -> int:
-    from .loop import finish
-    from .stage import main_process, options_from_args
-    start = resolve("dpo", options_from_args(args, DPO_OPTIONS), overrides_from_args(args), args.config,
-                    args.resume, args.force, defaults=DPO_DEFAULTS, option_defaults=DPO_OPTIONS,
-                    start_weights_on_resume=True)
-    master, o = main_process(), start.options
-    summary = dpo(start.model_cfg, start.train_cfg, start.tokenizer, o["data"], start.weights, resume=start.resume,
-                  beta=o["beta"], system=o["system"], skip_bad=o["skip_bad"], val_fraction=o["val_fraction"],
-                  checkpoint=o["checkpoint"], stop_at_step=args.stop_at_step, progress=not args.no_progress,
-                  log=lambda m: print(m, file=sys.stderr) if master else None)
-    if not master:
-        return 0
-    return finish("DPO", summary, args._argv)

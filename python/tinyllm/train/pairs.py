@@ -6,20 +6,11 @@ answer our own model samples with the C runtime. Inference, not training: no tor
 from __future__ import annotations
 
 import json
-import sys
 
 from tqdm import tqdm
 
 from ..fileio import atomic_write
-from .sft_data import add_data_arguments, load_conversations
 
-HELP = "build pairs: reference answers vs our own model's samples"
-DESCRIPTION = """\
-For each conversation of an SFT data set (same formats and options as `tinyllm sft`), the prompt is
-the conversation up to its last user message, chosen is the reference answer and rejected is an
-answer our model samples for that prompt with the C runtime (chat template, repetition controls on).
-Pairs whose sample equals the reference or is empty are left out and counted. Writes JSONL records
-{"prompt": text or messages, "chosen", "rejected"} that `tinyllm dpo --data` reads."""
 
 
 def make_pairs(runtime, conversations, out_path: str, *, max_pairs: int = 0, max_new_tokens: int = 256,
@@ -44,37 +35,3 @@ def make_pairs(runtime, conversations, out_path: str, *, max_pairs: int = 0, max
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             counts["pairs"] += 1
     return counts
-
-
-def add_arguments(parser):
-    parser.add_argument("--model", required=True, metavar="FILE", help="our SFT model as .bin or .gguf (C runtime)")
-    parser.add_argument("--runtime-tokenizer", metavar="TOKBIN",
-                        help="tok.bin for a .bin model (default: beside the model); a GGUF carries its own")
-    parser.add_argument("--data", action="append", required=True, metavar="FILE", help="SFT data file; repeatable")
-    parser.add_argument("--out", required=True, metavar="FILE", help="pairs JSONL to write")
-    add_data_arguments(parser)
-    parser.add_argument("--max-pairs", type=int, default=0, help="stop after this many pairs (0: all)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest sampled answer")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling")
-    parser.add_argument("--seed", type=int, default=1, help="pair i samples with seed + i")
-    parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: physical cores)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def make_pairs_run(args) -> int:
-    # the compiled extension, imported when used: a checkout that has not built it can still build the parser
-    from ..runtime import Runtime
-    conversations, report = load_conversations(args.data, system=args.system, skip_bad=args.skip_bad,
-                                               identity=args.identity)
-    print(f"data: {report.summary()}", file=sys.stderr)
-    runtime = Runtime(args.model, args.runtime_tokenizer, threads=args.threads)
-    counts = make_pairs(runtime, conversations, args.out, max_pairs=args.max_pairs,
-                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed, progress=not args.no_progress)
-    print(f"wrote {counts['pairs']} pairs to {args.out} ({counts['same_as_reference']} samples equal to the "
-          f"reference and {counts['empty_sample']} empty samples left out)", file=sys.stderr)
-    return 0
-
-
-run = make_pairs_run  # the stage shape cli.py attaches: HELP, DESCRIPTION, add_arguments, run

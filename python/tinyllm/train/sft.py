@@ -7,47 +7,19 @@ Data formats, truncation, padding and identity cleaning: see tinyllm.train.sft_d
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
 
-from ..config import ModelConfig, TrainConfig, add_config_arguments, build_configs, load_preset, overrides_from_args
+import torch
+
+from ..config import ModelConfig, TrainConfig, build_configs, load_preset
 from ..data import prepared_tokenizer
 from ..errors import ConfigError, DataError, TokenizerError
+from ..formats.checkpoint import load_checkpoint
+from ..model import Transformer
 from ..tokenizer import Tokenizer
-from .sft_data import (ExampleBatches, add_data_arguments, collate_sft, load_conversations, split_train_val,
-                       tokenize_all)
-
-# torch (and the modules that need it: model, checkpoint, loop, stage) is imported inside the functions:
-# cli.build_parser imports this module for add_arguments, and `tinyllm --help` must not load torch.
-
-CONFIG_KEYS = True
-HELP = "fine-tune a pretrained checkpoint on instructions/conversations (loss on answers only)"
-DESCRIPTION = """\
-Fine-tune a pretrained checkpoint on chat data formatted with the chat template
-(<|system|>/<|user|>/<|assistant|>, answers closed by </s>). The loss covers the answer tokens and
-their closing </s> only. The model's shape comes from the checkpoint.
-
-Data (--data, repeatable): JSONL or a JSON list, optionally .gz/.xz, each record one of
-  alpaca    {"instruction", "input"?, "output", "system"?, "history"?}
-  ShareGPT  {"conversations": [{"from": "system"|"human"|"gpt", "value"}]}
-  messages  {"messages": [{"role": "system"|"user"|"assistant", "content"}]}
-Malformed JSON lines, missing fields and broken conversations stop with file:line, or are skipped
-with --skip-bad; empty answers are always skipped. Both are counted in the report.
-
-Length: a conversation longer than max_seq_len keeps its leading whole turns; a first turn that
-alone is too long has its answer cut (its </s> is not learned); a first prompt with no room left
-for any answer token is skipped. Batches are padded (one conversation per row), never packed.
-
---identity rewrite (the default) replaces first-person claims of other assistants in answers
-("我是ChatGPT", "我是一个由OpenAI开发的...", "作为文心一言") by "我是tinyllm，一个小型中文语言模型";
-drop skips such records; keep leaves them.
-
-Settings: SFT defaults, then --config, then --key value flags. Writes OUT_DIR/ckpt.pt,
-metrics.jsonl and loss.png like pretraining. ckpt.pt keeps this command's options (--checkpoint,
---data, --tokenizer, --system, --skip-bad, --identity, --val-fraction), so `tinyllm sft --out-dir
-OUT_DIR --resume` continues the run with nothing else; an option given with --resume overrides the
-saved one.
-"""
+from .loop import setup, teardown, train
+from .sft_data import ExampleBatches, collate_sft, load_conversations, split_train_val, tokenize_all
+from .stage import absolute, check_saved_file, model_keys, path_list, stage_options, stage_record, start_run
 
 # SFT starts from a trained model: a lower learning rate and a shorter schedule than pretraining
 SFT_DEFAULTS = {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 20, "max_steps": 1000, "batch_size": 16,
@@ -56,26 +28,6 @@ ALLOWED_MODEL_KEYS = {"dropout"}
 # the options of the stage itself, saved in its checkpoints (tinyllm.train.stage): their defaults
 SFT_OPTIONS = {"checkpoint": None, "data": None, "tokenizer": None, "system": "", "skip_bad": False,
                "identity": "rewrite", "val_fraction": 0.02}
-RESUMED = "with --resume: the run's"
-
-
-def add_arguments(parser):
-    parser.add_argument("--checkpoint", metavar="CKPT", help="pretrained checkpoint to start from")
-    parser.add_argument("--data", action="append", metavar="FILE",
-                        help=f"SFT data file; repeatable (required unless --resume; {RESUMED})")
-    add_data_arguments(parser, resumable=True)
-    parser.add_argument("--val-fraction", type=float,
-                        help=f"conversations held out for val loss (default: 0.02; {RESUMED})")
-    parser.add_argument("--config", metavar="TOML", help="preset file with train keys")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT_DIR/ckpt.pt with the options it was started with; options "
-                             "given here override them")
-    parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
-                        help="stop with a checkpoint at step N as if out of time (--resume continues)")
-    group = parser.add_argument_group("config keys (train keys; the model comes from the checkpoint)")
-    add_config_arguments(group)
 
 
 @dataclass
@@ -98,8 +50,6 @@ def resolve(stage: str, given: dict, overrides: dict, config_path: str | None, r
     """Settle a fine-tuning stage's run (sft, dpo). given: the stage options from the command line (None:
     not given). weights: the starting checkpoint's, for a new run; when resuming, only with
     start_weights_on_resume (dpo: they are the frozen reference)."""
-    from ..formats.checkpoint import load_checkpoint
-    from .stage import check_saved_file, model_keys, stage_options, start_run
     preset = load_preset(config_path) if config_path else {}
     model_changes = [k for k in model_keys({**preset, **overrides}) if k not in ALLOWED_MODEL_KEYS]
     if model_changes:
@@ -162,11 +112,7 @@ def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, tok, data_paths, *, weig
         checkpoint: str | None = None, stop_at_step: int | None = None, progress: bool = True, log=print) -> dict:
     """Fine-tune from weights (a state dict) or resume; returns the loop's summary plus the data report.
     checkpoint: the file weights came from, recorded with the other options in the run's checkpoints."""
-    import torch
 
-    from ..model import Transformer
-    from .loop import setup, teardown, train
-    from .stage import absolute, path_list, stage_record
 
     paths = path_list(data_paths)
     stage = stage_record("sft", {"checkpoint": absolute(checkpoint), "data": [absolute(p) for p in paths],
@@ -194,18 +140,3 @@ def sft(model_cfg: ModelConfig, train_cfg: TrainConfig, tok, data_paths, *, weig
         teardown(env)
     summary["data"] = report
     return summary
-
-
-def run(args) -> int:
-    from .loop import finish
-    from .stage import main_process, options_from_args
-    start = resolve("sft", options_from_args(args, SFT_OPTIONS), overrides_from_args(args), args.config,
-                    args.resume, args.force)
-    master, o = main_process(), start.options
-    summary = sft(start.model_cfg, start.train_cfg, start.tokenizer, o["data"], weights=start.weights,
-                  resume=start.resume, system=o["system"], skip_bad=o["skip_bad"], identity=o["identity"],
-                  val_fraction=o["val_fraction"], checkpoint=o["checkpoint"], stop_at_step=args.stop_at_step,
-                  progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr) if master else None)
-    if not master:
-        return 0
-    return finish("fine-tuned", summary, args._argv)

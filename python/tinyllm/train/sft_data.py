@@ -23,7 +23,6 @@ distinct shapes (and torch.compile recompilations) small.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 
@@ -31,7 +30,7 @@ import numpy as np
 
 from ..chat import encode as encode_conversation
 from ..chat import split_conversation
-from ..corpus import base_name, open_binary
+from ..corpus import json_records
 from ..errors import DataError
 
 # torch is imported in collate_sft only: `tinyllm dpo make-pairs` (tinyllm.train.pairs) reads conversations
@@ -107,34 +106,6 @@ class ReadReport:
         if self.truncated:
             parts.append(f"{len(self.truncated)} truncated to seq_len")
         return "; ".join(parts)
-
-
-def read_json_records(path: str):
-    """Yield (place, record or DataError) for each record of a JSONL or JSON file; a line that is not
-    valid JSON yields a DataError naming its line."""
-    with open_binary(path) as raw:
-        data = raw.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"invalid UTF-8 at byte {e.start} ({path})") from None
-    if base_name(path).endswith(".json"):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"bad JSON at line {e.lineno} column {e.colno}: {e.msg} ({path})") from None
-        if not isinstance(records, list):
-            records = [records]
-        for i, record in enumerate(records, 1):
-            yield f"{path} record {i}", record
-        return
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{i}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{path}:{i}", DataError(f"bad JSON on line {i}: {e.msg} ({path})")
 
 
 USER_ROLES = {"user", "human"}
@@ -228,7 +199,7 @@ def converted_records(paths, convert, report: ReadReport, skip_bad: bool):
     RecordError: bad JSON, missing fields, a broken conversation) stops reading with its place, or is
     skipped and counted with skip_bad; empty answers are always skipped and counted."""
     for path in [paths] if isinstance(paths, str) else paths:
-        for place, record in read_json_records(str(path)):
+        for place, record in json_records(str(path)):
             report.records += 1
             try:
                 if isinstance(record, DataError):

@@ -497,3 +497,39 @@ def test_tokenizer_training_and_data_prepare_split_an_input_into_the_same_docume
         tok = Tokenizer(tokenizer_model)
         prepared = [tok.decode(d) for d in _documents_in(_split_tokens(out, "train"), meta["bos_id"], meta["eos_id"])]
         assert len(seen) >= 5 and sorted(seen) == sorted(prepared)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("随著时间过去，他看著她笑著说：“接著走。”", "随着时间过去，他看着她笑着说：“接着走。”"),
+    ("这是一部著名的著作，效果显著，作者是土著。", "这是一部著名的著作，效果显著，作者是土著。"),
+    ("他是学者。著有《石鼓砚斋文钞》。", "他是学者。著有《石鼓砚斋文钞》。"),
+    ("他梦想著有一天能成为画家。", "他梦想着有一天能成为画家。"),
+    ("没有这个字", "没有这个字"),
+])
+def test_the_zhe_that_t2s_left_for_the_particle_becomes_着_and_zhu_words_stay(text, expected):
+    fixed, n = corpus.fix_zhe_leftovers(text)
+    assert fixed == expected and n == sum(a != b for a, b in zip(text, expected))
+
+
+def test_prepared_documents_read_著_as_着_unless_asked_to_keep_it(tmp_path, tokenizer_model):
+    docs = ["他看著远方，随著风走了。" + d for d in synthetic_documents(20)]
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    planned = [t for _, t in corpus.planned_texts([Source(src)], "train", val_fraction=0.2)]
+    assert planned and all(t.startswith("他看着远方，随着风走了。") for t in planned)
+    meta = prepare([Source(src)], tokenizer_model, str(tmp_path / "out"), val_fraction=0.2, progress=False)
+    assert meta["sources"][0]["zhe_fixed"] == 2 * len(docs) and meta["fix_zhe_leftovers"] is True
+    kept = [t for _, t in corpus.planned_texts([Source(src)], "train", val_fraction=0.2, fix_zhe=False)]
+    assert all(t.startswith("他看著远方") for t in kept)
+    r = _cli("data", "prepare", "--input", src, "--tokenizer", tokenizer_model, "--out", str(tmp_path / "k"),
+             "--no-progress", "--keep-t2s-zhe")
+    assert r.returncode == 0 and load_meta(str(tmp_path / "k"))["fix_zhe_leftovers"] is False
+
+
+def test_the_story_corpus_behind_the_bundled_model_has_着_not_著_for_the_particle():
+    path = SHARED_DATA / "pretrain" / "tiny_chinese_stories_simplified.jsonl.gz"
+    if not path.is_file():
+        pytest.skip(f"needs the shared corpora ({path} is absent)")
+    raw = "".join(t for _, t in corpus.iter_records(str(path)))
+    planned = "".join(t for _, t in corpus.planned_texts([Source(str(path))], "train"))
+    # 看著书 stays (著书, "to write a book", is a word): one such place in the whole source
+    assert raw.count("看著") > 100 and planned.count("看著") <= 2 and planned.count("看着") > 100

@@ -102,11 +102,15 @@ def _add_reader_arguments(p):
                    help="keep a doubled opening word as written (default: '从前从前，有…' is read as '从前，有…', "
                         "which otherwise teaches the model to echo such a prompt; '很久很久以前' and repetitions "
                         "that go on are never changed)")
+    p.add_argument("--keep-t2s-zhe", action="store_true",
+                   help="keep 著 as written (default: where OpenCC's t2s left 著 for the particle 着, as in 随著时间 or "
+                        "看著他, it is read as 着; 显著, 著名, 著作 and the like are never changed)")
 
 
 def _reader_kwargs(args) -> dict:
     return {"field": args.field, "doc_sep": args.doc_sep, "drop": parse_drop_filters(args.drop_field_values),
-            "skip_invalid_utf8": args.skip_invalid_utf8, "collapse_openings": not args.keep_repeated_openings}
+            "skip_invalid_utf8": args.skip_invalid_utf8, "collapse_openings": not args.keep_repeated_openings,
+            "fix_zhe": not args.keep_t2s_zhe}
 
 
 # ---- data prepare -------------------------------------------------------------------------------
@@ -160,6 +164,8 @@ directory that looks finished. An existing OUT is only replaced with --force."""
             if src["openings_collapsed"]:
                 n = src["openings_collapsed"]
                 filtered += f", {n} doubled opening{'s' if n > 1 else ''} said once"
+            if src["zhe_fixed"]:
+                filtered += f", {src['zhe_fixed']} 著 read as the particle 着"
             print(f"{src['path']} (weight {src['weight']:g}): {src['documents_read']} documents read{filtered}, "
                   f"{src['documents_train']} train / {src['documents_val']} val written, "
                   f"{src['tokens_train']:,} / {src['tokens_val']:,} tokens{extra}", file=sys.stderr)

@@ -34,6 +34,32 @@ _REPEATED_OPENING = re.compile(r"(\s*)(\w{2,4})\2(?=[，,。！？!?、；;：:\
 _FIGURE_OF_SPEECH_SPAN = 10  # characters after the doubled word in which a third copy means "leave it"
 
 
+# OpenCC's t2s conversion leaves 著 where Traditional text used it for the particle 着 ("随著时间",
+# "看著他", "笑著说": 7,255 of the 11,438 著 in the modern corpora, 6,331 in tiny_chinese_stories
+# alone), and a model trained on them writes 著 for 着. 著 (zhù, "to write; notable") is kept in the
+# words it forms: after 显名原专巨论编合译遗新拙大昭卓土撰 (显著, 名著, 土著...), before 名作称述录者书译论
+# (著名, 著作, 著称...), and 著有 "authored" after punctuation or before a title 《.
+_ZHU_AFTER = set("显名原专巨论编合译遗新拙大昭卓土撰")
+_ZHU_BEFORE = set("名作称述录者书译论")
+_SENTENCE_MARKS = set("。，；、：！？\n")
+
+
+def fix_zhe_leftovers(text: str) -> tuple[str, int]:
+    """(text with the particle 着 where t2s left 著, how many were changed); see _ZHU_AFTER."""
+    if "著" not in text:
+        return text, 0
+    out, changed = list(text), 0
+    for i, ch in enumerate(text):
+        if ch != "著":
+            continue
+        prev, nxt = text[i - 1] if i else "", text[i + 1:i + 2]
+        authored = nxt == "有" and (prev in _SENTENCE_MARKS or not prev or text[i + 2:i + 3] == "《")
+        if prev not in _ZHU_AFTER and nxt not in _ZHU_BEFORE and not authored:
+            out[i] = "着"
+            changed += 1
+    return "".join(out), changed
+
+
 def collapse_repeated_opening(text: str) -> str:
     """'从前从前，有一位…' -> '从前，有一位…'; every other text unchanged (see _REPEATED_OPENING)."""
     m = _REPEATED_OPENING.match(text)
@@ -245,20 +271,22 @@ def _dropped_by(record, filters: dict[str, set[str]]) -> bool:
 def new_source_stats(src: Source) -> dict:
     """The per-input counters meta.json reports."""
     return {"path": os.path.abspath(src.path), "weight": src.weight, "documents_read": 0, "documents_filtered": 0,
-            "documents_empty": 0, "openings_collapsed": 0, "documents_train": 0, "documents_val": 0,
+            "documents_empty": 0, "openings_collapsed": 0, "zhe_fixed": 0, "documents_train": 0, "documents_val": 0,
             "tokens_train": 0, "tokens_val": 0, "invalid_utf8_bytes": 0}
 
 
 def planned_texts(sources: list[Source], split: str = "train", *, field: str = "text", doc_sep: str = "blank",
                   skip_invalid_utf8: bool = False, drop: dict[str, set[str]] | None = None,
-                  collapse_openings: bool = True, val_fraction: float = 0.01, seed: int = 1234):
+                  collapse_openings: bool = True, fix_zhe: bool = True, val_fraction: float = 0.01,
+                  seed: int = 1234):
     """(source index, text) of the documents `prepare` writes to split, with the same split and
     weights: train documents once per copy (the tokenizer trains on the model's mix without its val
     documents), val documents once (held-out text for bits per character)."""
     stats = [new_source_stats(s) for s in sources]
     for si, text, where, copies in plan_documents(
             sources, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8, drop=drop or {},
-            collapse_openings=collapse_openings, val_fraction=val_fraction, seed=seed, source_stats=stats):
+            collapse_openings=collapse_openings, fix_zhe=fix_zhe, val_fraction=val_fraction, seed=seed,
+            source_stats=stats):
         if where == split:
             for _ in range(copies if split == "train" else 1):
                 yield si, text
@@ -273,11 +301,12 @@ def read_texts(paths: list[str], *, field: str = "text", doc_sep: str = "blank",
                 yield text
 
 
-def plan_documents(sources, *, field, doc_sep, skip_invalid_utf8, drop, collapse_openings, val_fraction, seed,
-                    source_stats):
+def plan_documents(sources, *, field, doc_sep, skip_invalid_utf8, drop, collapse_openings, fix_zhe, val_fraction,
+                   seed, source_stats):
     """Yield (source index, text, split, copies) for every document kept.
 
-    Text: with collapse_openings, a doubled opening word is said once (collapse_repeated_opening).
+    Text: with collapse_openings, a doubled opening word is said once (collapse_repeated_opening); with
+    fix_zhe, the 著 that t2s left for the particle 着 becomes 着 (fix_zhe_leftovers).
 
     Split: each document goes to val with probability val_fraction, decided by a generator seeded
     with (seed, source index), so the split depends only on the seed and the input order. If that
@@ -303,6 +332,9 @@ def plan_documents(sources, *, field, doc_sep, skip_invalid_utf8, drop, collapse
                 if collapsed is not text:
                     st["openings_collapsed"] += 1
                     text = collapsed
+            if fix_zhe:
+                text, n = fix_zhe_leftovers(text)
+                st["zhe_fixed"] += n
             u_split, u_weight = rng.random(2)
             if u_split < val_fraction:
                 if u_weight < min(src.weight, 1.0):

@@ -115,6 +115,7 @@ def _chunks(items, size: int):
 
 def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: str = "text",
             doc_sep: str = "blank", drop: dict[str, set[str]] | None = None, collapse_openings: bool = True,
+            fix_zhe: bool = True,
             val_fraction: float = 0.01,
             seed: int = 1234, workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             skip_invalid_utf8: bool = False, force: bool = False, progress: bool = True) -> dict:
@@ -151,7 +152,7 @@ def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: 
     writers = {split: _ShardWriter(tmp_dir, split, dtype, shard_tokens) for split in ("train", "val")}
     try:
         planned = plan_documents(sources, field=field, doc_sep=doc_sep, skip_invalid_utf8=skip_invalid_utf8,
-                                  drop=drop, collapse_openings=collapse_openings, val_fraction=val_fraction,
+                                  drop=drop, collapse_openings=collapse_openings, fix_zhe=fix_zhe, val_fraction=val_fraction,
                                   seed=seed, source_stats=stats)
         bar = tqdm(desc="tokenizing", unit=" doc", disable=not progress, dynamic_ncols=True)
         val_texts = open(os.path.join(tmp_dir, VAL_TEXTS), "w", encoding="utf-8")
@@ -180,7 +181,7 @@ def prepare(sources: list[Source], tokenizer_path: str, out_dir: str, *, field: 
             "splits": {split: {"tokens": w.total, "shards": w.shards} for split, w in writers.items()},
             "sources": stats,
             "field": field, "doc_sep": doc_sep, "drop_field_values": {k: sorted(v) for k, v in drop.items()},
-            "collapse_repeated_openings": collapse_openings,
+            "collapse_repeated_openings": collapse_openings, "fix_zhe_leftovers": fix_zhe,
             "val_fraction": val_fraction, "seed": seed,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -30,6 +30,34 @@ tinyllm pretrain --out-dir "$W/pretrain" --resume --max-steps 2450
 OMP_NUM_THREADS=1 tinyllm pretrain --out-dir "$W/pretrain" --resume --max-steps 5400 --stop-at-step 2800
 OMP_NUM_THREADS=1 tinyllm pretrain --out-dir "$W/pretrain" --resume --max-steps 4600
 
+# 2b. stories15M went on from the checkpoint above (here: from the bundled int8 file, as the later
+#     session that did it had only that) on a mix with modern prose added and the classical novels down
+#     to 0.05, read with the two fixes `tinyllm data prepare` now applies by default (a doubled opening
+#     said once: "从前从前，" -> "从前，", which had taught the model to echo its prompt; t2s's 著 read as
+#     the particle 着). The first phase ran on shards prepared before the 著 fix existed (add
+#     --keep-t2s-zhe to repeat it exactly); the second phase on shards with both fixes.
+M=$D/pretrain_modern
+MIX2=(--input $D/pretrain/classical_novels.jsonl.xz:0.05
+      --input $D/pretrain/cmrc2017_children_stories.jsonl.gz:5
+      --input $D/pretrain/tiny_chinese_stories_simplified.jsonl.gz:5
+      --input $D/pretrain/cmrc2018_wiki_paragraphs.jsonl.gz:2
+      --input $M/c3_exam_passages.jsonl.xz:3
+      --input $M/chinese_literature_ner_re_texts.jsonl.xz:2
+      --input $M/drcd_wiki_paragraphs.jsonl.xz:1)
+tinyllm convert models/stories15M.bin "$W/init.pt"
+tinyllm data prepare "${MIX2[@]}" --drop-field-values "$DROP" --tokenizer models/tok5000.model --out "$W/data2a" \
+    --keep-t2s-zhe
+OMP_NUM_THREADS=1 tinyllm pretrain --config configs/stories15M.toml --init-from "$W/init.pt" --data-dir "$W/data2a" \
+    --out-dir "$W/pretrain2a" --max-steps 1200 --lr 3e-4 --min-lr 3e-5 --warmup-steps 60 --eval-interval 200 \
+    --ckpt-interval 100 --max-minutes 90
+tinyllm data prepare "${MIX2[@]}" --drop-field-values "$DROP" --tokenizer models/tok5000.model --out "$W/data2b"
+OMP_NUM_THREADS=1 tinyllm pretrain --config configs/stories15M.toml --init-from "$W/pretrain2a/ckpt.pt" \
+    --data-dir "$W/data2b" --out-dir "$W/pretrain2b" --max-steps PHASE2_STEPS --lr 6e-5 --min-lr 1e-5 \
+    --warmup-steps 20 --eval-interval 100 --ckpt-interval 50
+tinyllm export --checkpoint "$W/pretrain2b/ckpt.pt" --format llama2c --version 2 --out models/stories15M.bin
+tinyllm export --checkpoint "$W/pretrain2b/ckpt.pt" --format gguf --type q8_0 --tokenizer models/tok5000.model \
+    --out models/stories15M_q8_0.gguf
+
 # 3. SFT on instruction and dialogue data, identity claims of other assistants rewritten
 S=$D/sft
 tinyllm sft --checkpoint "$W/pretrain/ckpt.pt" --data $S/alpaca_chinese_52k.jsonl.gz --data $S/coig_cqia_subset.jsonl.gz \

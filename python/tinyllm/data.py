@@ -301,10 +301,12 @@ class ShardDataset:
 
     A share doc_start_fraction of the windows begins at a random document's BOS, as every prompt
     does; the rest begin at a random token. doc_start_fraction defaults to DOC_START_FRACTION for
-    train and 0 otherwise, so that val loss stays a plain per-token figure comparable across runs."""
+    train and 0 otherwise, so that val loss stays a plain per-token figure comparable across runs.
+    meta: the directory's meta.json when the caller has read it already (load_meta checks it)."""
 
-    def __init__(self, data_dir: str, split: str, seq_len: int, doc_start_fraction: float | None = None):
-        self.meta = load_meta(data_dir)
+    def __init__(self, data_dir: str, split: str, seq_len: int, doc_start_fraction: float | None = None,
+                 meta: dict | None = None):
+        self.meta = meta if meta is not None else load_meta(data_dir)
         if split not in self.meta["splits"]:
             raise DataError(f"no {split!r} split ({data_dir})")
         self.seq_len = seq_len

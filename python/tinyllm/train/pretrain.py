@@ -68,8 +68,8 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | No
         if init_from:
             model.load_state_dict(load_checkpoint(init_from)["model"])
         train_batches = ShardBatches(train_data, train_cfg.batch_size, train_cfg.seed, env.rank, env.world)
-        val_batches = ShardBatches(ShardDataset(train_cfg.data_dir, "val", model_cfg.max_seq_len),
-                                   train_cfg.batch_size, train_cfg.seed + 1, env.rank, env.world)
+        val_data = ShardDataset(train_cfg.data_dir, "val", model_cfg.max_seq_len, meta=train_data.meta)
+        val_batches = ShardBatches(val_data, train_cfg.batch_size, train_cfg.seed + 1, env.rank, env.world)
         if dry_run:
             tokens_per_step = train_batches.tokens_per_batch() * train_cfg.grad_accum * env.world
             if env.master:

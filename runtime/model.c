@@ -81,18 +81,54 @@ void tl_model_config(const tl_model *m, tl_config *out) { *out = m->config; }
  * n_ctx, so memory follows the context actually used, not the model's seq_len. */
 #define KV_INITIAL_ROOM 16
 
+/* Activations of up to `rows` tokens that go through the layers together, token t's row at
+ * t * width: a session's own (its prompt in batches of PREFILL_BATCH tokens, or one token), or a
+ * tl_batch's (the tokens of several sessions in one step). */
+typedef struct {
+    int rows;
+    float *x, *xb, *xb2;   /* (rows, dim) residual stream and scratch */
+    float *hb, *hb2;       /* (rows, hidden_dim) FFN scratch */
+    float *q;              /* (rows, dim) queries */
+    float *k, *v;          /* (rows, kv_dim) new keys and values, before they enter the cache */
+    float *rope_cos, *rope_sin; /* (rows, head_dim/2) cos/sin of position * frequency of each row's token */
+} activations;
+
+static void activations_free(activations *a) {
+    free(a->x); free(a->xb); free(a->xb2); free(a->hb); free(a->hb2); free(a->q); free(a->k); free(a->v);
+    free(a->rope_cos); free(a->rope_sin);
+    memset(a, 0, sizeof(*a));
+}
+
+/* Room for `rows` tokens; a holds none on entry. On failure a holds none again (the caller names
+ * what the memory was for). */
+static int activations_alloc(activations *a, const tl_config *c, int rows) {
+    const size_t r = (size_t)rows;
+    const size_t kv_dim = (size_t)c->dim / c->n_heads * c->n_kv_heads;
+    const size_t half = (size_t)c->dim / c->n_heads / 2;
+    a->x = calloc(r * c->dim, sizeof(float));
+    a->xb = calloc(r * c->dim, sizeof(float));
+    a->xb2 = calloc(r * c->dim, sizeof(float));
+    a->hb = calloc(r * c->hidden_dim, sizeof(float));
+    a->hb2 = calloc(r * c->hidden_dim, sizeof(float));
+    a->q = calloc(r * c->dim, sizeof(float));
+    a->k = calloc(r * kv_dim, sizeof(float));
+    a->v = calloc(r * kv_dim, sizeof(float));
+    a->rope_cos = calloc(r * half, sizeof(float));
+    a->rope_sin = calloc(r * half, sizeof(float));
+    if (!a->x || !a->xb || !a->xb2 || !a->hb || !a->hb2 || !a->q || !a->k || !a->v || !a->rope_cos || !a->rope_sin) {
+        activations_free(a);
+        return 0;
+    }
+    a->rows = rows;
+    return 1;
+}
+
 struct tl_session {
     const tl_model *model;
     int n_ctx, pos;
     int room;              /* positions the caches and att have room for (<= n_ctx, grows) */
-    int batch;             /* tokens per forward step: min(PREFILL_BATCH, n_ctx) */
     int kv_f16;            /* the KV cache holds IEEE halves instead of floats */
-    /* activations of up to `batch` tokens, token t's row at t * width */
-    float *x, *xb, *xb2;   /* (batch, dim) residual stream and scratch */
-    float *hb, *hb2;       /* (batch, hidden_dim) FFN scratch */
-    float *q;              /* (batch, dim) queries */
-    float *k, *v;          /* (batch, kv_dim) new keys and values, before they enter the cache */
-    float *rope_cos, *rope_sin; /* (batch, head_dim/2) cos/sin of position * frequency of the step's tokens */
+    activations act;       /* min(PREFILL_BATCH, n_ctx) rows: the tokens of one tl_session_feed step */
     float *att;            /* (n_heads, room) attention weights */
     float *logits;         /* (vocab) of the last token */
     void *key_cache;       /* (n_layers, n_kv_heads, room, head_dim) floats, or halves with kv_f16:
@@ -146,26 +182,12 @@ tl_status tl_session_new_ex(const tl_model *m, const tl_session_params *params, 
         return tl_fail(TL_ERR_ARGUMENT, "context %d exceeds the model's seq_len %d", n_ctx, c->seq_len);
     tl_session *s = calloc(1, sizeof(*s));
     if (s == NULL) return tl_fail(TL_ERR_MEMORY, "out of memory for a session");
-    const size_t kv_dim = (size_t)c->dim / c->n_heads * c->n_kv_heads;
-    const size_t half = (size_t)c->dim / c->n_heads / 2;
-    const size_t b = n_ctx < PREFILL_BATCH ? n_ctx : PREFILL_BATCH;
     s->model = m;
     s->n_ctx = n_ctx;
-    s->batch = (int)b;
     s->kv_f16 = params->kv_f16 != 0;
-    s->x = calloc(b * c->dim, sizeof(float));
-    s->xb = calloc(b * c->dim, sizeof(float));
-    s->xb2 = calloc(b * c->dim, sizeof(float));
-    s->hb = calloc(b * c->hidden_dim, sizeof(float));
-    s->hb2 = calloc(b * c->hidden_dim, sizeof(float));
-    s->q = calloc(b * c->dim, sizeof(float));
-    s->k = calloc(b * kv_dim, sizeof(float));
-    s->v = calloc(b * kv_dim, sizeof(float));
-    s->rope_cos = calloc(b * half, sizeof(float));
-    s->rope_sin = calloc(b * half, sizeof(float));
     s->logits = calloc(c->vocab_size, sizeof(float));
-    if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->k || !s->v || !s->rope_cos || !s->rope_sin ||
-        !s->logits || reserve_positions(s, n_ctx < KV_INITIAL_ROOM ? n_ctx : KV_INITIAL_ROOM) != TL_OK) {
+    if (!activations_alloc(&s->act, c, n_ctx < PREFILL_BATCH ? n_ctx : PREFILL_BATCH) || !s->logits ||
+        reserve_positions(s, n_ctx < KV_INITIAL_ROOM ? n_ctx : KV_INITIAL_ROOM) != TL_OK) {
         tl_session_free(s);
         return tl_fail(TL_ERR_MEMORY, "out of memory for a session of %d positions", n_ctx);
     }
@@ -175,8 +197,8 @@ tl_status tl_session_new_ex(const tl_model *m, const tl_session_params *params, 
 
 void tl_session_free(tl_session *s) {
     if (s == NULL) return;
-    free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->k); free(s->v);
-    free(s->rope_cos); free(s->rope_sin); free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
+    activations_free(&s->act);
+    free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
     free(s);
 }
 
@@ -219,36 +241,51 @@ static void store_kv(tl_session *s, int layer, int pos, const float *k, const fl
     }
 }
 
+/* The tokens of one session in a forward pass: rows [row, row + n) of the activations, at positions
+ * s->pos .. s->pos + n - 1 (room reserved). tl_session_feed passes one segment, tl_batch_step one per
+ * session. */
 typedef struct {
     tl_session *s;
-    int layer, pos0, n;
+    int row, n;
+} segment;
+
+typedef struct {
+    activations *a;
+    const segment *segs;
+    int layer;
 } attention_job;
 
-/* One query head of causal self-attention for every token of the step (a chunk of the job). */
-static void attention_head(void *ctx, int h) {
+/* Chunk = segment * n_heads + head: one query head of causal self-attention for every token of one
+ * segment, over that segment's own session (its cache, its positions, its attention-weight scratch). */
+static void attention_head(void *ctx, int chunk) {
     const attention_job *j = ctx;
-    tl_session *s = j->s;
-    const tl_config *c = &s->model->config;
+    const tl_config *c = &j->segs[0].s->model->config;
+    const segment *g = &j->segs[chunk / c->n_heads];
+    const int h = chunk % c->n_heads;
+    tl_session *s = g->s;
     const int dim = c->dim;
     const int head_dim = dim / c->n_heads;
     const int group = c->n_heads / c->n_kv_heads; /* query heads per key/value head */
     const float scale = 1.0f / sqrtf((float)head_dim);
     const size_t at = kv_at(s, j->layer, h / group, 0) * (s->kv_f16 ? 2 : 4); /* bytes */
-    for (int t = 0; t < j->n; t++)
-        tl_attend(s->xb + (size_t)t * dim + h * head_dim, s->q + (size_t)t * dim + h * head_dim,
-                  (const char *)s->key_cache + at, (const char *)s->value_cache + at, head_dim, j->pos0 + t + 1,
-                  head_dim, scale, s->kv_f16, s->att + (size_t)h * s->room);
+    for (int t = 0; t < g->n; t++) {
+        const size_t row = (size_t)(g->row + t) * dim + h * head_dim;
+        tl_attend(j->a->xb + row, j->a->q + row, (const char *)s->key_cache + at, (const char *)s->value_cache + at,
+                  head_dim, s->pos + t + 1, head_dim, scale, s->kv_f16, s->att + (size_t)h * s->room);
+    }
 }
 
-/* Causal self-attention for the n tokens at positions pos0..pos0+n-1 (already in the cache):
- * each query head over positions 0..its own of its key/value head; output rows in s->xb. */
-static void attention(tl_session *s, int layer, int pos0, int n) {
-    const tl_config *c = &s->model->config;
-    attention_job job = {s, layer, pos0, n};
-    if ((long)n * (pos0 + n) * c->dim >= ATTENTION_PARALLEL_MIN) {
-        tl_parallel_for(c->n_heads, attention_head, &job);
+/* Causal self-attention of every segment's tokens (already in their caches): each query head over
+ * positions 0..its own of its key/value head; output rows in a->xb. */
+static void attention(activations *a, const segment *segs, int n_segs, int layer) {
+    const tl_config *c = &segs[0].s->model->config;
+    attention_job job = {a, segs, layer};
+    long work = 0;
+    for (int i = 0; i < n_segs; i++) work += (long)segs[i].n * (segs[i].s->pos + segs[i].n) * c->dim;
+    if (work >= ATTENTION_PARALLEL_MIN) {
+        tl_parallel_for(n_segs * c->n_heads, attention_head, &job);
     } else {
-        for (int h = 0; h < c->n_heads; h++) attention_head(&job, h);
+        for (int i = 0; i < n_segs * c->n_heads; i++) attention_head(&job, i);
     }
 }
 
@@ -268,65 +305,84 @@ static void add_into(float *a, const float *b, size_t n) {
     for (size_t i = 0; i < n; i++) a[i] += b[i];
 }
 
-/* n (<= s->batch) tokens through the network at positions s->pos...: the logits of the last one go
- * to s->logits, and with all_logits to all_logits[t * vocab] for every token t. */
-static void forward(tl_session *s, const int *tokens, int n, float *all_logits) {
-    const tl_model *m = s->model;
+/* The rows (<= a->rows) tokens of segs[0..n_segs), which cover rows 0..rows-1 in order, through the
+ * network: the matmuls take all rows at once, norms and RoPE go row by row, attention segment by
+ * segment. logits receives every row's logits (rows x vocab) with all_rows, else the last row's of
+ * each segment (n_segs x vocab); NULL: no classifier. Positions are advanced by the caller. */
+static void forward(const tl_model *m, activations *a, const segment *segs, int n_segs, const int *tokens,
+                    int rows, float *logits, int all_rows) {
     const tl_config *c = &m->config;
-    const int dim = c->dim, hidden = c->hidden_dim, pos0 = s->pos;
+    const int dim = c->dim, hidden = c->hidden_dim;
     const int head_dim = dim / c->n_heads, half = head_dim / 2;
     const int kv_dim = head_dim * c->n_kv_heads;
 
-    for (int t = 0; t < n; t++) tl_matrix_row(s->x + (size_t)t * dim, &m->token_embedding, tokens[t]);
-    for (int t = 0; t < n; t++)
-        for (int i = 0; i < half; i++) {
-            const double angle = (double)(pos0 + t) * m->rope_freq[i];
-            s->rope_cos[(size_t)t * half + i] = (float)cos(angle);
-            s->rope_sin[(size_t)t * half + i] = (float)sin(angle);
+    for (int t = 0; t < rows; t++) tl_matrix_row(a->x + (size_t)t * dim, &m->token_embedding, tokens[t]);
+    for (int i = 0; i < n_segs; i++)
+        for (int t = 0; t < segs[i].n; t++) {
+            const size_t row = (size_t)(segs[i].row + t);
+            for (int f = 0; f < half; f++) {
+                const double angle = (double)(segs[i].s->pos + t) * m->rope_freq[f];
+                a->rope_cos[row * half + f] = (float)cos(angle);
+                a->rope_sin[row * half + f] = (float)sin(angle);
+            }
         }
     for (int l = 0; l < c->n_layers; l++) {
         const tl_layer *w = &m->layers[l];
-        /* attention: q, k, v of the new positions; k and v go into the cache */
-        for (int t = 0; t < n; t++)
-            tl_rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_att, dim, c->norm_eps);
-        float *const qkv[3] = {s->q, s->k, s->v};
+        /* attention: q, k, v of the new positions; k and v go into each session's cache */
+        for (int t = 0; t < rows; t++)
+            tl_rmsnorm(a->xb + (size_t)t * dim, a->x + (size_t)t * dim, w->rms_att, dim, c->norm_eps);
+        float *const qkv[3] = {a->q, a->k, a->v};
         const tl_matrix *const wqkv[3] = {&w->wq, &w->wk, &w->wv};
-        tl_matmul_many(3, qkv, wqkv, s->xb, n);
-        for (int t = 0; t < n; t++) {
-            const float *cos = s->rope_cos + (size_t)t * half;
-            const float *sin = s->rope_sin + (size_t)t * half;
-            tl_rope(s->q + (size_t)t * dim, c->n_heads, head_dim, cos, sin);
-            tl_rope(s->k + (size_t)t * kv_dim, c->n_kv_heads, head_dim, cos, sin);
-            store_kv(s, l, pos0 + t, s->k + (size_t)t * kv_dim, s->v + (size_t)t * kv_dim);
-        }
-        attention(s, l, pos0, n);
-        tl_matmul(s->xb2, dim, &w->wo, s->xb, n);
-        add_into(s->x, s->xb2, (size_t)n * dim);
+        tl_matmul_many(3, qkv, wqkv, a->xb, rows);
+        for (int i = 0; i < n_segs; i++)
+            for (int t = 0; t < segs[i].n; t++) {
+                const size_t row = (size_t)(segs[i].row + t);
+                const float *cos = a->rope_cos + row * half;
+                const float *sin = a->rope_sin + row * half;
+                tl_rope(a->q + row * dim, c->n_heads, head_dim, cos, sin);
+                tl_rope(a->k + row * kv_dim, c->n_kv_heads, head_dim, cos, sin);
+                store_kv(segs[i].s, l, segs[i].s->pos + t, a->k + row * kv_dim, a->v + row * kv_dim);
+            }
+        attention(a, segs, n_segs, l);
+        tl_matmul(a->xb2, dim, &w->wo, a->xb, rows);
+        add_into(a->x, a->xb2, (size_t)rows * dim);
         /* feed-forward: w2(silu(w1 x) * w3 x) */
-        for (int t = 0; t < n; t++)
-            tl_rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->rms_ffn, dim, c->norm_eps);
-        float *const gate_up[2] = {s->hb, s->hb2};
+        for (int t = 0; t < rows; t++)
+            tl_rmsnorm(a->xb + (size_t)t * dim, a->x + (size_t)t * dim, w->rms_ffn, dim, c->norm_eps);
+        float *const gate_up[2] = {a->hb, a->hb2};
         const tl_matrix *const w13[2] = {&w->w1, &w->w3};
-        tl_matmul_many(2, gate_up, w13, s->xb, n);
-        swiglu_job gate = {s->hb, s->hb2, hidden};
-        tl_parallel_for(n, swiglu_row, &gate);
-        tl_matmul(s->xb, dim, &w->w2, s->hb, n);
-        add_into(s->x, s->xb, (size_t)n * dim);
+        tl_matmul_many(2, gate_up, w13, a->xb, rows);
+        swiglu_job gate = {a->hb, a->hb2, hidden};
+        tl_parallel_for(rows, swiglu_row, &gate);
+        tl_matmul(a->xb, dim, &w->w2, a->hb, rows);
+        add_into(a->x, a->xb, (size_t)rows * dim);
     }
-    /* final norm and classifier: every token's logits if asked for, else the last token's only */
-    const int first = all_logits ? 0 : n - 1;
-    for (int t = first; t < n; t++)
-        tl_rmsnorm(s->x + (size_t)t * dim, s->x + (size_t)t * dim, m->rms_final, dim, c->norm_eps);
-    if (all_logits) {
-        tl_matmul(all_logits, c->vocab_size, &m->classifier, s->x, n);
-        memcpy(s->logits, all_logits + (size_t)(n - 1) * c->vocab_size, (size_t)c->vocab_size * sizeof(float));
+    if (logits == NULL) return;
+    /* final norm and classifier: every row's logits if asked for, else the last row of each segment,
+     * normalized into consecutive rows of xb so that one matmul takes them all */
+    if (all_rows) {
+        for (int t = 0; t < rows; t++)
+            tl_rmsnorm(a->x + (size_t)t * dim, a->x + (size_t)t * dim, m->rms_final, dim, c->norm_eps);
+        tl_matmul(logits, c->vocab_size, &m->classifier, a->x, rows);
     } else {
-        tl_matmul(s->logits, c->vocab_size, &m->classifier, s->x + (size_t)(n - 1) * dim, 1);
+        for (int i = 0; i < n_segs; i++)
+            tl_rmsnorm(a->xb + (size_t)i * dim, a->x + (size_t)(segs[i].row + segs[i].n - 1) * dim, m->rms_final,
+                       dim, c->norm_eps);
+        tl_matmul(logits, c->vocab_size, &m->classifier, a->xb, n_segs);
     }
+}
+
+/* TL_ERR_FORMAT unless all n logits are finite. */
+static tl_status check_finite(const float *logits, size_t n) {
+    for (size_t j = 0; j < n; j++)
+        if (!isfinite(logits[j]))
+            return tl_fail(TL_ERR_FORMAT, "the model produced non-finite logits (NaN/Inf weights in the file?)");
+    return TL_OK;
 }
 
 tl_status tl_session_feed(tl_session *s, const int *tokens, int n, float *logits, int all_logits) {
     const tl_config *c = &s->model->config;
+    const size_t vocab = (size_t)c->vocab_size;
     if (n <= 0) return tl_fail(TL_ERR_ARGUMENT, "no tokens to feed");
     if (n > s->n_ctx - s->pos)
         return tl_fail(TL_ERR_RANGE, "%d tokens do not fit: %d of the context's %d positions are used",
@@ -338,15 +394,146 @@ tl_status tl_session_feed(tl_session *s, const int *tokens, int n, float *logits
     tl_status st = reserve_positions(s, s->pos + n);
     if (st != TL_OK) return st;
     tl_get_threads(); /* first use picks the default thread count */
-    /* the prompt goes through in batches of s->batch tokens */
-    for (int i = 0; i < n; i += s->batch) {
-        const int len = n - i < s->batch ? n - i : s->batch;
-        forward(s, tokens + i, len, logits != NULL && all_logits ? logits + (size_t)i * c->vocab_size : NULL);
+    /* the prompt goes through in batches of s->act.rows tokens */
+    for (int i = 0; i < n; i += s->act.rows) {
+        const int len = n - i < s->act.rows ? n - i : s->act.rows;
+        const segment seg = {s, 0, len};
+        if (logits != NULL && all_logits) {
+            float *out = logits + (size_t)i * vocab;
+            forward(s->model, &s->act, &seg, 1, tokens + i, len, out, 1);
+            memcpy(s->logits, out + (size_t)(len - 1) * vocab, vocab * sizeof(float));
+        } else {
+            forward(s->model, &s->act, &seg, 1, tokens + i, len, s->logits, 0);
+        }
         s->pos += len;
     }
-    if (logits != NULL && !all_logits) memcpy(logits, s->logits, (size_t)c->vocab_size * sizeof(float));
-    for (int j = 0; j < c->vocab_size; j++)
-        if (!isfinite(s->logits[j]))
-            return tl_fail(TL_ERR_FORMAT, "the model produced non-finite logits (NaN/Inf weights in the file?)");
+    if (logits != NULL && !all_logits) memcpy(logits, s->logits, vocab * sizeof(float));
+    return check_finite(s->logits, vocab);
+}
+
+/* ----------------------------------------------------------------------------------------- */
+/* Batch: one forward step over several sessions of a model */
+
+/* What one step may hold, far beyond a useful batch: keeps every product of counts inside an int. */
+#define BATCH_MAX_TOKENS (1 << 20)
+
+typedef struct {
+    const tl_session *s;
+    int index; /* where it is in the step's list */
+} session_ref;
+
+struct tl_batch {
+    const tl_model *model;
+    activations act;   /* rows for the largest step so far (grown by doubling, never shrunk) */
+    segment *segs;     /* (cap) one per session of a step */
+    session_ref *refs; /* (cap) the step's sessions, sorted by address to find one given twice */
+    int cap;
+};
+
+tl_status tl_batch_new(const tl_model *model, tl_batch **out) {
+    *out = NULL;
+    if (model == NULL) return tl_fail(TL_ERR_ARGUMENT, "no model for the batch");
+    tl_batch *b = calloc(1, sizeof(*b));
+    if (b == NULL) return tl_fail(TL_ERR_MEMORY, "out of memory for a batch");
+    b->model = model;
+    *out = b;
     return TL_OK;
+}
+
+void tl_batch_free(tl_batch *b) {
+    if (b == NULL) return;
+    activations_free(&b->act);
+    free(b->segs);
+    free(b->refs);
+    free(b);
+}
+
+static int by_address(const void *x, const void *y) {
+    const uintptr_t a = (uintptr_t)((const session_ref *)x)->s, b = (uintptr_t)((const session_ref *)y)->s;
+    return a < b ? -1 : a > b;
+}
+
+/* Room for n sessions and `rows` tokens: grows by doubling, so that a batch that changes size step by
+ * step allocates a handful of times, and a steady one never. */
+static tl_status batch_reserve(tl_batch *b, int n, int rows) {
+    if (n > b->cap) {
+        int cap = b->cap > 0 ? b->cap : 8;
+        while (cap < n) cap = cap > BATCH_MAX_TOKENS / 2 ? BATCH_MAX_TOKENS : cap * 2;
+        segment *segs = malloc((size_t)cap * sizeof(*segs));
+        session_ref *refs = malloc((size_t)cap * sizeof(*refs));
+        if (!segs || !refs) {
+            free(segs); free(refs);
+            return tl_fail(TL_ERR_MEMORY, "out of memory for a batch of %d sessions", n);
+        }
+        free(b->segs); free(b->refs);
+        b->segs = segs;
+        b->refs = refs;
+        b->cap = cap;
+    }
+    if (rows > b->act.rows) {
+        int want = b->act.rows > 0 ? b->act.rows : 8;
+        while (want < rows) want = want > BATCH_MAX_TOKENS / 2 ? BATCH_MAX_TOKENS : want * 2;
+        activations_free(&b->act); /* nothing in it outlives a step */
+        if (!activations_alloc(&b->act, &b->model->config, want))
+            return tl_fail(TL_ERR_MEMORY, "out of memory for the activations of %d tokens", want);
+    }
+    return TL_OK;
+}
+
+/* Every argument error of a step, before anything is touched; *rows receives the token count. */
+static tl_status batch_check(tl_batch *b, tl_session *const *sessions, const int *tokens, const int *counts, int n,
+                             int *rows) {
+    const tl_config *c = &b->model->config;
+    if (n <= 0) return tl_fail(TL_ERR_ARGUMENT, "empty batch: no sessions to step");
+    if (sessions == NULL || tokens == NULL) return tl_fail(TL_ERR_ARGUMENT, "no sessions or no tokens");
+    long total = 0;
+    for (int i = 0; i < n; i++) {
+        const tl_session *s = sessions[i];
+        const int count = counts ? counts[i] : 1;
+        if (s == NULL) return tl_fail(TL_ERR_ARGUMENT, "sequence %d: no session", i);
+        if (s->model != b->model)
+            return tl_fail(TL_ERR_ARGUMENT, "sequence %d: the session belongs to another model than the batch", i);
+        if (count <= 0 || count > BATCH_MAX_TOKENS - total)
+            return tl_fail(TL_ERR_ARGUMENT, "sequence %d: %d tokens (1..%ld in this step)", i, count,
+                           BATCH_MAX_TOKENS - total);
+        if (count > s->n_ctx - s->pos)
+            return tl_fail(TL_ERR_RANGE, "sequence %d: %d tokens do not fit: %d of the context's %d positions are used",
+                           i, count, s->pos, s->n_ctx);
+        for (long t = total; t < total + count; t++)
+            if (tokens[t] < 0 || tokens[t] >= c->vocab_size)
+                return tl_fail(TL_ERR_ARGUMENT, "sequence %d: token id %d is outside the vocabulary (0..%d)", i,
+                               tokens[t], c->vocab_size - 1);
+        total += count;
+    }
+    *rows = (int)total;
+    return TL_OK;
+}
+
+tl_status tl_batch_step(tl_batch *b, tl_session *const *sessions, const int *tokens, const int *counts, int n,
+                        float *logits) {
+    if (b == NULL) return tl_fail(TL_ERR_ARGUMENT, "no batch");
+    int rows = 0;
+    tl_status st = batch_check(b, sessions, tokens, counts, n, &rows);
+    if (st == TL_OK) st = batch_reserve(b, n, rows);
+    if (st != TL_OK) return st;
+    /* a session given twice would take two rows at the same position of one cache */
+    for (int i = 0; i < n; i++) b->refs[i] = (session_ref){sessions[i], i};
+    qsort(b->refs, n, sizeof(*b->refs), by_address);
+    for (int i = 1; i < n; i++)
+        if (b->refs[i].s == b->refs[i - 1].s) {
+            const int x = b->refs[i - 1].index, y = b->refs[i].index;
+            return tl_fail(TL_ERR_ARGUMENT, "sequences %d and %d are the same session", x < y ? x : y, x < y ? y : x);
+        }
+    for (int i = 0; i < n; i++) {
+        st = reserve_positions(sessions[i], sessions[i]->pos + (counts ? counts[i] : 1));
+        if (st != TL_OK) return st; /* what grew stays grown; no position was fed */
+    }
+    for (int i = 0, row = 0; i < n; i++) {
+        b->segs[i] = (segment){sessions[i], row, counts ? counts[i] : 1};
+        row += b->segs[i].n;
+    }
+    tl_get_threads(); /* first use picks the default thread count */
+    forward(b->model, &b->act, b->segs, n, tokens, rows, logits, 0);
+    for (int i = 0; i < n; i++) sessions[i]->pos += b->segs[i].n;
+    return logits ? check_finite(logits, (size_t)n * b->model->config.vocab_size) : TL_OK;
 }

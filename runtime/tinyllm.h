@@ -137,6 +137,37 @@ tl_status tl_session_rewind(tl_session *s, int pos);
 tl_status tl_session_feed(tl_session *s, const int *tokens, int n, float *logits, int all_logits);
 
 /* ----------------------------------------------------------------------------------------- */
+/* Batch: one forward step over several sessions of a model (batched decoding for a server) */
+
+typedef struct tl_batch tl_batch;
+
+/* A batch over model: the scratch one step needs, grown to the largest step so far (no allocation
+ * once the batch's size is steady). It holds no sequences: each step names its sessions. */
+tl_status tl_batch_new(const tl_model *model, tl_batch **out);
+void tl_batch_free(tl_batch *batch);
+/* Feed n sessions of the batch's model in one forward step: session i gets counts[i] tokens (counts
+ * NULL: one each) after its cached ones, taken in order from tokens (sum of counts ids). The matmuls
+ * run once over all the step's tokens, as the rows of one matrix; RMSNorm and RoPE go row by row, and
+ * each session's tokens attend over its own KV cache at its own positions. logits (may be NULL)
+ * receives n x vocab_size floats: row i for session i's last token. Each session's logits equal those of
+ * tl_session_feed of the same tokens up to the order of float additions (~1e-7 relative).
+ *
+ * Sequences join and leave by being passed or not: a step may hold any subset of the sessions of the
+ * model, in any order, at any positions. A newcomer's prompt goes in as chunks (counts[i] > 1, e.g.
+ * 16 to 64 tokens per step) beside the one token of each decoding session, so that the others keep
+ * decoding while it is prefilled; its logits row is that of its chunk's last token. Keep chunks short:
+ * a step costs about as long as its tokens, and the batch's scratch grows to the largest step.
+ *
+ * Errors feed nothing (every session keeps its position): TL_ERR_ARGUMENT for an empty batch (n <= 0),
+ * a NULL session, a session of another model, the same session twice, a count < 1, a token id outside
+ * the vocabulary; TL_ERR_RANGE for tokens that do not fit in a session's context; TL_ERR_MEMORY when a
+ * KV cache or the scratch cannot grow. The message names the sequence by its index. Non-finite logits
+ * are TL_ERR_FORMAT after the step, as with tl_session_feed. A batch and its step's sessions belong to
+ * one thread during the step. A tl_generator samples from the rows: tl_generator_sample/_fed below. */
+tl_status tl_batch_step(tl_batch *batch, tl_session *const *sessions, const int *tokens, const int *counts, int n,
+                        float *logits);
+
+/* ----------------------------------------------------------------------------------------- */
 /* Sampler */
 
 typedef struct {

@@ -14,6 +14,7 @@ struct tl_generator {
     int have_logits;    /* a prompt or token has been fed */
     int ended_with_eos; /* the last answer stopped at EOS, which is not in the cache yet */
     int prev_token;     /* for the tokenizer's piece rules (leading space after BOS) */
+    int sampled;        /* the token tl_generator_sample gave, until tl_generator_fed records it; -1 */
     int *ids;           /* (n_ctx) scratch for encoding prompts */
     int *context;       /* (n_ctx) the ids fed at each position of the session */
     char pending[8];    /* an incomplete UTF-8 character held back */
@@ -37,6 +38,7 @@ tl_status tl_generator_new(tl_session *s, const tl_tokenizer *tok, const tl_samp
     g->tok = tok;
     g->vocab_size = vocab;
     g->prev_token = -1;
+    g->sampled = -1;
     g->logits = malloc((size_t)vocab * sizeof(float));
     g->ids = malloc((size_t)tl_session_n_ctx(s) * sizeof(int));
     g->context = malloc((size_t)tl_session_n_ctx(s) * sizeof(int));
@@ -68,6 +70,7 @@ void tl_generator_free(tl_generator *g) {
 tl_status tl_generator_prompt_ids(tl_generator *g, const int *ids, int n) {
     g->ended_with_eos = 0;
     g->n_pending = 0; /* an unfinished character of the previous answer stays unfinished */
+    g->sampled = -1;  /* a token sampled for a batch step and never fed is dropped */
     const int start = tl_session_pos(g->session);
     tl_status st = tl_session_feed(g->session, ids, n, g->logits, 0);
     if (st == TL_OK) memcpy(g->context + start, ids, (size_t)n * sizeof(int));
@@ -208,11 +211,13 @@ static tl_status take_complete_text(tl_generator *g, const char *piece, size_t p
     return TL_OK;
 }
 
-tl_status tl_generator_next(tl_generator *g, int *token, const char **text, size_t *text_len, int *done) {
+tl_status tl_generator_sample(tl_generator *g, int *token, const char **text, size_t *text_len, int *done) {
     *token = -1;
     *text = "";
     *text_len = 0;
     *done = 0;
+    if (g->sampled >= 0)
+        return tl_fail(TL_ERR_ARGUMENT, "token %d was sampled but not fed: tl_generator_fed comes first", g->sampled);
     if (!g->have_logits) return tl_fail(TL_ERR_ARGUMENT, "no prompt: feed a prompt before generating");
     const int next = tl_sampler_sample(g->sampler, g->logits);
     *token = next;
@@ -232,6 +237,39 @@ tl_status tl_generator_next(tl_generator *g, int *token, const char **text, size
         g->have_logits = 0;
         return TL_OK;
     }
+    g->sampled = next;
+    return TL_OK;
+}
+
+tl_status tl_generator_fed(tl_generator *g, const int *ids, int n, const float *logits) {
+    const int pos = tl_session_pos(g->session);
+    if (ids == NULL || logits == NULL || n <= 0) return tl_fail(TL_ERR_ARGUMENT, "no ids or no logits");
+    if (n > pos) return tl_fail(TL_ERR_ARGUMENT, "%d ids fed, but the session holds %d positions", n, pos);
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= g->vocab_size)
+            return tl_fail(TL_ERR_ARGUMENT, "token id %d is outside the vocabulary (0..%d)", ids[i], g->vocab_size - 1);
+    if (!(n == 1 && ids[0] == g->sampled)) {
+        g->ended_with_eos = 0; /* a prompt, as tl_generator_prompt_ids starts one */
+        g->n_pending = 0;
+    }
+    g->sampled = -1;
+    memcpy(g->context + pos - n, ids, (size_t)n * sizeof(int));
+    memcpy(g->logits, logits, (size_t)g->vocab_size * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        tl_status st = tl_sampler_accept(g->sampler, ids[i]);
+        if (st != TL_OK) return st;
+    }
+    g->have_logits = 1;
+    g->prev_token = ids[n - 1];
+    return TL_OK;
+}
+
+/* tl_generator_sample, then the token fed here and recorded. */
+tl_status tl_generator_next(tl_generator *g, int *token, const char **text, size_t *text_len, int *done) {
+    tl_status st = tl_generator_sample(g, token, text, text_len, done);
+    if (st != TL_OK || *done) return st;
+    const int next = g->sampled;
+    g->sampled = -1;
     g->prev_token = next;
     const int at = tl_session_pos(g->session);
     tl_status fed = tl_session_feed(g->session, &next, 1, g->logits, 0);

@@ -225,6 +225,18 @@ tl_status tl_generator_prompt_ids(tl_generator *g, const int *ids, int n);
  * Python's errors="replace"). *done becomes 1 when the token is EOS (not
  * fed, no text) or when the context is full (the token's text is still given). */
 tl_status tl_generator_next(tl_generator *g, int *token, const char **text, size_t *text_len, int *done);
+/* tl_generator_next in two halves, for a session that a tl_batch feeds: tl_generator_sample picks the
+ * next token and gives its text and done exactly as tl_generator_next, but feeds nothing; unless
+ * *done, the caller feeds *token (a batch step) and hands the step's logits row for it to
+ * tl_generator_fed. The same params and seed give the same tokens as with tl_generator_next (from
+ * logits that a batch step computed in another order of float additions). Sampling again before the
+ * token is fed is TL_ERR_ARGUMENT. */
+tl_status tl_generator_sample(tl_generator *g, int *token, const char **text, size_t *text_len, int *done);
+/* ids (n >= 1) were fed to the generator's session by someone else (tl_batch_step, tl_session_feed):
+ * they are its last n positions, and logits (vocab_size floats) are the last one's. Records them as
+ * tl_generator_next and tl_generator_prompt_ids do (context, repetition history), so that generation
+ * goes on from there: the token tl_generator_sample gave, or else a prompt (a new answer starts). */
+tl_status tl_generator_fed(tl_generator *g, const int *ids, int n, const float *logits);
 /* Feed one user turn of the chat template: on an empty session BOS, then
  * "<|system|>\n{system}\n" when system is non-empty, then "<|user|>\n{user}\n<|assistant|>\n".
  * Only the template gives role tokens: "\n{system}\n" and "\n{user}\n" are encoded as plain text

@@ -32,6 +32,13 @@ static void check(tl_status st) {
     throw py::error_already_set();
 }
 
+// A bad argument the binding itself finds, raised like the C API's TL_ERR_ARGUMENT.
+static void argument_error(const std::string &message) {
+    py::object cls = py::module_::import("tinyllm.errors").attr("InvalidArgumentError");
+    PyErr_SetString(cls.ptr(), message.c_str());
+    throw py::error_already_set();
+}
+
 struct Model {
     tl_model *ptr = nullptr;
     explicit Model(const std::string &path) { check(tl_model_load(path.c_str(), &ptr)); }
@@ -120,6 +127,60 @@ struct Session {
     void rewind(int pos) { check(tl_session_rewind(ptr, pos)); }
 };
 
+// One forward step over several sessions of a model (tl_batch_step): the scratch of the batch lives
+// here, so that a steady batch allocates nothing per step.
+struct Batch {
+    py::object model_ref;
+    tl_batch *ptr = nullptr;
+    int vocab_size;
+    explicit Batch(py::object model) : model_ref(model) {
+        Model &m = model.cast<Model &>();
+        tl_config c;
+        tl_model_config(m.ptr, &c);
+        vocab_size = c.vocab_size;
+        check(tl_batch_new(m.ptr, &ptr));
+    }
+    ~Batch() { tl_batch_free(ptr); }
+    // tokens[i]: an int (one token, decoding) or a list of ints (a chunk of a prompt) for sessions[i].
+    // Returns (n, vocab) logits, row i for the last token of sessions[i].
+    py::array_t<float> step(const py::list &sessions, const py::list &tokens) {
+        if (sessions.size() != tokens.size())
+            argument_error(std::to_string(sessions.size()) + " sessions but " + std::to_string(tokens.size()) +
+                           " token entries");
+        std::vector<tl_session *> ptrs;
+        std::vector<int> ids, counts;
+        for (const py::handle &s : sessions) {
+            if (!py::isinstance<Session>(s)) throw py::type_error("sessions must be Session objects");
+            ptrs.push_back(s.cast<Session &>().ptr);
+        }
+        for (const py::handle &t : tokens) {
+            try {
+                if (py::isinstance<py::int_>(t)) {
+                    ids.push_back(t.cast<int>());
+                    counts.push_back(1);
+                } else {
+                    if (py::isinstance<py::str>(t) || py::isinstance<py::bytes>(t)) throw py::cast_error();
+                    std::vector<int> chunk = t.cast<std::vector<int>>();
+                    ids.insert(ids.end(), chunk.begin(), chunk.end());
+                    counts.push_back((int)chunk.size());
+                }
+            } catch (const py::cast_error &) {
+                throw py::type_error("each entry of tokens must be a token id or a list of token ids");
+            }
+        }
+        const size_t n = ptrs.size();
+        py::array_t<float> out({n, (size_t)vocab_size});
+        float *dst = out.mutable_data();
+        tl_status st;
+        {
+            py::gil_scoped_release nogil;
+            st = tl_batch_step(ptr, ptrs.data(), ids.data(), counts.data(), (int)n, dst);
+        }
+        check(st);
+        return out;
+    }
+};
+
 struct Generator {
     py::object session_ref, tokenizer_ref;
     tl_generator *ptr = nullptr;
@@ -169,6 +230,22 @@ struct Generator {
         check(st);
         return py::make_tuple(token, py::bytes(text, len), done != 0);
     }
+    // tl_generator_next in two halves, for a session a Batch feeds: (token, text bytes, done), nothing fed
+    py::tuple sample() {
+        int token = -1, done = 0;
+        const char *text = nullptr;
+        size_t len = 0;
+        check(tl_generator_sample(ptr, &token, &text, &len, &done));
+        return py::make_tuple(token, py::bytes(text, len), done != 0);
+    }
+    // ids that a Batch step fed to the session, and its logits row for the last of them
+    void fed(const std::vector<int> &ids, py::array_t<float, py::array::c_style | py::array::forcecast> logits) {
+        const int vocab = session_ref.cast<Session &>().vocab_size;
+        if (logits.ndim() != 1 || logits.shape(0) != vocab)
+            argument_error("logits of " + std::to_string(logits.size()) + " floats, the vocabulary is " +
+                           std::to_string(vocab));
+        check(tl_generator_fed(ptr, ids.data(), (int)ids.size(), logits.data()));
+    }
     std::vector<int> context() const {
         int n = 0;
         const int *ids = tl_generator_context(ptr, &n);
@@ -204,12 +281,19 @@ PYBIND11_MODULE(_runtime, m) {
         .def_property_readonly("pos", &Session::pos)
         .def_property_readonly("n_ctx", &Session::n_ctx)
         .def("rewind", &Session::rewind);
+    py::class_<Batch>(m, "Batch")
+        .def(py::init<py::object>())
+        .def("step", &Batch::step, py::arg("sessions"), py::arg("tokens"),
+             "One forward step: tokens[i] (an int, or a list for a prompt chunk) after sessions[i]'s cache; "
+             "(n, vocab) logits of each session's last token.");
     py::class_<Generator>(m, "Generator")
         .def(py::init<py::object, py::object, float, float, int, unsigned long long, float, int, int>())
         .def("prompt", &Generator::prompt)
         .def("prompt_ids", &Generator::prompt_ids)
         .def("chat_turn", &Generator::chat_turn)
         .def("next", &Generator::next)
+        .def("sample", &Generator::sample)
+        .def("fed", &Generator::fed, py::arg("ids"), py::arg("logits"))
         .def("flush", &Generator::flush)
         .def("context", &Generator::context);
     m.def("default_tokenizer_path", [](const std::string &model_path, int vocab_size) {

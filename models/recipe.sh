@@ -52,7 +52,7 @@ OMP_NUM_THREADS=1 tinyllm pretrain --config configs/stories15M.toml --init-from 
     --ckpt-interval 100 --max-minutes 90
 tinyllm data prepare "${MIX2[@]}" --drop-field-values "$DROP" --tokenizer models/tok5000.model --out "$W/data2b"
 OMP_NUM_THREADS=1 tinyllm pretrain --config configs/stories15M.toml --init-from "$W/pretrain2a/ckpt.pt" \
-    --data-dir "$W/data2b" --out-dir "$W/pretrain2b" --max-steps PHASE2_STEPS --lr 6e-5 --min-lr 1e-5 \
+    --data-dir "$W/data2b" --out-dir "$W/pretrain2b" --max-steps 400 --lr 6e-5 --min-lr 1e-5 \
     --warmup-steps 20 --eval-interval 100 --ckpt-interval 50
 tinyllm export --checkpoint "$W/pretrain2b/ckpt.pt" --format llama2c --version 2 --out models/stories15M.bin
 tinyllm export --checkpoint "$W/pretrain2b/ckpt.pt" --format gguf --type q8_0 --tokenizer models/tok5000.model \
@@ -65,7 +65,8 @@ tinyllm sft --checkpoint "$W/pretrain/ckpt.pt" --data $S/alpaca_chinese_52k.json
     --tokenizer "$W/tok/tok.model" --out-dir "$W/sft" --batch-size 32 --max-steps 1200 --lr 3e-4 --min-lr 3e-5 \
     --warmup-steps 40 --eval-interval 200 --ckpt-interval 100
 
-# 4. export (each export checks itself against the C runtime) and measure for the card
+# 4. export (each export checks itself against the C runtime) and measure for the card; stories15M
+#    itself now comes from step 2b (these two lines made the model 2b started from)
 tinyllm export --checkpoint "$W/pretrain/ckpt.pt" --format llama2c --version 2 --out models/stories15M.bin
 tinyllm export --checkpoint "$W/pretrain/ckpt.pt" --format gguf --type q8_0 --tokenizer "$W/tok/tok.model" \
     --out models/stories15M_q8_0.gguf

@@ -83,3 +83,21 @@ def test_chat_model_answers_through_run_chat_mode():
 def test_bundled_files_stay_under_60_mb():
     total = sum(p.stat().st_size for p in MODELS.iterdir() if p.is_file())
     assert total < 60 * 1024 * 1024
+
+
+def test_readme_first_command_does_not_echo_its_prompt():
+    # issue 14.12: the story model used to continue [BOS, 从前] with 从前 (p 0.51), so README's first
+    # command printed "从前从前…"; the cause was the training data (every 从前 opening of one source
+    # was doubled), now said once when corpora are read (tinyllm.corpus.collapse_repeated_opening).
+    import tinyllm
+    for name in ("stories15M.bin", "stories15M_q8_0.gguf"):
+        rt = tinyllm.Runtime(MODELS / name)
+        logits = rt.logits(rt.encode("从前", bos=True))[-1]
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        echo = rt.encode("从前", bos=False)
+        assert len(echo) == 1 and p[echo[0]] < 0.1 and int(np.argmax(p)) != echo[0], (name, p[echo[0]])
+    stories = [subprocess.run([RUN_BIN, str(MODELS / "stories15M.bin"), "-z", str(MODELS / "tok5000.bin"), "-i", "从前",
+                               "-n", "24", "-s", str(seed)], capture_output=True, timeout=60).stdout.decode()
+               for seed in range(1, 11)]
+    assert sum(s.startswith("从前从前") for s in stories) <= 1, stories

@@ -44,7 +44,7 @@ MIX2=(--input $D/pretrain/classical_novels.jsonl.xz:0.05
       --input $M/c3_exam_passages.jsonl.xz:3
       --input $M/chinese_literature_ner_re_texts.jsonl.xz:2
       --input $M/drcd_wiki_paragraphs.jsonl.xz:1)
-tinyllm convert models/stories15M.bin "$W/init.pt"
+tinyllm convert models/stories15M.bin "$W/init.pt"   # rerunning from scratch: use "$W/pretrain/ckpt.pt" instead
 tinyllm data prepare "${MIX2[@]}" --drop-field-values "$DROP" --tokenizer models/tok5000.model --out "$W/data2a" \
     --keep-t2s-zhe
 OMP_NUM_THREADS=1 tinyllm pretrain --config configs/stories15M.toml --init-from "$W/init.pt" --data-dir "$W/data2a" \

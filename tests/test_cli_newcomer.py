@@ -165,8 +165,10 @@ def test_dry_run_prints_warnings_as_one_clean_line(shards, tmp_path):
 
 @pytest.mark.parametrize("command", [["sample", "--checkpoint"], ["export", "--format", "gguf", "--out", "x.gguf",
                                                                    "--checkpoint"]])
-def test_a_runtime_model_given_as_checkpoint_says_what_it_is_and_what_to_use(command, capsys):
+def test_a_runtime_model_given_as_checkpoint_says_what_it_is_and_what_to_use(command, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert cli.main([*command, str(MODELS / "stories15M.bin")]) == 1
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written
     err = capsys.readouterr().err
     assert "is a llama2.c model file, not a training checkpoint" in err
     assert "./run" in err and "tinyllm.Runtime" in err and "tinyllm convert" in err

@@ -202,7 +202,10 @@ the logit drift against fp32); hf (a transformers LlamaForCausalLM directory, no
 
     @staticmethod
     def run(args) -> int:
+        from .formats.checkpoint import load_model  # torch: the training extras
+        from .formats.verify import check_export
         args.checkpoint = pick_checkpoint(args.checkpoint)
+        model, _ = load_model(args.checkpoint)  # first: a runtime model given as --checkpoint is refused here
         info = convert(args.checkpoint, args.out, args.format, type=args.type, tokenizer=args.tokenizer,
                        version=args.version, allow_no_tokenizer=args.no_tokenizer)
         _report_tokenizer(info)
@@ -212,9 +215,6 @@ the logit drift against fp32); hf (a transformers LlamaForCausalLM directory, no
                   f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})"
                   + (" and AutoTokenizer.from_pretrained(the same)" if info["tokenizer"] else ""), file=sys.stderr)
             return 0
-        from .formats.checkpoint import load_model  # torch: the training extras
-        from .formats.verify import check_export
-        model, _ = load_model(args.checkpoint)
         check = check_export(args.out, model, tokenizer_path=info.get("tokenizer_path"))
         print(f"wrote {args.out} ({args.format}{_quantization_note(info)}); the C runtime's logits match torch's "
               f"(max relative difference {check['max_rel_diff']:.2g}; max logit drift vs fp32 "

@@ -676,7 +676,9 @@ class Serve:
     DESCRIPTION = """\
 Serve MODEL (llama2.c .bin or GGUF) with the C runtime over an OpenAI-compatible HTTP API:
 /v1/completions, /v1/chat/completions (streamed with "stream": true), /v1/models, /health,
-and a web chat page at / that works offline. Concurrent requests each get their own KV cache.
+and a web chat page at / that works offline. Concurrent requests are decoded together (continuous
+batching: one forward step advances every running sequence); each has its own KV cache, and a request
+that starts as an earlier one did (a system prompt, the next turn of a chat) reuses that one's cache.
 
     tinyllm serve models/chat15M.bin
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -696,8 +698,11 @@ The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_k
         p.add_argument("--max-tokens", type=int, default=0,
                        help="the most tokens a request may ask for (0: the model's context length)")
         p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted, in KiB")
-        p.add_argument("--max-concurrent", type=int, default=64,
-                       help="generations computed at once; further requests wait their turn")
+        p.add_argument("--parallel", "--max-concurrent", type=int, default=0, dest="parallel",
+                       help="sequences decoded together in one batch (default 0: 32, fewer when their KV caches "
+                            "would not fit in a quarter of the memory); more wait in the queue")
+        p.add_argument("--max-queue", type=int, default=256,
+                       help="sequences waiting for a slot at most; a request beyond that gets a 503")
         p.add_argument("--max-connections", type=int, default=512,
                        help="open connections at most (kept under the fd limit); idle ones make room, else 503")
         p.add_argument("--header-timeout", type=float, default=10.0,
@@ -713,14 +718,15 @@ The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_k
     @staticmethod
     def run(args) -> int:
         from .server import Limits, serve  # fastapi and uvicorn: the serve extras
-        if args.max_concurrent < 1 or args.max_body_kb < 1 or args.max_tokens < 0 or args.max_connections < 1 \
-                or not args.header_timeout > 0 or not args.body_timeout > 0 or not args.drain_seconds >= 0:
-            raise TinyLLMError("--max-concurrent, --max-body-kb and --max-connections must be >= 1, --max-tokens "
-                               ">= 0, the timeouts > 0")
+        if args.parallel < 0 or args.max_queue < 0 or args.max_body_kb < 1 or args.max_tokens < 0 \
+                or args.max_connections < 1 or not args.header_timeout > 0 or not args.body_timeout > 0 \
+                or not args.drain_seconds >= 0:
+            raise TinyLLMError("--max-body-kb and --max-connections must be >= 1, --parallel, --max-queue and "
+                               "--max-tokens >= 0, the timeouts > 0")
         runtime = Runtime(args.model, args.tokenizer, threads=args.threads)
         model_id = args.model_id or os.path.splitext(os.path.basename(args.model))[0]
         limits = Limits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
-                        max_concurrent=args.max_concurrent, max_connections=args.max_connections,
+                        parallel=args.parallel, max_queue=args.max_queue, max_connections=args.max_connections,
                         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                         drain_seconds=args.drain_seconds)
         serve(runtime, model_id, limits, args.host, args.port, args.log_level, args.api_docs)

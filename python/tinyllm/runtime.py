@@ -11,9 +11,10 @@ import numpy as np
 from gguf import GGUFReader
 
 from . import _runtime
+from . import chat as chat_template
 from .chat import split_conversation
 from .config import ModelConfig
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, TinyLLMError
 from .sampling import CHAT_DEFAULTS, DEFAULTS, MODEL_SAMPLING_KEYS, SAMPLING_KEYS, SampleParams
 
 REPETITION_WINDOW = CHAT_DEFAULTS["repetition_window"]  # tokens the repetition penalty looks back over
@@ -182,6 +183,60 @@ class Runtime:
                 break
         return out
 
+    def sequence(self, prompt: str | None = None, messages=None, max_new_tokens: int = 256,
+                 stop: Iterable[str] | None = None, logprobs: int | None = None, on_output=None, **sampling):
+        """A tinyllm.batching.Sequence of prompt, or of the chat messages' answer, for an Engine: what
+        completion() computes, batched with others (logprobs: None, or k >= 0 for each sampled token's
+        log-probability and the k most likely alternatives')."""
+        from .batching import Sequence
+        if (prompt is None) == (messages is None):
+            raise InvalidArgumentError("sequence() takes a prompt or messages, not both")
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0, INT_MAX)
+        if logprobs is not None:
+            logprobs = _check_int("logprobs", logprobs, 0, self._raw_config["vocab_size"])
+        params = self._params(sampling, chat=messages is not None)
+        return Sequence(self._prompt_ids(prompt, messages), params, max_new_tokens, _check_stops(stop),
+                        logprobs, on_output)
+
+    def _prompt_ids(self, prompt: str | None, messages) -> list[int]:
+        """The ids completion() feeds: BOS + prompt, or the conversation in the chat template up to the answer."""
+        if messages is not None:
+            conversation = [_plain(m) for m in messages]
+            if split_conversation(conversation)[1][-1][1] is not None:
+                raise InvalidArgumentError("the conversation must end with a user message")
+            return chat_template.encode(self, conversation)[0]
+        if not _check_text("prompt", prompt):
+            raise InvalidArgumentError("empty prompt")
+        _utf8(prompt)  # the refusals completion() gives (NUL, lone surrogates)
+        return self.encode(prompt, bos=True)
+
+    def generate_batch(self, prompts: Iterable[str], max_new_tokens: int = 256, *,
+                       stop: Iterable[str] | None = None, slots: int = 32, **sampling) -> list[str]:
+        """The continuations of many prompts, computed together (tinyllm.batching: one forward step feeds
+        up to `slots` of them): each is the text generate(prompt, ...) gives, greedy or with the same seed
+        (a seed given applies to every prompt; none: a fresh seed each)."""
+        return self._run_batch([self.sequence(prompt=p, max_new_tokens=max_new_tokens, stop=stop, **sampling)
+                                for p in _check_list("prompts", prompts)], slots)
+
+    def chat_batch(self, conversations, max_new_tokens: int = 256, *, slots: int = 32, **sampling) -> list[str]:
+        """The answers to many conversations (each as chat() takes it), computed together (see generate_batch);
+        each is what a fresh chat(messages, ...) answers."""
+        return self._run_batch([self.sequence(messages=m, max_new_tokens=max_new_tokens, **sampling)
+                                for m in _check_list("conversations", conversations)], slots)
+
+    def _run_batch(self, sequences, slots: int) -> list[str]:
+        from .batching import Engine
+        if not sequences:
+            return []
+        engine = Engine(self, _check_int("slots", slots, 1, 4096))
+        for seq in sequences:
+            engine.submit(seq)
+        engine.run_until_done()
+        for seq in sequences:
+            if seq.finish_reason == "error":
+                raise TinyLLMError(seq.error)
+        return [seq.take_text() for seq in sequences]
+
     def chat(self, messages, max_new_tokens: int = 256, **sampling) -> str:
         """The assistant's answer to a conversation ending in a user message (see stream_chat)."""
         return "".join(self.stream_chat(messages, max_new_tokens, **sampling))
@@ -334,6 +389,12 @@ def _check_text(name: str, value) -> str:
     return value
 
 
+def _check_list(name: str, value) -> list:
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        raise InvalidArgumentError(f"{name} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
 def _check_stops(stop) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     for s in stops:
@@ -369,25 +430,48 @@ def _float32_as_written(value: float) -> float:
     return float(f"{value:.7g}")
 
 
-def _stop_at(pieces: Iterator[str], stops: list[str]):
-    """Pass pieces through until a stop string appears; hold back text that may begin one.
-    Returns (as a generator's value) True when a stop string ended the text."""
-    if not stops:
-        yield from pieces
-        return False
-    held = ""
-    for piece in pieces:
-        held += piece
-        hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+class StopMatcher:
+    """Text in, piece by piece; text out up to (not including) the first stop string. A tail that may
+    begin a stop string is held back until the next piece tells."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.held = ""
+        self.hit = False
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """(text that is safe to hand out, whether a stop string has now ended the text)."""
+        if self.hit:
+            return "", True
+        if not self.stops:
+            return piece, False
+        self.held += piece
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
         if hits:
-            if min(hits) > 0:
-                yield held[:min(hits)]
-            return True
+            out, self.held, self.hit = self.held[:min(hits)], "", True
+            return out, True
         # keep the longest tail that is a prefix of some stop string
-        keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
-        if len(held) > keep:
-            yield held[:len(held) - keep]
-            held = held[len(held) - keep:]
-    if held:
-        yield held
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out, False
+
+    def finish(self) -> str:
+        """What is still held back, at the end of the text (no stop string came)."""
+        out, self.held = self.held, ""
+        return out
+
+
+def _stop_at(pieces: Iterator[str], stops: list[str]):
+    """Pass pieces through until a stop string appears (see StopMatcher).
+    Returns (as a generator's value) True when a stop string ended the text."""
+    matcher = StopMatcher(stops)
+    for piece in pieces:
+        out, hit = matcher.push(piece)
+        if out:
+            yield out
+        if hit:
+            return True
+    rest = matcher.finish()
+    if rest:
+        yield rest
     return False

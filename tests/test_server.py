@@ -141,7 +141,7 @@ def test_models_health_and_page(chat_server, client):
     (b'{"prompt": "x", "max_tokens": 100000}', 400, "at most 256"),
     (b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
     (b'{"prompt": "x", "temperature": -1}', 400, "temperature"),
-    (b'{"prompt": "x", "n": 3}', 400, "n"),
+    (b'{"prompt": "x", "n": 1000}', 400, "n"),
     (b'{"prompt": "x", "model": "gpt-4"}', 404, "not served here"),
     (b'{"prompt": ["a", "b"]}', 400, "one prompt per request"),
 ])
@@ -400,3 +400,113 @@ def test_shutdown_drains_then_ends_every_stream_with_an_error_event(sig):
         finished = events[-1].get("choices") and events[-1]["choices"][0]["finish_reason"]
         assert finished or events[-1]["error"]["code"] == "server_shutdown"
     assert "Traceback" not in out and "CancelledError" not in out
+
+
+# ---- continuous batching: n, logprobs, the prefix cache, the queue ------------------------------------
+
+def test_n_choices_are_the_runtimes_answers_with_consecutive_seeds(client, runtime):
+    got = client.completions.create(model="chat15M", prompt="从前", max_tokens=24, n=3, seed=5, temperature=0.9)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    want = [runtime.generate("从前", max_new_tokens=24, seed=5 + i, temperature=0.9) for i in range(3)]
+    assert [c.text for c in got.choices] == want
+    assert got.usage.prompt_tokens == len(runtime.encode("从前"))
+    sampled = 0
+    for i in range(3):
+        completion = runtime.completion("从前", max_new_tokens=24, seed=5 + i, temperature=0.9)
+        "".join(completion)
+        sampled += completion.completion_tokens
+    assert got.usage.completion_tokens == sampled
+
+
+def test_streamed_n_choices_each_join_to_their_answer(client, runtime):
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    stream = client.chat.completions.create(model="chat15M", messages=messages, max_tokens=30, n=2, seed=9,
+                                            temperature=0.8, stream=True)
+    texts = {0: "", 1: ""}
+    for c in stream:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert [texts[0], texts[1]] == [runtime.chat(messages, max_new_tokens=30, seed=9 + i, temperature=0.8)
+                                    for i in range(2)]
+
+
+def test_logprobs_in_chat_and_completions_are_torchs_log_softmax(client, runtime):
+    torch = pytest.importorskip("torch")
+    got = client.completions.create(model="chat15M", prompt="从前", max_tokens=8, temperature=0, logprobs=2)
+    lp = got.choices[0].logprobs
+    ids = runtime.encode("从前")
+    for token_text, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        row = torch.log_softmax(torch.from_numpy(runtime.logits(ids)[-1].astype("float64")), -1)
+        best = int(row.argmax())
+        assert token_text == runtime._tok.decode([best]).decode("utf-8", "replace")
+        assert logprob == pytest.approx(row[best].item(), abs=1e-4)
+        assert len(top) == 2 and max(top.values()) == pytest.approx(logprob, abs=1e-6)
+        ids.append(best)
+    assert "".join(lp.tokens) == got.choices[0].text
+    chat = client.chat.completions.create(model="chat15M", messages=[{"role": "user", "content": "你好"}],
+                                          max_tokens=8, temperature=0, logprobs=True, top_logprobs=3,
+                                          extra_body={"repetition_penalty": 1.0, "no_repeat_ngram": 0})
+    content = chat.choices[0].logprobs.content
+    assert "".join(bytes(e.bytes).decode("utf-8", "replace") for e in content) == chat.choices[0].message.content
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+               for e in content)
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"prompt": "x", "logprobs": 21}', "logprobs"),
+    (b'{"prompt": "x", "logprobs": -1}', "logprobs"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', "needs logprobs"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 99}', "top_logprobs"),
+])
+def test_logprobs_out_of_range_get_a_400(chat_server, body, words):
+    path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    status, got = post(chat_server, path, body)
+    assert status == 400 and words in got["error"]["message"]
+
+
+def test_the_second_turn_of_a_chat_reuses_the_first_turns_cache(client, runtime):
+    first = [{"role": "system", "content": "你是一个乐于助人的助手，回答要简短。"}, {"role": "user", "content": "你好"}]
+    a = client.chat.completions.create(model="chat15M", messages=first, max_tokens=20, temperature=0)
+    second = first + [{"role": "assistant", "content": a.choices[0].message.content},
+                      {"role": "user", "content": "中国的首都是哪里？"}]
+    b = client.chat.completions.create(model="chat15M", messages=second, max_tokens=20, temperature=0)
+    assert b.choices[0].message.content == runtime.chat(second, max_new_tokens=20, temperature=0)
+    assert b.usage.prompt_tokens_details.cached_tokens >= a.usage.prompt_tokens
+    assert b.usage.prompt_tokens_details.cached_tokens < b.usage.prompt_tokens
+
+
+def test_a_full_queue_gets_a_503_and_n_beyond_the_slots_a_400():
+    from conftest import Server
+    server = Server(MODEL, "--parallel", 1, "--max-queue", 0)
+    try:
+        assert server.health()["slots"] == 1
+        status, got = post(server, "/v1/completions", b'{"prompt": "x", "n": 2}')
+        assert status == 400 and "at most 1 sequences" in got["error"]["message"]
+        results = []
+
+        def long_request():
+            body = {"prompt": "从前", "max_tokens": 200, "temperature": 1.0, "seed": 1}
+            results.append(post(server, "/v1/completions", json.dumps(body).encode()))
+        t = threading.Thread(target=long_request)
+        t.start()
+        import time
+        deadline = time.monotonic() + 10
+        while server.health()["busy_slots"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # the slot is taken and no one may wait: refused at once, with a reason
+        status, got = post(server, "/v1/completions", b'{"prompt": "x", "max_tokens": 4}')
+        t.join(60)
+        assert status == 503 and got["error"]["code"] == "server_busy" and "--max-queue" in got["error"]["message"]
+        assert results[0][0] == 200
+        h = server.health()
+        assert (h["active"], h["busy_slots"], h["queued"]) == (0, 0, 0)
+    finally:
+        server.stop()
+
+
+def test_serve_refuses_a_negative_parallel(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "tinyllm.cli", "serve", str(MODEL), "--parallel", "-1"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode != 0 and "--parallel" in r.stderr and "Traceback" not in r.stderr

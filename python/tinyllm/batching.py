@@ -49,6 +49,7 @@ class Sequence:
     a full context), "cancelled", or "error" (error holds the message). prompt_tokens and
     completion_tokens count what was fed and sampled; cached_tokens the prompt ids the prefix cache
     supplied. Output collects in `pieces` (and `logprobs` when asked for, one entry per sampled token);
+    `tokens` holds the sampled ids (EOS included when it ended the text);
     `on_output` (if set) is called from the engine thread whenever new output or the end arrived."""
 
     def __init__(self, prompt_ids: list[int], params: SampleParams, max_new_tokens: int,
@@ -64,6 +65,7 @@ class Sequence:
         self.stops = StopMatcher(stop or [])
         self.pieces: collections.deque[str] = collections.deque()  # taken by the consumer
         self.logprobs: collections.deque[TokenLogprob] = collections.deque()
+        self.tokens: list[int] = []
         self.prompt_tokens = len(self.prompt_ids)
         self.completion_tokens = 0
         self.cached_tokens = 0
@@ -262,6 +264,7 @@ class Engine:
     def _sample(self, seq: Sequence, row: np.ndarray) -> None:
         token, text, done = seq._gen.sample()
         seq.completion_tokens += 1
+        seq.tokens.append(token)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         if seq.logprobs_top is not None:

@@ -96,6 +96,9 @@ class TorchBackend:
         return self.model.generate(prompt_ids, max_new_tokens, eos_id=self.eos_id,
                                    sampler=Sampler(self.model.config.vocab_size, params))
 
+    def generate_many(self, prompts: list[list[int]], max_new_tokens: int, params) -> list[list[int]]:
+        return [self.generate(ids, max_new_tokens, params) for ids in prompts]
+
 
 class CBackend:
     """The C runtime (tinyllm.Runtime) on a .bin or .gguf file."""
@@ -128,9 +131,21 @@ class CBackend:
             out.append(lp[np.arange(len(c)), c])
         return out
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, params) -> list[int]:
+    def generate_many(self, prompts: list[list[int]], max_new_tokens: int, params) -> list[list[int]]:
+        """generate() of each prompt, 32 side by side per forward step (tinyllm.batching)."""
+        from .batching import Sequence
+        self._check_window(params)
+        seqs = [Sequence(ids, params, max_new_tokens) for ids in prompts]
+        self.rt.run_batch(seqs)
+        return [seq.tokens for seq in seqs]
+
+    @staticmethod
+    def _check_window(params) -> None:
         if params.repetition_window not in (0, REPETITION_WINDOW) and params.repetition_penalty not in (0, 1):
             raise InvalidArgumentError(f"the runtime's repetition window is {REPETITION_WINDOW} tokens")
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, params) -> list[int]:
+        self._check_window(params)
         return self.rt.generate_ids(prompt_ids, max_new_tokens, temperature=params.temperature, top_p=params.top_p,
                                     top_k=params.top_k, seed=params.seed,
                                     repetition_penalty=params.repetition_penalty,
@@ -319,11 +334,15 @@ def generations(backend, prompts: list[str], out_path: str, *, max_new_tokens: i
 
     params = params or SampleParams(temperature=0.0, **CHAT_DEFAULTS)
     out = []
-    for prompt in tqdm(prompts, desc="generations", unit="prompt", disable=not progress):
-        ids = encode(backend, [{"role": "user", "content": prompt}])[0]
-        tokens = backend.generate(ids, max_new_tokens, params)
-        text_ids = [t for t in tokens if t != backend.eos_id]
-        out.append({"prompt": prompt, "output": backend.decode(text_ids), "tokens": tokens})
+    bar = tqdm(total=len(prompts), desc="generations", unit="prompt", disable=not progress)
+    for start in range(0, len(prompts), 32):  # the C backend answers 32 at a time, side by side
+        chunk = prompts[start:start + 32]
+        ids = [encode(backend, [{"role": "user", "content": prompt}])[0] for prompt in chunk]
+        for prompt, tokens in zip(chunk, backend.generate_many(ids, max_new_tokens, params)):
+            text_ids = [t for t in tokens if t != backend.eos_id]
+            out.append({"prompt": prompt, "output": backend.decode(text_ids), "tokens": tokens})
+        bar.update(len(chunk))
+    bar.close()
     with atomic_write(out_path, "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
     return out

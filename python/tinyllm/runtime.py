@@ -215,16 +215,18 @@ class Runtime:
         """The continuations of many prompts, computed together (tinyllm.batching: one forward step feeds
         up to `slots` of them): each is the text generate(prompt, ...) gives, greedy or with the same seed
         (a seed given applies to every prompt; none: a fresh seed each)."""
-        return self._run_batch([self.sequence(prompt=p, max_new_tokens=max_new_tokens, stop=stop, **sampling)
-                                for p in _check_list("prompts", prompts)], slots)
+        return self.run_batch([self.sequence(prompt=p, max_new_tokens=max_new_tokens, stop=stop, **sampling)
+                               for p in _check_list("prompts", prompts)], slots)
 
     def chat_batch(self, conversations, max_new_tokens: int = 256, *, slots: int = 32, **sampling) -> list[str]:
         """The answers to many conversations (each as chat() takes it), computed together (see generate_batch);
         each is what a fresh chat(messages, ...) answers."""
-        return self._run_batch([self.sequence(messages=m, max_new_tokens=max_new_tokens, **sampling)
-                                for m in _check_list("conversations", conversations)], slots)
+        return self.run_batch([self.sequence(messages=m, max_new_tokens=max_new_tokens, **sampling)
+                               for m in _check_list("conversations", conversations)], slots)
 
-    def _run_batch(self, sequences, slots: int) -> list[str]:
+    def run_batch(self, sequences, slots: int = 32) -> list[str]:
+        """Run Sequences (from sequence(), each with its own sampling) to their end, up to `slots` of them
+        per forward step; their texts (each sequence's tokens stay in seq.tokens)."""
         from .batching import Engine
         if not sequences:
             return []

@@ -54,7 +54,6 @@ class Sequence:
 
     def __init__(self, prompt_ids: list[int], params: SampleParams, max_new_tokens: int,
                  stop: list[str] | None = None, logprobs: int | None = None, on_output=None):
-        from .runtime import StopMatcher
         if not prompt_ids:
             raise InvalidArgumentError("empty prompt")
         self.prompt_ids = list(prompt_ids)
@@ -302,6 +301,37 @@ class Engine:
         seq._todo, seq._next = [], None
         if seq.on_output is not None:
             seq.on_output(seq)
+
+
+class StopMatcher:
+    """Text in, piece by piece; text out up to (not including) the first stop string. A tail that may
+    begin a stop string is held back until the next piece tells."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.held = ""
+        self.hit = False
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """(text that is safe to hand out, whether a stop string has now ended the text)."""
+        if self.hit:
+            return "", True
+        if not self.stops:
+            return piece, False
+        self.held += piece
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.held, self.hit = self.held[:min(hits)], "", True
+            return out, True
+        # keep the longest tail that is a prefix of some stop string
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out, False
+
+    def finish(self) -> str:
+        """What is still held back, at the end of the text (no stop string came)."""
+        out, self.held = self.held, ""
+        return out
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:

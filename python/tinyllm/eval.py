@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import _runtime
+from .batching import Sequence
 from .chat import encode
 from .errors import DataError, InvalidArgumentError, TinyLLMError
 from .fileio import atomic_write
@@ -133,7 +134,6 @@ class CBackend:
 
     def generate_many(self, prompts: list[list[int]], max_new_tokens: int, params) -> list[list[int]]:
         """generate() of each prompt, 32 side by side per forward step (tinyllm.batching)."""
-        from .batching import Sequence
         self._check_window(params)
         seqs = [Sequence(ids, params, max_new_tokens) for ids in prompts]
         self.rt.run_batch(seqs)

@@ -11,6 +11,7 @@ import numpy as np
 from gguf import GGUFReader
 
 from . import _runtime
+from .batching import Engine, Sequence, StopMatcher
 from . import chat as chat_template
 from .chat import split_conversation
 from .config import ModelConfig
@@ -188,7 +189,6 @@ class Runtime:
         """A tinyllm.batching.Sequence of prompt, or of the chat messages' answer, for an Engine: what
         completion() computes, batched with others (logprobs: None, or k >= 0 for each sampled token's
         log-probability and the k most likely alternatives')."""
-        from .batching import Sequence
         if (prompt is None) == (messages is None):
             raise InvalidArgumentError("sequence() takes a prompt or messages, not both")
         max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0, INT_MAX)
@@ -227,7 +227,6 @@ class Runtime:
     def run_batch(self, sequences, slots: int = 32) -> list[str]:
         """Run Sequences (from sequence(), each with its own sampling) to their end, up to `slots` of them
         per forward step; their texts (each sequence's tokens stay in seq.tokens)."""
-        from .batching import Engine
         if not sequences:
             return []
         engine = Engine(self, _check_int("slots", slots, 1, 4096))
@@ -430,37 +429,6 @@ def _plain(message) -> dict:
 def _float32_as_written(value: float) -> float:
     """A float32 from the file as the decimal that was written (1e-05, not 9.99999974e-06)."""
     return float(f"{value:.7g}")
-
-
-class StopMatcher:
-    """Text in, piece by piece; text out up to (not including) the first stop string. A tail that may
-    begin a stop string is held back until the next piece tells."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.held = ""
-        self.hit = False
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """(text that is safe to hand out, whether a stop string has now ended the text)."""
-        if self.hit:
-            return "", True
-        if not self.stops:
-            return piece, False
-        self.held += piece
-        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.held, self.hit = self.held[:min(hits)], "", True
-            return out, True
-        # keep the longest tail that is a prefix of some stop string
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
-        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out, False
-
-    def finish(self) -> str:
-        """What is still held back, at the end of the text (no stop string came)."""
-        out, self.held = self.held, ""
-        return out
 
 
 def _stop_at(pieces: Iterator[str], stops: list[str]):

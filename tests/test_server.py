@@ -510,3 +510,39 @@ def test_serve_refuses_a_negative_parallel(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tinyllm.cli", "serve", str(MODEL), "--parallel", "-1"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode != 0 and "--parallel" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_client_that_leaves_while_queued_frees_its_place():
+    import time
+    from conftest import Server
+    server = Server(MODEL, "--parallel", 1, "--max-queue", 4)
+    try:
+        done = {}
+
+        def long_request():
+            body = {"prompt": "从前", "max_tokens": 250, "temperature": 1.0, "seed": 1,
+                    "repetition_penalty": 1.0}
+            done["r"] = post(server, "/v1/completions", json.dumps(body).encode())
+        t = threading.Thread(target=long_request)
+        t.start()
+        deadline = time.monotonic() + 10
+        while server.health()["busy_slots"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        body = json.dumps({"prompt": "从前", "max_tokens": 8, "stream": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        while server.health()["queued"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.health()["queued"] == 1
+        sock.close()  # gone while waiting for the slot
+        while server.health()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        h = server.health()
+        assert h["queued"] == 0 and h["cancelled"] == 1
+        t.join(60)
+        assert done["r"][0] == 200
+        h = server.health()
+        assert (h["active"], h["busy_slots"], h["queued"]) == (0, 0, 0)
+    finally:
+        server.stop()

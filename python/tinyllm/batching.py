@@ -139,7 +139,8 @@ class Engine:
 
     @property
     def busy(self) -> int:
-        return len(self.active)
+        """Slots taken (a sequence that has just ended counts no more, though the step is still tidying up)."""
+        return sum(1 for seq in self.active if not seq.done)
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Block until a sequence is queued or active (True), or timeout passes (False)."""

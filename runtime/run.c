@@ -36,6 +36,7 @@ static void usage(FILE *out) {
         "              skips (and reports, exit status 1) a line that is not UTF-8 or does not fit\n"
         "  -y <string> system prompt in chat mode\n"
         "  -j <int>    threads (default: the number of physical cores; at most the CPUs)\n"
+        "  -c <type>   KV cache: f32 (default) or f16 (half the memory; logits move by ~1e-3)\n"
         "  -h          this help\n",
         TL_DEFAULT_TEMPERATURE, TL_DEFAULT_TOP_P, TL_DEFAULT_TOP_K, TL_CHAT_REPETITION_WINDOW,
         TL_CHAT_REPETITION_PENALTY, TL_CHAT_NO_REPEAT_NGRAM);
@@ -198,7 +199,7 @@ int main(int argc, char **argv) {
         return argc < 2 ? 1 : 0;
     }
     const char *model_path = argv[1], *tokenizer_path = NULL, *prompt = NULL, *mode = "generate";
-    const char *system_prompt = NULL;
+    const char *system_prompt = NULL, *kv_type = "f32";
     tl_sample_params params = tl_sample_defaults();
     long steps = 0, threads = 0, top_k = 0, ngram = -1;
     unsigned long long seed = 0;
@@ -234,6 +235,7 @@ int main(int argc, char **argv) {
             case 'z': tokenizer_path = value; break;
             case 'm': mode = value; break;
             case 'y': system_prompt = value; break;
+            case 'c': kv_type = value; break;
             default:
                 fprintf(stderr, "error: unknown option %s (see run -h)\n", flag);
                 return 1;
@@ -245,6 +247,10 @@ int main(int argc, char **argv) {
     }
     if (strcmp(mode, "generate") != 0 && strcmp(mode, "chat") != 0) {
         fprintf(stderr, "error: unknown mode '%s' (generate or chat)\n", mode);
+        return 1;
+    }
+    if (strcmp(kv_type, "f32") != 0 && strcmp(kv_type, "f16") != 0) {
+        fprintf(stderr, "error: -c expects f32 or f16, got '%s'\n", kv_type);
         return 1;
     }
     if (prompt && prompt[0] == '\0') return fail("empty prompt (-i \"\"); omit -i to start from BOS");
@@ -300,7 +306,8 @@ int main(int argc, char **argv) {
     tl_session *session = NULL;
     tl_generator *gen = NULL;
     int rc = 1;
-    if (tl_session_new(model, (int)steps, &session) != TL_OK ||
+    const tl_session_params session_params = {(int)steps, strcmp(kv_type, "f16") == 0};
+    if (tl_session_new_ex(model, &session_params, &session) != TL_OK ||
         tl_generator_new(session, tok, &params, &gen) != TL_OK) {
         rc = fail_lib();
     } else if (chatting) {

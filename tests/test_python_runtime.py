@@ -35,6 +35,21 @@ def test_runtime_logits_match_torch(runtime_model):
     assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-4
 
 
+def test_an_f16_kv_cache_stays_near_torch_and_keeps_greedy_tokens(runtime_model):
+    import tinyllm
+    rt, cfg, model, _ = runtime_model
+    half = tinyllm.Runtime(rt.model_path, rt.tokenizer_path, kv_cache="f16")
+    tokens = list(range(3, 40))
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens]))[0][0].numpy()
+    got = half.logits(tokens)
+    error = np.abs(got - expected).max() / np.abs(expected).max()
+    assert 1e-7 < error < 5e-3  # halves, measurably: not the f32 cache under another name
+    assert half.generate_ids([1, 5, 9], 30) == rt.generate_ids([1, 5, 9], 30)
+    with pytest.raises(tinyllm.InvalidArgumentError, match="kv_cache"):
+        tinyllm.Runtime(rt.model_path, rt.tokenizer_path, kv_cache="q8")
+
+
 def test_runtime_config_describes_the_file(runtime_model):
     rt, cfg, _, _ = runtime_model
     assert rt.config == cfg

@@ -57,7 +57,7 @@ def test_n_counts_positions_as_llama2c_does(model_file, tmp_path):
     ("-s", "-1", ["-s"]), ("-s", "18446744073709551616", ["-s"]), ("-r", "nan", ["repetition_penalty"]),
     ("-r", "-5", ["repetition_penalty"]), ("-j", "4294967297", ["-j"]), ("-k", "4294967297", ["-k"]),
     ("-g", "4294967300", ["-g"]), ("-n", "4294967336", ["-n"]), ("-t", "nan", ["temperature"]),
-    ("-t", "1e39", ["temperature"]), ("-p", "nan", ["top_p"]), ("-j", "-2", ["-j"]),
+    ("-t", "1e39", ["temperature"]), ("-p", "nan", ["top_p"]), ("-j", "-2", ["-j"]), ("-c", "f8", ["-c", "f16"]),
 ])
 def test_out_of_range_flags_are_refused_not_changed(model, flag, value, words):
     _cfg, _m, path, tok = model
@@ -81,6 +81,14 @@ def test_c_sampler_treats_a_temperature_that_overflows_the_logits_as_greedy():
         for logits in ([1.0, 9.0, 3.0, -2.0, 0.5], [-7.0, -1.0, -3.0, -9.0, -4.0]):
             assert lib.tl_sampler_sample(sampler[0], ffi.new("float[]", logits)) == 1, (temperature, logits)
         lib.tl_sampler_free(sampler[0])
+
+
+def test_an_f16_kv_cache_keeps_the_greedy_text(model):
+    """-c f16 halves the KV cache; greedy text on this model stays the f32 cache's (the Python runtime's
+    test holds the f16 logits to torch)."""
+    _cfg, _m, path, tok = model
+    half = run_cli(path, "-z", tok, "-t", "0", "-n", 40, "-c", "f16")
+    assert half.returncode == 0 and half.stdout == run_cli(path, "-z", tok, "-t", "0", "-n", 40).stdout
 
 
 def test_threads_beyond_the_cpus_are_capped_with_a_warning(model):

@@ -100,12 +100,13 @@ struct Session {
     py::object model_ref;  // keeps the Model alive while the session uses its weights
     tl_session *ptr = nullptr;
     int vocab_size;
-    Session(py::object model, int n_ctx) : model_ref(model) {
+    Session(py::object model, int n_ctx, bool kv_f16) : model_ref(model) {
         Model &m = model.cast<Model &>();
         tl_config c;
         tl_model_config(m.ptr, &c);
         vocab_size = c.vocab_size;
-        check(tl_session_new(m.ptr, n_ctx, &ptr));
+        const tl_session_params params = {n_ctx, kv_f16 ? 1 : 0};
+        check(tl_session_new_ex(m.ptr, &params, &ptr));
     }
     ~Session() { tl_session_free(ptr); }
     // Logits of every fed position (n, vocab) when all_logits, else of the last one (vocab,).
@@ -276,7 +277,7 @@ PYBIND11_MODULE(_runtime, m) {
         .def_property_readonly("eos_id", &Tokenizer::eos)
         .def("piece_id", &Tokenizer::piece_id);
     py::class_<Session>(m, "Session")
-        .def(py::init<py::object, int>())
+        .def(py::init<py::object, int, bool>(), py::arg("model"), py::arg("n_ctx"), py::arg("kv_f16") = false)
         .def("feed", &Session::feed, py::arg("tokens"), py::arg("all_logits") = false)
         .def_property_readonly("pos", &Session::pos)
         .def_property_readonly("n_ctx", &Session::n_ctx)

@@ -259,7 +259,7 @@ class Engine:
             keep = min(best_len, len(prompt) - 1)
             session.rewind(keep)
             return session, keep
-        return _runtime.Session(self.runtime._model, 0), 0
+        return self.runtime._session(), 0
 
     def _sample(self, seq: Sequence, row: np.ndarray) -> None:
         token, text, done = seq._gen.sample()

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import _runtime
 from .batching import Sequence
 from .chat import encode
 from .errors import DataError, InvalidArgumentError, TinyLLMError
@@ -122,7 +121,7 @@ class CBackend:
 
     def continuation_logprobs(self, prompt: list[int], continuations: list[list[int]]) -> list[np.ndarray]:
         """The prompt is fed once; each continuation after rewinding to its end (one KV cache)."""
-        session = _runtime.Session(self.rt._model, 0)
+        session = self.rt._session()
         last = session.feed(prompt, False)
         out = []
         for c in continuations:

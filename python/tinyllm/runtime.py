@@ -29,11 +29,16 @@ class Runtime:
     tokenizer_path defaults to a GGUF file's own tokenizer, else tok<vocab>.bin beside the model
     (then ./tokenizer.bin);
     threads defaults to the number of physical cores.
+    kv_cache: "f32" (default) or "f16", the KV cache's element type (f16: half the memory; logits move by
+    ~3e-4 of the largest logit: bench/kv_cache.py).
     Sampling arguments left as None take sampling_defaults: tinyllm.sampling.DEFAULTS, overridden by
     what the model file recommends (GGUF keys tinyllm.sampling.*).
     """
 
-    def __init__(self, model_path, tokenizer_path=None, threads: int | None = None):
+    def __init__(self, model_path, tokenizer_path=None, threads: int | None = None, kv_cache: str = "f32"):
+        if kv_cache not in ("f32", "f16"):
+            raise InvalidArgumentError(f"kv_cache must be 'f32' or 'f16', got {kv_cache!r}")
+        self.kv_cache = kv_cache
         if threads is not None:
             _runtime.set_threads(_check_int("threads", threads, 1, 4096))
             if _runtime.get_threads() < threads:  # the C side caps threads at the CPUs we may use
@@ -92,8 +97,11 @@ class Runtime:
         tokens = self._check_ids("tokens", tokens)
         if not tokens:
             raise InvalidArgumentError("logits() needs at least one token")
-        session = _runtime.Session(self._model, 0)
-        return session.feed(tokens, True)
+        return self._session().feed(tokens, True)
+
+    def _session(self):
+        """A fresh KV cache (the model's context length, kv_cache's element type)."""
+        return _runtime.Session(self._model, 0, self.kv_cache == "f16")
 
     def _check_ids(self, name: str, ids) -> list[int]:
         """ids as a list of ints, each a token id of this model; InvalidArgumentError otherwise."""
@@ -129,7 +137,7 @@ class Runtime:
 
     def _generator(self, params: SampleParams):
         """A fresh KV cache and the C generator that samples into it with params."""
-        session = _runtime.Session(self._model, 0)
+        session = self._session()
         return session, _runtime.Generator(session, self._tok, params.temperature, params.top_p, params.top_k,
                                            params.seed, params.repetition_penalty, params.repetition_window,
                                            params.no_repeat_ngram)

@@ -723,8 +723,10 @@ The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_k
                 or not args.drain_seconds >= 0:
             raise TinyLLMError("--max-body-kb and --max-connections must be >= 1, --parallel, --max-queue and "
                                "--max-tokens >= 0, the timeouts > 0")
-        runtime = Runtime(args.model, args.tokenizer, threads=args.threads)
+        runtime = Runtime(args.model, args.tokenizer, threads=args.threads, kv_cache=args.kv_cache)
         model_id = args.model_id or os.path.splitext(os.path.basename(args.model))[0]
+        p.add_argument("--kv-cache", choices=["f32", "f16"], default="f32",
+                       help="the KV caches' element type (f16: half the memory per sequence; logits move by ~3e-4)")
         limits = Limits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
                         parallel=args.parallel, max_queue=args.max_queue, max_connections=args.max_connections,
                         header_timeout=args.header_timeout, body_timeout=args.body_timeout,

@@ -50,7 +50,8 @@ class Sequence:
     completion_tokens count what was fed and sampled; cached_tokens the prompt ids the prefix cache
     supplied. Output collects in `pieces` (and `logprobs` when asked for, one entry per sampled token);
     `tokens` holds the sampled ids (EOS included when it ended the text);
-    `on_output` (if set) is called from the engine thread whenever new output or the end arrived."""
+    `on_output` (if set) is called with the sequence whenever new output or its end arrived: by the
+    Engine's notify, after the step that brought it."""
 
     def __init__(self, prompt_ids: list[int], params: SampleParams, max_new_tokens: int,
                  stop: list[str] | None = None, logprobs: int | None = None, on_output=None):
@@ -92,9 +93,12 @@ class Sequence:
 
 class Engine:
     """Up to `slots` Sequences stepped together over runtime's model (see the module docstring);
-    cache_size ended sequences' KV caches kept for their prefixes (default: slots)."""
+    cache_size ended sequences' KV caches kept for their prefixes (default: slots). After each step,
+    notify(sequences) gets those with new output or that ended, once for all (default: call each one's
+    on_output there and then; a server hands the list to its event loop in one wake-up)."""
 
-    def __init__(self, runtime, slots: int, prefill_chunk: int = PREFILL_CHUNK, cache_size: int | None = None):
+    def __init__(self, runtime, slots: int, prefill_chunk: int = PREFILL_CHUNK, cache_size: int | None = None,
+                 notify=None):
         if slots < 1 or prefill_chunk < 1:
             raise InvalidArgumentError("an engine needs at least one slot and a prefill chunk of at least 1")
         self.runtime = runtime
@@ -108,6 +112,8 @@ class Engine:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._idle: collections.OrderedDict[int, tuple] = collections.OrderedDict()  # LRU: (session, ids)
         self._wake = threading.Condition()
+        self.notify = notify or call_on_output
+        self._updated: list[Sequence] = []  # sequences to tell about this step's output
         self.steps = 0
         self.tokens_fed = 0
 
@@ -160,6 +166,7 @@ class Engine:
         for seq in self.active + queued:
             self._end(seq, "error", error=message, keep_cache=False)
         self.active = []
+        self._tell()
 
     def run_until_done(self) -> None:
         """Step until every submitted sequence has ended (for callers that own the engine: generate_batch)."""
@@ -167,8 +174,19 @@ class Engine:
             pass
 
     def step(self) -> bool:
-        """Admit and retire sequences, then one forward step over the active ones. False when there was
-        nothing to do."""
+        """Admit and retire sequences, then one forward step over the active ones; notify. False when there
+        was nothing to do."""
+        try:
+            return self._step()
+        finally:
+            self._tell()
+
+    def _tell(self) -> None:
+        if self._updated:
+            updated, self._updated = list(dict.fromkeys(self._updated)), []
+            self.notify(updated)
+
+    def _step(self) -> bool:
         self._retire_cancelled()
         self._admit()
         if not self.active:
@@ -280,8 +298,8 @@ class Engine:
             self._end(seq, "length")
         else:
             seq._next = token
-            if out and seq.on_output is not None:
-                seq.on_output(seq)
+            if out:
+                self._updated.append(seq)
 
     def _end(self, seq: Sequence, reason: str, error: str | None = None, keep_cache: bool = True) -> None:
         """seq is over: the rest of its text out, its KV cache to the prefix cache, its consumer told."""
@@ -300,8 +318,7 @@ class Engine:
                 self._idle.popitem(last=False)
         seq._session = seq._gen = None
         seq._todo, seq._next = [], None
-        if seq.on_output is not None:
-            seq.on_output(seq)
+        self._updated.append(seq)
 
 
 class StopMatcher:
@@ -333,6 +350,12 @@ class StopMatcher:
         """What is still held back, at the end of the text (no stop string came)."""
         out, self.held = self.held, ""
         return out
+
+
+def call_on_output(sequences) -> None:
+    for seq in sequences:
+        if seq.on_output is not None:
+            seq.on_output(seq)
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:

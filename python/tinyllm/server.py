@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import AsyncIterator, Literal
 
-from .batching import PREFILL_CHUNK, Engine, Sequence
+from .batching import PREFILL_CHUNK, Engine, Sequence, call_on_output
 from .errors import ContextLengthError, DataError, InvalidArgumentError, TinyLLMError
 from .runtime import INT_MAX, Runtime
 from .sampling import CHAT_DEFAULTS
@@ -248,7 +248,12 @@ def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None, ap
     shutdown = shutdown or Shutdown(limits.drain_seconds)
     n_ctx = runtime.config.max_seq_len
     max_tokens_limit = min(limits.max_tokens or n_ctx, n_ctx)
-    engine = Engine(runtime, limits.parallel or default_parallel(runtime), limits.prefill_chunk)
+    loop_ref = {}  # the event loop the requests wait on (set by each request: it is the same one)
+
+    def notify(sequences):  # from the engine thread, once per step: one wake-up of the loop for all
+        loop_ref["loop"].call_soon_threadsafe(call_on_output, sequences)
+
+    engine = Engine(runtime, limits.parallel or default_parallel(runtime), limits.prefill_chunk, notify=notify)
     engine_thread = EngineThread(engine)
     state = {"active": 0, "served": 0, "cancelled": 0}  # requests being served, ended, cut short
     docs = {} if api_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
@@ -332,6 +337,7 @@ def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None, ap
         async for i, text, lps in _run(job, request):
             texts[i].append(text)
             logprobs[i] += lps
+        loop_ref["loop"] = asyncio.get_running_loop()
         if await request.is_disconnected():
             return JSONResponse({}, status_code=499)
         choices = []
@@ -360,7 +366,6 @@ def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None, ap
             while True:
                 with anyio.move_on_after(0.25):  # now and then: the drain at shutdown, a client gone
                     await job.event.wait()
-                job.flagged = False
                 job.event.clear()
                 for i, seq in enumerate(job.seqs):
                     text, lps = seq.take_text(), _take_all(seq.logprobs)
@@ -417,15 +422,12 @@ class _Job:
         self.seqs: list[Sequence] = []
         self.top, self.stream = top, stream
         self.event = asyncio.Event()  # made on the event loop that waits on it
-        self.flagged = False
 
-    def notify(self, loop, seq: Sequence) -> None:
-        """From the engine thread: wake the request's coroutine (once per wait, however many tokens came);
-        a request that is not streamed only when a sequence has ended (waking costs the engine thread a GIL
-        hand-over per token)."""
-        if not self.flagged and (self.stream or seq.done):
-            self.flagged = True
-            loop.call_soon_threadsafe(self.event.set)
+    def notify(self, seq: Sequence) -> None:
+        """On the event loop, after a step brought seq output: wake the request's coroutine; a request that
+        is not streamed only when a sequence has ended."""
+        if self.stream or seq.done:
+            self.event.set()
 
 
 @dataclass
@@ -447,7 +449,7 @@ def default_parallel(runtime: Runtime) -> int:
     of twice that many full-context sequences (the active ones and the prefix cache) would take more than a
     quarter of the memory."""
     c = runtime.config
-    kv_bytes = 2 * c.n_layers * c.max_seq_len * c.dim * c.n_kv_heads // c.n_heads * 4
+    kv_bytes = 2 * c.n_layers * c.max_seq_len * c.dim * c.n_kv_heads // c.n_heads * (2 if runtime.kv_cache == "f16" else 4)
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -500,12 +502,11 @@ async def _job(runtime: Runtime, prompt, messages, req: _Sampling, max_new: int,
                engine: Engine) -> _Job:
     """The request's n sequences, not yet submitted (a long prompt is encoded in a worker thread); 4xx for
     bad input, a prompt too long for the context included."""
-    loop = asyncio.get_running_loop()
     job = _Job(top, req.stream)
 
     def make() -> list[Sequence]:
         seqs = [runtime.sequence(prompt, messages, max_new, stop=req.stops(), logprobs=top,
-                                 on_output=lambda seq: job.notify(loop, seq), **req.sampling(i)) for i in range(req.n)]
+                                 on_output=job.notify, **req.sampling(i)) for i in range(req.n)]
         engine.check_fits(seqs[0])
         return seqs
     try:

@@ -236,7 +236,12 @@ struct Generator {
         int token = -1, done = 0;
         const char *text = nullptr;
         size_t len = 0;
-        check(tl_generator_sample(ptr, &token, &text, &len, &done));
+        tl_status st;
+        {
+            py::gil_scoped_release nogil;  // softmax and top-p over the vocabulary: the event loop may run
+            st = tl_generator_sample(ptr, &token, &text, &len, &done);
+        }
+        check(st);
         return py::make_tuple(token, py::bytes(text, len), done != 0);
     }
     // ids that a Batch step fed to the session, and its logits row for the last of them

@@ -65,6 +65,7 @@ setup(
                 "transformers==5.24.0", "protobuf==7.36.2",
                 # the server's peers: its dependencies, the openai client, a real browser (selenium)
                 "fastapi==0.165.0", "uvicorn==0.54.0", "httpx==0.28.1", "openai==3.57.0", "selenium==4.51.0",
+                "prometheus_client==0.26.0",  # its parser reads /metrics in tests/test_server_extras.py
                 "atheris==3.0.0"],  # `make fuzz-python`
     },
     entry_points={"console_scripts": ["tinyllm=tinyllm.cli:main"]},

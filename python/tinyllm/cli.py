@@ -676,15 +676,17 @@ class Serve:
     DESCRIPTION = """\
 Serve MODEL (llama2.c .bin or GGUF) with the C runtime over an OpenAI-compatible HTTP API:
 /v1/completions, /v1/chat/completions (streamed with "stream": true), /v1/models, /health,
-and a web chat page at / that works offline. Concurrent requests are decoded together (continuous
-batching: one forward step advances every running sequence); each has its own KV cache, and a request
-that starts as an earlier one did (a system prompt, the next turn of a chat) reuses that one's cache.
+/metrics (Prometheus), /tokenize and /detokenize (as llama-server has them), and a web chat page
+at / that works offline. Concurrent requests are decoded together (continuous batching: one forward
+step advances every running sequence); each has its own KV cache, and a request that starts as an
+earlier one did (a system prompt, the next turn of a chat) reuses that one's cache.
 
     tinyllm serve models/chat15M.bin
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "你好"}]}'
 
-The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_key."""
+The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_key, or the one
+given to --api-key."""
 
     @staticmethod
     def add_arguments(p):
@@ -695,6 +697,8 @@ The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_k
         p.add_argument("--port", type=int, default=8000, help="TCP port")
         p.add_argument("--model-id", default=None, help="the model's name in the API (default: the file's stem)")
         p.add_argument("--threads", type=int, default=None, help="threads for the matmuls (default: physical cores)")
+        p.add_argument("--kv-cache", choices=["f32", "f16"], default="f32",
+                       help="the KV caches' element type (f16: half the memory per sequence; logits move by ~3e-4)")
         p.add_argument("--max-tokens", type=int, default=0,
                        help="the most tokens a request may ask for (0: the model's context length)")
         p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted, in KiB")
@@ -712,12 +716,20 @@ The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_k
                        help="on SIGTERM/Ctrl-C, how long running generations may finish before their streams end "
                             "with an error event")
         p.add_argument("--api-docs", action="store_true", help="serve /docs, /redoc and /openapi.json")
+        p.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every request but / and /health (default: "
+                            "$TINYLLM_API_KEY, which keeps the key out of the process list; unset: no key)")
+        p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                       help="let web pages from ORIGIN (http://host:port, or * for any) call the API; repeatable "
+                            "(default: none, CORS off)")
         p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level")
 
     @staticmethod
     def run(args) -> int:
-        from .server import Limits, serve  # fastapi and uvicorn: the serve extras
+        from .server import Access, Limits, serve  # fastapi and uvicorn: the serve extras
+        access = Access(api_key=args.api_key if args.api_key is not None else os.environ.get("TINYLLM_API_KEY"),
+                        cors_origins=args.cors_origin or ())
         if args.parallel < 0 or args.max_queue < 0 or args.max_body_kb < 1 or args.max_tokens < 0 \
                 or args.max_connections < 1 or not args.header_timeout > 0 or not args.body_timeout > 0 \
                 or not args.drain_seconds >= 0:
@@ -725,13 +737,11 @@ The `openai` client works with base_url="http://127.0.0.1:8000/v1" and any api_k
                                "--max-tokens >= 0, the timeouts > 0")
         runtime = Runtime(args.model, args.tokenizer, threads=args.threads, kv_cache=args.kv_cache)
         model_id = args.model_id or os.path.splitext(os.path.basename(args.model))[0]
-        p.add_argument("--kv-cache", choices=["f32", "f16"], default="f32",
-                       help="the KV caches' element type (f16: half the memory per sequence; logits move by ~3e-4)")
         limits = Limits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
                         parallel=args.parallel, max_queue=args.max_queue, max_connections=args.max_connections,
                         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                         drain_seconds=args.drain_seconds)
-        serve(runtime, model_id, limits, args.host, args.port, args.log_level, args.api_docs)
+        serve(runtime, model_id, limits, args.host, args.port, args.log_level, args.api_docs, access)
         return 0
 
 

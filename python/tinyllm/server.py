@@ -5,6 +5,8 @@ with a web chat page at /.
     POST /v1/chat/completions   messages -> answer, in tinyllm's chat template (tinyllm.chat)
     GET  /v1/models             the one model served
     GET  /health                readiness, and how many generations are running
+    GET  /metrics               counters and gauges in Prometheus' text format
+    POST /tokenize, /detokenize text <-> token ids, as llama-server has them
     GET  /                      the web chat page (tinyllm/web/index.html: one file, works offline)
 
 One Runtime holds the weights and the tokenizer. Requests are served by continuous batching
@@ -16,17 +18,22 @@ cache: a request that starts as an earlier one did (a system prompt, the next tu
 feeds only what is new. The event loop only parses, streams and notices a client that went away: its
 sequences leave the batch at the next step.
 Every refusal is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}.
+An API key (Access) guards everything but / and /health; CORS is off unless origins are given.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import ctypes.util
 import errno
 import functools
+import hashlib
+import hmac
 import json
 import os
+import re
 import sys
 import threading
 import resource
@@ -34,6 +41,7 @@ import signal
 import socket
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from importlib import resources
 from typing import AsyncIterator, Literal
@@ -49,8 +57,9 @@ try:  # the server is an extra
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.middleware.cors import CORSMiddleware
     from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as e:
     raise TinyLLMError(f"`tinyllm serve` needs fastapi and uvicorn ({e.name} is missing): pip install -e '.[serve]' "
@@ -241,7 +250,7 @@ class _Server(uvicorn.Server):
 
 
 def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None, api_docs: bool = False,
-               shutdown: Shutdown | None = None) -> FastAPI:
+               shutdown: Shutdown | None = None, access: Access | None = None) -> FastAPI:
     """The FastAPI app serving runtime's model under the name model_id; /docs, /redoc and /openapi.json
     only when api_docs (they describe the whole API to anyone who asks)."""
     limits = limits or Limits()
@@ -267,6 +276,11 @@ def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None, ap
                   description=f"OpenAI-compatible API over the tinyllm C runtime, serving {model_id}.", **docs)
 
     app.add_middleware(_BodyLimit, limits=limits)
+    # /metrics, /tokenize, /detokenize, the API key and CORS: the last section of this file
+    metrics = app.state.metrics = Metrics()
+    add_access(app, access or Access(), metrics)
+    add_extra_routes(app, runtime, limits, metrics, lambda: {"queue_length": engine.queued, "busy_slots": engine.busy,
+                                                             "slots": engine.slots, "requests_active": state["active"]})
 
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
@@ -324,6 +338,7 @@ def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None, ap
             raise APIError(503, f"the server is busy: {engine.queued} sequences are waiting for a slot (at most "
                                 f"{limits.max_queue}, --max-queue); try again shortly", kind="server_error",
                            code="server_busy")
+        loop_ref["loop"] = asyncio.get_running_loop()
         job = await _job(runtime, prompt, messages, req, req.max_tokens or max_tokens_limit, top, engine)
         meta = _Meta(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()), model_id)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
@@ -337,7 +352,6 @@ def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None, ap
         async for i, text, lps in _run(job, request):
             texts[i].append(text)
             logprobs[i] += lps
-        loop_ref["loop"] = asyncio.get_running_loop()
         if await request.is_disconnected():
             return JSONResponse({}, status_code=499)
         choices = []
@@ -367,11 +381,14 @@ def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None, ap
                 with anyio.move_on_after(0.25):  # now and then: the drain at shutdown, a client gone
                     await job.event.wait()
                 job.event.clear()
+                metrics.count_tokens(job.seqs)
+                # read before the text: a sequence's last pieces are in place before it says it is done
+                finished = all(seq.done for seq in job.seqs)
                 for i, seq in enumerate(job.seqs):
                     text, lps = seq.take_text(), _take_all(seq.logprobs)
                     if text or lps:
                         yield i, text, lps
-                if all(seq.done for seq in job.seqs):
+                if finished:
                     ended = True
                     break
                 shutdown.check(started=True)  # past the drain at shutdown: end with a 503 / error event
@@ -386,6 +403,7 @@ def create_app(runtime: Runtime, model_id: str, limits: Limits | None = None, ap
                     engine.cancel(seq)
                 state["cancelled"] += 1
             state["active"] -= 1
+            metrics.count_tokens(job.seqs, ended=True)  # the rest of its tokens, and its prompt
             state["served"] += 1
 
     async def _completion_events(job: _Job, meta, include_usage: bool):
@@ -755,12 +773,12 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(runtime: Runtime, model_id: str, limits: Limits, host: str, port: int, log_level: str = "info",
-          api_docs: bool = False) -> None:
+          api_docs: bool = False, access: Access | None = None) -> None:
     """Run the app with uvicorn until interrupted."""
     sock = listen(host, port)
     _map_large_blocks()
     shutdown = Shutdown(limits.drain_seconds)
-    app = create_app(runtime, model_id, limits, api_docs, shutdown)
+    app = create_app(runtime, model_id, limits, api_docs, shutdown, access)
     print(f"tinyllm serve: {model_id} at http://{host}:{port}/ (web chat at /, API at /v1)", flush=True)
     protocol = functools.partial(_GuardedH11, limits=limits, waiting={})
     # the graceful shutdown outlasts the drain, so every stream ends with its own error event, not a cut
@@ -768,3 +786,264 @@ def serve(runtime: Runtime, model_id: str, limits: Limits, host: str, port: int,
                             http=protocol, backlog=BACKLOG,
                             timeout_keep_alive=limits.idle_timeout)
     _Server(config, shutdown).run(sockets=[sock])
+
+
+# ---- what llama-server's users expect besides the OpenAI API: /metrics, /tokenize and /detokenize, an API
+# key, CORS. Routes and middleware only; the generation path reports its tokens to Metrics. ----------------
+
+class Metrics:
+    """The counters and gauges /metrics shows, in Prometheus' text format (version 0.0.4).
+
+    Requests are counted by the _CountRequests middleware when their response ends, by endpoint and outcome
+    (ok; error: a 4xx/5xx answer or an error event in a stream; cancelled: the client went away first).
+    Tokens are reported by the generation path as they come (count_tokens), so the tokens/s gauge is live:
+    the generated tokens of the last WINDOW seconds over WINDOW (over the uptime in the first WINDOW s).
+    Thread-safe: the engine thread may report too."""
+
+    WINDOW = 10.0
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._started = clock()
+        self._lock = threading.Lock()
+        # the generation endpoints' series exist from the start, at 0, as Prometheus advises
+        self.requests = {(e, o): 0 for e in ("/v1/completions", "/v1/chat/completions")
+                         for o in ("ok", "error", "cancelled")}
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self._recent = collections.deque()          # (time, generated tokens) within the last WINDOW
+        self._counted = weakref.WeakKeyDictionary()  # sequence -> its completion tokens counted so far
+
+    def request_finished(self, endpoint: str, outcome: str) -> None:
+        with self._lock:
+            self.requests[endpoint, outcome] = self.requests.get((endpoint, outcome), 0) + 1
+
+    def add_tokens(self, prompt: int = 0, generated: int = 0) -> None:
+        """Count prompt tokens taken in and tokens generated (the latter as soon as they are sampled)."""
+        now = self._clock()
+        with self._lock:
+            self.prompt_tokens += prompt
+            self.generated_tokens += generated
+            if generated:
+                self._recent.append((now, generated))
+            self._forget_before(now - self.WINDOW)
+
+    def count_tokens(self, seqs, ended: bool = False) -> None:
+        """Count what seqs (one request's sequences) generated since the last call; ended: the request is
+        over, so its prompt is counted too (once, as its usage counts it)."""
+        new = 0
+        for seq in seqs:
+            new += seq.completion_tokens - self._counted.get(seq, 0)
+            self._counted[seq] = seq.completion_tokens
+        self.add_tokens(prompt=seqs[0].prompt_tokens if ended and seqs else 0, generated=new)
+
+    def tokens_per_second(self) -> float:
+        now = self._clock()
+        with self._lock:
+            self._forget_before(now - self.WINDOW)
+            recent = sum(n for _, n in self._recent)
+        return recent / max(min(self.WINDOW, now - self._started), 1e-3)
+
+    def _forget_before(self, t: float) -> None:
+        while self._recent and self._recent[0][0] < t:
+            self._recent.popleft()
+
+    def render(self, gauges: dict) -> str:
+        """The exposition text: the counters, the tokens/s gauge, and gauges (queue_length, busy_slots,
+        slots and any other name -> number) as tinyllm_<name>."""
+        rate = self.tokens_per_second()
+        with self._lock:
+            requests = sorted(self.requests.items())
+            prompt, generated = self.prompt_tokens, self.generated_tokens
+        lines = ["# HELP tinyllm_requests_total Requests answered, by endpoint and outcome (ok; error: a 4xx/5xx "
+                 "or an error event in the stream; cancelled: the client went away first).",
+                 "# TYPE tinyllm_requests_total counter"]
+        lines += [f'tinyllm_requests_total{{endpoint="{_label(e)}",outcome="{_label(o)}"}} {n}'
+                  for (e, o), n in requests]
+        lines += ["# HELP tinyllm_prompt_tokens_total Prompt tokens of the generation requests served (as their "
+                  "usage counts them, the prefix cache's included).",
+                  "# TYPE tinyllm_prompt_tokens_total counter", f"tinyllm_prompt_tokens_total {prompt}",
+                  "# HELP tinyllm_generated_tokens_total Tokens generated, counted as they are sampled.",
+                  "# TYPE tinyllm_generated_tokens_total counter", f"tinyllm_generated_tokens_total {generated}",
+                  f"# HELP tinyllm_generated_tokens_per_second Tokens generated in the last {self.WINDOW:g} s, "
+                  f"per second (since the start in the first {self.WINDOW:g} s).",
+                  "# TYPE tinyllm_generated_tokens_per_second gauge",
+                  f"tinyllm_generated_tokens_per_second {rate:.3f}"]
+        for name, value in gauges.items():
+            lines += [f"# HELP tinyllm_{name} {GAUGE_HELP.get(name, name.replace('_', ' '))}",
+                      f"# TYPE tinyllm_{name} gauge", f"tinyllm_{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+
+GAUGE_HELP = {"queue_length": "Sequences waiting for a decoding slot.",
+              "busy_slots": "Decoding slots in use.",
+              "slots": "Decoding slots (--parallel).",
+              "requests_active": "Generation requests being served."}
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/metrics",
+             "/health", "/")
+
+
+def _label(value: str) -> str:
+    """A label value escaped as the text format wants (backslash, double quote, line feed)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _endpoint(path: str) -> str:
+    """The endpoint label of a request path: one of a fixed few, so a scan of random paths adds no series."""
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
+
+class _CountRequests:
+    """ASGI middleware: count each response in Metrics when it ends, by what the client got (see Metrics)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        seen = {"status": None, "ended": False, "error_event": False}
+
+        async def watched_send(message):
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                # _guarded sends each Server-Sent Event as one body message: an error event starts so
+                seen["error_event"] |= message.get("body", b"").startswith(b'data: {"error"')
+                seen["ended"] = not message.get("more_body", False)
+            await send(message)
+        try:
+            await self.app(scope, receive, watched_send)
+        finally:
+            status = seen["status"]
+            if status == 499 or (status is not None and status < 400 and not seen["ended"]):
+                outcome = "cancelled"  # 499: a plain request whose client left; a stream cut short
+            elif status is None or status >= 400 or seen["error_event"]:
+                outcome = "error"      # no status: the app raised, the server answers 500
+            else:
+                outcome = "ok"
+            self.metrics.request_finished(_endpoint(scope["path"]), outcome)
+
+
+@dataclass
+class Access:
+    """Who may use the API: api_key (None: anyone) is asked of every request but / and /health, as
+    "Authorization: Bearer KEY"; cors_origins (empty: none) may call the API from their web pages."""
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.api_key is not None and not (self.api_key and all("!" <= c <= "~" for c in self.api_key)):
+            raise TinyLLMError("--api-key (or TINYLLM_API_KEY) must be printable ASCII without spaces, "
+                               "and not empty")
+        self.cors_origins = tuple(self.cors_origins)
+        for origin in self.cors_origins:
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise TinyLLMError(f"--cors-origin {origin!r} is not an origin: scheme://host[:port] with no path "
+                                   f"(http://localhost:5173), or *")
+
+
+ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?")
+PUBLIC_PATHS = ("/", "/health")  # the web page (which then asks for the key) and the readiness probe
+
+
+class _RequireKey:
+    """ASGI middleware: 401 with OpenAI's error body (code invalid_api_key) for a request without the API
+    key. The keys are compared as SHA-256 digests with hmac.compare_digest, in time that says nothing about
+    how much of a guess was right, or how long the key is."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.digest = app, hashlib.sha256(api_key.encode()).digest()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not token.strip():
+                await _unauthorized("this server needs an API key: send the header "
+                                    "'Authorization: Bearer KEY' (the key given to --api-key)")(scope, receive, send)
+                return
+            if not hmac.compare_digest(hashlib.sha256(token.strip()).digest(), self.digest):
+                await _unauthorized("the API key is not valid for this server")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _unauthorized(message: str) -> JSONResponse:
+    return JSONResponse(APIError(401, message, code="invalid_api_key").body(), status_code=401,
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def add_access(app: FastAPI, access: Access, metrics: Metrics) -> None:
+    """The middleware, outermost first: CORS (a browser's preflight carries no key, so it comes before the
+    key check), the request counter (a refused request counts as an error), the key check."""
+    if access.api_key is not None:
+        app.add_middleware(_RequireKey, api_key=access.api_key)
+    app.add_middleware(_CountRequests, metrics=metrics)
+    if access.cors_origins:  # off by default: no Access-Control-* header is ever sent
+        app.add_middleware(CORSMiddleware, allow_origins=list(access.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+
+# /detokenize takes at most this many ids: more than any context, and bounded whatever --max-body-kb says
+MAX_DETOKENIZE = 1 << 18
+
+
+class TokenizeRequest(BaseModel):
+    """llama-server's /tokenize: content -> ids; add_special: BOS first; parse_special: pieces such as
+    <|user|> in the text are their ids (else plain text); with_pieces: each id with its text."""
+    model_config = STRICT
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = STRICT
+    tokens: list[int] = Field(max_length=MAX_DETOKENIZE)
+
+
+def _piece(runtime: Runtime, token: int) -> str | list[int]:
+    """A token's text, as llama-server gives it: a string where its bytes are UTF-8 on their own, else the
+    list of its bytes (one byte of a character split over byte tokens). Control tokens (BOS, EOS) are ""."""
+    raw = runtime._tok.decode([token])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
+
+
+def add_extra_routes(app: FastAPI, runtime: Runtime, limits: Limits, metrics: Metrics, gauges) -> None:
+    """/metrics (gauges: a callable giving the current gauges), /tokenize and /detokenize."""
+    vocab = runtime.config.vocab_size
+
+    @app.get("/metrics")
+    async def metrics_text():
+        return Response(metrics.render(gauges()), media_type=METRICS_CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = _parse(TokenizeRequest, await _read_json(request, limits))
+
+        def encode() -> list[int]:
+            return runtime.encode(req.content, bos=req.add_special, special=req.parse_special)
+        try:  # a long text is encoded in a worker thread, as prompts are
+            ids = await anyio.to_thread.run_sync(encode) if len(req.content) > 2000 else encode()
+        except InvalidArgumentError as e:
+            raise APIError(400, f"content: {e}", param="content") from None
+        if req.with_pieces:
+            return {"tokens": [{"id": i, "piece": _piece(runtime, i)} for i in ids]}
+        return {"tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = _parse(DetokenizeRequest, await _read_json(request, limits))
+        for i, token in enumerate(req.tokens):
+            if not 0 <= token < vocab:
+                raise APIError(400, f"tokens[{i}] is {token}, not a token id of this model (0 to {vocab - 1})",
+                               param="tokens")
+        return {"content": runtime.decode(req.tokens)}

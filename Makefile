@@ -16,7 +16,7 @@ endif
 
 LIB_SRC = runtime/util.c runtime/kernels.c runtime/kernels_dispatch.c runtime/kernels_parallel.c runtime/kernels_avx512.c \
           runtime/kernels_avx2.c runtime/kernels_int8.c runtime/threads.c runtime/model.c runtime/format_llama2c.c \
-          runtime/format_gguf.c runtime/tokenizer.c runtime/sampler.c runtime/generate.c
+          runtime/format_gguf.c runtime/lora.c runtime/tokenizer.c runtime/sampler.c runtime/generate.c
 HEADERS = $(wildcard runtime/*.h)
 SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 

@@ -12,6 +12,7 @@
  * hyper-parameters imply. Matrices stay in the mapping in their stored type (F32, F16, Q8_0, Q4_0);
  * the norm vectors are copied to fp32. llama's GGUF layout rotates adjacent pairs in RoPE (llama.cpp's
  * converter permutes Hugging Face q/k into it), which is what our forward pass does.
+ * LoRA adapter files are GGUF files too: tl_read_gguf_adapter reads them under the same checks for lora.c.
  */
 #include <math.h>
 #include <stdint.h>
@@ -540,5 +541,50 @@ tl_status tl_load_gguf(tl_model *m, const char *path) {
     if (st == TL_OK) st = read_vocab(&g, m->config.vocab_size, &m->vocab);
     free(g.kv);
     free(g.tensors);
+    return st;
+}
+
+/* ---- adapters ------------------------------------------------------------------------------------ */
+
+/* The keys an adapter needs and every tensor of a GGUF file (views into the mapping), under the same
+ * parse as a model: lora.c decides what they mean. */
+tl_status tl_read_gguf_adapter(const tl_mapped_file *f, const char *path, tl_gguf_adapter *out) {
+    memset(out, 0, sizeof(*out));
+    if (!tl_is_gguf(f)) return tl_fail(TL_ERR_FORMAT, "%s: not a GGUF file (a LoRA adapter is a GGUF file)", path);
+    gguf_file g = {path, {f->data, f->size, 0}, 0, NULL, 0, NULL, 0};
+    tl_status st = parse(&g);
+    const struct { const char *key; tl_gguf_string *dst; } strings[] = {
+        {"general.type", &out->general_type}, {"general.architecture", &out->architecture},
+        {"adapter.type", &out->adapter_type}};
+    for (size_t i = 0; i < sizeof(strings) / sizeof(strings[0]) && st == TL_OK; i++) {
+        uint64_t len = 0;
+        const unsigned char *s = get_string(&g, strings[i].key, &len, &st);
+        strings[i].dst->data = (const char *)s;
+        strings[i].dst->len = (size_t)len;
+    }
+    if (st == TL_OK && find_kv(&g, "adapter.lora.alpha") != NULL) {
+        out->has_alpha = 1;
+        st = get_float(&g, "adapter.lora.alpha", 1, 0.0f, &out->alpha);
+    }
+    if (st == TL_OK) {
+        out->tensors = calloc(g.n_tensors ? g.n_tensors : 1, sizeof(*out->tensors));
+        if (out->tensors == NULL) st = tl_fail(TL_ERR_MEMORY, "out of memory reading %s", path);
+    }
+    for (uint64_t i = 0; i < g.n_tensors && st == TL_OK; i++) {
+        const gguf_tensor *t = &g.tensors[i];
+        tl_gguf_tensor *o = &out->tensors[i];
+        o->name = (tl_gguf_string){(const char *)t->name, (size_t)t->name_len};
+        o->n_dims = (int)t->n_dims;
+        memcpy(o->ne, t->ne, sizeof(o->ne));
+        o->type = ggml_to_tl[t->type];
+        o->data = t->data;
+        out->n_tensors = i + 1;
+    }
+    free(g.kv);
+    free(g.tensors);
+    if (st != TL_OK) {
+        free(out->tensors);
+        memset(out, 0, sizeof(*out));
+    }
     return st;
 }

@@ -61,6 +61,7 @@ tl_status tl_model_load(const char *path, tl_model **out) {
 
 void tl_model_free(tl_model *m) {
     if (m == NULL) return;
+    tl_adapters_free(m);
     tl_unmap_file(&m->file);
     free(m->layers);
     free(m->rope_freq);
@@ -91,11 +92,13 @@ typedef struct {
     float *q;              /* (rows, dim) queries */
     float *k, *v;          /* (rows, kv_dim) new keys and values, before they enter the cache */
     float *rope_cos, *rope_sin; /* (rows, head_dim/2) cos/sin of position * frequency of each row's token */
+    float *lora_mid, *lora_tmp; /* (rows, dim) (rows, max(dim, hidden_dim)) LoRA products, once the model has
+                                   adapters (lora_reserve) */
 } activations;
 
 static void activations_free(activations *a) {
     free(a->x); free(a->xb); free(a->xb2); free(a->hb); free(a->hb2); free(a->q); free(a->k); free(a->v);
-    free(a->rope_cos); free(a->rope_sin);
+    free(a->rope_cos); free(a->rope_sin); free(a->lora_mid); free(a->lora_tmp);
     memset(a, 0, sizeof(*a));
 }
 
@@ -121,6 +124,21 @@ static int activations_alloc(activations *a, const tl_config *c, int rows) {
     }
     a->rows = rows;
     return 1;
+}
+
+/* Room for the LoRA products when the model has adapters, which may have come after the activations:
+ * A x has rank <= dim columns (lora.c keeps ranks within the matrix), B (A x) a matrix's rows. */
+static tl_status lora_reserve(activations *a, const tl_model *m) {
+    if (m->adapters == NULL || a->lora_mid != NULL) return TL_OK;
+    const size_t r = (size_t)a->rows, dim = (size_t)m->config.dim, hidden = (size_t)m->config.hidden_dim;
+    a->lora_mid = calloc(r * dim, sizeof(float));
+    a->lora_tmp = calloc(r * (dim > hidden ? dim : hidden), sizeof(float));
+    if (!a->lora_mid || !a->lora_tmp) {
+        free(a->lora_mid); free(a->lora_tmp);
+        a->lora_mid = a->lora_tmp = NULL;
+        return tl_fail(TL_ERR_MEMORY, "out of memory for the LoRA products of %d tokens", a->rows);
+    }
+    return TL_OK;
 }
 
 struct tl_session {
@@ -300,6 +318,11 @@ static void swiglu_row(void *ctx, int t) {
     tl_swiglu(j->a + (size_t)t * j->width, j->b + (size_t)t * j->width, j->width);
 }
 
+/* out += the LoRA deltas on matrix `which` (TL_WQ..) of layer w for input x (nothing without adapters). */
+static void lora(const tl_layer *w, int which, activations *a, const float *x, float *out, int rows) {
+    if (w->lora[which] != NULL) tl_lora_apply(w->lora[which], out, x, rows, a->lora_mid, a->lora_tmp);
+}
+
 /* a[i] += b[i] */
 static void add_into(float *a, const float *b, size_t n) {
     for (size_t i = 0; i < n; i++) a[i] += b[i];
@@ -334,6 +357,7 @@ static void forward(const tl_model *m, activations *a, const segment *segs, int 
         float *const qkv[3] = {a->q, a->k, a->v};
         const tl_matrix *const wqkv[3] = {&w->wq, &w->wk, &w->wv};
         tl_matmul_many(3, qkv, wqkv, a->xb, rows);
+        for (int i = 0; i < 3; i++) lora(w, TL_WQ + i, a, a->xb, qkv[i], rows);
         for (int i = 0; i < n_segs; i++)
             for (int t = 0; t < segs[i].n; t++) {
                 const size_t row = (size_t)(segs[i].row + t);
@@ -345,6 +369,7 @@ static void forward(const tl_model *m, activations *a, const segment *segs, int 
             }
         attention(a, segs, n_segs, l);
         tl_matmul(a->xb2, dim, &w->wo, a->xb, rows);
+        lora(w, TL_WO, a, a->xb, a->xb2, rows);
         add_into(a->x, a->xb2, (size_t)rows * dim);
         /* feed-forward: w2(silu(w1 x) * w3 x) */
         for (int t = 0; t < rows; t++)
@@ -352,9 +377,12 @@ static void forward(const tl_model *m, activations *a, const segment *segs, int 
         float *const gate_up[2] = {a->hb, a->hb2};
         const tl_matrix *const w13[2] = {&w->w1, &w->w3};
         tl_matmul_many(2, gate_up, w13, a->xb, rows);
+        lora(w, TL_W1, a, a->xb, a->hb, rows);
+        lora(w, TL_W3, a, a->xb, a->hb2, rows);
         swiglu_job gate = {a->hb, a->hb2, hidden};
         tl_parallel_for(rows, swiglu_row, &gate);
         tl_matmul(a->xb, dim, &w->w2, a->hb, rows);
+        lora(w, TL_W2, a, a->hb, a->xb, rows);
         add_into(a->x, a->xb, (size_t)rows * dim);
     }
     if (logits == NULL) return;
@@ -392,6 +420,7 @@ tl_status tl_session_feed(tl_session *s, const int *tokens, int n, float *logits
             return tl_fail(TL_ERR_ARGUMENT, "token id %d is outside the vocabulary (0..%d)", tokens[i],
                            c->vocab_size - 1);
     tl_status st = reserve_positions(s, s->pos + n);
+    if (st == TL_OK) st = lora_reserve(&s->act, s->model);
     if (st != TL_OK) return st;
     tl_get_threads(); /* first use picks the default thread count */
     /* the prompt goes through in batches of s->act.rows tokens */
@@ -515,6 +544,7 @@ tl_status tl_batch_step(tl_batch *b, tl_session *const *sessions, const int *tok
     int rows = 0;
     tl_status st = batch_check(b, sessions, tokens, counts, n, &rows);
     if (st == TL_OK) st = batch_reserve(b, n, rows);
+    if (st == TL_OK) st = lora_reserve(&b->act, b->model);
     if (st != TL_OK) return st;
     /* a session given twice would take two rows at the same position of one cache */
     for (int i = 0; i < n; i++) b->refs[i] = (session_ref){sessions[i], i};

@@ -2,6 +2,7 @@
  * Only argument parsing and printing live here; everything else is the library (tinyllm.h). */
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,8 @@ static void usage(FILE *out) {
         "  -y <string> system prompt in chat mode\n"
         "  -j <int>    threads (default: the number of physical cores; at most the CPUs)\n"
         "  -c <type>   KV cache: f32 (default) or f16 (half the memory; logits move by ~1e-3)\n"
+        "  -a <path>   LoRA adapter to apply: a GGUF adapter file (llama.cpp's) made for this model\n"
+        "  -w <float>  the adapter's scale: its change times w (default 1; 0 = off)\n"
         "  -h          this help\n",
         TL_DEFAULT_TEMPERATURE, TL_DEFAULT_TOP_P, TL_DEFAULT_TOP_K, TL_CHAT_REPETITION_WINDOW,
         TL_CHAT_REPETITION_PENALTY, TL_CHAT_NO_REPEAT_NGRAM);
@@ -199,7 +202,9 @@ int main(int argc, char **argv) {
         return argc < 2 ? 1 : 0;
     }
     const char *model_path = argv[1], *tokenizer_path = NULL, *prompt = NULL, *mode = "generate";
-    const char *system_prompt = NULL, *kv_type = "f32";
+    const char *system_prompt = NULL, *kv_type = "f32", *adapter_path = NULL;
+    float adapter_scale = 1.0f;
+    int scale_given = 0;
     tl_sample_params params = tl_sample_defaults();
     long steps = 0, threads = 0, top_k = 0, ngram = -1;
     unsigned long long seed = 0;
@@ -236,6 +241,8 @@ int main(int argc, char **argv) {
             case 'm': mode = value; break;
             case 'y': system_prompt = value; break;
             case 'c': kv_type = value; break;
+            case 'a': adapter_path = value; break;
+            case 'w': ok = parse_float(value, &adapter_scale) && isfinite(adapter_scale), scale_given = 1; break;
             default:
                 fprintf(stderr, "error: unknown option %s (see run -h)\n", flag);
                 return 1;
@@ -254,6 +261,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     if (prompt && prompt[0] == '\0') return fail("empty prompt (-i \"\"); omit -i to start from BOS");
+    if (scale_given && adapter_path == NULL) return fail("-w scales an adapter: name one with -a");
     params.top_k = (int)top_k;
     /* small models loop: chat turns the repetition controls on unless told otherwise */
     const int chatting = strcmp(mode, "chat") == 0;
@@ -277,6 +285,11 @@ int main(int argc, char **argv) {
 
     tl_model *model = NULL;
     if (tl_model_load(model_path, &model) != TL_OK) return fail_lib();
+    if (adapter_path && tl_model_add_adapter(model, adapter_path, adapter_scale) != TL_OK) {
+        fail_lib();
+        tl_model_free(model);
+        return 1;
+    }
     tl_config config;
     tl_model_config(model, &config);
     if (steps > config.seq_len) {

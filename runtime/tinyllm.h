@@ -2,8 +2,8 @@
  *
  * Objects are opaque handles with a load-or-new and a free function. Every function that can fail
  * returns a tl_status; on failure tl_last_error() holds a one-line message (per thread).
- * A model is read-only after loading and may be shared by many sessions (one per concurrent
- * generation, each with its own KV cache).
+ * A model is read-only after loading (and adding its adapters) and may be shared by many sessions (one
+ * per concurrent generation, each with its own KV cache).
  */
 #ifndef TINYLLM_H
 #define TINYLLM_H
@@ -24,7 +24,7 @@ typedef enum {
     TL_ERR_ARGUMENT = 3,    /* bad argument: empty prompt, token out of range, ... */
     TL_ERR_MEMORY = 4,      /* allocation failed */
     TL_ERR_RANGE = 5,       /* context (seq_len) exhausted */
-    TL_ERR_MISMATCH = 6,    /* model and tokenizer do not fit together */
+    TL_ERR_MISMATCH = 6,    /* model and tokenizer, or model and adapter, do not fit together */
 } tl_status;
 
 /* The message of the last failure on this thread ("" if none). */
@@ -73,6 +73,19 @@ typedef struct tl_model tl_model;
 tl_status tl_model_load(const char *path, tl_model **out);
 void tl_model_free(tl_model *model);
 void tl_model_config(const tl_model *model, tl_config *out);
+
+/* Apply a LoRA adapter file to the model: llama.cpp's GGUF adapter (general.type "adapter", architecture
+ * "llama", adapter.type "lora", adapter.lora.alpha; F32 or F16 tensors blk.N.<matrix>.weight.lora_a of
+ * extents [cols, rank] and .lora_b [rank, rows] for any of attn_q/k/v, attn_output, ffn_gate/up/down).
+ * Each matrix W it names then computes W x + scale * alpha / rank * B (A x) (scale alone when alpha is 0
+ * or absent, as llama.cpp does); several adapters add up. The file stays mapped until the model is freed.
+ * Add adapters before the model's sessions are fed: not while one of them runs, and what a session cached
+ * before was computed without the adapter. Errors apply nothing: TL_ERR_IO (unreadable file),
+ * TL_ERR_FORMAT (not a LoRA adapter: no GGUF, another general.type or adapter.type, truncated, a tensor
+ * without its pair or with a name we do not apply, rank 0 or larger than its matrix, quantized tensors),
+ * TL_ERR_MISMATCH (an adapter for another model: architecture, a layer the model lacks, a matrix's shape),
+ * TL_ERR_ARGUMENT (a non-finite scale). */
+tl_status tl_model_add_adapter(tl_model *model, const char *path, float scale);
 
 /* ----------------------------------------------------------------------------------------- */
 /* Tokenizer (SentencePiece BPE, exact ids) */

@@ -15,7 +15,8 @@ extern "C" {
 namespace py = pybind11;
 
 // Raise the tinyllm.errors class that matches a C status, with tl_last_error() as the message.
-static void check(tl_status st) {
+// mismatch: the class of TL_ERR_MISMATCH, which is about a tokenizer except where an adapter is loaded.
+static void check(tl_status st, const char *mismatch = "TokenizerError") {
     if (st == TL_OK) return;
     const char *name = "TinyLLMError";
     switch (st) {
@@ -23,7 +24,7 @@ static void check(tl_status st) {
         case TL_ERR_FORMAT: name = "FormatError"; break;
         case TL_ERR_ARGUMENT: name = "InvalidArgumentError"; break;
         case TL_ERR_RANGE: name = "ContextLengthError"; break;
-        case TL_ERR_MISMATCH: name = "TokenizerError"; break;
+        case TL_ERR_MISMATCH: name = mismatch; break;
         default: break;
     }
     std::string message = tl_last_error();
@@ -43,6 +44,10 @@ struct Model {
     tl_model *ptr = nullptr;
     explicit Model(const std::string &path) { check(tl_model_load(path.c_str(), &ptr)); }
     ~Model() { tl_model_free(ptr); }
+    // Apply a GGUF LoRA adapter; an adapter for another model is a FormatError.
+    void add_adapter(const std::string &path, float scale) {
+        check(tl_model_add_adapter(ptr, path.c_str(), scale), "FormatError");
+    }
     py::dict config() const {
         tl_config c;
         tl_model_config(ptr, &c);
@@ -270,6 +275,7 @@ PYBIND11_MODULE(_runtime, m) {
     m.def("get_threads", &tl_get_threads);
     py::class_<Model>(m, "Model")
         .def(py::init<const std::string &>())
+        .def("add_adapter", &Model::add_adapter, py::arg("path"), py::arg("scale") = 1.0f)
         .def("config", &Model::config);
     py::class_<Tokenizer>(m, "Tokenizer")
         .def(py::init<const std::string &, int>())

@@ -31,11 +31,14 @@ class Runtime:
     threads defaults to the number of physical cores.
     kv_cache: "f32" (default) or "f16", the KV cache's element type (f16: half the memory; logits move by
     ~3e-4 of the largest logit: bench/kv_cache.py).
+    adapter: a GGUF LoRA adapter file (llama.cpp's format, e.g. tinyllm.formats.gguf.write_lora_adapter) for
+    this model, applied with adapter_scale (each adapted matrix W acts as W + adapter_scale * alpha / rank * B A).
     Sampling arguments left as None take sampling_defaults: tinyllm.sampling.DEFAULTS, overridden by
     what the model file recommends (GGUF keys tinyllm.sampling.*).
     """
 
-    def __init__(self, model_path, tokenizer_path=None, threads: int | None = None, kv_cache: str = "f32"):
+    def __init__(self, model_path, tokenizer_path=None, threads: int | None = None, kv_cache: str = "f32",
+                 adapter=None, adapter_scale: float = 1.0):
         if kv_cache not in ("f32", "f16"):
             raise InvalidArgumentError(f"kv_cache must be 'f32' or 'f16', got {kv_cache!r}")
         self.kv_cache = kv_cache
@@ -44,8 +47,13 @@ class Runtime:
             if _runtime.get_threads() < threads:  # the C side caps threads at the CPUs we may use
                 warnings.warn(f"threads={threads} is more than the {_runtime.get_threads()} CPUs this process "
                               f"may use; using {_runtime.get_threads()}", stacklevel=2)
+        self.adapter_path = None if adapter is None else os.fspath(adapter)
+        if self.adapter_path is None and adapter_scale != 1.0:
+            raise InvalidArgumentError("adapter_scale scales an adapter: name one with adapter=")
         self.model_path = os.fspath(model_path)
         self._model = _runtime.Model(self.model_path)
+        if self.adapter_path is not None:
+            self._model.add_adapter(self.adapter_path, _check_float("adapter_scale", adapter_scale, -1e6, 1e6))
         self._raw_config = self._model.config()
         vocab = self._raw_config["vocab_size"]
         gguf_file = self._raw_config["file_format"] == "gguf"

@@ -21,7 +21,9 @@ whose row length is not a multiple of the 32-value block is an error naming it, 
 """
 from __future__ import annotations
 
+import math
 import mmap
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,8 @@ from ..fileio import atomic_path
 from ..sampling import DEFAULTS, MODEL_SAMPLING_KEYS
 from .llama2c import read_tokenizer
 from .spmodel import read_model_facts
-from .weights import gguf_names, has_separate_classifier, state_arrays, tensor_shapes, to_model
+from .weights import (GGUF_LAYER_NAMES, LAYER_MATRICES, gguf_names, has_separate_classifier, state_arrays,
+                      tensor_shapes, to_model)
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK = 32  # values per Q8_0 / Q4_0 block
@@ -458,3 +461,171 @@ def quantization_report(model, config: ModelConfig, type: str, tokens: list[int]
         a, _ = ref(x)
         b, _ = other(x)
     return {"max_logit_drift": float((a - b).abs().max()), "tokens": len(tokens)}
+
+
+
+# ---- LoRA adapters -------------------------------------------------------------------------------
+#
+# llama.cpp's GGUF LoRA adapter (its convert_lora_to_gguf.py writes one, llama-adapter.cpp reads it):
+# general.type "adapter", general.architecture "llama", adapter.type "lora", adapter.lora.alpha (float32),
+# and for each adapted matrix W (out x in) two tensors under W's GGUF name: "<name>.lora_a", A (rank x in),
+# and "<name>.lora_b", B (out x rank). Loaded onto the base, W acts as W + scale * alpha / rank * B A.
+# B's rows need no RoPE permutation: write_gguf stores wq/wk as our model holds them (GGUF llama's
+# adjacent-pair layout is ours), so B's rows are W's rows in the base file's order.
+# The C runtime reads the same files under the same rules (runtime/lora.c, tl_model_add_adapter).
+
+LORA_SUFFIXES = (".lora_a", ".lora_b")
+_OUR_MATRIX = {theirs: ours for ours, theirs in GGUF_LAYER_NAMES.items() if ours in LAYER_MATRICES}
+
+
+def lora_target(name: str, gguf_name: bool = False) -> tuple[int, str] | None:
+    """(layer, matrix in LAYER_MATRICES) of one of our layer matrix names (layers.N.attention.wq.weight) or,
+    with gguf_name, of a GGUF one (blk.N.attn_q.weight); None for any other name."""
+    parts = name.split(".")
+    head, matrix = ("blk", parts[2] if len(parts) == 4 else None) if gguf_name else \
+        ("layers", ".".join(parts[2:4]) if len(parts) == 5 else None)
+    matrix = _OUR_MATRIX.get(matrix) if gguf_name else matrix
+    if (parts[0] != head or matrix not in LAYER_MATRICES or parts[-1] != "weight" or not parts[1].isdigit()
+            or str(int(parts[1])) != parts[1]):
+        return None
+    return int(parts[1]), matrix
+
+
+def _check_lora_pair(name: str, a: np.ndarray, b: np.ndarray, cfg: ModelConfig | None):
+    """A (rank x in) and B (out x rank) of our matrix `name`: 2-D, one rank >= 1 within the matrix, finite,
+    and when cfg is given a matrix of that base of the same shape."""
+    layer, _ = lora_target(name)
+    if cfg is not None and layer >= cfg.n_layers:
+        raise FormatError(f"LoRA {name} is for layer {layer}, the model has {cfg.n_layers} layers (an adapter "
+                          f"for another model?)")
+    if a.ndim != 2 or b.ndim != 2:
+        raise FormatError(f"LoRA {name}: A and B must be matrices, got shapes {a.shape} and {b.shape}")
+    rank = a.shape[0]
+    if rank < 1 or b.shape[1] != rank:
+        raise FormatError(f"LoRA {name}: A is {a.shape[0]} x {a.shape[1]} and B {b.shape[0]} x {b.shape[1]}: "
+                          f"A must be rank x in and B out x rank, rank >= 1")
+    out_dim, in_dim = b.shape[0], a.shape[1]
+    if cfg is not None and (out_dim, in_dim) != tensor_shapes(cfg)[name]:
+        want = tensor_shapes(cfg)[name]
+        raise FormatError(f"LoRA {name} changes a {out_dim} x {in_dim} matrix, the model's is {want[0]} x {want[1]} "
+                          f"(an adapter for another model?)")
+    if rank > min(out_dim, in_dim):
+        raise FormatError(f"LoRA {name}: rank {rank} is larger than the {out_dim} x {in_dim} matrix")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise FormatError(f"LoRA {name}: A or B holds NaN or infinity")
+
+
+def _as_array(x) -> np.ndarray:
+    """fp32 numpy array of a numpy array or a torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def write_lora_adapter(path, adapters: dict, alpha: float, config: ModelConfig, type: str = "f32",
+                       name: str = "tinyllm-lora") -> dict:
+    """Write a GGUF LoRA adapter (atomic) that llama.cpp and our runtime load onto a base GGUF of config.
+    adapters: {our matrix name (layers.N.attention.wq.weight, ...): (A rank x in, B out x rank)}, numpy
+    arrays or torch tensors; alpha > 0: W acts as W + scale * alpha / rank * B A (scale: the loader's).
+    type: f32 or f16. Returns {"bytes", "tensors", "parameters"}."""
+    if type not in ("f32", "f16"):
+        raise FormatError(f"LoRA adapters are written as f32 or f16, not {type!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+        raise FormatError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
+    if not adapters:
+        raise FormatError("no LoRA tensors to write")
+    for ours in adapters:
+        if lora_target(ours) is None:
+            raise FormatError(f"LoRA target {ours!r} is not a layer matrix (layers.N.{{{', '.join(LAYER_MATRICES)}}}"
+                              f".weight)")
+    dtype = np.float16 if type == "f16" else np.float32
+    tensors = []  # every check before any file is touched
+    for ours in sorted(adapters, key=lambda n: (lora_target(n)[0], LAYER_MATRICES.index(lora_target(n)[1]))):
+        a, b = (_as_array(x) for x in adapters[ours])
+        _check_lora_pair(ours, a, b, config)
+        theirs = gguf_names(config)[ours]
+        tensors += [(theirs + ".lora_a", a.astype(dtype)), (theirs + ".lora_b", b.astype(dtype))]
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_name(name)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        for n, data in tensors:
+            writer.add_tensor(n, data)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return {"bytes": Path(path).stat().st_size, "tensors": len(tensors),
+            "parameters": sum(d.size for _, d in tensors)}
+
+
+def read_lora_adapter(path, config: ModelConfig | None = None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
+                                                                       float]:
+    """({our matrix name: (A rank x in, B out x rank) as fp32}, alpha) of a GGUF LoRA adapter, under the C
+    loader's rules (runtime/lora.c); with config, also checked to fit that base (layers and shapes).
+    alpha is 0.0 when the file has none (llama.cpp then applies B A times the scale alone)."""
+    _check_gguf_counts(path)
+    try:
+        r = gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package parses bad bytes into IndexError, KeyError, ValueError, ...
+        raise FormatError(f"cannot read GGUF: {type(e).__name__}: {e} ({path})") from None
+
+    def string(key):
+        f = r.get_field(key)
+        if f is not None and f.types != [gguf.GGUFValueType.STRING]:
+            raise FormatError(f"GGUF key {key} is not a string ({path})")
+        try:
+            return None if f is None else f.contents()
+        except UnicodeDecodeError:
+            raise FormatError(f"GGUF key {key} holds a string that is not UTF-8 ({path})") from None
+
+    if string("general.type") != "adapter":
+        raise FormatError(f"not a LoRA adapter: general.type is {string('general.type')!r}, not 'adapter' ({path})")
+    if string("adapter.type") != "lora":
+        raise FormatError(f"adapter.type is {string('adapter.type')!r}, not 'lora' ({path})")
+    if string("general.architecture") != "llama":
+        raise FormatError(f"the adapter is for architecture {string('general.architecture')!r}, the model is "
+                          f"'llama' ({path})")
+    alpha, field = 0.0, r.get_field(gguf.Keys.Adapter.LORA_ALPHA)
+    if field is not None:
+        if field.types not in ([gguf.GGUFValueType.FLOAT32], [gguf.GGUFValueType.FLOAT64]):
+            raise FormatError(f"adapter.lora.alpha is not a float ({path})")
+        alpha = float(field.contents())
+        if not math.isfinite(alpha):
+            raise FormatError(f"adapter.lora.alpha is {alpha} ({path})")
+    halves: dict[str, dict[str, np.ndarray]] = {}
+    for t in r.tensors:
+        suffix = t.name[-len(".lora_a"):]
+        if suffix not in LORA_SUFFIXES:
+            raise FormatError(f"unexpected tensor {t.name} in a LoRA adapter (only .lora_a/.lora_b pairs) ({path})")
+        target = lora_target(t.name[:-len(suffix)], gguf_name=True)
+        if target is None:
+            raise FormatError(f"tensor {t.name}: tinyllm applies LoRA to blk.N.{{"
+                              f"{','.join(GGUF_LAYER_NAMES[m] for m in LAYER_MATRICES)}}}.weight only ({path})")
+        if t.tensor_type.name not in ("F32", "F16"):
+            raise FormatError(f"LoRA tensor {t.name} is {t.tensor_type.name}; tinyllm reads F32 or F16 adapters "
+                              f"({path})")
+        if len(t.shape) != 2:
+            raise FormatError(f"LoRA tensor {t.name} has {len(t.shape)} dimensions, not 2 ({path})")
+        pair = halves.setdefault(f"layers.{target[0]}.{target[1]}.weight", {})
+        if suffix in pair:
+            raise FormatError(f"tensor {t.name} appears twice ({path})")
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        pair[suffix] = np.ascontiguousarray(np.asarray(t.data, dtype=np.float32).reshape(shape))
+    if not halves:
+        raise FormatError(f"the adapter holds no tensors ({path})")
+    adapters = {}
+    for name, pair in halves.items():
+        if len(pair) != 2:
+            have = next(iter(pair))[1:]
+            layer, matrix = lora_target(name)
+            raise FormatError(f"blk.{layer}.{GGUF_LAYER_NAMES[matrix]}.weight has a {have} but no "
+                              f"{'lora_b' if have == 'lora_a' else 'lora_a'} ({path})")
+        try:
+            _check_lora_pair(name, pair[".lora_a"], pair[".lora_b"], config)
+        except FormatError as e:
+            raise FormatError(f"{e} ({path})") from None
+        adapters[name] = (pair[".lora_a"], pair[".lora_b"])
+    return adapters, alpha

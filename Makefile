@@ -164,9 +164,11 @@ bench: setup all
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/serve_load.py
 
-# `tinyllm serve` under 32 concurrent clients for 30 s on loopback; writes bench/serve_results.json, SERVE.md
+# `tinyllm serve` vs llama-server (xllamacpp) at 1/8/32 streamed chat clients and a second-turn TTFT test, on the
+# bundled chat15M and a random 110M-shape GGUF Q8_0 (~7 min); writes bench/serve_results.json and SERVE.md.
+# Options through BENCH_SERVE_ARGS, e.g. make bench-serve BENCH_SERVE_ARGS="--quick" or "--threads 1"
 bench-serve: setup all
-	$(PYTHON) bench/serve_load.py
+	$(PYTHON) bench/serve_load.py $(BENCH_SERVE_ARGS)
 
 clean:
 	rm -rf run libtinyllm.so build python/tinyllm/_runtime*.so $(EXT_STAMP)

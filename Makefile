@@ -15,12 +15,12 @@ CFLAGS += -march=native
 endif
 
 LIB_SRC = runtime/util.c runtime/kernels.c runtime/kernels_dispatch.c runtime/kernels_parallel.c runtime/kernels_avx512.c \
-          runtime/kernels_avx2.c runtime/kernels_int8.c runtime/threads.c runtime/model.c runtime/format_llama2c.c \
+          runtime/kernels_avx2.c runtime/kernels_int8.c runtime/kernels_neon.c runtime/threads.c runtime/model.c runtime/format_llama2c.c \
           runtime/format_gguf.c runtime/lora.c runtime/tokenizer.c runtime/sampler.c runtime/generate.c
 HEADERS = $(wildcard runtime/*.h)
 SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 
-.PHONY: all setup demo test asan asan-test clean bench bench-serve fuzz fuzz-build fuzz-python
+.PHONY: all setup demo test asan asan-test clean bench bench-serve fuzz fuzz-build fuzz-python test-aarch64
 
 all: run libtinyllm.so
 
@@ -99,9 +99,8 @@ FUZZ_SECONDS ?= 60
 FUZZ_HARNESSES = llama2c gguf tokbin encode
 FUZZ_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -pthread -g -O1 -fno-omit-frame-pointer \
               -fno-sanitize-recover=undefined
-# the SIMD kernels (runtime/kernels_*.c) are GCC-only: the fuzz build takes their scalar paths (runtime/fuzz/kernels_scalar.c)
-FUZZ_OBJ = $(patsubst runtime/%.c,build/fuzz/obj/%.o,$(filter-out runtime/kernels_%.c,$(LIB_SRC))) \
-           build/fuzz/obj/kernels_scalar.o
+# the whole library, SIMD kernels included (fuzz_forward runs each input on one of the kernel paths)
+FUZZ_OBJ = $(patsubst runtime/%.c,build/fuzz/obj/%.o,$(LIB_SRC))
 FUZZ_FLAGS = -max_len=65536 -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
 
 .SECONDARY: $(FUZZ_OBJ)
@@ -109,10 +108,6 @@ FUZZ_FLAGS = -max_len=65536 -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
 fuzz-build: $(patsubst %,build/fuzz/fuzz_%,$(FUZZ_HARNESSES)) build/fuzz/seeds/.done
 
 build/fuzz/obj/%.o: runtime/%.c $(HEADERS)
-	@mkdir -p build/fuzz/obj
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link,address,undefined -c -o $@ $<
-
-build/fuzz/obj/kernels_scalar.o: runtime/fuzz/kernels_scalar.c runtime/kernels_dispatch.c runtime/kernels_parallel.c $(HEADERS)
 	@mkdir -p build/fuzz/obj
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link,address,undefined -c -o $@ $<
 
@@ -158,6 +153,82 @@ fuzz-python: build/fuzz/seeds/.done build/fuzz/seeds/spmodel/.done
 	    if [ $$rc -eq 0 ]; then result=ok; else result="FAILED (exit $$rc, see build/fuzz/py_$$h.log)"; fail=1; fi; \
 	    printf 'fuzz py-%-8s %7s execs in %ss  %s\n' $$h "$${execs:-?}" $(FUZZ_SECONDS) "$$result"; \
 	done; exit $$fail
+
+# Portable builds: aarch64 (NEON) under qemu-user, and no SIMD at all. `make test-aarch64` needs
+# Debian's gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user (.ci/run installs them). It
+# cross-compiles run, libtinyllm.so and the C test driver (tests/c/test_portable.c) for aarch64 and
+# runs them under qemu-aarch64: the kernel paths against the scalar reference on qemu's default CPU
+# (NEON and SDOT) and on a Cortex-A53 (no SDOT: neon-dotprod must fall back); greedy ids on neon and
+# neon-dotprod of the bundled models and of f32/f16/q4_0 conversions of stories15M against this
+# machine's build (equal for f32/f16, tests/test_kernels.py's near-tie rule for quantized weights;
+# f32/f16 on neon only: neon-dotprod leaves them to neon, which the kernel checks hold it to bit for
+# bit); `run`'s text against this machine's. The driver checks this machine's build and one built with
+# -DTL_NO_SIMD (scalar paths only) the same way first.
+AARCH64_CC ?= aarch64-linux-gnu-gcc
+QEMU_AARCH64 ?= qemu-aarch64 -L /usr/aarch64-linux-gnu
+GREEDY_TOKENS ?= 32
+PORTABLE_CFLAGS = $(filter-out -march=native,$(CFLAGS))
+A64 = build/aarch64
+PORTABLE = build/portable
+# model:how its greedy ids must compare
+PORTABLE_MODELS = models/stories15M.bin:near models/chat15M.bin:near models/stories15M_q8_0.gguf:near \
+                  models/chat15M_q8_0.gguf:near $(PORTABLE)/stories15M_f32.bin:exact \
+                  $(PORTABLE)/stories15M_f16.gguf:exact $(PORTABLE)/stories15M_q4_0.gguf:near
+
+$(A64)/libtinyllm.so: $(LIB_SRC) $(HEADERS)
+	@mkdir -p $(A64)
+	$(AARCH64_CC) $(PORTABLE_CFLAGS) -shared -o $@ $(LIB_SRC) $(LDLIBS)
+
+build/nosimd/libtinyllm.so: $(LIB_SRC) $(HEADERS)
+	@mkdir -p build/nosimd
+	$(CC) $(PORTABLE_CFLAGS) -DTL_NO_SIMD -shared -o $@ $(LIB_SRC) $(LDLIBS)
+
+# run and each driver link the libtinyllm.so they test: the one beside them, or the repo root's
+$(A64)/run: runtime/run.c $(A64)/libtinyllm.so $(HEADERS)
+	$(AARCH64_CC) $(PORTABLE_CFLAGS) -o $@ $< -L$(A64) -ltinyllm -Wl,-rpath,'$$ORIGIN' $(LDLIBS)
+
+$(A64)/test_portable: tests/c/test_portable.c $(A64)/libtinyllm.so $(HEADERS)
+	$(AARCH64_CC) $(PORTABLE_CFLAGS) -Iruntime -o $@ $< -L$(A64) -ltinyllm -Wl,-rpath,'$$ORIGIN' $(LDLIBS)
+
+build/nosimd/test_portable: tests/c/test_portable.c build/nosimd/libtinyllm.so $(HEADERS)
+	$(CC) $(PORTABLE_CFLAGS) -Iruntime -o $@ $< -Lbuild/nosimd -ltinyllm -Wl,-rpath,'$$ORIGIN' $(LDLIBS)
+
+build/native/test_portable: tests/c/test_portable.c libtinyllm.so $(HEADERS)
+	@mkdir -p build/native
+	$(CC) $(CFLAGS) -Iruntime -o $@ $< -L. -ltinyllm -Wl,-rpath,'$$ORIGIN/../..' $(LDLIBS)
+
+$(PORTABLE)/stories15M_f32.bin: models/stories15M.bin | setup
+	@mkdir -p $(PORTABLE)
+	$(PYTHON) -m tinyllm.cli convert --version 1 --no-tokenizer $< $@
+
+$(PORTABLE)/stories15M_%.gguf: models/stories15M.bin | setup
+	@mkdir -p $(PORTABLE)
+	$(PYTHON) -m tinyllm.cli convert --type $* $< $@
+
+test-aarch64: all build/native/test_portable build/nosimd/test_portable $(A64)/run $(A64)/test_portable \
+              $(PORTABLE)/stories15M_f32.bin $(PORTABLE)/stories15M_f16.gguf $(PORTABLE)/stories15M_q4_0.gguf
+	@fail=0; \
+	build/native/test_portable kernels || fail=1; \
+	build/nosimd/test_portable kernels --lack avx2,avx512,avx2-int8,vnni,neon,neon-dotprod || fail=1; \
+	$(QEMU_AARCH64) $(A64)/test_portable kernels --have neon,neon-dotprod || fail=1; \
+	QEMU_CPU=cortex-a53 $(QEMU_AARCH64) $(A64)/test_portable kernels --have neon --lack neon-dotprod || fail=1; \
+	for spec in $(PORTABLE_MODELS); do \
+	    model=$${spec%:*}; mode=$${spec##*:}; out=$(PORTABLE)/$$(basename $$model); \
+	    build/native/test_portable greedy $$model $(GREEDY_TOKENS) $$out.x86 || fail=1; \
+	    build/nosimd/test_portable greedy $$model $(GREEDY_TOKENS) $$out.scalar || fail=1; \
+	    build/native/test_portable compare $$out.x86 $$out.scalar $$mode || fail=1; \
+	    paths="neon neon-dotprod"; [ $$mode = exact ] && paths=neon; \
+	    for k in $$paths; do \
+	        TINYLLM_KERNELS=$$k $(QEMU_AARCH64) $(A64)/test_portable greedy $$model $(GREEDY_TOKENS) $$out.$$k || fail=1; \
+	        build/native/test_portable compare $$out.x86 $$out.$$k $$mode || fail=1; \
+	    done; \
+	done; \
+	./run models/stories15M.bin -z models/tok5000.bin -t 0 -j 1 -n $(GREEDY_TOKENS) -i "从前" > $(PORTABLE)/run.x86 2>/dev/null; \
+	$(QEMU_AARCH64) $(A64)/run models/stories15M.bin -z models/tok5000.bin -t 0 -j 1 -n $(GREEDY_TOKENS) -i "从前" \
+	    > $(PORTABLE)/run.aarch64 2>/dev/null || fail=1; \
+	if cmp -s $(PORTABLE)/run.x86 $(PORTABLE)/run.aarch64; then echo "run on aarch64: the same text as here"; \
+	else echo "FAIL: run on aarch64 printed other text (diff $(PORTABLE)/run.x86 $(PORTABLE)/run.aarch64)"; fail=1; fi; \
+	if [ $$fail -eq 0 ]; then echo "==> test-aarch64: ok"; else echo "==> test-aarch64: FAILED"; fi; exit $$fail
 
 # decode/prefill speed against llama.cpp (xllamacpp): bench/results.json, RESULTS.md; then bench-serve
 bench: setup all

@@ -1,11 +1,10 @@
 /* kernels_avx2.c - the matmul and attention kernels on AVX2 + FMA + F16C with float activations
  * (TINYLLM_KERNELS=avx2, and avx2-int8 for what its int8 kernels do not take): kernels_avx512.c's
- * structure on 8-float vectors, in a file of its own for its #pragma GCC target. */
+ * structure on 8-float vectors, in a file of its own for its target region (TL_TARGET_BEGIN). */
 #include "kernels_simd.h"
 
 #ifdef TL_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+TL_TARGET_BEGIN("avx2,fma,f16c")
 
 /* Weights [k, k + 8) of a row (k a multiple of 8) as floats, without the block scale. */
 ALWAYS_INLINE __m256 w8_256(int type, const unsigned char *row, int k) {
@@ -230,5 +229,5 @@ void tl_attend_avx2(float *out, const float *q, const void *keys, const void *va
     else attend_256(out, q, keys, values, kv_stride, n_keys, head_dim, scale, 0, att);
 }
 
-#pragma GCC pop_options
+TL_TARGET_END
 #endif /* TL_X86 */

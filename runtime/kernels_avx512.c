@@ -1,7 +1,7 @@
 /* kernels_avx512.c - the matmul and attention kernels on AVX-512 (F, BW, VL) + FMA + F16C with
  * float activations (TINYLLM_KERNELS=avx512, and vnni for what its int8 kernels do not take). One
- * ISA per file: its #pragma GCC target covers the whole file, and kernels_dispatch.c calls it only
- * on CPUs that have it. kernels_avx2.c is the same structure on 8-float vectors.
+ * ISA per file: its target region (TL_TARGET_BEGIN) covers the whole file, and kernels_dispatch.c
+ * calls it only on CPUs that have it. kernels_avx2.c is the same structure on 8-float vectors.
  *
  * Every weight type (f32, llama2.c int8 groups, f16, q8_0, q4_0) is widened to float and the block
  * scale is applied to each block's partial sum, so the result is the scalar reference's (kernels.c)
@@ -14,8 +14,7 @@
 #include "kernels_simd.h"
 
 #ifdef TL_X86
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+TL_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 
 /* Weights [k, k + 16) of a row (k a multiple of 16) as floats, without the block scale. */
 ALWAYS_INLINE __m512 w16_512(int type, const unsigned char *row, int k) {
@@ -255,5 +254,5 @@ void tl_attend_avx512(float *out, const float *q, const void *keys, const void *
     else attend_512(out, q, keys, values, kv_stride, n_keys, head_dim, scale, 0, att);
 }
 
-#pragma GCC pop_options
+TL_TARGET_END
 #endif /* TL_X86 */

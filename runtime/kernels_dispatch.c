@@ -1,73 +1,112 @@
 /* kernels_dispatch.c - which kernel path runs: the CPU's features read at run time, the
  * TINYLLM_KERNELS override, and for each matmul or attention call the path that takes it (an ISA
  * file's kernel, else the scalar reference in kernels.c). Apart from the ISA files so that the
- * choice is plain C, which the fuzz build (no SIMD) compiles as it is.
+ * choice is plain C, which a build without SIMD (-DTL_NO_SIMD, other CPUs) compiles as it is.
  *
- * The default is the best float-activation path (avx512, else avx2: the scalar reference's numbers
- * up to the order of float additions). The opt-in int8 paths (vnni, avx2-int8: kernels_int8.c)
- * quantize the activations instead and use integer dot products. They change the numbers (v2 files
- * no longer match a torch model holding the dequantized weights exactly), and bench/int8_kernels.py
- * found them not faster across the board: 1 thread, vnni against avx512, decode 0.94-1.18x (15M
- * Q8_0 to 42M Q4_0) but prefill 0.64-0.89x; avx2-int8 against avx2 decode 1.1-1.8x. So the default
- * stays float.
+ * The default is the best float-activation path (avx512, else avx2, on AArch64 neon: the scalar
+ * reference's numbers up to the order of float additions). The opt-in int8 paths (vnni, avx2-int8:
+ * kernels_int8.c; neon-dotprod: kernels_neon.c) quantize the activations instead and use integer
+ * dot products. They change the numbers (v2 files no longer match a torch model holding the
+ * dequantized weights exactly), and bench/int8_kernels.py found them not faster across the board: 1
+ * thread, vnni against avx512, decode 0.94-1.18x (15M Q8_0 to 42M Q4_0) but prefill 0.64-0.89x;
+ * avx2-int8 against avx2 decode 1.1-1.8x. So the default stays float (neon-dotprod too: it has been
+ * run only under qemu, which says nothing of speed).
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels_simd.h"
 
+#ifdef TL_X86
+#include <cpuid.h>
+#endif
+#if defined(TL_ARM) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+
 /* ----------------------------------------------------------------------------------------- */
 /* Path selection */
 
 static int active_kernels = -1;
 
-static int best_supported(void) {
 #ifdef TL_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        return TL_KERNELS_AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        return TL_KERNELS_AVX2;
-#endif
-    return TL_KERNELS_SCALAR;
+/* F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know "f16c". */
+static int x86_f16c(void) {
+    unsigned eax, ebx, ecx, edx;
+    return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
 }
 
-/* The int8 paths (opt-in): vnni needs AVX512-VNNI beside the avx512 path (its 256-bit vpdpbusd needs
- * VL, which that path checks), avx2-int8 the avx2 path. */
-static int int8_supported(int kernels) {
-#ifdef TL_X86
-    if (best_supported() < TL_KERNELS_AVX2) return 0;
-    if (kernels == TL_KERNELS_AVX2_INT8) return 1;
-    /* its other types and attention run the avx512 float path */
-    return best_supported() == TL_KERNELS_AVX512 && __builtin_cpu_supports("avx512vnni");
+static int x86_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && x86_f16c();
+}
+
+static int x86_avx512(void) {
+    return x86_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+}
+#endif
+
+#ifdef TL_ARM_DOTPROD
+/* SDOT: Linux reports it in the hardware capabilities; elsewhere the build targets it or not. */
+static int arm_dotprod(void) {
+#if defined(__linux__) && defined(HWCAP_ASIMDDP)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__ARM_FEATURE_DOTPROD)
+    return 1;
 #else
-    (void)kernels;
     return 0;
 #endif
 }
+#endif
 
-const char *tl_kernels_name(int kernels) {
+/* Whether this build and this CPU have the path. The int8 paths need their float path beside them
+ * (it takes their other types and attention): vnni needs AVX512-VNNI beside avx512 (its 256-bit
+ * vpdpbusd needs VL, which that path checks), avx2-int8 the avx2 path, neon-dotprod SDOT. */
+static int supported(int kernels) {
     switch (kernels) {
-    case TL_KERNELS_VNNI: return "vnni";
-    case TL_KERNELS_AVX2_INT8: return "avx2-int8";
-    case TL_KERNELS_AVX512: return "avx512";
-    case TL_KERNELS_AVX2: return "avx2";
-    default: return "scalar";
+    case TL_KERNELS_SCALAR: return 1;
+#ifdef TL_X86
+    case TL_KERNELS_AVX2: case TL_KERNELS_AVX2_INT8: return x86_avx2();
+    case TL_KERNELS_AVX512: return x86_avx512();
+    case TL_KERNELS_VNNI: return x86_avx512() && __builtin_cpu_supports("avx512vnni");
+#endif
+#ifdef TL_ARM
+    case TL_KERNELS_NEON: return 1; /* Advanced SIMD is part of every AArch64 CPU */
+#endif
+#ifdef TL_ARM_DOTPROD
+    case TL_KERNELS_NEON_DOTPROD: return arm_dotprod();
+#endif
+    default: return 0;
     }
 }
 
+/* The best float-activation path: the default. */
+static int best_supported(void) {
+    static const int order[] = {TL_KERNELS_AVX512, TL_KERNELS_AVX2, TL_KERNELS_NEON};
+    for (size_t i = 0; i < sizeof(order) / sizeof(order[0]); i++)
+        if (supported(order[i])) return order[i];
+    return TL_KERNELS_SCALAR;
+}
+
+static const char *const kernel_names[] = {
+    [TL_KERNELS_SCALAR] = "scalar", [TL_KERNELS_AVX2] = "avx2", [TL_KERNELS_AVX512] = "avx512",
+    [TL_KERNELS_AVX2_INT8] = "avx2-int8", [TL_KERNELS_VNNI] = "vnni", [TL_KERNELS_NEON] = "neon",
+    [TL_KERNELS_NEON_DOTPROD] = "neon-dotprod",
+};
+#define N_KERNELS ((int)(sizeof(kernel_names) / sizeof(kernel_names[0])))
+
+const char *tl_kernels_name(int kernels) {
+    return kernels >= 0 && kernels < N_KERNELS ? kernel_names[kernels] : "scalar";
+}
+
 int tl_kernels_select(const char *name) {
-    const int best = best_supported();
-    int want = best;
-    if (name != NULL && strcmp(name, "scalar") == 0) want = TL_KERNELS_SCALAR;
-    else if (name != NULL && strcmp(name, "avx2") == 0) want = TL_KERNELS_AVX2;
-    else if (name != NULL && strcmp(name, "avx512") == 0) want = TL_KERNELS_AVX512;
-    else if (name != NULL && strcmp(name, "vnni") == 0) want = TL_KERNELS_VNNI;
-    else if (name != NULL && strcmp(name, "avx2-int8") == 0) want = TL_KERNELS_AVX2_INT8;
-    if (want == TL_KERNELS_VNNI && !int8_supported(want)) want = TL_KERNELS_AVX2_INT8;
-    if (want == TL_KERNELS_AVX2_INT8 && !int8_supported(want)) want = best;
-    active_kernels = want <= TL_KERNELS_AVX512 && want > best ? best : want;
+    int want = best_supported();
+    for (int k = 0; name != NULL && k < N_KERNELS; k++)
+        if (strcmp(name, kernel_names[k]) == 0) want = k;
+    if (want == TL_KERNELS_VNNI && !supported(want)) want = TL_KERNELS_AVX2_INT8;
+    if (!supported(want)) want = best_supported();
+    active_kernels = want;
     return active_kernels;
 }
 
@@ -79,7 +118,7 @@ int tl_kernels_active(void) {
 /* ----------------------------------------------------------------------------------------- */
 /* Per call: the path that takes this matrix */
 
-#ifdef TL_X86
+#if defined(TL_X86) || defined(TL_ARM)
 /* Whether the SIMD paths handle this matrix: llama2.c int8 groups must fill whole vectors. */
 static int simd_fits(const tl_matrix *w, int width) {
     if (w->type == TL_TYPE_Q8) return w->group_size % width == 0 && w->group_size <= KC && KC % w->group_size == 0;
@@ -88,37 +127,54 @@ static int simd_fits(const tl_matrix *w, int width) {
 
 /* The float-activation path an int8 path uses for the other types and for attention. */
 static int float_path(int kernels) {
-    if (kernels == TL_KERNELS_VNNI) return TL_KERNELS_AVX512;
-    if (kernels == TL_KERNELS_AVX2_INT8) return TL_KERNELS_AVX2;
-    return kernels;
+    switch (kernels) {
+    case TL_KERNELS_VNNI: return TL_KERNELS_AVX512;
+    case TL_KERNELS_AVX2_INT8: return TL_KERNELS_AVX2;
+    case TL_KERNELS_NEON_DOTPROD: return TL_KERNELS_NEON;
+    default: return kernels;
+    }
 }
+#endif
 
+#ifdef TL_INT8
 /* Whether the active path multiplies w with int8 activations. */
 static int int8_active(const tl_matrix *w) {
     const int k = tl_kernels_active();
-    return (k == TL_KERNELS_VNNI || k == TL_KERNELS_AVX2_INT8) && tl_int8_fits(w);
+    return (k == TL_KERNELS_VNNI || k == TL_KERNELS_AVX2_INT8 || k == TL_KERNELS_NEON_DOTPROD) && tl_int8_fits(w);
 }
 
 static void rows_i8(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n) {
+#ifdef TL_X86
     if (tl_kernels_active() == TL_KERNELS_VNNI) tl_rows_i8_vnni(out, out_stride, w, r0, r1, xq, n);
     else tl_rows_i8_avx2(out, out_stride, w, r0, r1, xq, n);
+#else
+    tl_rows_i8_dotprod(out, out_stride, w, r0, r1, xq, n);
+#endif
 }
 #endif
 
 void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const float *x, int n) {
-#ifdef TL_X86
+#ifdef TL_INT8
     tl_quant_x xq;
     if (tl_kernels_quantize(&xq, w, x, n)) {
         rows_i8(out, out_stride, w, r0, r1, &xq, n);
         return;
     }
+#endif
+#ifdef TL_X86
     const int k = float_path(tl_kernels_active());
     if (k == TL_KERNELS_AVX512 && simd_fits(w, 16)) {
         tl_rows_avx512(out, out_stride, w, r0, r1, x, n);
         return;
     }
-    if (k >= TL_KERNELS_AVX2 && simd_fits(w, 8)) {
+    if ((k == TL_KERNELS_AVX512 || k == TL_KERNELS_AVX2) && simd_fits(w, 8)) {
         tl_rows_avx2(out, out_stride, w, r0, r1, x, n);
+        return;
+    }
+#endif
+#ifdef TL_ARM
+    if (float_path(tl_kernels_active()) == TL_KERNELS_NEON && simd_fits(w, 8)) {
+        tl_rows_neon(out, out_stride, w, r0, r1, x, n);
         return;
     }
 #endif
@@ -126,16 +182,17 @@ void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, i
 }
 
 int tl_kernels_quantize(tl_quant_x *xq, const tl_matrix *w, const float *x, int n) {
-#ifdef TL_X86
+#ifdef TL_INT8
     return int8_active(w) && tl_quantize_x(xq, x, n, w->cols);
 #else
+    (void)xq, (void)w, (void)x, (void)n;
     return 0;
 #endif
 }
 
 void tl_matmul_rows_xq(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const float *x,
                        const tl_quant_x *xq, int n) {
-#ifdef TL_X86
+#ifdef TL_INT8
     if (xq != NULL && int8_active(w)) {
         rows_i8(out, out_stride, w, r0, r1, xq, n);
         return;
@@ -146,15 +203,14 @@ void tl_matmul_rows_xq(float *out, size_t out_stride, const tl_matrix *w, int r0
 
 void tl_attend(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
                int n_keys, int head_dim, float scale, int f16, float *att) {
+#if defined(TL_X86) || defined(TL_ARM)
+    switch (float_path(tl_kernels_active())) {
 #ifdef TL_X86
-    const int k = float_path(tl_kernels_active());
-    if (k == TL_KERNELS_AVX512) {
-        tl_attend_avx512(out, q, keys, values, kv_stride, n_keys, head_dim, scale, f16, att);
-        return;
-    }
-    if (k == TL_KERNELS_AVX2) {
-        tl_attend_avx2(out, q, keys, values, kv_stride, n_keys, head_dim, scale, f16, att);
-        return;
+    case TL_KERNELS_AVX512: tl_attend_avx512(out, q, keys, values, kv_stride, n_keys, head_dim, scale, f16, att); return;
+    case TL_KERNELS_AVX2: tl_attend_avx2(out, q, keys, values, kv_stride, n_keys, head_dim, scale, f16, att); return;
+#else
+    case TL_KERNELS_NEON: tl_attend_neon(out, q, keys, values, kv_stride, n_keys, head_dim, scale, f16, att); return;
+#endif
     }
 #endif
     tl_attend_scalar(out, q, keys, values, kv_stride, n_keys, head_dim, scale, f16, att);

@@ -1,7 +1,8 @@
 /* kernels_int8.c - the opt-in int8-activation kernels (TINYLLM_KERNELS=avx2-int8 or vnni): the
  * activations quantized once per matmul, then integer dot products with q8_0, q4_0 and llama2.c
  * int8 weights, on AVX2 (maddubs/madd) and on AVX512-VNNI (vpdpbusd). Apart from the float kernels
- * because they compute other numbers (activation rounding) and own a per-thread quantization buffer.
+ * because they compute other numbers (activation rounding) and own a per-thread quantization buffer,
+ * which ARM's int8 path (neon-dotprod, kernels_neon.c) shares with them.
  *
  * The activation vector is quantized once per matmul to blocks of 32 int8 with one float scale
  * (amax / 127, rounded to nearest), like ggml's q8_0; each 32-column block is then an
@@ -18,7 +19,7 @@
 
 #include "kernels_simd.h"
 
-#ifdef TL_X86
+#ifdef TL_INT8
 
 /* Whether the int8 paths take this matrix: whole 32-column blocks, int8 groups of whole blocks. */
 int tl_int8_fits(const tl_matrix *w) {
@@ -65,7 +66,9 @@ static void *quant_scratch(size_t bytes) {
     return buf->data;
 }
 
+#ifdef TL_X86
 static void quantize_blocks_avx2(int8_t *q, float *d, float *dsum, const float *x, size_t blocks);
+#endif
 
 /* x (n x cols, cols a multiple of 32) as int8 blocks in this thread's buffer; 0 if out of memory. */
 int tl_quantize_x(tl_quant_x *xq, const float *x, int n, int cols) {
@@ -74,13 +77,19 @@ int tl_quantize_x(tl_quant_x *xq, const float *x, int n, int cols) {
     if (d == NULL) return 0; /* the float path then */
     float *dsum = d + blocks;
     int8_t *q = (int8_t *)(dsum + blocks);
+#ifdef TL_X86
     quantize_blocks_avx2(q, d, dsum, x, blocks);
+#else
+    tl_quantize_blocks_neon(q, d, dsum, x, blocks);
+#endif
     *xq = (tl_quant_x){q, d, dsum, cols / TL_QK};
     return 1;
 }
+#endif /* TL_INT8 */
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+#ifdef TL_X86
+
+TL_TARGET_BEGIN("avx2,fma,f16c")
 
 ALWAYS_INLINE float hmax_256(__m256 v) {
     v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
@@ -196,12 +205,11 @@ void tl_rows_i8_avx2(float *out, size_t os, const tl_matrix *w, int r0, int r1, 
     }
 }
 
-#pragma GCC pop_options
+TL_TARGET_END
 
 /* The same kernel with vpdpbusd (AVX512-VNNI on 256-bit vectors): one instruction per block and
  * row instead of maddubs + madd, accumulating in int32 without the int16 step. */
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+TL_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
 
 ALWAYS_INLINE __m256i dot32_vnni(int type, __m256i wq, __m256i xq) {
     if (type == TL_TYPE_Q4_0) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, xq);
@@ -272,5 +280,5 @@ void tl_rows_i8_vnni(float *out, size_t os, const tl_matrix *w, int r0, int r1, 
     }
 }
 
-#pragma GCC pop_options
+TL_TARGET_END
 #endif /* TL_X86 */

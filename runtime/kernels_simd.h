@@ -1,7 +1,7 @@
 /* kernels_simd.h - what the SIMD kernel files (kernels_dispatch.c, kernels_parallel.c and the ISA
- * files kernels_avx512.c, kernels_avx2.c, kernels_int8.c) share; internal, not part of the API: the
- * x86 switch, tile and prefetch sizes, the int8 activations, each ISA file's entry points for the
- * dispatch, and the helpers the ISA copies would otherwise each repeat. */
+ * files kernels_avx512.c, kernels_avx2.c, kernels_int8.c, kernels_neon.c) share; internal, not part
+ * of the API: the ISA switches, tile and prefetch sizes, the int8 activations, each ISA file's entry
+ * points for the dispatch, and the helpers the ISA copies would otherwise each repeat. */
 #ifndef TINYLLM_KERNELS_SIMD_H
 #define TINYLLM_KERNELS_SIMD_H
 
@@ -12,14 +12,41 @@
 #include "tinyllm.h"
 #include "kernels.h"
 
-/* The ISA files are GCC-only (#pragma GCC target, __builtin_cpu_supports("f16c")): elsewhere, and in
- * the fuzz build (runtime/fuzz/kernels_scalar.c), they compile to nothing and the scalar paths run. */
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+/* Which ISA files hold kernels: x86 (GCC or clang), or AArch64 little-endian (NEON is part of the
+ * base architecture there). Built with -DTL_NO_SIMD, or for any other CPU, they compile to nothing
+ * and the scalar reference paths run (`make test-aarch64` tests the aarch64 and the no-SIMD builds). */
+#if !defined(TL_NO_SIMD) && defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define TL_X86 1
 #include <immintrin.h>
+#elif !defined(TL_NO_SIMD) && defined(__GNUC__) && defined(__aarch64__) && defined(__AARCH64EL__)
+#define TL_ARM 1
+#include <arm_neon.h>
+#endif
+
+/* SDOT (Armv8.2's dot product extension, chosen at run time): GCC compiles it in a target region
+ * whatever the -march; clang 14's arm_neon.h offers vdotq_s32 only when the whole build targets it
+ * (-march=armv8.2-a+dotprod, -mcpu=native; Apple silicon's default), so there it is compile-time. */
+#if defined(TL_ARM) && (!defined(__clang__) || defined(__ARM_FEATURE_DOTPROD))
+#define TL_ARM_DOTPROD 1
+#endif
+/* Whether this build has an int8-activation path (kernels_int8.c quantizes for all of them). */
+#if defined(TL_X86) || defined(TL_ARM_DOTPROD)
+#define TL_INT8 1
 #endif
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* TL_TARGET_BEGIN("avx2,fma") ... TL_TARGET_END: the functions between are compiled for that ISA
+ * (the rest of the program stays baseline; the dispatch calls them only on CPUs that have it). GCC
+ * spells it #pragma GCC target, clang #pragma clang attribute with the target attribute. */
+#define TL_PRAGMA(...) _Pragma(#__VA_ARGS__)
+#if defined(__clang__)
+#define TL_TARGET_BEGIN(isa) TL_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#define TL_TARGET_END TL_PRAGMA(clang attribute pop)
+#else
+#define TL_TARGET_BEGIN(isa) TL_PRAGMA(GCC push_options) TL_PRAGMA(GCC target(isa))
+#define TL_TARGET_END TL_PRAGMA(GCC pop_options)
+#endif
 
 /* Columns of weights widened per prefill tile (a multiple of every block size up to 1024). */
 #define KC 1024
@@ -77,10 +104,7 @@ void tl_attend_avx512(float *out, const float *q, const void *keys, const void *
 void tl_rows_avx2(float *out, size_t os, const tl_matrix *w, int r0, int r1, const float *x, int n);
 void tl_attend_avx2(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
                     int n_keys, int head_dim, float scale, int f16, float *att);
-/* kernels_int8.c: whether the int8 paths take w; x quantized in this thread's buffer (0 if out of
- * memory); rows by avx2-int8 and by vnni. */
-int tl_int8_fits(const tl_matrix *w);
-int tl_quantize_x(tl_quant_x *xq, const float *x, int n, int cols);
+/* kernels_int8.c: rows by avx2-int8 and by vnni. */
 void tl_rows_i8_avx2(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n);
 void tl_rows_i8_vnni(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n);
 
@@ -116,5 +140,23 @@ ALWAYS_INLINE float w1_scalar(int type, const unsigned char *row, int j) {
     return _cvtsh_ss(h);
 }
 #endif /* TL_X86 */
+
+#ifdef TL_ARM
+/* kernels_neon.c: the float-activation path's rows and attention, as the x86 files'. */
+void tl_rows_neon(float *out, size_t os, const tl_matrix *w, int r0, int r1, const float *x, int n);
+void tl_attend_neon(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
+                    int n_keys, int head_dim, float scale, int f16, float *att);
+#endif
+#ifdef TL_ARM_DOTPROD
+/* kernels_neon.c: blocks of x quantized as kernels_int8.c describes; rows by neon-dotprod (SDOT). */
+void tl_quantize_blocks_neon(int8_t *q, float *d, float *dsum, const float *x, size_t blocks);
+void tl_rows_i8_dotprod(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n);
+#endif
+#ifdef TL_INT8
+/* kernels_int8.c: whether the int8 paths take w; x quantized in this thread's buffer (0 if out of
+ * memory). */
+int tl_int8_fits(const tl_matrix *w);
+int tl_quantize_x(tl_quant_x *xq, const float *x, int n, int cols);
+#endif
 
 #endif

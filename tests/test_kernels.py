@@ -29,15 +29,24 @@ float tl_fp16_to_fp32(uint16_t h);
 klib = kffi.dlopen(LIB_PATH)
 
 F32, Q8, F16, Q8_0, Q4_0 = 0, 1, 2, 3, 4
-PATHS = {"scalar": 0, "avx2": 1, "avx512": 2}
-INT8_PATHS = {"avx2-int8": 3, "vnni": 4}
+PATHS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 5}
+INT8_PATHS = {"avx2-int8": 3, "vnni": 4, "neon-dotprod": 6}
+FLOAT_PATH_OF = {"avx2-int8": "avx2", "vnni": "avx512", "neon-dotprod": "neon"}  # what takes their other types
 
 
 def best_path() -> int:
     return klib.tl_kernels_select(kffi.NULL)
 
 
-SIMD_PATHS = [name for name, level in PATHS.items() if 0 < level <= best_path()]
+def path_available(name: str, level: int) -> bool:
+    try:
+        return klib.tl_kernels_select(name.encode()) == level
+    finally:
+        klib.tl_kernels_select(kffi.NULL)
+
+
+# x86: avx2 and avx512 where the CPU has them; AArch64: neon (tests/c/test_portable.c runs under qemu)
+SIMD_PATHS = [name for name, level in PATHS.items() if level > 0 and path_available(name, level)]
 
 
 @pytest.fixture(autouse=True)
@@ -288,14 +297,7 @@ def test_unknown_kernel_name_selects_the_best_path():
 
 # ---- int8 activations (TINYLLM_KERNELS=vnni / avx2-int8) --------------------------------------------
 
-def int8_path_available(name: str) -> bool:
-    try:
-        return klib.tl_kernels_select(name.encode()) == INT8_PATHS[name]
-    finally:
-        klib.tl_kernels_select(kffi.NULL)
-
-
-AVAILABLE_INT8 = [name for name in INT8_PATHS if int8_path_available(name)]
+AVAILABLE_INT8 = [name for name, level in INT8_PATHS.items() if path_available(name, level)]
 # q8_0, q4_0 and llama2.c int8 (groups of whole 32-blocks); rows off the 4-row tiles
 INT8_CASES = [(Q8_0, 5, 32, 0), (Q8_0, 11, 64, 0), (Q8_0, 13, 96, 0), (Q8_0, 3, 288, 0), (Q8_0, 9, 768, 0),
               (Q4_0, 5, 32, 0), (Q4_0, 11, 64, 0), (Q4_0, 13, 96, 0), (Q4_0, 7, 288, 0), (Q4_0, 9, 768, 0),
@@ -328,10 +330,10 @@ def cpu_flags() -> set:
 
 
 def test_int8_paths_are_opt_in_and_fall_back_where_missing():
-    assert best_path() <= PATHS["avx512"]  # the default stays a float-activation path
+    assert best_path() in PATHS.values()  # the default stays a float-activation path
     for name, level in INT8_PATHS.items():
-        got = klib.tl_kernels_select(name.encode())
-        assert got == level or (name not in AVAILABLE_INT8 and got < level)
+        got = klib.tl_kernels_select(name.encode())  # missing: vnni falls back to avx2-int8, else the default
+        assert got == level or (name not in AVAILABLE_INT8 and got in (best_path(), INT8_PATHS["avx2-int8"]))
     flags = cpu_flags()  # where Linux says the CPU has them, the int8 paths must be there
     if {"avx2", "fma", "f16c"} <= flags:
         assert "avx2-int8" in AVAILABLE_INT8
@@ -376,7 +378,7 @@ def test_int8_path_leaves_other_types_on_the_float_path(path):
     for case in [(F32, 9, 288, 0), (F16, 6, 64, 0), (Q8, 5, 48, 16)]:
         m = Matrix(*case)
         x = np.random.default_rng(10).standard_normal((3, case[2])).astype(np.float32)
-        klib.tl_kernels_select(b"avx512" if path == "vnni" else b"avx2")
+        klib.tl_kernels_select(FLOAT_PATH_OF[path].encode())
         float_path = product(m, x, klib.tl_matmul_rows)
         klib.tl_kernels_select(path.encode())
         assert np.array_equal(product(m, x, klib.tl_matmul_rows), float_path)

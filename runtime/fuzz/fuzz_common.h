@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "../tinyllm.h"
+#include "../kernels.h" /* tl_kernels_select (internal): fuzz_forward picks a kernel path per input */
 
 static int fuzz_fd = -1;
 static struct stat fuzz_stat; /* device and inode of the memfd */
@@ -104,8 +105,15 @@ static inline tl_model *fuzz_load_model(const uint8_t *data, size_t size) {
 /* One forward step on a model the loader accepted, so that the shapes it let through are used:
  * every weight the step reads must lie inside the file. The weights fit in the input (at most
  * -max_len bytes), but activations, KV cache and logits grow with the dimensions alone, so
- * absurd ones are skipped to keep an input well under 100 ms. */
-static inline void fuzz_forward(const tl_model *model) {
+ * absurd ones are skipped to keep an input well under 100 ms.
+ *
+ * Each kernel path (kernels_dispatch.c) takes a share of the inputs, chosen by the input's size so
+ * that a saved input reruns on its path: the SIMD kernels read whole vectors and blocks where the
+ * scalar reference reads one element at a time, and both must stay inside what the loader checked.
+ * A path this CPU lacks falls back to the default one. */
+static inline void fuzz_forward(const tl_model *model, size_t input_size) {
+    static const char *const paths[] = {"scalar", "avx2", "avx512", "avx2-int8", "vnni", "neon", "neon-dotprod"};
+    tl_kernels_select(paths[input_size % (sizeof(paths) / sizeof(paths[0]))]);
     tl_config c;
     tl_model_config(model, &c);
     /* what every accepted model satisfies, whatever its file said */

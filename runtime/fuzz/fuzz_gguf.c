@@ -46,7 +46,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 4 || memcmp(data, "GGUF", 4) != 0) return 0; /* llama2.c files: fuzz_llama2c */
     tl_model *model = fuzz_load_model(data, size);
     if (model == NULL) return 0;
-    fuzz_forward(model);
+    fuzz_forward(model, size);
     check_tokenizer(model);
     tl_model_free(model);
     return 0;

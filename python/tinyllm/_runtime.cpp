@@ -117,8 +117,10 @@ struct Session {
     // Logits of every fed position (n, vocab) when all_logits, else of the last one (vocab,).
     py::array_t<float> feed(const std::vector<int> &tokens, bool all_logits) {
         const size_t rows = all_logits ? tokens.size() : 1;
-        py::array_t<float> out = all_logits ? py::array_t<float>({rows, (size_t)vocab_size})
-                                            : py::array_t<float>({(size_t)vocab_size});
+        // shapes as py::ssize_t vectors: a braced list of size_t is a narrowing error for clang++
+        py::array_t<float> out = all_logits
+            ? py::array_t<float>(std::vector<py::ssize_t>{(py::ssize_t)rows, (py::ssize_t)vocab_size})
+            : py::array_t<float>(std::vector<py::ssize_t>{(py::ssize_t)vocab_size});
         float *dst = out.mutable_data();
         tl_status st;
         {

@@ -22,6 +22,11 @@ Pass (exit 0): our server had no errors and in every window its last third's RSS
 --rss-slack-mb of the first third's (peaks, not means: glibc's per-thread arenas make RSS swing with the
 requests in flight; a leak shows as peaks that keep rising).
 
+Beside them, two references for our own goals: the server as it was before continuous batching (--before,
+commit 5eb2b9f: every request its own KV cache and forward passes), built once from that commit into
+build/bench-serve/ and measured at 1 and the largest client count; and `run`'s decode tok/s for the same
+model, threads and answer length (what one client may expect at best).
+
 Writes bench/serve_results.json and bench/SERVE.md.
     python bench/serve_load.py [--quick] [--duration 12] [--threads N] [--clients 1,8,32] [--models chat15M,110M]
 """
@@ -49,6 +54,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from conftest import Server, free_port  # noqa: E402  (the tests' way of starting `tinyllm serve`)
 
 MAX_TOKENS = 64
+BEFORE = "5eb2b9f"  # the last commit whose server gave each request its own Completion, unbatched
 CACHE = ROOT / "build" / "bench-serve"
 BUNDLED = ROOT / "models" / "chat15M_q8_0.gguf"
 TOKENIZER = ROOT / "models" / "tok5000.bin"
@@ -128,12 +134,20 @@ class LlamaServer:
     """llama-server (xllamacpp's Server, in a child Python process so that its RSS is its own) on a free
     loopback port; the same interface as tests/conftest.py's Server: url, proc, stop()."""
 
-    def __init__(self, model: Path, slots: int, threads: int, slot_context: int, timeout: float = 120.0):
+    def __init__(self, model: Path, slots: int, threads: int, slot_context: int, timeout: float = 120.0,
+                 package: Path | None = None):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--llama-child", str(model), str(port), str(slots),
-                                      str(threads), str(slot_context)], stdout=self.log, stderr=subprocess.STDOUT)
+        if package is None:
+            cmd, env = [sys.executable, __file__, "--llama-child", str(model), str(port), str(slots), str(threads),
+                        str(slot_context)], None
+        else:  # an earlier tinyllm (BeforeServer): its package first on the path, run from outside the clone
+            cmd = [sys.executable, "-m", "tinyllm.cli", "serve", str(model), "--port", str(port), "--max-concurrent",
+                   str(slots), "--threads", str(threads), "--log-level", "warning"]
+            env = {**os.environ, "PYTHONPATH": str(package)}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=None if package is None else str(package))
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -185,10 +199,45 @@ def llama_child(model: str, port: str, slots: str, threads: str, slot_context: s
         signal.pause()
 
 
+def before_package(rev: str) -> Path:
+    """tinyllm as of commit rev, installed once (pip --target, its extension built) under build/bench-serve."""
+    tree, pkg = CACHE / f"before-{rev}", CACHE / f"before-{rev}-pkg"
+    if not (pkg / "tinyllm").is_dir():
+        print(f"building the server of {rev} into {pkg.relative_to(ROOT)} (once)", flush=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=True)
+        if not tree.is_dir():
+            subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True,
+                           capture_output=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(pkg), str(tree)],
+                       check=True)
+    return pkg
+
+
+class BeforeServer(LlamaServer):
+    """`tinyllm serve` as of an earlier commit (before_package), with the same interface."""
+
+    def __init__(self, model: Path, slots: int, threads: int, package: Path, timeout: float = 120.0):
+        super().__init__(model, slots, threads, 0, timeout, package=package)
+
+
 def start_server(name: str, model: Path, args) -> Server | LlamaServer:
     if name == "ours":
         return Server(model, args.slot_flag, args.parallel, "--threads", args.threads, timeout=120)
+    if name == "before":
+        return BeforeServer(model, args.parallel, args.threads, before_package(args.before))
     return LlamaServer(model, args.parallel, args.threads, context_length(model))
+
+
+def run_decode_speed(model: Path, threads: int) -> float | None:
+    """`run`'s decode tok/s on model: greedy, a chat question as the prompt, MAX_TOKENS new tokens (median of 3)."""
+    speeds = []
+    for question in QUESTIONS[:3]:
+        r = subprocess.run([str(ROOT / "run"), str(model), "-t", "0", "-j", str(threads), "-i", question,
+                            "-n", str(MAX_TOKENS + 24)], capture_output=True, text=True)
+        found = [line for line in r.stderr.splitlines() if line.startswith("achieved tok/s:")]
+        if found:
+            speeds.append(float(found[0].split(":")[1]))
+    return round(statistics.median(speeds), 1) if speeds else None
 
 
 # ---- clients --------------------------------------------------------------------------------------
@@ -359,7 +408,7 @@ def measure(model_name: str, model: Path, server_name: str, args) -> tuple[list[
         prefix = summarize_prefix(asyncio.run(conversations(server.url, args.conversations)))
         print(f"  prefix: TTFT turn 1 {prefix['ttft_turn1_p50_s']} s, turn 2 {prefix['ttft_turn2_p50_s']} s "
               f"({prefix['errors']} errors)", flush=True)
-        for clients in args.clients:
+        for clients in ([min(args.clients), max(args.clients)] if server_name == "before" else args.clients):
             results, samples, window, cpu = asyncio.run(load(server.url, pid, clients, args.warmup, args.duration))
             run = {"model": model_name, "server": server_name, "clients": clients,
                    **summarize_load(results, samples, window, cpu)}
@@ -462,6 +511,27 @@ def markdown(report: dict) -> str:
             text.append(f"- {name}: {ratio(cell['ours']['tokens_per_s'], cell['llama-server']['tokens_per_s'])} "
                         f"({'met' if got is not None and got >= 1.2 else 'not met'}); per server CPU-second "
                         f"{ratio(cell['ours']['tokens_per_server_cpu_s'], cell['llama-server']['tokens_per_server_cpu_s'])}")
+    before = report["settings"].get("before")
+    if before:
+        text += ["", f"## Against our server before continuous batching ({before}), and `run`", "",
+                 f"The server of commit {before} (each request its own KV cache and forward passes), same slots "
+                 f"(`--max-concurrent`), threads and load, after the two above; `run`: its decode tok/s on the same "
+                 f"file, greedy, {MAX_TOKENS} tokens after a question (median of 3).", "",
+                 "| model | clients | ours tok/s | before tok/s | ours / before | tok / server CPU-s: ours / before "
+                 "| `run` decode tok/s | ours / `run` |", "|---|---|---|---|---|---|---|---|"]
+        for name in report["models"]:
+            for clients in sorted({r["clients"] for r in report["runs"] if r["server"] == "before" and r["model"] == name}):
+                cell = {r["server"]: r for r in report["runs"] if r["model"] == name and r["clients"] == clients}
+                if "ours" not in cell or "before" not in cell:
+                    continue
+                a, b = cell["ours"], cell["before"]
+                run_speed = report["run_decode"].get(name) if clients == 1 else None
+                text.append(f"| {name} | {clients} | {a['tokens_per_s']} | {b['tokens_per_s']} | "
+                            f"**{ratio(a['tokens_per_s'], b['tokens_per_s'])}** | "
+                            f"{ratio(a['tokens_per_server_cpu_s'], b['tokens_per_server_cpu_s'])} | {fmt(run_speed)} | "
+                            f"{ratio(a['tokens_per_s'], run_speed) if run_speed else '-'} |")
+        text += ["", "Goals: 32 clients >= 3x the server before; 1 client within 5% of `run` (ours / `run` >= 0.95; "
+                 "`run` does no HTTP, chat template or streaming, so this bounds the server's overhead)."]
     text += ["", "## Second turn of a conversation (prefix reuse)", "",
              f"One client, {report['settings']['conversations']} conversations (after one unmeasured): turn 1 is "
              f"a ~80-token user message, turn 2 repeats it with the answer and adds a short question. Medians.", "",
@@ -520,6 +590,9 @@ def main() -> int:
     parser.add_argument("--markdown-only", action="store_true",
                         help="rewrite SERVE.md from bench/serve_results.json, measuring nothing")
     parser.add_argument("--note", default="", help="a line for SERVE.md (why a setting was chosen, say)")
+    parser.add_argument("--before", default=BEFORE,
+                        help=f"also measure the server of this commit (default {BEFORE}, before continuous batching) "
+                             f"at the smallest and largest client count; '' to skip")
     parser.add_argument("--llama-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.llama_child:
@@ -556,7 +629,8 @@ def main() -> int:
               "note": args.note,
               "settings": {"clients": args.clients, "duration": args.duration, "warmup": args.warmup,
                            "conversations": args.conversations, "parallel": args.parallel, "threads": args.threads,
-                           "slot_flag": args.slot_flag, "max_tokens": MAX_TOKENS, "temperature": 0.0},
+                           "slot_flag": args.slot_flag, "max_tokens": MAX_TOKENS, "temperature": 0.0,
+                           "before": args.before},
               "models": {}, "servers": {}, "runs": [], "prefix": []}
     report["order"] = {}
     for i, (name, (path, what)) in enumerate(models.items()):
@@ -564,7 +638,9 @@ def main() -> int:
         report["servers"][name] = {}
         # alternate which server goes first, so that a machine getting busier or quieter favours neither
         report["order"][name] = order = ["ours", "llama-server"][::1 if i % 2 == 0 else -1]
-        for server_name in order:
+        report["run_decode"] = report.get("run_decode", {})
+        report["run_decode"][name] = run_decode_speed(path, args.threads)
+        for server_name in order + (["before"] if args.before else []):
             runs, prefix, life = measure(name, path, server_name, args)
             report["runs"] += runs
             report["prefix"].append({"model": name, "server": server_name, **prefix})

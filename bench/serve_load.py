@@ -43,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
@@ -51,7 +50,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from conftest import Server, free_port  # noqa: E402  (the tests' way of starting `tinyllm serve`)
+from conftest import Server, free_port, wait_until_healthy  # noqa: E402  (the tests' way of starting `tinyllm serve`)
 
 MAX_TOKENS = 64
 BEFORE = "5eb2b9f"  # the last commit whose server gave each request its own Completion, unbatched
@@ -148,20 +147,7 @@ class LlamaServer:
             env = {**os.environ, "PYTHONPATH": str(package)}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      cwd=None if package is None else str(package))
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}: {self.output()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:  # not listening yet, or 503 while the model loads
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"llama-server did not answer /health within {timeout} s")
-            time.sleep(0.1)
+        wait_until_healthy(self, "llama-server" if package is None else "the earlier server", timeout)
 
     def output(self) -> str:
         with open(self.log.name, encoding="utf-8", errors="replace") as f:

@@ -87,14 +87,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(server, name: str, timeout: float) -> None:
+    """Poll server.url + /health until it answers 200; RuntimeError (and server.stop()) when server.proc
+    exits first or timeout seconds pass. server: anything with url, proc, output() and stop()."""
+    import time
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {server.proc.returncode}: {server.output()[-2000:]}")
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:  # not listening yet, or 503 while the model loads
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"{name} did not answer /health within {timeout} s")
+        time.sleep(0.1)
+
+
 class Server:
     """`tinyllm serve MODEL ARGS...` in a subprocess on a free loopback port; stop() ends it."""
 
     def __init__(self, model, *args, timeout: float = 60.0):
         import subprocess
         import sys
-        import time
-        import urllib.request
         import tempfile
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -103,20 +122,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "tinyllm.cli", "serve", str(model), "--port",
                                       str(self.port), "--log-level", "warning", *map(str, args)],
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.output()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the server did not answer /health within {timeout} s")
-            time.sleep(0.1)
+        wait_until_healthy(self, "the server", timeout)
 
     def health(self) -> dict:
         import json

@@ -77,7 +77,36 @@ cp "$W/tok/tok.model" models/tok5000.model
 cp "$W/tok/tok5000.bin" models/tok5000.bin
 python models/measure.py
 
-# 5. DPO was tried and not shipped (see models/README.md): pairs from the demo set, 200 steps
+# 4b. Tried and not shipped (models/README.md, "Answer evaluation"): SFT of the continued stories15M (2b).
+#     Its torch checkpoint was gone, so it starts from the bundled int8 file (rerunning from scratch:
+#     "$W/pretrain2b/ckpt.pt" instead). Same data, order, seed and 2% val split as step 3 (so the same
+#     held-out questions), each short QA (one question, an answer of at most 50 characters) three times per
+#     pass; one thread, batch 16. Planned as 2,200 steps; the shared machine ran at 80-880 tokens/s, so it
+#     was stopped and resumed with fewer steps (1,300 at step 110, then 1,000 at step 282: the cosine jumps to
+#     the shorter schedule), then continued from step 1,000 to 1,600 (a warm restart: lr back to ~1.2e-4,
+#     down to 3e-5 again). It writes beside the bundled files, not over them.
+tinyllm convert models/stories15M.bin "$W/base2.pt"
+SFT_DATA=(--data $S/alpaca_chinese_52k.jsonl.gz --data $S/coig_cqia_subset.jsonl.gz --data $S/kdconv_dialogues.jsonl.gz
+          --data $S/llamafactory_alpaca_zh_demo.json)
+OMP_NUM_THREADS=1 tinyllm sft --checkpoint "$W/base2.pt" "${SFT_DATA[@]}" --skip-bad --short-repeat 3 \
+    --tokenizer models/tok5000.model --out-dir "$W/sft2" --batch-size 16 --max-steps 2200 --lr 3e-4 --min-lr 3e-5 \
+    --warmup-steps 40 --eval-interval 200 --ckpt-interval 100 --max-minutes 100 --stop-at-step 110
+OMP_NUM_THREADS=1 tinyllm sft --out-dir "$W/sft2" --resume --max-steps 1300 --stop-at-step 282
+OMP_NUM_THREADS=1 tinyllm sft --out-dir "$W/sft2" --resume --max-steps 1000
+cp "$W/sft2/ckpt.pt" "$W/sft2_step1000.pt"
+OMP_NUM_THREADS=1 tinyllm sft --out-dir "$W/sft2" --resume --max-steps 1600
+tinyllm export --checkpoint "$W/sft2_step1000.pt" --format llama2c --version 2 --out "$W/chat_sft2_step1000.bin"
+tinyllm export --checkpoint "$W/sft2/ckpt.pt" --format llama2c --version 2 --out "$W/chat_sft2.bin"
+cp models/tok5000.bin "$W/tok5000.bin"   # beside the exports, where ./run looks
+# the answer evaluation of models/README.md (100 held-out questions of the SFT data's val split), for each model
+for m in models/chat15M.bin "$W/chat_sft2_step1000.bin" "$W/chat_sft2.bin"; do
+    tinyllm eval --model "$m" --answers $S/alpaca_chinese_52k.jsonl.gz --answers $S/coig_cqia_subset.jsonl.gz \
+        --answers $S/kdconv_dialogues.jsonl.gz --answers $S/llamafactory_alpaca_zh_demo.json --max-new-tokens 64 \
+        --answers-out "$W/$(basename "$m" .bin).answers.jsonl" --no-progress
+done
+
+# 5. DPO was tried and not shipped (see models/README.md): pairs from the demo set, 200 steps, on the chat15M
+#    and SFT checkpoint of step 3
 tinyllm dpo make-pairs --model models/chat15M.bin --data $S/llamafactory_alpaca_zh_demo.json \
     --tokenizer "$W/tok/tok.model" --out "$W/pairs.jsonl" --max-new-tokens 128 --seed 1 --threads 2
 tinyllm dpo --checkpoint "$W/sft/ckpt.pt" --data "$W/pairs.jsonl" --tokenizer "$W/tok/tok.model" --out-dir "$W/dpo" \

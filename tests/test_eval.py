@@ -1,8 +1,11 @@
 """Evaluation: bits/char and multiple-choice scores against log-likelihoods computed here with plain torch,
-torch vs C runtime within 1e-3 (perplexity, MC, and the same generated tokens), the command and bad input."""
+torch vs C runtime within 1e-3 (perplexity, MC, and the same generated tokens), the command and bad input;
+the answer evaluation: its scores on hand-computed cases, its question rule, and a model trained on the
+answers answering and ranking them all (its losses against plain torch)."""
 import json
 import math
 
+import numpy as np
 import pytest
 
 from chat_helpers import VOCAB, corpus, save_as_checkpoint, tiny_model, train_small_tokenizer
@@ -191,3 +194,184 @@ def test_bad_multiple_choice_files_and_backend_choices_are_errors(files, tmp_pat
         read_mc(tmp_path / "nope")
     with pytest.raises(InvalidArgumentError, match="export the checkpoint first"):
         load_backend(str(files[2]), "c")
+
+
+# ---- the answer evaluation ----------------------------------------------------------------------------
+
+def _qa(question, answer, system=""):
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def test_char_f1_and_exact_match_on_hand_computed_cases():
+    from tinyllm.eval import char_f1, normalize_answer
+    assert normalize_answer("Ｈello， 北京！\n") == "hello北京"  # NFKC, lower case, no punctuation or spaces
+    assert normalize_answer("2 + 2 = 4") == "2+2=4"  # symbols stay
+    assert char_f1("北京。", "北京") == 1.0
+    assert char_f1("中国的首都是北京", "北京") == pytest.approx(2 * (2 / 8) * 1 / (2 / 8 + 1))  # P 2/8, R 1: 0.4
+    assert char_f1("小小", "小") == pytest.approx(2 / 3)  # multisets: one 小 in common, P 1/2, R 1
+    assert char_f1("上海", "北京") == 0.0
+    assert char_f1("ＡＢＣ１２３", "abc123") == 1.0
+    assert char_f1("。", "") == 1.0 and char_f1("北京", "。") == 0.0
+
+
+def test_questions_follow_the_documented_selection_rule():
+    from tinyllm.eval import select_questions
+    train = [_qa("训练过的问题？", "是的。"),
+             _qa("你好", "你好！") + [{"role": "user", "content": "多轮的最后问题？"}, {"role": "assistant", "content": "对。"}]]
+    val = [
+        _qa("训练过的问题？", "是的。"),  # asked in train
+        _qa("多轮的最后问题？", "对。"),  # the last question of a train conversation
+        _qa("北京在哪里？", "中国。"),  # kept
+        _qa("北京在哪里？", "在中国。"),  # the same question again
+        _qa("写一句话。", "好。"),  # free writing
+        _qa("问题？", "答" * 31),  # answer too long
+        _qa("问" * 81, "答"),  # question too long
+        _qa("重复这句话：春天来了", "春天来了"),  # echoing the question recovers the reference
+        _qa("你好", "你好！") + [{"role": "user", "content": "一加二？"}, {"role": "assistant", "content": "三。"}],
+        _qa("一加一？", "二。", system="你是助手"),  # kept, with its system prompt
+        _qa("三加三？", "六" * 30),  # kept: 30 characters is short enough
+        _qa("四加四？", "八。"),  # beyond count
+    ]
+    assert select_questions(train, val, count=3) == [
+        {"question": "北京在哪里？", "answer": "中国。", "system": ""},
+        {"question": "一加一？", "answer": "二。", "system": "你是助手"},
+        {"question": "三加三？", "answer": "六" * 30, "system": ""}]
+
+
+def test_the_answer_split_defaults_are_sfts():
+    from tinyllm.config import TrainConfig
+    from tinyllm.eval import SFT_SEED, SFT_VAL_FRACTION
+    from tinyllm.train.sft import SFT_OPTIONS
+    assert SFT_VAL_FRACTION == SFT_OPTIONS["val_fraction"] and SFT_SEED == TrainConfig().seed
+
+
+class _TableBackend:
+    """Characters as token ids; an answer's log-likelihood from a table (the question does not matter);
+    uniform logits; generates EOS at once."""
+
+    name, max_seq_len, bos_id, eos_id, vocab = "table", 256, 1, 2, 1000
+
+    def __init__(self, table):
+        self.table = table
+
+    def encode(self, text, bos=False, special=True):
+        return [10 + ord(c) % 900 for c in text]
+
+    def decode(self, ids):
+        return ""
+
+    def continuation_logprobs(self, prompt, continuations):
+        by_ids = {tuple(self.encode(a) + [self.eos_id]): s for a, s in self.table.items()}
+        return [np.array([by_ids[tuple(c)]]) for c in continuations]
+
+    def logits(self, ids):
+        return np.zeros((len(ids), self.vocab))
+
+    def generate(self, prompt_ids, max_new_tokens, params):
+        return [self.eos_id]
+
+
+def test_rank_counts_ties_against_the_reference_and_mrr_is_the_mean_reciprocal_rank(tmp_path):
+    from tinyllm.eval import answer_eval, rank_answers
+    table = {"甲。": -1.0, "乙。": -2.0, "丙。": -3.0, "丁。": -1.0}
+    items = [{"question": f"问题{k}？", "answer": a, "system": ""} for k, a in enumerate(table)]
+    backend = _TableBackend(table)
+    # three distractors: all four answers for every question; 甲 ties with 丁 (rank 2, not 1)
+    assert [r["rank"] for r in rank_answers(backend, items)] == [2, 3, 4, 2]
+    # one distractor: the next question's reference, cyclically
+    assert [r["rank"] for r in rank_answers(backend, items, distractors=1)] == [1, 1, 2, 2]
+    val = [_qa(i["question"], i["answer"]) for i in items]
+    result = answer_eval(backend, [], val, str(tmp_path / "a.jsonl"))
+    assert result["questions"] == 4 and result["rank1"] == 0.0
+    assert result["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 4 + 1 / 2) / 4)
+    assert result["chance_rank1"] == 0.25 and result["chance_mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    assert result["exact"] == 0.0 and result["f1"] == 0.0  # it answers nothing
+    assert result["val_answer_loss"]["loss"] == pytest.approx(math.log(backend.vocab))  # uniform: log V per token
+    assert result["val_answer_loss"]["tokens"] == sum(len(a) + 1 for a in table)  # 2 characters + EOS each
+    assert [json.loads(line)["rank"] for line in open(tmp_path / "a.jsonl")] == [2, 3, 4, 2]
+
+
+ANSWERED = [("今天天气怎么样？", "很好。"), ("山上有什么？", "一个小老虎。"), ("谁是你的朋友？", "兔子。"), ("鱼在哪里？", "河水。"),
+            ("鸟会做什么？", "飞。"), ("我们去哪里玩？", "公园。"), ("你吃什么？", "苹果。"), ("为什么学习中文？", "因为有故事。")]
+
+
+@pytest.fixture(scope="module")
+def answered(files, tmp_path_factory):
+    """(data file, tok.bin, .bin, torch model) of a tiny model trained with plain torch on ANSWERED."""
+    import torch
+
+    from tinyllm.chat import encode
+    from tinyllm.formats.llama2c import write_model
+    from tinyllm.tokenizer import Tokenizer
+    tok_path = files[0]
+    out = tmp_path_factory.mktemp("answered")
+    tok = Tokenizer(tok_path)
+    cfg, model = tiny_model(seed=3, max_seq_len=64)
+    rows = [encode(tok, _qa(q, a)) for q, a in ANSWERED]
+    width = max(len(ids) for ids, _ in rows)
+    x = torch.zeros((len(rows), width - 1), dtype=torch.long)
+    y = torch.full((len(rows), width - 1), -100, dtype=torch.long)
+    for r, (ids, mask) in enumerate(rows):
+        x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+        y[r, :len(ids) - 1] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    write_model(out / "m.bin", model, cfg, version=1)
+    data = out / "qa.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "output": a}, ensure_ascii=False) + "\n"
+                            for q, a in ANSWERED), encoding="utf-8")
+    return data, tok_path.parent / f"tok{VOCAB}.bin", out / "m.bin", model, tok
+
+
+def test_a_model_that_knows_the_answers_ranks_and_answers_them_all(answered, tmp_path, capsys):
+    import torch
+
+    from tinyllm.chat import encode
+    from tinyllm.cli import main
+    from tinyllm.eval import held_out_split
+    data, tok_bin, bin_path, model, tok = answered
+    rc = main(["eval", "--model", str(bin_path), "--tokenizer", str(tok_bin), "--answers", str(data),
+               "--answers-val-fraction", "0.5", "--max-new-tokens", "16", "--answers-out", str(tmp_path / "a.jsonl"),
+               "--no-progress"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)["answers"]
+    _, val = held_out_split(str(data), 0.5)
+    assert result["questions"] == len(val) == 4
+    records = [json.loads(line) for line in open(tmp_path / "a.jsonl")]
+    assert [r["question"] for r in records] == [c[-2]["content"] for c in val]
+    assert result["rank1"] == 1.0 and result["mrr"] == 1.0
+    assert result["exact"] == 1.0 and result["correct"] == 1.0, records
+    assert "100.0% correct" in captured.err
+    # the reference loss against plain torch: mean NLL per answer token (and EOS) of the val questions
+    nll, count = 0.0, 0
+    for messages in val:
+        ids, mask = encode(tok, messages)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0][0].double(), -1)
+        for pos in range(1, len(ids)):
+            if mask[pos]:
+                nll -= logp[pos - 1, ids[pos]].item()
+                count += 1
+    assert result["reference_loss"] == pytest.approx(nll / count, abs=1e-3)
+    assert result["val_answer_loss"]["loss"] == pytest.approx(nll / count, abs=1e-3)
+    assert result["val_answer_loss"]["tokens"] == count
+
+
+def test_answers_need_sft_data_and_a_positive_count(answered, capsys):
+    from tinyllm.cli import main
+    data, tok_bin, bin_path = answered[:3]
+    base = ["eval", "--model", str(bin_path), "--tokenizer", str(tok_bin), "--no-progress"]
+    assert main(base + ["--answers", str(data), "--answers-count", "0"]) == 1
+    assert "--answers-count must be at least 1" in capsys.readouterr().err
+    assert main(base + ["--answers", str(data) + ".missing"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err

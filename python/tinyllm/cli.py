@@ -30,7 +30,8 @@ from .config import add_config_arguments, config_fields, overrides_from_args
 from .corpus import parse_drop_filters, parse_source, planned_texts, read_texts
 from .data import prepare
 from .errors import InvalidArgumentError, TinyLLMError
-from .eval import CHANCE, generations, load_backend, multiple_choice, perplexity, read_mc, read_prompts
+from .eval import (CHANCE, answer_eval, generations, held_out_split, load_backend, multiple_choice, perplexity,
+                   read_mc, read_prompts)
 from .fileio import atomic_write
 from .formats.convert import convert
 from .runtime import Runtime
@@ -626,6 +627,16 @@ class Eval:
         p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
         p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling")
         p.add_argument("--seed", type=int, default=1, help="sampling seed")
+        p.add_argument("--answers", action="append", metavar="FILE",
+                       help="SFT data files, in the order `tinyllm sft --data` got them: answer ~100 questions of "
+                            "their val split (see the selection rule above); repeatable")
+        p.add_argument("--answers-count", type=int, default=eval_module.ANSWER_QUESTIONS, metavar="N",
+                       help="questions in the answer evaluation")
+        p.add_argument("--answers-val-fraction", type=float, default=eval_module.SFT_VAL_FRACTION, metavar="F",
+                       help="the sft run's --val-fraction")
+        p.add_argument("--answers-seed", type=int, default=eval_module.SFT_SEED, help="the sft run's --seed")
+        p.add_argument("--answers-out", default="answers.jsonl", metavar="FILE",
+                       help="one record per question: question, reference, greedy answer, F1, rank")
         p.add_argument("--out", metavar="FILE", help="write the results as JSON here (always printed to stdout)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -635,8 +646,10 @@ class Eval:
         backend = load_backend(args.model, args.backend, args.tokenizer)
         progress = not args.no_progress
         results = {"model": str(args.model), "backend": backend.name}
-        if not (args.text or args.ceval or args.prompts):
-            raise InvalidArgumentError("nothing to evaluate: give --text, --ceval and/or --prompts")
+        if not (args.text or args.ceval or args.prompts or args.answers):
+            raise InvalidArgumentError("nothing to evaluate: give --text, --ceval, --prompts and/or --answers")
+        if args.answers and args.answers_count < 1:
+            raise InvalidArgumentError(f"--answers-count must be at least 1, got {args.answers_count}")
         if args.text:
             texts = list(read_texts(args.text, field=args.field, doc_sep=args.doc_sep))
             results["perplexity"] = perplexity(backend, texts[:args.max_docs] if args.max_docs else texts, progress)
@@ -648,6 +661,10 @@ class Eval:
             gens = generations(backend, read_prompts(args.prompts), args.generations_out,
                                max_new_tokens=args.max_new_tokens, params=params, progress=progress)
             results["generations"] = {"file": args.generations_out, "prompts": len(gens)}
+        if args.answers:
+            train, val = held_out_split(args.answers, args.answers_val_fraction, args.answers_seed)
+            results["answers"] = answer_eval(backend, train, val, args.answers_out, count=args.answers_count,
+                                             max_new_tokens=args.max_new_tokens, progress=progress)
         return results
 
     @staticmethod
@@ -666,6 +683,12 @@ class Eval:
             o = results["multiple_choice"]["overall"]
             print(f"multiple choice: accuracy {o['accuracy']:.1%} (length-normalized {o['accuracy_norm']:.1%}) over "
                   f"{o['questions']} questions; chance {CHANCE:.0%}", file=sys.stderr)
+        if "answers" in results:
+            a = results["answers"]
+            print(f"answers: {a['correct']:.1%} correct (char F1 >= {a['correct_f1']}), exact {a['exact']:.1%}, mean F1 "
+                  f"{a['f1']:.3f} over {a['questions']} held-out questions; reference ranked first {a['rank1']:.1%} "
+                  f"(chance {a['chance_rank1']:.0%}), MRR {a['mrr']:.3f} (chance {a['chance_mrr']:.3f}); val answer "
+                  f"loss {a['val_answer_loss']['loss']:.3f}", file=sys.stderr)
         return 0
 
 

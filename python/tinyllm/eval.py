@@ -3,9 +3,11 @@
   perplexity   held-out text: perplexity per token and bits per character (comparable across tokenizers)
   C-Eval       4-way multiple choice by log-likelihood, per subject and overall, beside 25% chance
   generations  answers to a fixed prompt list (chat template), written to a JSONL file
+  answers      greedy answers to held-out questions of the SFT data, scored against their references
 
     tinyllm eval --model out/sft/ckpt.pt --text heldout.txt --ceval ../shared/data/ceval/val --prompts p.txt
     tinyllm eval --model chat.bin --backend c ...
+    tinyllm eval --model chat.bin --answers ../shared/data/sft/a.jsonl.gz --answers ../shared/data/sft/b.json
 
 Scoring rules (both backends):
 - Perplexity: every document is BOS + its tokens; the tokens after BOS are predicted (no EOS). A
@@ -20,6 +22,22 @@ Scoring rules (both backends):
   _val/_dev/_test.
 - Generations: each prompt is a user message in the chat template; sampling uses tinyllm.sampling's
   algorithm on both backends, so the same seed gives the same tokens.
+- Answers (--answers FILE..., the SFT data files in the order sft was given them): the files are read and
+  split as `tinyllm sft --skip-bad` does (same reader, --answers-val-fraction 0.02 and --answers-seed 1337,
+  sft's defaults), so no question comes from the train split. The questions, chosen at run time and in
+  val order: one question and one answer, answer <= 30 characters, question <= 80, no free-writing task
+  (OPEN_ENDED: 写, 生成, 改写, 建议, 描述...), a reference that echoing the question does not recover
+  (character F1 of question vs reference < 0.5), a question that is no train conversation's, each question
+  once; the first 100. Each is a user message in the chat template (with its system prompt if it has one).
+  (a) The greedy answer (temperature 0, the chat repetition controls, EOS ends it) is compared after
+  normalising both texts (NFKC, lower case, whitespace and punctuation removed): exact = equal; F1 = the
+  character F1 (characters counted as multisets, like SQuAD's token F1); correct = F1 >= 0.5.
+  (b) The reference and the references of the next 3 questions (cyclically) are scored by the sum of the
+  log-probabilities of their tokens and EOS after the prompt: rank1 = share of questions whose reference is
+  the most likely (chance 25%), mrr = mean of 1/rank (chance 0.521); ties rank against the reference.
+  Beside them: reference_loss, the mean NLL per reference token of the questions, and val_answer_loss, the
+  mean NLL per answer token (answers and their EOS, cut to the context as sft cuts) over the whole val
+  split, which is sft's val loss.
 """
 from __future__ import annotations
 
@@ -27,6 +45,9 @@ import csv
 import json
 import math
 import os
+import re
+import unicodedata
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +62,22 @@ from .formats.weights import to_model
 from .runtime import REPETITION_WINDOW, Runtime
 from .sampling import CHAT_DEFAULTS, Sampler, SampleParams
 from .tokenizer import Tokenizer
+from .train.sft_data import load_conversations, split_train_val, tokenize_conversation
 
 CHANCE = 0.25
 MC_SUFFIX = "\n答案："
 LETTERS = "ABCD"
+
+# the answer evaluation: the val split of `tinyllm sft` (its defaults; tests hold them equal)
+SFT_VAL_FRACTION = 0.02
+SFT_SEED = 1337
+ANSWER_QUESTIONS = 100
+ANSWER_MAX_CHARS = 30
+QUESTION_MAX_CHARS = 80
+ANSWER_DISTRACTORS = 3
+ANSWER_F1_CORRECT = 0.5
+OPEN_ENDED = re.compile(r"生成|写|创作|创建|创造|想出|建议|推荐|设计|构建|构造|标题|标语|口号|名称|昵称|描述|改写|重写|"
+                        r"修改|编辑|改进|改成|改为|翻译|总结|解释|举例|例子|造句|故事|诗|笑话|想象|措辞|集思广益|引用")
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -345,6 +378,140 @@ def generations(backend, prompts: list[str], out_path: str, *, max_new_tokens: i
     with atomic_write(out_path, "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
     return out
+
+
+# ---- answers to held-out questions of the SFT data -----------------------------------------------------
+
+def normalize_answer(text: str) -> str:
+    """The characters an answer is compared by: NFKC (full-width letters and digits as ASCII), lower case,
+    without whitespace or punctuation (Unicode categories Z*, P* and C*); symbols such as + = stay."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "ZPC")
+
+
+def char_f1(prediction: str, reference: str) -> float:
+    """F1 of the normalised characters of prediction against reference, counted as multisets (SQuAD's
+    token F1 with characters for tokens: Chinese has no spaces). 1.0 when both are empty."""
+    pred, ref = normalize_answer(prediction), normalize_answer(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def held_out_split(paths, val_fraction: float = SFT_VAL_FRACTION, seed: int = SFT_SEED) -> tuple[list, list]:
+    """(train, val) conversations of SFT data files exactly as `tinyllm sft --skip-bad` splits them: the same
+    reader (sft_data.load_conversations, identity rewrite), then split_train_val(val_fraction, seed). The
+    files must come in the order sft was given them."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    conversations, _ = load_conversations(paths, skip_bad=True, identity="rewrite")
+    return split_train_val(conversations, val_fraction, seed)
+
+
+def select_questions(train: list, val: list, count: int = ANSWER_QUESTIONS) -> list[dict]:
+    """The answer evaluation's questions: {question, answer, system} of the first `count` val conversations,
+    in val order, that are one question and one answer, with
+      - an answer of at most ANSWER_MAX_CHARS characters and a question of at most QUESTION_MAX_CHARS,
+      - a question that asks for no free writing (OPEN_ENDED: write, rewrite, create, suggest...), whose
+        answer has no single reference,
+      - a reference not recoverable by echoing the question (char_f1(question, answer) < 0.5),
+      - a question never trained on (not the last question of any train conversation) and not already taken."""
+    trained = {next(m["content"] for m in reversed(c) if m["role"] == "user") for c in train}
+    out, taken = [], set()
+    for messages in val:
+        system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+        turns = [m["content"] for m in messages if m["role"] != "system"]
+        if len(turns) != 2:
+            continue
+        question, answer = turns
+        if (len(answer) > ANSWER_MAX_CHARS or len(question) > QUESTION_MAX_CHARS or OPEN_ENDED.search(question)
+                or char_f1(question, answer) >= 0.5 or question in trained or question in taken):
+            continue
+        taken.add(question)
+        out.append({"question": question, "answer": answer, "system": system})
+        if len(out) == count:
+            break
+    if not out:
+        raise DataError("no held-out question fits the answer evaluation (see select_questions)")
+    return out
+
+
+def _question_messages(item: dict) -> list[dict]:
+    system = [{"role": "system", "content": item["system"]}] if item.get("system") else []
+    return system + [{"role": "user", "content": item["question"]}]
+
+
+def answer_logprob(backend, item: dict, answers: list[str]) -> list[float]:
+    """Sum of log p of each answer's tokens and its closing EOS after the question's chat prompt."""
+    prompt = encode(backend, _question_messages(item))[0]
+    conts = [backend.encode(a, bos=False, special=False) + [backend.eos_id] for a in answers]
+    if len(prompt) + max(map(len, conts)) > backend.max_seq_len:
+        raise DataError(f"question and answer exceed the context of {backend.max_seq_len} tokens: "
+                        f"{item['question'][:40]!r}")
+    return [float(lp.sum()) for lp in backend.continuation_logprobs(prompt, conts)]
+
+
+def rank_answers(backend, items: list[dict], distractors: int = ANSWER_DISTRACTORS) -> list[dict]:
+    """Per question: the log-likelihood of its reference and of the references of the next `distractors`
+    questions (cyclically), and the reference's rank among them (1 = most likely; ties count against it)."""
+    out = []
+    for i, item in enumerate(items):
+        others = [items[(i + k) % len(items)]["answer"] for k in range(1, distractors + 1)]
+        scores = answer_logprob(backend, item, [item["answer"]] + others)
+        out.append({"scores": scores, "rank": 1 + sum(s >= scores[0] for s in scores[1:])})
+    return out
+
+
+def val_answer_loss(backend, val: list, progress: bool = False) -> dict:
+    """Mean negative log-likelihood per answer token (answers and their EOS, the tokens sft trains on) over
+    the val conversations, cut to the context as sft cuts them (sft_data.tokenize_conversation)."""
+    nll, tokens, used = 0.0, 0, 0
+    for messages in tqdm(val, desc="val answer loss", unit="conv", disable=not progress):
+        got = tokenize_conversation(backend, messages, backend.max_seq_len)
+        if got is None:
+            continue  # sft skips it too: its prompt fills the context
+        ids, mask = got
+        lp = _log_softmax(backend.logits(ids[:-1]))[np.arange(len(ids) - 1), ids[1:]]
+        trained = np.asarray(mask[1:], dtype=bool)
+        nll -= float(lp[trained].sum())
+        tokens += int(trained.sum())
+        used += 1
+    return {"conversations": used, "tokens": tokens, "loss": nll / max(1, tokens)}
+
+
+def answer_eval(backend, train: list, val: list, out_path: str | None = None, *, count: int = ANSWER_QUESTIONS,
+                max_new_tokens: int = 64, params=None, progress: bool = False) -> dict:
+    """The answer evaluation (module rules): greedy answers scored by exact match and character F1, the
+    reference's log-likelihood rank among distractors, and the answer-token loss over the whole val split.
+    out_path: one JSONL record per question (question, reference, answer, f1, rank)."""
+    items = select_questions(train, val, count)
+    params = params or SampleParams(temperature=0.0, **CHAT_DEFAULTS)
+    records = []
+    ranks = rank_answers(backend, items)
+    for item, ranked in tqdm(list(zip(items, ranks)), desc="answers", unit="q", disable=not progress):
+        ids = encode(backend, _question_messages(item))[0]
+        tokens = [t for t in backend.generate(ids, max_new_tokens, params) if t != backend.eos_id]
+        answer = backend.decode(tokens)
+        records.append({"question": item["question"], "reference": item["answer"], "answer": answer,
+                        "exact": normalize_answer(answer) == normalize_answer(item["answer"]),
+                        "f1": char_f1(answer, item["answer"]), "rank": ranked["rank"]})
+    if out_path:
+        with atomic_write(out_path, "w") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    n = len(records)
+    choices = ANSWER_DISTRACTORS + 1
+    ref_tokens = sum(len(backend.encode(i["answer"], bos=False, special=False)) + 1 for i in items)
+    return {"questions": n, "exact": sum(r["exact"] for r in records) / n,
+            "f1": sum(r["f1"] for r in records) / n,
+            "correct": sum(r["f1"] >= ANSWER_F1_CORRECT for r in records) / n, "correct_f1": ANSWER_F1_CORRECT,
+            "rank1": sum(r["rank"] == 1 for r in records) / n,
+            "mrr": sum(1 / r["rank"] for r in records) / n,
+            "chance_rank1": 1 / choices, "chance_mrr": sum(1 / k for k in range(1, choices + 1)) / choices,
+            "reference_loss": -sum(r["scores"][0] for r in ranks) / ref_tokens,
+            "val_answer_loss": val_answer_loss(backend, val, progress), "file": out_path}
 
 
 # ---- the command --------------------------------------------------------------------------------------

@@ -197,6 +197,20 @@ def test_identity_option_rewrites_drops_or_keeps_records(tmp_path):
 
 # ---- end to end -----------------------------------------------------------------------------------
 
+def test_short_qa_conversations_are_repeated_and_the_others_kept_once():
+    from tinyllm.errors import DataError
+    from tinyllm.train.sft_data import repeat_short_qa
+    short = _conv("", "你好", "你好！")
+    boundary = _conv("系统", "写一句话", "好" * 50)  # 50 characters: still short; the system prompt aside
+    long_answer = _conv("", "写一首诗", "春" * 51)
+    multi_turn = _conv("", "你好", "你好！", "再见", "再见！")
+    assert repeat_short_qa([short, boundary, long_answer, multi_turn], 3) == \
+        [short] * 3 + [boundary] * 3 + [long_answer, multi_turn]
+    assert repeat_short_qa([short, long_answer], 1) == [short, long_answer]
+    with pytest.raises(DataError, match="at least 1"):
+        repeat_short_qa([short], 0)
+
+
 def test_sft_command_learns_the_answers_from_a_pretrained_checkpoint(tmp_path, tok, capsys):
     import torch
 
@@ -267,15 +281,15 @@ def test_sft_resumed_with_only_out_dir_and_resume_continues_the_run_exactly(tmp_
     monkeypatch.chdir(tmp_path)  # relative paths: the checkpoint must keep where they point
     # options away from their defaults, each of which changes the result if --resume dropped it
     argv = ["sft", "--checkpoint", "pre.pt", "--data", "sft.jsonl", "--tokenizer", str(tok.path), "--skip-bad",
-            "--system", "你是小模型", "--identity", "keep", "--val-fraction", "0.34", "--max-steps", "8",
-            "--batch-size", "2", "--lr", "3e-3", "--warmup-steps", "2", "--log-interval", "1", "--eval-interval", "3",
-            "--eval-steps", "1", "--no-compile", "--dtype", "fp32", "--device", "cpu", "--no-progress"]
+            "--system", "你是小模型", "--identity", "keep", "--val-fraction", "0.34", "--short-repeat", "3",
+            "--max-steps", "8", "--batch-size", "2", "--lr", "3e-3", "--warmup-steps", "2", "--log-interval", "1",
+            "--eval-interval", "3", "--eval-steps", "1", "--no-compile", "--dtype", "fp32", "--device", "cpu", "--no-progress"]
     assert main([*argv, "--out-dir", "straight"]) == 0
     assert main([*argv, "--out-dir", "broken", "--stop-at-step", "5"]) == 0
     stage = load_checkpoint("broken/ckpt.pt")["extra"]["stage"]
     assert stage == {"name": "sft", "options": {
         "checkpoint": str(tmp_path / "pre.pt"), "data": [str(tmp_path / "sft.jsonl")], "tokenizer": str(tok.path),
-        "system": "你是小模型", "skip_bad": True, "identity": "keep", "val_fraction": 0.34}}
+        "system": "你是小模型", "skip_bad": True, "identity": "keep", "val_fraction": 0.34, "short_repeat": 3}}
     capsys.readouterr()
     monkeypatch.chdir(tmp_path / "broken")
     assert main(["sft", "--out-dir", str(tmp_path / "broken"), "--resume", "--no-progress"]) == 0

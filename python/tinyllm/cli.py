@@ -5,6 +5,9 @@
     tinyllm pretrain          shards -> checkpoint
     tinyllm sft               checkpoint + chat data -> fine-tuned checkpoint (loss on answers)
     tinyllm dpo               checkpoint + preference pairs -> DPO checkpoint (`dpo make-pairs` builds pairs)
+    tinyllm rl                checkpoint + prompts + reward (rule or model) -> GRPO checkpoint
+    tinyllm lora merge        LoRA checkpoint (sft/dpo/pretrain --lora-rank) + its base -> plain checkpoint
+    tinyllm reward train      checkpoint + preference pairs -> reward model (`reward score` scores JSONL)
     tinyllm export            checkpoint -> llama2.c .bin, GGUF or HF (verified against the C runtime)
     tinyllm convert           any model file -> any other format (.bin, GGUF, HF, checkpoint)
     tinyllm sample            checkpoint -> text (torch, for a quick look)
@@ -38,7 +41,7 @@ from .runtime import Runtime
 from .sampling import CHAT_DEFAULTS, Sampler, SampleParams
 from .tokenizer import Tokenizer, train_tokenizer
 from .train.pairs import make_pairs
-from .train.sft_data import add_data_arguments, load_conversations
+from .train.sft_data import SHORT_ANSWER_CHARS, add_data_arguments, load_conversations
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -369,6 +372,20 @@ class Sample:
 RESUMED = "with --resume: the run's"
 
 
+def _add_lora_arguments(parser, base: str):
+    """--lora-rank/--lora-alpha/--lora-targets (tinyllm.lora), saved in the run's checkpoints."""
+    group = parser.add_argument_group(f"LoRA: train low-rank adapters of the projections on the frozen {base}")
+    group.add_argument("--lora-rank", type=int, metavar="R",
+                       help=f"train rank-R adapters instead of all weights; checkpoints then hold only the adapters "
+                            f"and name their base (path and weights' sha256); `tinyllm export` merges them (default: "
+                            f"off; {RESUMED})")
+    group.add_argument("--lora-alpha", type=float, metavar="A",
+                       help=f"the adapters' update is scaled by A / R (default: 2R; {RESUMED})")
+    group.add_argument("--lora-targets", metavar="LIST",
+                       help=f"projections to adapt in every layer: attn (wq,wk,wv,wo), ffn (w1,w2,w3), all, or a "
+                            f"comma list of those names (default: all; {RESUMED})")
+
+
 class Pretrain:
     CONFIG_KEYS = True  # takes --KEY VALUE for every config field
     HELP = "pretrain a model on prepared token shards (next-token prediction)"
@@ -399,19 +416,20 @@ batch_size is per process, so N processes with grad_accum A equal 1 process with
         parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
                             help="stop with a checkpoint at step N as if out of time (the schedule still follows "
                                  "--max-steps; --resume continues)")
+        _add_lora_arguments(parser, "--init-from checkpoint")
         group = parser.add_argument_group("config keys (override the preset)")
         add_config_arguments(group)
 
     @staticmethod
     def run(args) -> int:
         from .train.loop import finish  # torch: the training extras
-        from .train.pretrain import pretrain, resolve_run
-        from .train.stage import main_process
+        from .train.pretrain import PRETRAIN_OPTIONS, continued_from, pretrain, resolve_run
+        from .train.stage import main_process, options_from_args
         start = resolve_run(args.config, overrides_from_args(args), args.resume, args.force, args.init_from)
+        init_from, lora = continued_from(start, options_from_args(args, PRETRAIN_OPTIONS))
         summary = pretrain(start.model_cfg, start.train_cfg, resume=start.resume, dry_run=args.dry_run,
                            stop_at_step=args.stop_at_step, progress=not args.no_progress,
-                           warn_vocab=start.given("vocab_size"),
-                           init_from=None if start.resume else args.init_from)  # resuming: the weights are the run's
+                           warn_vocab=start.given("vocab_size"), init_from=init_from, lora=lora)
         if not main_process():
             return 0
         if "dry_run" in summary:
@@ -459,6 +477,10 @@ saved one.
         add_data_arguments(parser, resumable=True)
         parser.add_argument("--val-fraction", type=float,
                             help=f"conversations held out for val loss (default: 0.02; {RESUMED})")
+        parser.add_argument("--short-repeat", type=int, metavar="N",
+                            help=f"train on each short QA (one question, an answer of at most "
+                                 f"{SHORT_ANSWER_CHARS} characters) N times per pass; the val split is unchanged "
+                                 f"(default: 1; {RESUMED})")
         parser.add_argument("--config", metavar="TOML", help="preset file with train keys")
         parser.add_argument("--resume", action="store_true",
                             help="continue from OUT_DIR/ckpt.pt with the options it was started with; options "
@@ -467,6 +489,7 @@ saved one.
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
         parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
                             help="stop with a checkpoint at step N as if out of time (--resume continues)")
+        _add_lora_arguments(parser, "--checkpoint")
         group = parser.add_argument_group("config keys (train keys; the model comes from the checkpoint)")
         add_config_arguments(group)
 
@@ -480,8 +503,9 @@ saved one.
         master, o = main_process(), start.options
         summary = sft(start.model_cfg, start.train_cfg, start.tokenizer, o["data"], weights=start.weights,
                       resume=start.resume, system=o["system"], skip_bad=o["skip_bad"], identity=o["identity"],
-                      val_fraction=o["val_fraction"], checkpoint=o["checkpoint"], stop_at_step=args.stop_at_step,
-                      progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr) if master else None)
+                      val_fraction=o["val_fraction"], short_repeat=o["short_repeat"], checkpoint=o["checkpoint"],
+                      stop_at_step=args.stop_at_step, progress=not args.no_progress,
+                      log=lambda m: print(m, file=sys.stderr) if master else None, lora=start.lora)
         if not master:
             return 0
         return finish("fine-tuned", summary, args._argv)
@@ -533,6 +557,7 @@ an answer sampled from our own model with the C runtime (fast), in the chat temp
         parser.add_argument("--system", help=f"system prompt for pairs without their own (default: none; {RESUMED})")
         parser.add_argument("--skip-bad", action="store_true", default=None,
                             help=f"skip (and count) malformed records instead of stopping (default: stop; {RESUMED})")
+        _add_lora_arguments(parser, "--checkpoint (the reference is then the model with its adapters off)")
         group = parser.add_argument_group("config keys (train keys; the model comes from the checkpoint)")
         add_config_arguments(group)
 
@@ -549,7 +574,7 @@ an answer sampled from our own model with the C runtime (fast), in the chat temp
         summary = dpo(start.model_cfg, start.train_cfg, start.tokenizer, o["data"], start.weights, resume=start.resume,
                       beta=o["beta"], system=o["system"], skip_bad=o["skip_bad"], val_fraction=o["val_fraction"],
                       checkpoint=o["checkpoint"], stop_at_step=args.stop_at_step, progress=not args.no_progress,
-                      log=lambda m: print(m, file=sys.stderr) if master else None)
+                      log=lambda m: print(m, file=sys.stderr) if master else None, lora=start.lora)
         if not master:
             return 0
         return finish("DPO", summary, args._argv)
@@ -594,6 +619,238 @@ Pairs whose sample equals the reference or is empty are left out and counted. Wr
               f"reference and {counts['empty_sample']} empty samples left out)", file=sys.stderr)
         return 0
 
+
+
+# ---- lora merge ------------------------------------------------------------------------------------
+
+class LoraMerge:
+    HELP = "fold a LoRA checkpoint's adapters into its base: a plain checkpoint"
+    DESCRIPTION = """\
+A run with --lora-rank (sft, dpo, pretrain --init-from) writes checkpoints that hold only its
+adapters and name their base: its path and the sha256 of its weights. This writes the plain
+checkpoint of base + adapters (W + alpha/rank * B A for every adapted projection; atomic), which
+sft, dpo, export, eval and sample read like any other. `tinyllm export` merges by itself when the
+base is where the adapter says; --base names it when it has moved. A base whose weights or shape
+are not the adapter's is refused."""
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP + " (a LoRA run's)")
+        p.add_argument("--base", metavar="CKPT", help="the base checkpoint (default: the path the adapter names)")
+        p.add_argument("--out", required=True, metavar="FILE", help="merged checkpoint to write (.pt)")
+
+    @staticmethod
+    def run(args) -> int:
+        from .formats.checkpoint import merge_adapter_checkpoint  # torch: the training extras
+        args.checkpoint = pick_checkpoint(args.checkpoint)
+        record = merge_adapter_checkpoint(args.checkpoint, args.out, base=args.base)
+        base = args.base or record["base"]["path"]
+        print(f"wrote {args.out}: the rank-{record['rank']} adapters of {args.checkpoint} ({', '.join(record['targets'])}) "
+              f"merged into {base}", file=sys.stderr)
+        return 0
+
+
+# ---- reward model --------------------------------------------------------------------------------
+
+class RewardTrain:
+    CONFIG_KEYS = True
+    HELP = "train a reward model (a scalar head on our Transformer) on chosen/rejected pairs"
+    DESCRIPTION = """\
+Train a reward model on preference pairs: the starting checkpoint's Transformer (usually the SFT
+model) without its next-token classifier, plus a scalar head on the final normed hidden state of the
+</s> that closes prompt + answer. Loss: Bradley-Terry, -log sigmoid(r(chosen) - r(rejected)).
+Data (--data, repeatable): the pair formats `tinyllm dpo` reads; a pair with an empty chosen or
+rejected answer stops the read with file:line, or is skipped and counted with --skip-bad.
+
+Logged: loss, reward_accuracy and reward_margin of the training pairs per metrics line, and at each
+evaluation val_accuracy (share of held-out pairs whose chosen answer scores higher) and val_margin.
+Writes OUT_DIR/ckpt.pt, best.pt, metrics.jsonl and loss.png like the other stages; ckpt.pt keeps
+this command's options, so `tinyllm reward train --out-dir OUT_DIR --resume` continues the run.
+The checkpoints are marked as a reward model: `tinyllm reward score` reads them, export, sample,
+eval, sft and dpo refuse them."""
+
+    @staticmethod
+    def add_arguments(parser):
+        parser.add_argument("--checkpoint", metavar="CKPT",
+                            help=f"SFT or pretrained checkpoint to start from (required unless --resume; {RESUMED})")
+        parser.add_argument("--data", action="append", metavar="FILE",
+                            help=f"preference pairs file; repeatable (required unless --resume; {RESUMED})")
+        parser.add_argument("--val-fraction", type=float,
+                            help=f"pairs held out for val loss and accuracy (default: 0.05; {RESUMED})")
+        parser.add_argument("--tokenizer", metavar="MODEL",
+                            help=f"SentencePiece .model (default: the one the pretraining data was prepared with; "
+                                 f"{RESUMED})")
+        parser.add_argument("--system", help=f"system prompt for pairs without their own (default: none; {RESUMED})")
+        parser.add_argument("--skip-bad", action="store_true", default=None,
+                            help=f"skip (and count) bad records instead of stopping (default: stop; {RESUMED})")
+        parser.add_argument("--config", metavar="TOML", help="preset file with train keys")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from OUT_DIR/ckpt.pt with the options it was started with")
+        parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                            help="stop with a checkpoint at step N as if out of time (--resume continues)")
+        group = parser.add_argument_group("config keys (train keys; the model comes from the checkpoint)")
+        add_config_arguments(group)
+
+    @staticmethod
+    def run(args) -> int:
+        from .train.loop import finish  # torch: the training extras
+        from .train.reward import REWARD_DEFAULTS, REWARD_OPTIONS, STAGE_NAME, reward_train
+        from .train.sft import resolve
+        from .train.stage import main_process, options_from_args
+        start = resolve(STAGE_NAME, options_from_args(args, REWARD_OPTIONS), overrides_from_args(args), args.config,
+                        args.resume, args.force, defaults=REWARD_DEFAULTS, option_defaults=REWARD_OPTIONS)
+        master, o = main_process(), start.options
+        summary = reward_train(start.model_cfg, start.train_cfg, start.tokenizer, o["data"], weights=start.weights,
+                               resume=start.resume, system=o["system"], skip_bad=o["skip_bad"],
+                               val_fraction=o["val_fraction"], checkpoint=o["checkpoint"],
+                               stop_at_step=args.stop_at_step, progress=not args.no_progress,
+                               log=lambda m: print(m, file=sys.stderr) if master else None)
+        if not master:
+            return 0
+        return finish("trained the reward model", summary, args._argv)
+
+
+class RewardScore:
+    HELP = "score answers with a reward model (JSONL in, JSONL with rewards out)"
+    DESCRIPTION = """\
+Score every record's prompt + answer with a reward model from `tinyllm reward train`. Records
+(JSONL or a JSON list): a preference pair (the formats `tinyllm dpo` reads; both sides are scored,
+as chosen_reward and rejected_reward, and the pairs' accuracy and mean margin are reported),
+{"prompt": text or messages, "answer": "..."}, or a conversation (messages, conversations or
+alpaca) whose last assistant message is the answer (as reward). Each record is written back with
+its rewards added, to --out (atomically) or stdout. Bad records stop with file:line (--skip-bad:
+skipped and counted); a non-finite reward is an error and nothing is written."""
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP + " (a reward model's)")
+        p.add_argument("--data", action="append", required=True, metavar="FILE", help="records to score; repeatable")
+        p.add_argument("--out", metavar="FILE", help="JSONL to write (default: stdout)")
+        p.add_argument("--tokenizer", metavar="MODEL",
+                       help="SentencePiece .model (default: the one the reward model was trained with)")
+        p.add_argument("--system", help="system prompt for records without their own (default: none)")
+        p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad records instead of stopping")
+        p.add_argument("--batch-size", type=int, default=16, help="sequences scored together")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+
+    @staticmethod
+    def run(args) -> int:
+        from .train.reward import load_reward_model, score_records, write_scored  # torch: the training extras
+        from .train.sft import load_tokenizer
+        if args.batch_size < 1:
+            raise InvalidArgumentError(f"--batch-size must be at least 1, got {args.batch_size}")
+        args.checkpoint = pick_checkpoint(args.checkpoint)
+        model, ckpt = load_reward_model(args.checkpoint, args.device)
+        tok = load_tokenizer(args.tokenizer or ckpt["extra"].get("tokenizer"), args.checkpoint,
+                             (ckpt.get("train_config") or {}).get("data_dir"), model.config.vocab_size)
+        scored, summary, report = score_records(model, tok, args.data, system=args.system or "",
+                                                skip_bad=args.skip_bad, batch_size=args.batch_size, device=args.device)
+        write_scored(scored, args.out)
+        pairs = (f"; {summary['pairs']} pairs: accuracy {summary['accuracy']:.4f}, mean margin "
+                 f"{summary['mean_margin']:.4f}") if summary["pairs"] else ""
+        where = f" to {args.out}" if args.out else " to stdout"
+        print(f"data: {report.summary()}; scored {summary['records']} records{pairs}; wrote them{where}",
+              file=sys.stderr)
+        return 0
+
+
+# ---- rl --------------------------------------------------------------------------------------------
+
+class Rl:
+    CONFIG_KEYS = True
+    HELP = "RL with GRPO: answers sampled by the C runtime, scored by a rule or a reward model"
+    DESCRIPTION = """\
+Reinforcement learning with GRPO, starting from (and with a frozen KL reference of) a checkpoint,
+usually the SFT model. Each step: the current policy is written to a temporary llama2.c snapshot, the
+C runtime samples --group-size answers to each of batch_size prompts (plain sampling at
+--temperature; seeds from --seed and the step, so a run repeats), each answer gets a reward, and
+its advantage is its reward's distance from its group's mean in units of the group's std. Loss: the
+clipped surrogate -min(ratio A, clip(ratio) A) per answer token plus --beta times the k3 estimate
+of the KL to the reference, with log-probs recomputed in torch. GRPO needs no value network (PPO's
+second model to train), and group-relative advantages suit rule rewards, whose scale is arbitrary.
+
+Rewards: --reward-fn module:function or path/to/file.py:function, called as f(prompt, answer) ->
+float (prompt: the user text; answer: the sampled text, </s> not included), or --reward-model, a
+checkpoint of `tinyllm reward train`. A reward function that raises or returns NaN, inf or a
+non-number stops the run with one line naming the prompt (the checkpoints on disk are whole).
+Prompts (--prompts, repeatable): text (one per line), a JSON list, or JSONL with "prompt".
+
+Logged per metrics line: loss, reward_mean, reward_std (mean std within groups), kl (per answer
+token), response_length (sampled tokens), clip_fraction. Writes OUT_DIR/ckpt.pt, metrics.jsonl,
+loss.png and rl.png (reward and KL over steps); ckpt.pt keeps this command's options, so
+`tinyllm rl --out-dir OUT_DIR --resume` continues the run."""
+
+    @staticmethod
+    def add_arguments(parser):
+        parser.add_argument("--checkpoint", metavar="CKPT",
+                            help=f"checkpoint to start from and KL reference (required unless --resume; {RESUMED})")
+        parser.add_argument("--prompts", action="append", dest="data", metavar="FILE",
+                            help=f"prompts file; repeatable (required unless --resume; {RESUMED})")
+        parser.add_argument("--reward-fn", metavar="MOD:FN",
+                            help=f"rule reward: module:function or path/to/file.py:function, f(prompt, answer) -> "
+                                 f"float ({RESUMED})")
+        parser.add_argument("--reward-model", metavar="RM_CKPT",
+                            help=f"reward model checkpoint (tinyllm reward train) instead of --reward-fn ({RESUMED})")
+        parser.add_argument("--group-size", type=int,
+                            help=f"answers sampled per prompt, compared with each other (default: 4; {RESUMED})")
+        parser.add_argument("--max-new-tokens", type=int,
+                            help=f"tokens per answer at most (default: 64; {RESUMED})")
+        parser.add_argument("--beta", type=float,
+                            help=f"weight of the KL penalty to the reference (default: 0.04; {RESUMED})")
+        parser.add_argument("--clip", type=float,
+                            help=f"the ratio's clip range 1 +- CLIP (default: 0.2; {RESUMED})")
+        parser.add_argument("--temperature", type=float,
+                            help=f"sampling temperature, > 0 (default: 1.0; {RESUMED})")
+        parser.add_argument("--updates-per-rollout", type=int, metavar="MU",
+                            help=f"optimizer steps on each step's rollouts (GRPO's mu); above 1 the ratio moves "
+                                 f"from 1 and --clip bounds it (default: 1; {RESUMED})")
+        parser.add_argument("--tokenizer", metavar="MODEL",
+                            help=f"SentencePiece .model (default: the one the pretraining data was prepared with; "
+                                 f"{RESUMED})")
+        parser.add_argument("--system", help=f"system prompt of every prompt (default: none; {RESUMED})")
+        parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: physical cores)")
+        parser.add_argument("--config", metavar="TOML", help="preset file with train keys")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from OUT_DIR/ckpt.pt with the options it was started with")
+        parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                            help="stop with a checkpoint at step N as if out of time (--resume continues)")
+        _add_lora_arguments(parser, "--checkpoint (the reference is then the model with its adapters off)")
+        group = parser.add_argument_group("config keys (train keys, batch_size counts prompts; the model comes "
+                                          "from the checkpoint)")
+        add_config_arguments(group)
+
+    @staticmethod
+    def run(args) -> int:
+        from .train.loop import finish  # torch: the training extras
+        from .train.rl import RL_DEFAULTS, RL_OPTIONS, STAGE_NAME, rl
+        from .train.sft import resolve
+        from .train.stage import main_process, options_from_args
+        given = options_from_args(args, RL_OPTIONS)
+        if given["reward_fn"] is not None and given["reward_model"] is not None:
+            raise InvalidArgumentError("give --reward-fn or --reward-model, not both")
+        if not args.resume and not given["data"]:
+            raise InvalidArgumentError("--prompts (a prompts file) is required unless --resume")
+        start = resolve(STAGE_NAME, given, overrides_from_args(args), args.config, args.resume, args.force,
+                        defaults=RL_DEFAULTS, option_defaults=RL_OPTIONS, start_weights_on_resume=True)
+        master, o = main_process(), start.options
+        if given["reward_fn"] is not None:  # a reward given with --resume replaces the saved one, of either kind
+            o["reward_model"] = None
+        elif given["reward_model"] is not None:
+            o["reward_fn"] = None
+        summary = rl(start.model_cfg, start.train_cfg, start.tokenizer, o["data"], start.weights,
+                     reward_fn=o["reward_fn"], reward_model=o["reward_model"], resume=start.resume,
+                     system=o["system"], group_size=o["group_size"], max_new_tokens=o["max_new_tokens"],
+                     beta=o["beta"], clip=o["clip"], temperature=o["temperature"], checkpoint=o["checkpoint"],
+                     stop_at_step=args.stop_at_step, progress=not args.no_progress,
+                     log=lambda m: print(m, file=sys.stderr) if master else None, lora=start.lora,
+                     threads=args.threads, updates_per_rollout=o["updates_per_rollout"])
+        if not master:
+            return 0
+        return finish("RL", summary, args._argv)
 
 
 # ---- eval ------------------------------------------------------------------------------------------
@@ -775,6 +1032,7 @@ STAGES = {
     "pretrain": Pretrain,
     "sft": Sft,
     "dpo": Dpo,
+    "rl": Rl,
     "eval": Eval,
     "export": Export,
     "convert": Convert,
@@ -784,6 +1042,8 @@ STAGES = {
 GROUPS = {
     "tokenizer": ("SentencePiece tokenizer", {"train": TokenizerTrain}),
     "data": ("training data", {"prepare": DataPrepare}),
+    "lora": ("LoRA adapters", {"merge": LoraMerge}),
+    "reward": ("reward model", {"train": RewardTrain, "score": RewardScore}),
 }
 # stages under a stage: `tinyllm dpo make-pairs`
 SUBSTAGES = {"dpo": {"make-pairs": DpoMakePairs}}

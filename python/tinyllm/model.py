@@ -156,6 +156,15 @@ class Transformer(nn.Module):
     def forward(self, tokens, targets=None, cache: KVCache | None = None, start_pos: int = 0):
         """Logits (batch, seq, vocab) for every position; with targets also the mean cross-entropy
         over targets that are not -100 (the ignore index marks unsupervised positions)."""
+        logits = self.output(self.hidden(tokens, cache, start_pos))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def hidden(self, tokens, cache: KVCache | None = None, start_pos: int = 0):
+        """The final normed hidden states (batch, seq, dim) that the classifier reads; a reward model's
+        scalar head (tinyllm.train.reward) reads them instead."""
         T = tokens.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
@@ -166,11 +175,7 @@ class Transformer(nn.Module):
         x = self.dropout(self.tok_embeddings(tokens))
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, start_pos)
-        logits = self.output(self.norm(x))
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return self.norm(x)
 
     def num_params(self) -> int:
         """Parameters counted once (the tied classifier is the embedding)."""

@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from ..data import prepared_tokenizer
 from ..errors import FormatError
 from ..fileio import atomic_write
+from ..lora import adapter_record, merged_weights
 from ..model import Transformer
 from .convert import runtime_model_kind
 from .weights import clean_state_dict
@@ -28,6 +29,10 @@ from .weights import clean_state_dict
 CHECKPOINT_FORMAT = "tinyllm-checkpoint"
 CHECKPOINT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+# extra[KIND_KEY] of a checkpoint whose weights are not a language model's: "reward" (tinyllm.train.reward);
+# a model object carries its marks in checkpoint_extra, and every checkpoint of it gets them
+KIND_KEY = "kind"
+REWARD_KIND = "reward"
 # what version 1 files need beyond weights_only's tensors and plain types: numpy's RNG keys (a uint32
 # array), under numpy 2's module name and numpy 1's
 _reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
@@ -70,7 +75,7 @@ def save_checkpoint(path: str, *, model, optimizer, step: int, model_config: Mod
         "data": data_state,
         "model_config": model_config.to_dict(),
         "train_config": train_config,
-        "extra": extra or {},
+        "extra": {**(extra or {}), **getattr(model, "checkpoint_extra", {})},
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path, "wb") as f:
@@ -130,16 +135,77 @@ def _unsafe_globals(path: str) -> list[str]:
     return [n for n in names if n not in allowed]
 
 
-def load_model(path: str, device="cpu"):
-    """(Transformer in eval mode, ModelConfig) from a checkpoint, for export, sampling and evaluation."""
+def load_model(path: str, device="cpu", base: str | None = None):
+    """(Transformer in eval mode, ModelConfig) from a checkpoint, for export, sampling and evaluation; a
+    LoRA checkpoint comes merged into its base (full_weights)."""
     ckpt = load_checkpoint(path)
-    try:
-        cfg = ModelConfig.from_dict(ckpt["model_config"])
-    except (ValueError, TypeError) as e:
-        raise FormatError(f"bad model config in checkpoint: {e} ({path})") from None
+    cfg = _model_config(ckpt, path)
     model = Transformer(cfg)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(full_weights(ckpt, path, base))
     except RuntimeError as e:
         raise FormatError(f"checkpoint weights do not fit its config: {e} ({path})") from None
     return model.to(device).eval(), cfg
+
+
+def _model_config(ckpt: dict, path: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(ckpt["model_config"])
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"bad model config in checkpoint: {e} ({path})") from None
+
+
+def full_weights(ckpt: dict, path: str, base: str | None = None) -> dict:
+    """The whole model's state dict a checkpoint stands for: its weights, or for a LoRA run's checkpoint
+    (tinyllm.lora) its adapters merged into the base it names (base, when given, replaces that path). The
+    base's shape and fingerprint must be the ones the adapter was trained on."""
+    refuse_other_kind(ckpt, path)
+    record = adapter_record(ckpt)
+    if record is None:
+        return ckpt["model"]
+    base_path = base or (record.get("base") or {}).get("path")
+    if not base_path or not os.path.isfile(base_path):
+        raise FormatError(f"this LoRA checkpoint's base checkpoint is gone ({base_path}); merge it with "
+                          f"`tinyllm lora merge --checkpoint {path} --base BASE --out merged.pt` ({path})")
+    base_ckpt = load_checkpoint(base_path)
+    cfg, base_cfg = _model_config(ckpt, path), _model_config(base_ckpt, base_path)
+    if base_cfg != cfg:
+        changed = sorted(k for k, v in cfg.to_dict().items() if base_cfg.to_dict().get(k) != v)
+        raise FormatError(f"the adapter was trained on a model of another shape: {base_path} differs in "
+                          f"{', '.join(changed)} ({path})")
+    base_weights = full_weights(base_ckpt, base_path)  # a base may itself be a LoRA run's
+    return merged_weights(Transformer(cfg), base_weights, ckpt, path, base_path)
+
+
+def refuse_other_kind(ckpt: dict, path: str):
+    """An error (one line) for a checkpoint that is not a language model (extra[KIND_KEY]), wherever one is
+    needed: export, convert, sample, eval, and the start of sft, dpo and pretrain."""
+    extra = ckpt.get("extra") or {}
+    kind = extra.get(KIND_KEY)
+    if kind is None:
+        return
+    if kind == REWARD_KIND:
+        started = f" ({extra['started_from']})" if extra.get("started_from") else ""
+        raise FormatError(f"this is a reward model (`tinyllm reward train`): it scores answers and has no next-token "
+                          f"classifier, so it cannot be exported for the C runtime, sampled, evaluated or "
+                          f"fine-tuned as a language model; score with `tinyllm reward score --checkpoint {path}`, "
+                          f"or use the checkpoint it started from{started} ({path})")
+    raise FormatError(f"this checkpoint holds a {kind} model, not a language model ({path})")
+
+
+def merge_adapter_checkpoint(path: str, out: str, base: str | None = None) -> dict:
+    """Write the plain checkpoint (atomic) of a LoRA checkpoint merged into its base (or base, given);
+    returns the adapter record."""
+    ckpt = load_checkpoint(path)
+    record = adapter_record(ckpt)
+    if record is None:
+        raise FormatError(f"not a LoRA checkpoint: it holds a whole model already ({path})")
+    base_path = base or (record.get("base") or {}).get("path")
+    for other, what in ((path, "the LoRA checkpoint"), (base_path, "its base")):
+        if other and os.path.abspath(out) == os.path.abspath(other):
+            raise FormatError(f"--out would replace {what}; write the merged model elsewhere ({out})")
+    weights = full_weights(ckpt, path, base)
+    save_checkpoint(out, model=weights, optimizer=None, step=ckpt.get("step", 0), model_config=_model_config(ckpt, path),
+                    train_config=ckpt.get("train_config") or {},
+                    extra={"merged_from": {"adapter": os.path.abspath(path), "base": os.path.abspath(base_path)}})
+    return record

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..chat import encode, split_conversation
 from ..errors import DataError
+from ..lora import LORA_OPTIONS, LoRAConfig, adapters_disabled, start_adapters
 from ..model import Transformer
 from .loop import setup, teardown, train
 from .sft_data import (Example, ExampleBatches, ReadReport, RecordError, collate_sft, converted_records,
@@ -169,15 +170,16 @@ class DPOLoss:
 # ---- training ---------------------------------------------------------------------------------------
 
 DPO_OPTIONS = {"checkpoint": None, "data": None, "tokenizer": None, "system": "", "skip_bad": False,
-               "val_fraction": 0.05, "beta": 0.1}  # the stage's options, saved in its checkpoints
+               "val_fraction": 0.05, "beta": 0.1, **LORA_OPTIONS}  # the stage's options, saved in its checkpoints
 
 
 def dpo(model_cfg, train_cfg, tok, data_paths, reference: dict, *, resume=None, beta: float = 0.1, system: str = "",
         skip_bad: bool = False, val_fraction: float = 0.05, checkpoint: str | None = None,
-        stop_at_step: int | None = None, progress: bool = True, log=print) -> dict:
+        stop_at_step: int | None = None, progress: bool = True, log=print, lora: LoRAConfig | None = None) -> dict:
     """DPO starting from the reference weights (a state dict, also the frozen reference), or resuming a DPO
     checkpoint that started from them; returns the loop's summary + the data report. checkpoint: the file
-    the reference came from, recorded with the other options so that --resume finds it again."""
+    the reference came from, recorded with the other options so that --resume finds it again. lora: train
+    adapters of this config on the frozen reference; the reference is then the model with them disabled."""
 
 
     if beta <= 0:
@@ -185,7 +187,8 @@ def dpo(model_cfg, train_cfg, tok, data_paths, reference: dict, *, resume=None, 
     paths = path_list(data_paths)
     stage = stage_record("dpo", {"checkpoint": absolute(checkpoint), "data": [absolute(p) for p in paths],
                                  "tokenizer": absolute(getattr(tok, "path", None)), "system": system,
-                                 "skip_bad": skip_bad, "val_fraction": val_fraction, "beta": beta})
+                                 "skip_bad": skip_bad, "val_fraction": val_fraction, "beta": beta,
+                                 **(lora.options() if lora else {})})
     pairs, report = load_pairs(paths, system=system, skip_bad=skip_bad)
     T = model_cfg.max_seq_len
     tokenized = tokenize_pairs(tok, pairs, T, report)
@@ -198,10 +201,16 @@ def dpo(model_cfg, train_cfg, tok, data_paths, reference: dict, *, resume=None, 
         torch.manual_seed(train_cfg.seed)
         model = Transformer(model_cfg)
         model.load_state_dict(reference)  # replaced by the checkpoint's weights on resume
-        ref_model = Transformer(model_cfg).to(env.device)
-        ref_model.load_state_dict(reference)
-        refs = [reference_logps(ref_model, part, T, device=env.device) for part in (train_pairs, val_pairs)]
-        del ref_model
+        if lora is not None:
+            # the adapters' base is the reference: the same model with its adapters off, no second copy
+            start_adapters(model, lora, checkpoint, reference)
+            with adapters_disabled(model.to(env.device)):
+                refs = [reference_logps(model, part, T, device=env.device) for part in (train_pairs, val_pairs)]
+        else:
+            ref_model = Transformer(model_cfg).to(env.device)
+            ref_model.load_state_dict(reference)
+            refs = [reference_logps(ref_model, part, T, device=env.device) for part in (train_pairs, val_pairs)]
+            del ref_model
 
         def examples(part, ref):
             return [PairExample(c, r, a, b) for (c, r), (a, b) in zip(part, ref)]

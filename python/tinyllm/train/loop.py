@@ -1,10 +1,11 @@
-"""The one training loop. Pretraining, SFT and DPO differ only in the loss function and the batches.
+"""The one training loop. Pretraining, SFT, DPO and the reward model differ only in the loss and the batches.
 
     get batch -> forward (autocast) -> backward (accumulate) -> clip -> AdamW step -> log / eval / checkpoint
 
 Batches are any object with next() -> tuple of tensors, state_dict() and load_state_dict() (see
 tinyllm.data.ShardBatches); loss_fn(model, *batch) returns the mean loss of one micro-batch. A loss_fn
-with pop_metrics() -> dict adds those values to every metrics line (rank 0's micro-batches).
+with pop_metrics() -> dict adds those values to every metrics line (rank 0's micro-batches), one with
+pop_eval_metrics() -> dict to every evaluation's line (rank 0's val batches).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from ..config import ModelConfig, TrainConfig, config_fields
 from ..formats.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..errors import ConfigError, DataError, TinyLLMError
 from ..fileio import atomic_write
+from ..lora import restore_weights, saved_weights
 
 CHECKPOINT_NAME = "ckpt.pt"
 BEST_NAME = "best.pt"        # the weights of the evaluation with the lowest val loss so far
@@ -514,7 +516,7 @@ def _train(model, model_cfg: ModelConfig, cfg: TrainConfig, env: Env, train_batc
     step, tokens_seen, saved_rng, vals = 0, 0, None, ValTracker()
     if resume:
         ckpt = load_checkpoint(resume)
-        model.load_state_dict(ckpt["model"])
+        restore_weights(model, ckpt, resume)  # a LoRA run's: its adapters, its base checked
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         tokens_seen = ckpt["extra"].get("tokens_seen", 0)
@@ -537,17 +539,19 @@ def _train(model, model_cfg: ModelConfig, cfg: TrainConfig, env: Env, train_batc
 
     def save(reason: str):
         if env.master:
-            save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step, model_config=model_cfg,
+            weights, adapter = saved_weights(model)  # a LoRA run saves its adapters and names its base
+            save_checkpoint(ckpt_path, model=weights, optimizer=optimizer, step=step, model_config=model_cfg,
                             train_config=cfg.to_dict(), data_state=train_batches.state_dict(),
-                            extra={"tokens_seen": tokens_seen, "reason": reason, **vals.state(),
+                            extra={"tokens_seen": tokens_seen, "reason": reason, **vals.state(), **adapter,
                                    **({STAGE_KEY: stage} if stage is not None else {})})
         if env.world > 1:
             dist.barrier()
 
     def save_best():
         if env.master:  # the weights only: enough for export, sample and eval
-            save_checkpoint(best_path, model=model, optimizer=None, step=step, model_config=model_cfg,
-                            train_config=cfg.to_dict(), extra={"reason": "best", **vals.state()})
+            weights, adapter = saved_weights(model)
+            save_checkpoint(best_path, model=weights, optimizer=None, step=step, model_config=model_cfg,
+                            train_config=cfg.to_dict(), extra={"reason": "best", **vals.state(), **adapter})
 
     bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (progress and env.master))
@@ -614,10 +618,13 @@ def _train(model, model_cfg: ModelConfig, cfg: TrainConfig, env: Env, train_batc
 
         if eval_set is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             val_loss = evaluate(run_model, model, eval_set, loss_fn, env)
-            metrics.log({"step": step, "val_loss": val_loss})
+            # e.g. the reward model's held-out pair accuracy and margin (rank 0's val batches)
+            val_extra = loss_fn.pop_eval_metrics() if hasattr(loss_fn, "pop_eval_metrics") else {}
+            metrics.log({"step": step, "val_loss": val_loss, **val_extra})
             is_best = vals.add(step, val_loss)
             train_part = f", train loss {loss:.4f}" if loss is not None else ""
             say(f"step {step}/{cfg.max_steps}: val loss {val_loss:.4f}{train_part}"
+                + "".join(f", {k.replace('_', ' ')} {v:.4g}" for k, v in val_extra.items())
                 + (" (best so far)" if is_best else ""))
             if is_best:
                 save_best()

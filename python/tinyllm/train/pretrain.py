@@ -12,10 +12,14 @@ import torch
 from ..config import ModelConfig, TrainConfig, build_configs, load_preset
 from ..data import ShardBatches, ShardDataset
 from ..errors import ConfigError
-from ..formats.checkpoint import load_checkpoint
+from ..formats.checkpoint import full_weights, load_checkpoint
+from ..lora import LORA_OPTIONS, LoRAConfig, config_from_options, start_adapters
 from ..model import Transformer
 from .loop import describe_run, measure_step_time, setup, teardown, train
-from .stage import model_keys, stage_record, start_run
+from .stage import absolute, check_saved_file, model_keys, stage_options, stage_record, start_run
+
+# the options a LoRA continuation keeps in its checkpoints (a plain run keeps none: its weights are in them)
+PRETRAIN_OPTIONS = {"init_from": None, **LORA_OPTIONS}
 
 
 def resolve_run(config_path: str | None, overrides: dict, resume: bool, force: bool, init_from: str | None = None):
@@ -38,6 +42,22 @@ def resolve_run(config_path: str | None, overrides: dict, resume: bool, force: b
     return start
 
 
+def continued_from(start, given: dict) -> tuple[str | None, LoRAConfig | None]:
+    """(the checkpoint whose weights the run starts from, the LoRA adapters to train or None) for a run of
+    resolve_run; given: PRETRAIN_OPTIONS from the command line. A resumed plain run starts from its own
+    checkpoint (None); a LoRA run needs --init-from, its adapters' base, which its checkpoints keep."""
+    saved = start.saved_options()
+    options = stage_options(PRETRAIN_OPTIONS, saved, given)
+    lora = config_from_options(options)
+    if lora is None:
+        return (None if start.resume else options["init_from"]), None
+    if not options["init_from"]:
+        raise ConfigError("--lora-rank needs --init-from: the adapters train on that checkpoint's frozen weights")
+    if given.get("init_from") is None and (saved or {}).get("init_from"):
+        check_saved_file(options["init_from"], "base checkpoint", "--init-from", ConfigError)
+    return options["init_from"], lora
+
+
 def resolve_configs(config_path: str | None, overrides: dict, resume: bool, force: bool,
                     init_from: str | None = None):
     """(ModelConfig, TrainConfig, checkpoint path to resume from or None): resolve_run's configs."""
@@ -47,9 +67,12 @@ def resolve_configs(config_path: str | None, overrides: dict, resume: bool, forc
 
 def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | None = None,
              stop_at_step: int | None = None, dry_run: bool = False, progress: bool = True,
-             warn_vocab: bool = True, init_from: str | None = None) -> dict:
+             warn_vocab: bool = True, init_from: str | None = None, lora: LoRAConfig | None = None) -> dict:
     """Pretrain from train_cfg.data_dir into train_cfg.out_dir; returns the loop's summary (or the dry-run text).
-    init_from: a checkpoint whose weights the run starts from (resolve_configs took its model keys)."""
+    init_from: a checkpoint whose weights the run starts from (resolve_configs took its model keys).
+    lora: train adapters of this config on init_from's frozen weights instead of all weights."""
+    if lora is not None and not init_from:
+        raise ConfigError("--lora-rank needs --init-from: the adapters train on that checkpoint's frozen weights")
 
 
     train_data = ShardDataset(train_cfg.data_dir, "train", model_cfg.max_seq_len)
@@ -66,7 +89,10 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | No
         torch.manual_seed(train_cfg.seed)
         model = Transformer(model_cfg)
         if init_from:
-            model.load_state_dict(load_checkpoint(init_from)["model"])
+            weights = full_weights(load_checkpoint(init_from), init_from)
+            model.load_state_dict(weights)
+            if lora is not None:
+                start_adapters(model, lora, init_from, weights)
         train_batches = ShardBatches(train_data, train_cfg.batch_size, train_cfg.seed, env.rank, env.world)
         val_data = ShardDataset(train_cfg.data_dir, "val", model_cfg.max_seq_len, meta=train_data.meta)
         val_batches = ShardBatches(val_data, train_cfg.batch_size, train_cfg.seed + 1, env.rank, env.world)
@@ -79,7 +105,8 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: str | No
             return {"dry_run": describe_run(model, model_cfg, train_cfg, env, tokens_per_step, measured)}
         summary = train(model, model_cfg, train_cfg, env, train_batches, val_batches,
                         resume=resume, stop_at_step=stop_at_step, progress=progress,
-                        stage=stage_record("pretrain", {}))
+                        stage=stage_record("pretrain", {"init_from": absolute(init_from), **lora.options()}
+                                           if lora else {}))
         summary["tokenizer"] = meta["tokenizer"]["path"]
         return summary
     finally:

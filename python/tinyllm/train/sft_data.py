@@ -37,6 +37,7 @@ from ..errors import DataError
 # with this module and needs no torch
 
 PAD_MULTIPLE = 64
+SHORT_ANSWER_CHARS = 50  # an answer this short is a "short QA" for --short-repeat
 IDENTITY_CHOICES = ("rewrite", "drop", "keep")
 
 # ---- identity cleaning (issue 9) -----------------------------------------------------------------
@@ -373,6 +374,25 @@ class ExampleBatches:
         if state["consumed"] % self.world:
             raise DataError(f"cannot split {state['consumed']} consumed batches over {self.world} processes")
         self.pos = int(state["consumed"]) // self.world
+
+
+def is_short_qa(messages: list[dict], max_chars: int = SHORT_ANSWER_CHARS) -> bool:
+    """One question and one answer of at most max_chars characters (a system prompt aside)."""
+    turns = [m for m in messages if m["role"] != "system"]
+    return len(turns) == 2 and len(turns[1]["content"]) <= max_chars
+
+
+def repeat_short_qa(conversations: list, times: int, max_chars: int = SHORT_ANSWER_CHARS) -> list:
+    """The conversations with every short QA (is_short_qa) in `times` copies: several epochs of the short,
+    simple questions a tiny model can learn to answer within one pass over the long ones. Applied to the
+    train split only, after the split, so that the val split (and every question evaluated on it) is the
+    same with or without repeats."""
+    if times < 1:
+        raise DataError(f"the short QA repeat must be at least 1, got {times}")
+    out = []
+    for messages in conversations:
+        out += [messages] * (times if is_short_qa(messages, max_chars) else 1)
+    return out
 
 
 def split_train_val(items: list, val_fraction: float, seed: int) -> tuple[list, list]:

@@ -129,41 +129,26 @@ def slot_flag() -> str:
     return "--parallel" if "--parallel" in help_text else "--max-concurrent"
 
 
-class LlamaServer:
+class ChildServer(Server):
+    """A server process of the benchmark's own (cmd, listening on port), with the interface of
+    tests/conftest.py's Server (url, proc, output(), stop()), whose output and stop it shares."""
+
+    def __init__(self, cmd: list[str], port: int, name: str, timeout: float, env: dict | None = None,
+                 cwd: Path | None = None):
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        wait_until_healthy(self, name, timeout)
+
+
+class LlamaServer(ChildServer):
     """llama-server (xllamacpp's Server, in a child Python process so that its RSS is its own) on a free
-    loopback port; the same interface as tests/conftest.py's Server: url, proc, stop()."""
+    loopback port."""
 
-    def __init__(self, model: Path, slots: int, threads: int, slot_context: int, timeout: float = 120.0,
-                 package: Path | None = None):
+    def __init__(self, model: Path, slots: int, threads: int, slot_context: int, timeout: float = 120.0):
         port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
-        if package is None:
-            cmd, env = [sys.executable, __file__, "--llama-child", str(model), str(port), str(slots), str(threads),
-                        str(slot_context)], None
-        else:  # an earlier tinyllm (BeforeServer): its package first on the path, run from outside the clone
-            cmd = [sys.executable, "-m", "tinyllm.cli", "serve", str(model), "--port", str(port), "--max-concurrent",
-                   str(slots), "--threads", str(threads), "--log-level", "warning"]
-            env = {**os.environ, "PYTHONPATH": str(package)}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=None if package is None else str(package))
-        wait_until_healthy(self, "llama-server" if package is None else "the earlier server", timeout)
-
-    def output(self) -> str:
-        with open(self.log.name, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        out = self.output()
-        self.log.close()
-        os.unlink(self.log.name)
-        return out
+        super().__init__([sys.executable, __file__, "--llama-child", str(model), str(port), str(slots), str(threads),
+                          str(slot_context)], port, "llama-server", timeout)
 
 
 def llama_child(model: str, port: str, slots: str, threads: str, slot_context: str) -> None:
@@ -199,11 +184,16 @@ def before_package(rev: str) -> Path:
     return pkg
 
 
-class BeforeServer(LlamaServer):
-    """`tinyllm serve` as of an earlier commit (before_package), with the same interface."""
+class BeforeServer(ChildServer):
+    """`tinyllm serve` as of an earlier commit (before_package): its package first on the path, run from
+    outside the clone so that nothing of today's tree is imported."""
 
     def __init__(self, model: Path, slots: int, threads: int, package: Path, timeout: float = 120.0):
-        super().__init__(model, slots, threads, 0, timeout, package=package)
+        port = free_port()
+        super().__init__([sys.executable, "-m", "tinyllm.cli", "serve", str(model), "--port", str(port),
+                          "--max-concurrent", str(slots), "--threads", str(threads), "--log-level", "warning"],
+                         port, "the earlier server", timeout, env={**os.environ, "PYTHONPATH": str(package)},
+                         cwd=package)
 
 
 def start_server(name: str, model: Path, args) -> Server | LlamaServer:
@@ -395,7 +385,7 @@ def measure(model_name: str, model: Path, server_name: str, args) -> tuple[list[
         prefix = summarize_prefix(asyncio.run(conversations(server.url, args.conversations)))
         print(f"  prefix: TTFT turn 1 {prefix['ttft_turn1_p50_s']} s, turn 2 {prefix['ttft_turn2_p50_s']} s "
               f"({prefix['errors']} errors)", flush=True)
-        for clients in ([min(args.clients), max(args.clients)] if server_name == "before" else args.clients):
+        for clients in (sorted({min(args.clients), max(args.clients)}) if server_name == "before" else args.clients):
             results, samples, window, cpu = asyncio.run(load(server.url, pid, clients, args.warmup, args.duration))
             run = {"model": model_name, "server": server_name, "clients": clients,
                    **summarize_load(results, samples, window, cpu)}

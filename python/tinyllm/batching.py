@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,7 +71,6 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.cancelled = False
-        self.submitted_at = self.first_token_at = None
         # the engine's: the KV cache, the generator sampling into it, prompt ids still to feed, the token
         # sampled and not yet fed
         self._session = self._gen = None
@@ -115,7 +113,6 @@ class Engine:
         self.notify = notify or call_on_output
         self._updated: list[Sequence] = []  # sequences to tell about this step's output
         self.steps = 0
-        self.tokens_fed = 0
 
     # ---- from any thread ----
 
@@ -128,7 +125,6 @@ class Engine:
     def submit(self, seq: Sequence) -> None:
         """Queue seq; it joins the batch when a slot is free. A prompt longer than the context is refused here."""
         self.check_fits(seq)
-        seq.submitted_at = time.perf_counter()
         with self._wake:
             self._waiting.append(seq)
             self._wake.notify()
@@ -211,11 +207,9 @@ class Engine:
         self.steps += 1
         for (seq, ids), row in zip(plan, logits):
             if isinstance(ids, int):
-                self.tokens_fed += 1
                 seq._gen.fed([ids], row)
                 seq._next = None
             else:
-                self.tokens_fed += len(ids)
                 del seq._todo[:len(ids)]
                 if seq._todo:
                     continue  # more prompt to feed next step
@@ -283,8 +277,6 @@ class Engine:
         token, text, done = seq._gen.sample()
         seq.completion_tokens += 1
         seq.tokens.append(token)
-        if seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
         if seq.logprobs_top is not None:
             seq.logprobs.append(_logprob(row, token, seq.logprobs_top))
         out, hit = seq.stops.push(text.decode("utf-8", errors="replace"))

@@ -124,7 +124,34 @@ def test_bad_pair_records_are_reported_by_line(tmp_path):
     pairs, report = load_pairs(path, skip_bad=True)
     assert len(pairs) == 2
     assert report.skipped == {"bad JSON": [f"{path}:2"], "missing field": [f"{path}:3"],
-                              "empty answer": [f"{path}:4"]}
+                              "empty answer in a pair": [f"{path}:4"]}
+
+
+@pytest.mark.parametrize("bad", [{"prompt": "你好", "chosen": "好", "rejected": " "},
+                                 {"prompt": "你好", "chosen": "", "rejected": "走开"},
+                                 {"prompt": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": ""},
+                                             {"role": "user", "content": "再说"}], "chosen": "好", "rejected": "走"}])
+def test_dpo_and_reward_train_refuse_an_empty_answer_alike_in_one_line(tmp_path, tok, capsys, bad):
+    """An empty side of a pair was skipped silently by DPO while `reward train` stopped: now both stop with
+    the same line and write nothing, and both skip and count it with --skip-bad."""
+    from tinyllm.cli import main
+    cfg, model = tiny_model(seed=7)
+    start = save_as_checkpoint(tmp_path / "sft.pt", model, cfg)
+    data = _write_jsonl(tmp_path / "pairs.jsonl", _synthetic_pairs(3, seed=3) + [bad] + _synthetic_pairs(3, seed=4))
+    flags = ["--checkpoint", str(start), "--data", data, "--tokenizer", str(tok.path), "--max-steps", "1",
+             "--batch-size", "2", "--no-compile", "--dtype", "fp32", "--device", "cpu", "--no-progress"]
+    errors = {}
+    for command in (["dpo"], ["reward", "train"]):
+        out = tmp_path / command[-1]
+        capsys.readouterr()
+        assert main([*command, *flags, "--out-dir", str(out)]) == 1
+        errors[command[-1]] = capsys.readouterr().err.strip().splitlines()
+        assert not (out / "ckpt.pt").exists()
+    assert errors["dpo"] == errors["train"] and len(errors["dpo"]) == 1, errors
+    assert errors["dpo"][0].startswith("error: ") and "empty" in errors["dpo"][0] and \
+        errors["dpo"][0].endswith(f"({data}:4; pass --skip-bad to skip such records)")
+    assert main(["dpo", *flags, "--out-dir", str(tmp_path / "skipped"), "--skip-bad"]) == 0
+    assert f"1 skipped (empty answer in a pair: {data}:4)" in capsys.readouterr().err
 
 
 def test_make_pairs_takes_reference_answers_as_chosen_and_runtime_samples_as_rejected(tmp_path, tok, capsys):

@@ -193,13 +193,13 @@ def test_reward_commands_train_resume_and_score_every_record_kind(tmp_path, tok,
 def test_pairs_with_empty_answers_are_refused_by_line_or_skipped_and_counted(tmp_path, tok, capsys):
     from tinyllm.cli import main
     from tinyllm.errors import DataError
-    from tinyllm.train.reward import load_reward_pairs
+    from tinyllm.train.pairs import load_pairs
     good = _synthetic_pairs(6, seed=2)
     path = _write_jsonl(tmp_path / "p.jsonl", [good[0], {"prompt": "你好", "chosen": "好", "rejected": " "},
                                                good[1], {"prompt": "你好", "chosen": "", "rejected": "走开"}, *good[2:]])
     with pytest.raises(DataError, match=r"empty rejected answer \(.*p\.jsonl:2; pass --skip-bad"):
-        load_reward_pairs(path)
-    pairs, report = load_reward_pairs(path, skip_bad=True)
+        load_pairs(path)
+    pairs, report = load_pairs(path, skip_bad=True)
     assert len(pairs) == 6 and report.skipped == {"empty answer in a pair": [f"{path}:2", f"{path}:4"]}
     cfg, lm = tiny_model(seed=7)
     start = save_as_checkpoint(tmp_path / "sft.pt", lm, cfg)

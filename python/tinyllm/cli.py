@@ -524,7 +524,8 @@ usually the SFT model. Data (--data, repeatable; JSONL or a JSON list):
 Logged per metrics line: loss, reward_accuracy (share of pairs whose chosen reward is higher),
 reward_margin (mean chosen - rejected reward), chosen_reward and rejected_reward, where a reward is
 beta * (log pi - log ref) of an answer. A pair longer than max_seq_len has its answers cut (the prompt
-kept); one whose prompt alone fills the context is skipped.
+kept); one whose prompt alone fills the context is skipped. A pair with an empty chosen or rejected
+answer stops the read with file:line, or is skipped and counted with --skip-bad (as `reward train`).
 
 ckpt.pt keeps this command's options (--checkpoint, the reference; --data, --tokenizer, --system,
 --skip-bad, --val-fraction, --beta), so `tinyllm dpo --out-dir OUT_DIR --resume` continues the run

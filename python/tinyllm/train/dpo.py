@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..chat import encode, split_conversation
+from ..chat import encode
 from ..errors import DataError
 from ..lora import LORA_OPTIONS, LoRAConfig, adapters_disabled, start_adapters
 from ..model import Transformer
 from .loop import setup, teardown, train
-from .sft_data import (Example, ExampleBatches, ReadReport, RecordError, collate_sft, converted_records,
-                       split_train_val, to_messages)
+from .pairs import load_pairs
+from .sft_data import Example, ExampleBatches, ReadReport, collate_sft, split_train_val
 from .stage import absolute, path_list, stage_record
 
 DPO_DEFAULTS = {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 10, "max_steps": 300, "batch_size": 8,
@@ -31,49 +31,6 @@ DPO_DEFAULTS = {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 10, "max_steps": 300
 
 
 # ---- data -------------------------------------------------------------------------------------------
-
-def _answer(value, what: str) -> str:
-    if isinstance(value, dict):
-        value = value.get("value", value.get("content"))
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
-        value = value[0].get("value", value[0].get("content"))
-    if not isinstance(value, str):
-        raise RecordError("missing field", f"missing or non-text field {what!r}")
-    if not value.strip():
-        raise RecordError("empty answer", f"empty {what} answer")
-    return value
-
-
-def to_pair(record, system: str = "") -> tuple[list[dict], str, str]:
-    """(prompt messages ending with a user message, chosen, rejected) of one preference record."""
-    if not isinstance(record, dict):
-        raise RecordError("bad conversation", f"a record must be a JSON object, got {type(record).__name__}")
-    chosen, rejected = _answer(record.get("chosen"), "chosen"), _answer(record.get("rejected"), "rejected")
-    prompt = record.get("prompt", record.get("conversations", record.get("messages")))
-    if isinstance(prompt, str):
-        if not prompt:
-            raise RecordError("missing field", "empty prompt")
-        prompt = [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list) or not prompt:
-        raise RecordError("missing field", "a record needs 'prompt' (text or messages) or 'conversations'")
-    # reuse the SFT reader's role names and checks: the prompt plus the chosen answer is a conversation
-    key = "conversations" if any("from" in t for t in prompt if isinstance(t, dict)) else "messages"
-    turn = {"from": "gpt", "value": chosen} if key == "conversations" else {"role": "assistant", "content": chosen}
-    messages = to_messages({key: prompt + [turn], "system": record.get("system") or ""}, system)
-    if messages[-1]["content"] != chosen or len(messages) < 2 or messages[-2]["role"] != "user":
-        raise RecordError("bad conversation", "the prompt must end with a user message")
-    split_conversation(messages[:-1])
-    return messages[:-1], chosen, rejected
-
-
-def load_pairs(paths, system: str = "", skip_bad: bool = False):
-    """(pairs, report) from preference files; bad records stop with their place unless skip_bad."""
-    report, out = ReadReport(), []
-    for _place, pair in converted_records(paths, lambda r: to_pair(r, system), report, skip_bad):
-        out.append(pair)
-        report.kept += 1
-    return out, report
-
 
 def _answer_example(tok, prompt, answer: str, seq_len: int) -> Example | None:
     """prompt + answer as an example whose mask covers only this answer and its EOS (cut to fit)."""

@@ -8,9 +8,9 @@ reward(prompt, answer) = head(final normed hidden state at the last token of pro
 the starting (SFT or pretrained) checkpoint's Transformer without its next-token classifier, plus
 head = Linear(dim, 1); every weight trains. loss = -log sigmoid(reward(chosen) - reward(rejected)).
 
-Pairs are read as DPO reads them (tinyllm.train.dpo: prompt text or messages, or LLaMA-Factory's
-conversations), except that a pair with an empty chosen or rejected answer stops the read with its
-place (or is skipped and counted with --skip-bad): a pair missing one side says nothing to learn from.
+Pairs are read as DPO reads them (tinyllm.train.pairs: prompt text or messages, or LLaMA-Factory's
+conversations; a pair with an empty chosen or rejected answer stops the read with its place, or is
+skipped and counted with --skip-bad).
 A sequence longer than max_seq_len keeps its prompt and the answer's start, and still ends with </s>;
 one whose prompt leaves no room for an answer token is skipped and counted.
 
@@ -36,7 +36,7 @@ from ..errors import DataError, FormatError
 from ..fileio import atomic_write
 from ..formats.checkpoint import KIND_KEY, REWARD_KIND, load_checkpoint
 from ..model import Transformer
-from .dpo import to_pair
+from .pairs import load_pairs, refuse_empty_answers, to_pair
 from .loop import setup, teardown, train
 from .sft_data import ExampleBatches, ReadReport, RecordError, converted_records, padded_length, split_train_val, \
     to_messages
@@ -50,7 +50,6 @@ REWARD_DEFAULTS = {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 10, "max_steps": 
 # the stage's options, saved in its checkpoints (tinyllm.train.stage)
 REWARD_OPTIONS = {"checkpoint": None, "data": None, "tokenizer": None, "system": "", "skip_bad": False,
                   "val_fraction": 0.05}
-EMPTY_PAIR_ANSWER = "empty answer in a pair"  # the read's reason: not "empty answer", which SFT skips silently
 
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -104,28 +103,6 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 
 
 # ---- data -----------------------------------------------------------------------------------------
-
-def _strict(convert):
-    """convert with an empty answer made an error of the record (stop, or skip with --skip-bad), not the
-    silent skip that SFT data gets."""
-    def strict(record):
-        try:
-            return convert(record)
-        except RecordError as e:
-            if e.reason == "empty answer":
-                raise RecordError(EMPTY_PAIR_ANSWER, str(e)) from None
-            raise
-    return strict
-
-
-def load_reward_pairs(paths, system: str = "", skip_bad: bool = False):
-    """(pairs [(prompt messages, chosen, rejected)], report) from preference files (DPO's formats)."""
-    report, out = ReadReport(), []
-    for _place, pair in converted_records(paths, _strict(lambda r: to_pair(r, system)), report, skip_bad):
-        out.append(pair)
-        report.kept += 1
-    return out, report
-
 
 def scored_ids(tok, prompt, answer: str, seq_len: int) -> np.ndarray | None:
     """Token ids of prompt + answer ending with the answer's </s>, cut to seq_len (the answer shortened,
@@ -224,7 +201,7 @@ def reward_train(model_cfg, train_cfg, tok, data_paths, *, weights=None, resume=
     stage = stage_record(STAGE_NAME, {"checkpoint": absolute(checkpoint), "data": [absolute(p) for p in paths],
                                       "tokenizer": tokenizer_path, "system": system, "skip_bad": skip_bad,
                                       "val_fraction": val_fraction})
-    pairs, report = load_reward_pairs(paths, system=system, skip_bad=skip_bad)
+    pairs, report = load_pairs(paths, system=system, skip_bad=skip_bad)
     T = model_cfg.max_seq_len
     tokenized = tokenize_reward_pairs(tok, pairs, T, report)
     if not tokenized:
@@ -299,8 +276,8 @@ def score_records(model, tok, paths, *, system: str = "", skip_bad: bool = False
     that is not finite is an error naming its record: nothing is returned to write."""
     report, items = ReadReport(), []
     T = model.config.max_seq_len
-    for place, (record, prompt, answers) in converted_records(path_list(paths), _strict(lambda r: to_scored(r, system)),
-                                                              report, skip_bad):
+    convert = refuse_empty_answers(lambda r: to_scored(r, system))
+    for place, (record, prompt, answers) in converted_records(path_list(paths), convert, report, skip_bad):
         ids = [scored_ids(tok, prompt, a, T) for a in answers]
         if any(i is None for i in ids):
             report.skip("prompt longer than seq_len", place)

@@ -284,6 +284,103 @@ def test_llama_cpp_loads_our_adapter_onto_our_base_and_agrees_with_us(files, sca
         assert max(abs(lp - logprobs[pos, i]) for pos, entries in enumerate(top) for i, lp in entries.items()) <= 1e-3
 
 
+# ---- `tinyllm lora export`: a LoRA checkpoint's adapters as this file ------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tmp_path_factory):
+    """(cfg, base weights, base.pt, adapter pairs {our name: (A, B)}, alpha, lora.pt): a LoRA run's checkpoint
+    made with the functions the training loop saves with (tinyllm.lora), its B random and nonzero (a trained
+    run's B starts at zero), rank 4 on every projection."""
+    import torch
+    from tinyllm.formats.checkpoint import load_checkpoint, save_checkpoint
+    from tinyllm.formats.weights import to_model
+    from tinyllm.lora import LoRAConfig, lora_layers, saved_weights, start_adapters
+    out = tmp_path_factory.mktemp("lora-export")
+    cfg = config()
+    w = random_base(cfg, seed=4)
+    base = out / "base.pt"
+    save_checkpoint(str(base), model=to_model(cfg, w), optimizer=None, step=0, model_config=cfg, train_config={})
+    model = to_model(cfg, w)
+    start_adapters(model, LoRAConfig(4, 8.0, "all"), str(base), load_checkpoint(str(base))["model"])
+    adapters = random_adapter(cfg, seed=6)
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            a, b = adapters[name + ".weight"]
+            layer.lora_a.copy_(torch.from_numpy(a))
+            layer.lora_b.copy_(torch.from_numpy(b))
+    weights, extra = saved_weights(model)
+    path = out / "lora.pt"
+    save_checkpoint(str(path), model=weights, optimizer=None, step=1, model_config=cfg, train_config={}, extra=extra)
+    return cfg, w, base, adapters, 8.0, path
+
+
+@pytest.mark.noasan
+def test_lora_export_gives_llama_cpp_and_run_the_greedy_ids_of_our_merged_model(lora_checkpoint, tmp_path, capsys):
+    """`tinyllm export` writes the base GGUF, `tinyllm lora export` the adapter: stock llama.cpp with both, our
+    runtime and `run -a` with both, torch on the checkpoint merged by our loader, and torch on the weights merged
+    in numpy from the adapter's own tensors all give the same greedy ids, which are not the base's."""
+    import tinyllm
+    from tinyllm.cli import main
+    from tinyllm.formats.checkpoint import load_model
+    from tinyllm.tokenizer import Tokenizer
+    cfg, w, base_pt, adapters, alpha, lora_pt = lora_checkpoint
+    base, adapter = tmp_path / "base.gguf", tmp_path / "adapter.gguf"
+    assert main(["export", "--checkpoint", str(base_pt), "--format", "gguf", "--out", str(base),
+                 "--tokenizer", str(TOKENIZER)]) == 0
+    assert main(["lora", "export", "--checkpoint", str(lora_pt), "--out", str(adapter)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"wrote {adapter}: rank-4 adapters (alpha 8) of {2 * len(MATRICES)} matrices") and \
+        "match torch's merged model" in err, err
+    numpy_merged = merged(w, adapters, alpha / 4)
+    loaded, _ = load_model(str(lora_pt))
+    cpp, ours, plain = llama_cpp(base, adapter), tinyllm.Runtime(base, adapter=adapter), tinyllm.Runtime(base)
+    for ids in PROMPTS:
+        got, _ = complete(cpp, ids, 24)
+        assert got == ours.generate_ids(ids, 24) == torch_greedy(cfg, numpy_merged, ids, 24)
+        assert got == loaded.generate(list(ids), 24, temperature=0)
+        assert got != plain.generate_ids(ids, 24)
+    prompt = "从前有一只小猫"
+    ids = plain.encode(prompt)
+    steps = 24 - len(ids) + 1  # run's -n counts positions from BOS
+    r = subprocess.run([RUN_BIN, str(base), "-t", "0", "-n", "24", "-i", prompt, "-a", str(adapter)],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    want = Tokenizer(TOKENIZER).decode(torch_greedy(cfg, numpy_merged, ids, steps))
+    assert r.stdout.decode().rstrip("\n") == prompt + want
+
+
+@pytest.mark.noasan
+def test_lora_export_f16_round_trips_and_refuses_what_is_no_lora_checkpoint_or_its_base(lora_checkpoint, tmp_path,
+                                                                                      capsys):
+    """f16 A and B are the checkpoint's rounded; a whole model's checkpoint, a base of other weights, a gone
+    base and a non-.gguf name are one line each, with nothing written."""
+    import torch
+    from tinyllm.cli import main
+    from tinyllm.formats.checkpoint import save_checkpoint
+    from tinyllm.formats.gguf import read_lora_adapter
+    from tinyllm.formats.weights import to_model
+    cfg, w, base_pt, adapters, alpha, lora_pt = lora_checkpoint
+    assert main(["lora", "export", "--checkpoint", str(lora_pt), "--out", str(tmp_path / "h.gguf"), "--type", "f16"]) == 0
+    back, back_alpha = read_lora_adapter(tmp_path / "h.gguf", cfg)
+    assert back_alpha == alpha and back.keys() == adapters.keys()
+    for name, (a, b) in adapters.items():
+        np.testing.assert_array_equal(back[name][1], b.astype(np.float16).astype(np.float32))
+    other = tmp_path / "other.pt"
+    save_checkpoint(str(other), model=to_model(cfg, random_base(cfg, seed=9)), optimizer=None, step=0,
+                    model_config=cfg, train_config={})
+    out = tmp_path / "bad.gguf"
+    cases = [(["--checkpoint", str(base_pt)], "error: not a LoRA checkpoint: it holds a whole model"),
+             (["--checkpoint", str(lora_pt), "--base", str(other)], "error: the adapter was trained on another base"),
+             (["--checkpoint", str(lora_pt), "--base", str(tmp_path / "gone.pt")], "error: checkpoint not found"),
+             (["--checkpoint", str(lora_pt), "--out", str(tmp_path / "a.bin")], "error: a LoRA adapter is written as GGUF")]
+    for flags, start in cases:
+        capsys.readouterr()
+        assert main(["lora", "export", "--out", str(out), *flags]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(start), lines
+        assert not out.exists() and not (tmp_path / "a.bin").exists()
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
 def write_raw_adapter(path, tensors, arch="llama", general_type="adapter", adapter_type="lora", alpha=8.0):

@@ -7,6 +7,7 @@
     tinyllm dpo               checkpoint + preference pairs -> DPO checkpoint (`dpo make-pairs` builds pairs)
     tinyllm rl                checkpoint + prompts + reward (rule or model) -> GRPO checkpoint
     tinyllm lora merge        LoRA checkpoint (sft/dpo/pretrain --lora-rank) + its base -> plain checkpoint
+    tinyllm lora export       LoRA checkpoint -> GGUF LoRA adapter for the base's GGUF (llama.cpp, run -a)
     tinyllm reward train      checkpoint + preference pairs -> reward model (`reward score` scores JSONL)
     tinyllm export            checkpoint -> llama2.c .bin, GGUF or HF (verified against the C runtime)
     tinyllm convert           any model file -> any other format (.bin, GGUF, HF, checkpoint)
@@ -188,7 +189,8 @@ few tokens through the C runtime and compare its logits with torch's; a mismatch
 silently broken export gives gibberish). Formats: llama2c (--version 0: legacy fp32, 1: fp32 with a
 256-byte header, 2: Q8_0; the runtime's tok<vocab>.bin is written beside it); gguf (--type
 f32|f16|q8_0|q4_0, tokenizer and chat template embedded; quantized types report bits per weight and
-the logit drift against fp32); hf (a transformers LlamaForCausalLM directory, not checked)."""
+the logit drift against fp32); hf (a transformers LlamaForCausalLM directory, not checked). A LoRA
+checkpoint is written merged into its base; `tinyllm lora export` writes its adapters alone."""
 
     @staticmethod
     def add_arguments(p):
@@ -651,6 +653,44 @@ are not the adapter's is refused."""
         return 0
 
 
+class LoraExport:
+    HELP = "write a LoRA checkpoint's adapters as a GGUF LoRA adapter (llama.cpp's format) for its base's GGUF"
+    DESCRIPTION = """\
+Write the adapters of a LoRA checkpoint (sft, dpo, pretrain --init-from with --lora-rank) alone, as
+the GGUF LoRA adapter that stock llama.cpp (--lora FILE, --lora-scaled FILE S) and our runtime (run
+-a FILE -w S, tinyllm.Runtime(adapter=), tinyllm serve --adapter) load onto a GGUF of the base:
+
+    tinyllm export --checkpoint base.pt --format gguf --out base.gguf      (the base, any --type)
+    tinyllm lora export --checkpoint out/sft-lora --out adapter.gguf
+    ./run base.gguf -a adapter.gguf
+
+The base is where the adapter says, or --base; one whose weights (sha256) or shape are not the
+adapter's is refused. The file is then checked: the C runtime on an fp32 base with the adapter must
+give torch's logits for the base with the adapter merged. `tinyllm export` of the same checkpoint
+writes the merged model instead."""
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("--checkpoint", required=True, metavar="CKPT", help=CHECKPOINT_HELP + " (a LoRA run's)")
+        p.add_argument("--base", metavar="CKPT", help="the base checkpoint (default: the path the adapter names)")
+        p.add_argument("--out", required=True, metavar="FILE", help="GGUF LoRA adapter to write (.gguf)")
+        p.add_argument("--type", choices=["f32", "f16"], default="f32", help="tensor type of A and B")
+
+    @staticmethod
+    def run(args) -> int:
+        from .formats.checkpoint import export_adapter  # torch: the training extras
+        from .formats.verify import check_adapter_export
+        args.checkpoint = pick_checkpoint(args.checkpoint)
+        info = export_adapter(args.checkpoint, args.out, base=args.base, type=args.type)
+        check = check_adapter_export(args.out, info["base_weights"], info["merged"], info["config"])
+        record = info["record"]
+        print(f"wrote {args.out}: rank-{record['rank']} adapters (alpha {record['alpha']:g}) of {info['tensors'] // 2} "
+              f"matrices, {info['parameters']:,} parameters, for a GGUF of {info['base_path']}; the C runtime's logits "
+              f"with it match torch's merged model (max relative difference {check['max_rel_diff']:.2g}; max logit "
+              f"drift vs fp32 {check['max_logit_drift']:.4g})", file=sys.stderr)
+        return 0
+
+
 # ---- reward model --------------------------------------------------------------------------------
 
 class RewardTrain:
@@ -1043,7 +1083,7 @@ STAGES = {
 GROUPS = {
     "tokenizer": ("SentencePiece tokenizer", {"train": TokenizerTrain}),
     "data": ("training data", {"prepare": DataPrepare}),
-    "lora": ("LoRA adapters", {"merge": LoraMerge}),
+    "lora": ("LoRA adapters", {"merge": LoraMerge, "export": LoraExport}),
     "reward": ("reward model", {"train": RewardTrain, "score": RewardScore}),
 }
 # stages under a stage: `tinyllm dpo make-pairs`

@@ -21,9 +21,10 @@ from ..config import ModelConfig
 from ..data import prepared_tokenizer
 from ..errors import FormatError
 from ..fileio import atomic_write
-from ..lora import adapter_record, merged_weights
+from ..lora import adapter_record, merged_weights, record_config
 from ..model import Transformer
 from .convert import runtime_model_kind
+from .gguf import write_lora_adapter
 from .weights import clean_state_dict
 
 CHECKPOINT_FORMAT = "tinyllm-checkpoint"
@@ -160,11 +161,17 @@ def full_weights(ckpt: dict, path: str, base: str | None = None) -> dict:
     (tinyllm.lora) its adapters merged into the base it names (base, when given, replaces that path). The
     base's shape and fingerprint must be the ones the adapter was trained on."""
     refuse_other_kind(ckpt, path)
-    record = adapter_record(ckpt)
-    if record is None:
+    if adapter_record(ckpt) is None:
         return ckpt["model"]
-    base_path = base or (record.get("base") or {}).get("path")
-    if not base_path or not os.path.isfile(base_path):
+    base_path, base_weights = adapter_base(ckpt, path, base)
+    return merged_weights(Transformer(_model_config(ckpt, path)), base_weights, ckpt, path, base_path)
+
+
+def adapter_base(ckpt: dict, path: str, base: str | None = None) -> tuple[str, dict]:
+    """(path, whole weights) of a LoRA checkpoint's base: base when given, else the path the adapter names;
+    a base of another shape is refused (its fingerprint is checked where the adapters are applied)."""
+    base_path = base or (adapter_record(ckpt).get("base") or {}).get("path")
+    if base is None and (not base_path or not os.path.isfile(base_path)):  # a --base given: load_checkpoint says
         raise FormatError(f"this LoRA checkpoint's base checkpoint is gone ({base_path}); merge it with "
                           f"`tinyllm lora merge --checkpoint {path} --base BASE --out merged.pt` ({path})")
     base_ckpt = load_checkpoint(base_path)
@@ -173,8 +180,7 @@ def full_weights(ckpt: dict, path: str, base: str | None = None) -> dict:
         changed = sorted(k for k, v in cfg.to_dict().items() if base_cfg.to_dict().get(k) != v)
         raise FormatError(f"the adapter was trained on a model of another shape: {base_path} differs in "
                           f"{', '.join(changed)} ({path})")
-    base_weights = full_weights(base_ckpt, base_path)  # a base may itself be a LoRA run's
-    return merged_weights(Transformer(cfg), base_weights, ckpt, path, base_path)
+    return base_path, full_weights(base_ckpt, base_path)  # a base may itself be a LoRA run's
 
 
 def refuse_other_kind(ckpt: dict, path: str):
@@ -209,3 +215,30 @@ def merge_adapter_checkpoint(path: str, out: str, base: str | None = None) -> di
                     train_config=ckpt.get("train_config") or {},
                     extra={"merged_from": {"adapter": os.path.abspath(path), "base": os.path.abspath(base_path)}})
     return record
+
+
+def export_adapter(path: str, out: str, base: str | None = None, type: str = "f32") -> dict:
+    """Write a LoRA checkpoint's adapters as a GGUF LoRA adapter (atomic; formats.gguf.write_lora_adapter)
+    for a GGUF of its base, after checking that base (shape and fingerprint: the adapter applied to any
+    other weights would compute something it was never trained for). Returns the writer's counts plus
+    record, config, base_path, base_weights and merged (the weights base + adapters stand for)."""
+    ckpt = load_checkpoint(path)
+    refuse_other_kind(ckpt, path)
+    record = adapter_record(ckpt)
+    if record is None:
+        raise FormatError(f"not a LoRA checkpoint: it holds a whole model; `tinyllm export` writes it, and "
+                          f"LoRA adapters come from a run with --lora-rank ({path})")
+    if os.path.splitext(out)[1].lower() != ".gguf":
+        raise FormatError(f"a LoRA adapter is written as GGUF: name the output *.gguf ({out})")
+    named = (record.get("base") or {}).get("path")
+    if base is None and not (named and os.path.isfile(named)):
+        raise FormatError(f"this LoRA checkpoint's base checkpoint is gone ({named}); name it with --base ({path})")
+    cfg = _model_config(ckpt, path)
+    base_path, base_weights = adapter_base(ckpt, path, base)
+    merged = merged_weights(Transformer(cfg), base_weights, ckpt, path, base_path)  # checks keys and shapes too
+    config = record_config(record, path)
+    pairs = {f"{module}.weight": (ckpt["model"][f"{module}.lora_a"], ckpt["model"][f"{module}.lora_b"])
+             for module in sorted({k.rpartition(".")[0] for k in ckpt["model"]})}
+    info = write_lora_adapter(out, pairs, config.alpha, cfg, type=type)
+    return {**info, "record": record, "config": cfg, "base_path": base_path, "base_weights": base_weights,
+            "merged": merged}

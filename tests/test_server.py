@@ -233,6 +233,67 @@ def test_serve_with_a_missing_model_exits_with_one_line(tmp_path):
     assert r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 
 
+# ---- a LoRA adapter (issue 19) ------------------------------------------------------------------------
+
+def write_random_adapter(path, rank=4, seed=0):
+    """A GGUF LoRA adapter for the bundled chat model on wq and w2 of every layer, A and B random (numpy):
+    large enough to change the greedy text."""
+    import numpy as np
+    from tinyllm.formats.convert import read_any
+    from tinyllm.formats.gguf import write_lora_adapter
+    cfg, w, _ = read_any(MODEL)
+    rng = np.random.default_rng(seed)
+    adapters = {}
+    for layer in range(cfg.n_layers):
+        for matrix in ("attention.wq", "feed_forward.w2"):
+            rows, cols = w[f"layers.{layer}.{matrix}.weight"].shape
+            adapters[f"layers.{layer}.{matrix}.weight"] = (rng.standard_normal((rank, cols)) / np.sqrt(cols),
+                                                           rng.standard_normal((rows, rank)) * 0.2)
+    write_lora_adapter(path, adapters, 2.0 * rank, cfg)
+    return path
+
+
+def test_serve_with_an_adapter_answers_as_the_runtime_with_that_adapter_and_scale(tmp_path, runtime):
+    import tinyllm
+    from conftest import Server
+    adapter = write_random_adapter(tmp_path / "adapter.gguf")
+    with_adapter = tinyllm.Runtime(MODEL, adapter=adapter, adapter_scale=0.5)
+    server = Server(MODEL, "--adapter", adapter, "--adapter-scale", 0.5)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for question in QUESTIONS[:2]:
+            messages = [{"role": "user", "content": question}]
+            got = client.chat.completions.create(model="chat15M", messages=messages, max_tokens=32, temperature=0)
+            want = with_adapter.chat(messages, max_new_tokens=32, temperature=0)
+            assert got.choices[0].message.content == want
+            assert want != runtime.chat(messages, max_new_tokens=32, temperature=0)  # the adapter changes the answer
+        got = client.completions.create(model="chat15M", prompt="从前", max_tokens=24, temperature=0)
+        assert got.choices[0].text == with_adapter.generate("从前", max_new_tokens=24, temperature=0)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--adapter", "{other}"], "an adapter for another model"),
+    (["--adapter", str(MODEL)], "a LoRA adapter is a GGUF file"),
+    (["--adapter-scale", "0.5"], "--adapter-scale scales an adapter: name one with --adapter"),
+])
+def test_serve_refuses_a_bad_adapter_in_one_line(tmp_path, flags, words):
+    import subprocess
+    import sys
+    import numpy as np
+    from conftest import free_port
+    from tinyllm.config import ModelConfig
+    from tinyllm.formats.gguf import write_lora_adapter
+    other = tmp_path / "other.gguf"
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=5000, max_seq_len=64, hidden_dim=160)
+    write_lora_adapter(other, {"layers.0.attention.wq.weight": (np.ones((2, 64)), np.ones((64, 2)))}, 4.0, cfg)
+    r = subprocess.run([sys.executable, "-m", "tinyllm.cli", "serve", str(MODEL), "--port", str(free_port()),
+                        *[f.format(other=other) for f in flags]], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
+
+
 # ---- edge validation, limits and defaults (issues 13 and 14) ----------------------------------------
 
 @pytest.mark.parametrize("body, field", [

@@ -1000,7 +1000,8 @@ Serve MODEL (llama2.c .bin or GGUF) with the C runtime over an OpenAI-compatible
 /metrics (Prometheus), /tokenize and /detokenize (as llama-server has them), and a web chat page
 at / that works offline. Concurrent requests are decoded together (continuous batching: one forward
 step advances every running sequence); each has its own KV cache, and a request that starts as an
-earlier one did (a system prompt, the next turn of a chat) reuses that one's cache.
+earlier one did (a system prompt, the next turn of a chat) reuses that one's cache. --adapter puts
+a GGUF LoRA adapter on MODEL for every request (`tinyllm lora export` writes one from a LoRA run).
 
     tinyllm serve models/chat15M.bin
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -1020,6 +1021,12 @@ given to --api-key."""
         p.add_argument("--threads", type=int, default=None, help="threads for the matmuls (default: physical cores)")
         p.add_argument("--kv-cache", choices=["f32", "f16"], default="f32",
                        help="the KV caches' element type (f16: half the memory per sequence; logits move by ~3e-4)")
+        p.add_argument("--adapter", metavar="FILE",
+                       help="a GGUF LoRA adapter for MODEL (llama.cpp's format; `tinyllm lora export` writes one), "
+                            "applied to every request; one made for another model is refused at start")
+        p.add_argument("--adapter-scale", type=float, default=None, metavar="S",
+                       help="the adapter's scale: each adapted matrix acts as W + S * alpha/rank * B A, as "
+                            "llama.cpp's --lora-scaled (default: 1)")
         p.add_argument("--max-tokens", type=int, default=0,
                        help="the most tokens a request may ask for (0: the model's context length)")
         p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted, in KiB")
@@ -1056,7 +1063,10 @@ given to --api-key."""
                 or not args.drain_seconds >= 0:
             raise TinyLLMError("--max-body-kb and --max-connections must be >= 1, --parallel, --max-queue and "
                                "--max-tokens >= 0, the timeouts > 0")
-        runtime = Runtime(args.model, args.tokenizer, threads=args.threads, kv_cache=args.kv_cache)
+        if args.adapter_scale is not None and args.adapter is None:
+            raise InvalidArgumentError("--adapter-scale scales an adapter: name one with --adapter")
+        runtime = Runtime(args.model, args.tokenizer, threads=args.threads, kv_cache=args.kv_cache,
+                          adapter=args.adapter, adapter_scale=1.0 if args.adapter_scale is None else args.adapter_scale)
         model_id = args.model_id or os.path.splitext(os.path.basename(args.model))[0]
         limits = Limits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
                         parallel=args.parallel, max_queue=args.max_queue, max_connections=args.max_connections,

@@ -16,6 +16,7 @@ from .errors import ConfigError, FormatError
 # small enough that no size computed from them overflows, and max_seq_len bounds what a context costs.
 MODEL_LIMITS = {"dim": 1 << 16, "hidden_dim": 1 << 18, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
                 "vocab_size": 1 << 22, "max_seq_len": 1 << 20}
+MAX_EXPERTS = 256  # experts per layer, as runtime/model.c allows
 MAX_PIECES = 1 << 28  # tokenizer pieces, as runtime/tokenizer.c allows
 # SentencePiece's piece types (ModelProto.SentencePiece.Type), which tok.bin and GGUF store
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -83,6 +84,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True  # classifier shares the token embedding matrix
     dropout: float = 0.0
+    # mixture of experts (0 experts: the dense SwiGLU feed-forward). Each token's feed-forward is the
+    # weighted sum of n_experts_active of n_experts SwiGLU experts, picked by a softmax router and
+    # weighted by their renormalised router probabilities (Mixtral's and llama.cpp's rule), plus
+    # n_shared_experts experts every token goes through
+    n_experts: int = 0
+    n_experts_active: int = 2
+    n_shared_experts: int = 0
+    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added in training
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -114,6 +123,26 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        self._validate_experts()
+
+    def _validate_experts(self):
+        for name in ("n_experts", "n_experts_active", "n_shared_experts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.n_experts > MAX_EXPERTS:
+            raise ValueError(f"ModelConfig.n_experts = {self.n_experts} is more than the {MAX_EXPERTS} the runtime allows")
+        if self.n_experts and not 0 < self.n_experts_active <= self.n_experts:
+            raise ValueError(f"ModelConfig.n_experts_active must be 1 to n_experts ({self.n_experts}), "
+                             f"got {self.n_experts_active}")
+        if self.n_shared_experts and not self.n_experts:
+            raise ValueError("ModelConfig.n_shared_experts needs n_experts > 0 (a dense model has no experts to share)")
+        if not (_as_float32(self.moe_aux_loss_coef) >= 0 and math.isfinite(_as_float32(self.moe_aux_loss_coef))):
+            raise ValueError(f"ModelConfig.moe_aux_loss_coef must be a finite float >= 0, got {self.moe_aux_loss_coef}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
 
     @property
     def head_dim(self) -> int:
@@ -211,6 +240,10 @@ MODEL_FIELD_HELP = {
     "rope_theta": "RoPE base frequency",
     "tie_embeddings": "share the classifier with the token embedding",
     "dropout": "dropout probability (0 for small data-rich runs)",
+    "n_experts": "mixture-of-experts feed-forward with this many experts per layer (0: dense SwiGLU)",
+    "n_experts_active": "experts each token is routed to (top-k of the softmax router)",
+    "n_shared_experts": "experts every token goes through besides the routed ones (GGUF/HF export refuse them)",
+    "moe_aux_loss_coef": "weight of the load-balancing loss (Switch Transformer form) added to the training loss",
 }
 
 

@@ -32,6 +32,9 @@ TARGET_GROUPS = {"attn": ATTENTION_TARGETS, "ffn": FFN_TARGETS, "all": ATTENTION
 SHORT_TARGETS = {name.split(".")[1]: name for name in ATTENTION_TARGETS + FFN_TARGETS}
 # the stage options (tinyllm.train.stage) of a LoRA run; None: a full fine-tuning run
 LORA_OPTIONS = {"lora_rank": None, "lora_alpha": None, "lora_targets": None}
+# a model attribute: module paths that train in full beside the adapters (a reward model's new head has no
+# base weights to adapt); their tensors are saved and restored with the adapters
+FULL_MODULES_ATTR = "lora_full_modules"
 
 
 # ---- the config ---------------------------------------------------------------------------------
@@ -143,9 +146,9 @@ def has_lora(model) -> bool:
 
 
 def apply_lora(model, rank: int, alpha: float | None = None, targets="all", dropout: float = 0.0):
-    """Freeze every parameter of model (a Transformer) and give the target projections of every layer
-    adapters (alpha None: twice the rank); returns model. Refuses, before changing anything, a rank of 0
-    or one larger than min(in, out) of a target."""
+    """Freeze every parameter of model (a Transformer; but those of its FULL_MODULES_ATTR modules) and give
+    the target projections of every layer adapters (alpha None: twice the rank); returns model. Refuses,
+    before changing anything, a rank of 0 or one larger than min(in, out) of a target."""
     if has_lora(model):
         raise ConfigError("this model already has LoRA adapters; merge them first (tinyllm.lora.merge_lora)")
     config = LoRAConfig(rank, 2.0 * rank if alpha is None else alpha, targets, dropout)
@@ -155,17 +158,25 @@ def apply_lora(model, rank: int, alpha: float | None = None, targets="all", drop
             parent_path, attr = target.split(".")
             parent = getattr(layer, parent_path)
             linear = getattr(parent, attr)
+            if not isinstance(linear, nn.Linear):  # an MoE layer's stacked experts
+                raise ConfigError(f"LoRA adapts dense projections; layers.{i}.{target} holds the experts of a "
+                                  f"mixture-of-experts layer: use --lora-targets attn")
             limit = min(linear.in_features, linear.out_features)
             if config.rank > limit:
                 raise ConfigError(f"--lora-rank {config.rank} is larger than layers.{i}.{target} allows: at most "
                                   f"{limit} (its {linear.in_features} inputs, {linear.out_features} outputs)")
             sites.append((parent, attr, linear))
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(_trains_in_full(model, name))
     for parent, attr, linear in sites:
         setattr(parent, attr, LoRALinear(linear, config.rank, config.alpha, config.dropout))
     model.lora_config = config
     return model
+
+
+def _trains_in_full(model, name: str) -> bool:
+    """Whether parameter `name` is in one of the model's modules that train in full (FULL_MODULES_ATTR)."""
+    return any(name.startswith(m + ".") for m in getattr(model, FULL_MODULES_ATTR, ()))
 
 
 @contextlib.contextmanager
@@ -203,11 +214,15 @@ def merge_lora(model):
 # ---- adapter tensors ----------------------------------------------------------------------------
 
 def lora_state_dict(model) -> dict[str, torch.Tensor]:
-    """The adapter tensors alone: {path.lora_a, path.lora_b} of every adapted projection."""
+    """What a LoRA run trains: {path.lora_a, path.lora_b} of every adapted projection, and the parameters of
+    the modules that train in full beside them (FULL_MODULES_ATTR: a reward model's head)."""
     out = {}
     for name, m in lora_layers(model).items():
         out[f"{name}.lora_a"] = m.lora_a.detach()
         out[f"{name}.lora_b"] = m.lora_b.detach()
+    for name, p in model.named_parameters():
+        if _trains_in_full(model, name):
+            out[name] = p.detach()
     return out
 
 
@@ -269,11 +284,13 @@ def record_config(record: dict, where: str) -> LoRAConfig:
 
 def saved_weights(model) -> tuple[object, dict]:
     """(what a checkpoint's "model" holds, what its extra gains): the adapter tensors and the adapter
-    record for an adapted model, else the model itself and nothing."""
+    record for an adapted model, else the model itself and nothing. The adapted model's own marks
+    (checkpoint_extra, e.g. a reward model's kind) go into extra too: save_checkpoint reads them off a
+    model, and it gets a state dict here."""
     if not has_lora(model):
         return model, {}
     record = {**model.lora_config.to_dict(), "base": dict(getattr(model, "lora_base", {"path": None, "sha256": None}))}
-    return lora_state_dict(model), {ADAPTER_KEY: record}
+    return lora_state_dict(model), {**getattr(model, "checkpoint_extra", {}), ADAPTER_KEY: record}
 
 
 def restore_weights(model, ckpt: dict, where: str):
@@ -307,13 +324,15 @@ def check_base(record: dict, fingerprint: str, where: str, base_path: str | None
                           f"({where})")
 
 
-def merged_weights(model, base_weights: dict, ckpt: dict, where: str, base_path: str | None = None) -> dict:
+def merged_weights(model, base_weights: dict, ckpt: dict, where: str, base_path: str | None = None,
+                   load_base=None) -> dict:
     """The state dict of ckpt's adapters folded into base_weights, computed on model (a fresh Transformer
-    of the checkpoint's config); base fingerprint and adapter shapes are checked first."""
+    of the checkpoint's config); base fingerprint and adapter shapes are checked first. load_base(weights)
+    puts the base into model (default: model.load_state_dict; a reward model takes a language model's)."""
     record = adapter_record(ckpt)
     config = record_config(record, where)
     check_base(record, weights_fingerprint(base_weights), where, base_path)
-    model.load_state_dict(base_weights)
+    (load_base or model.load_state_dict)(base_weights)
     apply_lora(model, config.rank, config.alpha, config.targets, config.dropout)
     load_lora_state_dict(model, ckpt["model"], where)
     return merge_lora(model).state_dict()

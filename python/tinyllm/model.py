@@ -96,15 +96,80 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden_dim: int | None = None):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        hidden_dim = hidden_dim or cfg.hidden_dim
+        self.w1 = nn.Linear(cfg.dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden_dim, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
+    def forward(self, x, moe_stats=None):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class ExpertLinear(nn.Module):
+    """One bias-free linear layer per expert, stacked: weight (n_experts, out, in), the layout of GGUF's
+    *_exps tensors, so that an expert's matrix is one contiguous slice."""
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)  # Transformer re-initialises it like every matrix
+
+    def forward(self, x, expert: int):
+        return F.linear(x, self.weight[expert])
+
+
+def route(router_logits, k: int):
+    """The top-k experts of each row of router_logits (tokens, n_experts) and their weights: softmax over all
+    experts, the k most probable (ties go to the lower index), their probabilities renormalised to sum to 1.
+    Returns (probs (tokens, n_experts) fp32, weights (tokens, k), experts (tokens, k))."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    # a stable sort, not topk: the order of equal probabilities is then defined, the C runtime's
+    top_probs, experts = torch.sort(probs, dim=-1, descending=True, stable=True)
+    top_probs, experts = top_probs[:, :k], experts[:, :k]
+    return probs, top_probs / top_probs.sum(-1, keepdim=True), experts
+
+
+class MoEFeedForward(nn.Module):
+    """A mixture of SwiGLU experts: each token goes through n_experts_active of them (route), summed with
+    the router's weights, plus the shared experts' FeedForward (one of n_shared_experts * hidden_dim).
+
+    Training adds a load-balancing loss (Switch Transformer's: n_experts * sum_e f_e * P_e, f_e the share
+    of routed slots expert e got, P_e its mean router probability; 1 when perfectly even) and counts the
+    tokens each expert received: both go to moe_stats, a list the caller gives."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.k = cfg.n_experts, cfg.n_experts_active
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.w1 = ExpertLinear(cfg.n_experts, cfg.dim, cfg.hidden_dim)
+        self.w2 = ExpertLinear(cfg.n_experts, cfg.hidden_dim, cfg.dim)
+        self.w3 = ExpertLinear(cfg.n_experts, cfg.dim, cfg.hidden_dim)
+        self.shared = FeedForward(cfg, cfg.n_shared_experts * cfg.hidden_dim) if cfg.n_shared_experts else None
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, moe_stats=None):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs, weights, experts = route(self.router(x), self.k)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in range(self.n_experts):
+            # every expert runs, on the rows routed to it (maybe none): each parameter gets a gradient every
+            # step, which DDP requires
+            rows, slot = torch.where(experts == e)
+            h = x[rows]
+            y = self.w2(F.silu(self.w1(h, e)) * self.w3(h, e), e)
+            out.index_add_(0, rows, y.float() * weights[rows, slot, None])
+        out = self.dropout(out.type_as(x)).reshape(shape)
+        if self.shared is not None:
+            out = out + self.shared(x.reshape(shape))
+        if moe_stats is not None:
+            load = torch.bincount(experts.flatten(), minlength=self.n_experts)
+            share = load.float() / experts.numel()
+            moe_stats.append((self.n_experts * (share * probs.mean(0)).sum(), load))
+        return out
 
 
 class Block(nn.Module):
@@ -113,11 +178,11 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoEFeedForward(cfg) if cfg.is_moe else FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, start_pos=0):
+    def forward(self, x, cos, sin, cache=None, layer=0, start_pos=0, moe_stats=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start_pos)
-        return x + self.feed_forward(self.ffn_norm(x))
+        return x + self.feed_forward(self.ffn_norm(x), moe_stats)
 
 
 class Transformer(nn.Module):
@@ -136,6 +201,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, min(cfg.max_seq_len, ROPE_PREBUILT_POSITIONS), cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.expert_load = None  # MoE: tokens per expert and layer since pop_expert_load
         self.apply(self._init_weights)
         # GPT-2 style: scale the residual projections down with depth
         for name, p in self.named_parameters():
@@ -150,21 +216,39 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding, ExpertLinear)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, targets=None, cache: KVCache | None = None, start_pos: int = 0):
         """Logits (batch, seq, vocab) for every position; with targets also the mean cross-entropy
         over targets that are not -100 (the ignore index marks unsupervised positions)."""
-        logits = self.output(self.hidden(tokens, cache, start_pos))
+        # the balancing loss is a training term: validation losses stay cross-entropy, comparable to dense models'
+        moe_stats = [] if self.config.is_moe and targets is not None and self.training else None
+        logits = self.output(self.hidden(tokens, cache, start_pos, moe_stats))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if moe_stats:
+            loss = loss + self.moe_loss_and_load(moe_stats)
         return logits, loss
 
-    def hidden(self, tokens, cache: KVCache | None = None, start_pos: int = 0):
+    def moe_loss_and_load(self, moe_stats: list):
+        """The load-balancing loss to add (coefficient x mean over layers) of a training forward's moe_stats;
+        the tokens each expert got are added up in expert_load (layers x experts), which pop_expert_load reads."""
+        aux = torch.stack([a for a, _ in moe_stats]).mean()
+        load = torch.stack([n for _, n in moe_stats])
+        self.expert_load = load if self.expert_load is None else self.expert_load + load
+        return self.config.moe_aux_loss_coef * aux
+
+    def pop_expert_load(self) -> list[list[int]] | None:
+        """Tokens routed to each expert of each layer since the last call (None for a dense model or none)."""
+        load, self.expert_load = self.expert_load, None
+        return None if load is None else load.tolist()
+
+    def hidden(self, tokens, cache: KVCache | None = None, start_pos: int = 0, moe_stats: list | None = None):
         """The final normed hidden states (batch, seq, dim) that the classifier reads; a reward model's
-        scalar head (tinyllm.train.reward) reads them instead."""
+        scalar head (tinyllm.train.reward) reads them instead. An MoE model appends each layer's
+        (load-balancing loss, tokens per expert) to moe_stats when given."""
         T = tokens.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
@@ -174,7 +258,7 @@ class Transformer(nn.Module):
         sin = self.rope_sin[start_pos:start_pos + T]
         x = self.dropout(self.tok_embeddings(tokens))
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, start_pos)
+            x = layer(x, cos, sin, cache, i, start_pos, moe_stats)
         return self.norm(x)
 
     def num_params(self) -> int:
@@ -189,12 +273,17 @@ class Transformer(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
+    def num_active_params(self) -> int:
+        """Parameters a token goes through: an MoE model's experts count n_experts_active times of n_experts."""
+        cfg = self.config
+        idle = cfg.n_experts - cfg.n_experts_active if cfg.is_moe else 0
+        return self.num_params() - cfg.n_layers * idle * 3 * cfg.dim * cfg.hidden_dim
+
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward), PaLM appendix B estimate."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B estimate, on the active parameters."""
         cfg = self.config
         T = seq_len or cfg.max_seq_len
-        n = self.num_params()
-        return 6 * n + 12 * cfg.n_layers * cfg.dim * T
+        return 6 * self.num_active_params() + 12 * cfg.n_layers * cfg.dim * T
 
     @torch.no_grad()
     def generate(self, tokens: list[int], max_new_tokens: int, temperature: float = 0.0,

@@ -31,7 +31,7 @@ import gguf
 import numpy as np
 
 from ..chat import JINJA_TEMPLATE
-from ..config import ModelConfig, infer_piece_types, validate_vocab
+from ..config import MAX_EXPERTS, ModelConfig, infer_piece_types, validate_vocab
 from ..errors import ConfigError, FormatError, TokenizerError
 from ..fileio import atomic_path
 from ..sampling import DEFAULTS, MODEL_SAMPLING_KEYS
@@ -136,6 +136,10 @@ def write_gguf(path, model_or_state_dict, config: ModelConfig, tokenizer=None, t
     Returns {"bytes", "weights", "bits_per_weight"}: bits over the stored tensors (norms included) per
     parameter."""
     cfg = config
+    if cfg.n_shared_experts:
+        raise FormatError(f"this MoE model has {cfg.n_shared_experts} shared expert(s), which GGUF's llama "
+                          f"architecture has no tensors for (llama.cpp would run it without them); export it to "
+                          f"a checkpoint instead, or train without --n-shared-experts")
     w = state_arrays(model_or_state_dict)
     plan = tensor_plan(w, cfg)
     encoded = [(n, *encode_tensor(n, a, type)) for n, a in plan]  # errors before any file is touched
@@ -160,6 +164,9 @@ def write_gguf(path, model_or_state_dict, config: ModelConfig, tokenizer=None, t
         writer.add_rope_freq_base(float(cfg.rope_theta))
         writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
         writer.add_vocab_size(cfg.vocab_size)
+        if cfg.is_moe:  # llama.cpp's llama MoE: softmax router, the top expert_used_count renormalised
+            writer.add_expert_count(cfg.n_experts)
+            writer.add_expert_used_count(cfg.n_experts_active)
         _add_sampling(writer, sampling or {})
         if vocab is not None:
             _add_vocab(writer, vocab, chat_template)
@@ -260,7 +267,7 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
             max_seq_len=field("llama.context_length", int, required=True),
             norm_eps=float(f"{field('llama.attention.layer_norm_rms_epsilon', float, required=True):.7g}"),
             rope_theta=float(f"{field('llama.rope.freq_base', float, 10000.0):.7g}"),
-            tie_embeddings="output.weight" not in tensors)
+            tie_embeddings="output.weight" not in tensors, **_read_expert_counts(field, path))
     except ValueError as e:  # ModelConfig.validate names the bad value
         raise FormatError(f"{e} ({path})") from None
     _check_llama_keys(field, cfg, tensors, path)
@@ -292,6 +299,22 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
     return cfg, w, vocab
 
 
+def _read_expert_counts(field, path) -> dict:
+    """ModelConfig's expert fields from llama.expert_count / expert_used_count (none: a dense model), under
+    the C reader's rules: used 1 to count, count at most MAX_EXPERTS."""
+    n_experts = field("llama.expert_count", int, 0)
+    used = field("llama.expert_used_count", int, 0)
+    if n_experts == 0:
+        if used:
+            raise FormatError(f"llama.expert_used_count is {used} but llama.expert_count is 0 ({path})")
+        return {}
+    if not 0 < used <= n_experts:
+        raise FormatError(f"llama.expert_used_count {used} must be 1 to llama.expert_count ({n_experts}) ({path})")
+    if n_experts > MAX_EXPERTS:
+        raise FormatError(f"llama.expert_count {n_experts} is more than the {MAX_EXPERTS} tinyllm runs ({path})")
+    return {"n_experts": n_experts, "n_experts_active": used}
+
+
 def _check_llama_keys(field, cfg: ModelConfig, tensors: dict, path):
     """What the C reader refuses beyond the hyper-parameters: keys for a model it does not run."""
     vocab_size = field("llama.vocab_size", int, cfg.vocab_size)
@@ -303,8 +326,6 @@ def _check_llama_keys(field, cfg: ModelConfig, tensors: dict, path):
         if value != cfg.head_dim:
             raise FormatError(f"GGUF key {key} = {value}, not the head size {cfg.head_dim} (tinyllm runs dense llama "
                               f"models with full-width RoPE) ({path})")
-    if field("llama.expert_count", int, 0) != 0:
-        raise FormatError(f"llama.expert_count is not 0: mixture-of-experts models are not supported ({path})")
     if field("llama.rope.scaling.type", str, "none") != "none":
         raise FormatError(f"RoPE scaling {field('llama.rope.scaling.type', str)!r} is not supported ({path})")
     if "rope_freqs.weight" in tensors:

@@ -56,7 +56,11 @@ def dequantize_q8(q: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarr
 
 def write_model(path, model_or_state_dict, config: ModelConfig, version: int = 1, group_size: int | None = None):
     """Write a llama2.c model file: v0 (legacy fp32), v1 (fp32) or v2 (int8 groups). Atomic."""
-    cfg, w = config, state_arrays(model_or_state_dict)
+    cfg = config
+    if cfg.is_moe:
+        raise FormatError(f"llama2.c .bin files hold dense models only; this one has {cfg.n_experts} experts per "
+                          f"layer: export it as GGUF (--format gguf) or Hugging Face (--format hf) instead")
+    w = state_arrays(model_or_state_dict)
     separate = has_separate_classifier(w, cfg)
     if version == 0:
         if cfg.rope_theta != DEFAULT_ROPE_THETA or cfg.norm_eps != DEFAULT_NORM_EPS:

@@ -26,6 +26,12 @@ HF_LAYER_NAMES = {
     "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
     "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+# an MoE layer's feed-forward instead (ModelConfig.n_experts > 0): the router (n_experts, dim) and the experts'
+# matrices stacked (n_experts, rows, cols), llama.cpp's *_exps tensors
+GGUF_MOE_NAMES = {"feed_forward.router": "ffn_gate_inp", "feed_forward.w1": "ffn_gate_exps",
+                  "feed_forward.w3": "ffn_up_exps", "feed_forward.w2": "ffn_down_exps"}
+# the shared experts' FeedForward of an MoE layer (no GGUF llama or Mixtral name: those formats refuse them)
+SHARED_EXPERT_MATRICES = ["feed_forward.shared.w1", "feed_forward.shared.w2", "feed_forward.shared.w3"]
 GGUF_GLOBAL_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
                      "output.weight": "output.weight"}
 HF_GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -85,11 +91,18 @@ def has_separate_classifier(w: dict, cfg: ModelConfig) -> bool:
 
 
 def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """The shape of each of our tensors under cfg (rows, cols; vectors (n,))."""
-    d, h, kv = cfg.dim, cfg.hidden_dim, cfg.kv_dim
+    """The shape of each of our tensors under cfg (rows, cols; vectors (n,); experts (n_experts, rows, cols))."""
+    d, h, kv, e = cfg.dim, cfg.hidden_dim, cfg.kv_dim, cfg.n_experts
     per_layer = {"attention.wq": (d, d), "attention.wk": (kv, d), "attention.wv": (kv, d), "attention.wo": (d, d),
                  "feed_forward.w1": (h, d), "feed_forward.w3": (h, d), "feed_forward.w2": (d, h),
                  "attention_norm": (d,), "ffn_norm": (d,)}
+    if cfg.is_moe:
+        per_layer.update({"feed_forward.router": (e, d), "feed_forward.w1": (e, h, d), "feed_forward.w3": (e, h, d),
+                          "feed_forward.w2": (e, d, h)})
+        shared = cfg.n_shared_experts * h
+        if shared:
+            per_layer.update({"feed_forward.shared.w1": (shared, d), "feed_forward.shared.w3": (shared, d),
+                              "feed_forward.shared.w2": (d, shared)})
     shapes = {"tok_embeddings.weight": (cfg.vocab_size, d), "norm.weight": (d,), "output.weight": (cfg.vocab_size, d)}
     for i in range(cfg.n_layers):
         for key, shape in per_layer.items():
@@ -100,8 +113,13 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple]:
 def gguf_names(cfg: ModelConfig) -> dict[str, str]:
     """Our name -> GGUF name for every tensor of cfg, in llama.cpp's order (output.weight last)."""
     names = {"tok_embeddings.weight": GGUF_GLOBAL_NAMES["tok_embeddings.weight"]}
+    layer_names = dict(GGUF_LAYER_NAMES)
+    if cfg.is_moe:
+        for ours in GGUF_MOE_NAMES:
+            layer_names.pop(ours, None)  # keep llama.cpp's order: the router and experts after ffn_norm
+        layer_names.update(GGUF_MOE_NAMES)
     for i in range(cfg.n_layers):
-        for ours, theirs in GGUF_LAYER_NAMES.items():
+        for ours, theirs in layer_names.items():
             names[f"layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
     names["norm.weight"] = GGUF_GLOBAL_NAMES["norm.weight"]
     names["output.weight"] = GGUF_GLOBAL_NAMES["output.weight"]

@@ -38,6 +38,7 @@ RISING_EVALS_WARNING = 2     # warn when val loss has risen this many evaluation
 METRICS_NAME = "metrics.jsonl"
 STAGE_KEY = "stage"          # extra[STAGE_KEY] of ckpt.pt: the stage's name and options (tinyllm.train.stage)
 PLOT_NAME = "loss.png"
+EXPERTS_PLOT_NAME = "experts.png"  # MoE runs: expert load per layer
 
 # dense bf16 peak TFLOP/s of GPUs we know, for MFU (matched against torch.cuda.get_device_name)
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
@@ -376,6 +377,27 @@ class Metrics:
         with atomic_write(self.plot_path, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
+        loads = [(r["step"], r["expert_load"]) for r in records if r.get("expert_load")]
+        if loads:
+            plot_expert_load(plt, loads, os.path.join(os.path.dirname(self.path), EXPERTS_PLOT_NAME))
+
+
+def plot_expert_load(plt, loads: list, path: str):
+    """An MoE run's balance per layer over the steps: the busiest expert's tokens over the mean (1 is even;
+    n_experts would be one expert taking everything)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    steps = [step for step, _ in loads]
+    for layer in range(len(loads[0][1])):
+        ratios = [max(load[layer]) * len(load[layer]) / max(sum(load[layer]), 1) for _, load in loads]
+        ax.plot(steps, ratios, label=f"layer {layer}", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("busiest expert's tokens / mean")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
 
 
 # ---- stopping on a signal, tracking val loss -------------------------------------------------------------
@@ -567,6 +589,8 @@ def _train(model, model_cfg: ModelConfig, cfg: TrainConfig, env: Env, train_batc
     loss = None
     loss_sum, since_log = torch.zeros((), device=env.device), 0
     first_step = True
+    if model_cfg.is_moe:
+        model.pop_expert_load()  # drop what timing the threads routed
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -608,6 +632,8 @@ def _train(model, model_cfg: ModelConfig, cfg: TrainConfig, env: Env, train_batc
                 record["mfu"] = round(mfu, 4)
             if hasattr(loss_fn, "pop_metrics"):  # e.g. DPO's reward accuracy and margins since the last log
                 record.update(loss_fn.pop_metrics())
+            if model_cfg.is_moe:  # tokens routed to each expert of each layer since the last line (rank 0's)
+                record["expert_load"] = model.pop_expert_load()
             metrics.log(record)
             bar.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else ""),
                                 refresh=False)

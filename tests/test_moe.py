@@ -1,0 +1,333 @@
+"""Mixture-of-experts models (issue 18) on the Python side: the torch MoE feed-forward against a per-token
+numpy reference, the load-balancing loss and expert load in training, and our GGUF against stock llama.cpp
+(xllamacpp), which runs llama-architecture MoE files with its own routing code."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_synthetic_tokenizer
+from test_gguf import LlamaCpp, log_softmax
+from tinyllm.config import ModelConfig
+from tinyllm.errors import FormatError
+from tinyllm.model import FeedForward, MoEFeedForward, Transformer
+
+VOCAB = 300
+
+
+def moe_config(**kw):
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=128, hidden_dim=96,
+                n_experts=4, n_experts_active=2)
+    return ModelConfig(**{**base, **kw})
+
+
+def random_moe(seed=0, **kw):
+    """Random weights with logits spread over a few units (greedy choices are not near-ties) and a router
+    sharp enough that tokens really go to different experts."""
+    torch.manual_seed(seed)
+    cfg = moe_config(**kw)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.tok_embeddings.weight.mul_(8.0)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif p.dim() >= 2 and "tok_embeddings" not in name:
+                p.mul_(12.0 if "router" in name else 4.0)
+    return cfg, model
+
+
+def reference_moe(ffn: MoEFeedForward, x: np.ndarray) -> np.ndarray:
+    """The MoE feed-forward token by token in float64 numpy, written from the definition: softmax over the
+    router's logits, the k most probable experts (the lower index first among equals), their
+    probabilities renormalised, the weighted sum of their SwiGLU outputs."""
+    router = ffn.router.weight.detach().double().numpy()
+    w1, w2, w3 = (m.weight.detach().double().numpy() for m in (ffn.w1, ffn.w2, ffn.w3))
+    out = np.zeros_like(x, dtype=np.float64)
+    for t, row in enumerate(x.astype(np.float64)):
+        logits = router @ row
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        chosen = sorted(range(len(p)), key=lambda e: (-p[e], e))[:ffn.k]
+        total = sum(p[e] for e in chosen)
+        for e in chosen:
+            gate = w1[e] @ row
+            out[t] += p[e] / total * (w2[e] @ (gate / (1 + np.exp(-gate)) * (w3[e] @ row)))
+    return out
+
+
+@pytest.mark.parametrize("n_experts,k", [(4, 1), (4, 2), (8, 2), (8, 3)])
+def test_moe_feed_forward_matches_a_per_token_reference(n_experts, k):
+    cfg, model = random_moe(n_experts=n_experts, n_experts_active=k)
+    ffn = model.layers[0].feed_forward
+    x = torch.randn(3, 17, cfg.dim)
+    with torch.no_grad():
+        got = ffn(x).numpy().reshape(-1, cfg.dim)
+    want = reference_moe(ffn, x.numpy().reshape(-1, cfg.dim))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_router_ties_go_to_the_lowest_expert_indices():
+    cfg, model = random_moe(n_experts=8, n_experts_active=3)
+    ffn = model.layers[0].feed_forward
+    with torch.no_grad():
+        ffn.router.weight.zero_()  # every expert equally likely for every token
+        x = torch.randn(5, cfg.dim)
+        got = ffn(x).numpy()
+    want = reference_moe(ffn, x.numpy())
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    # the same as averaging experts 0, 1 and 2 by hand
+    by_hand = sum(ffn.w2(torch.nn.functional.silu(ffn.w1(x, e)) * ffn.w3(x, e), e) for e in range(3)) / 3
+    assert torch.allclose(torch.from_numpy(got), by_hand.detach(), atol=1e-5)
+
+
+def test_one_expert_moe_is_the_dense_feed_forward_with_the_same_weights():
+    cfg = moe_config(n_experts=1, n_experts_active=1)
+    moe = MoEFeedForward(cfg)
+    dense = FeedForward(ModelConfig(**{**cfg.to_dict(), "n_experts": 0}))
+    with torch.no_grad():
+        for name in ("w1", "w2", "w3"):
+            getattr(dense, name).weight.copy_(getattr(moe, name).weight[0])
+        x = torch.randn(2, 9, cfg.dim)
+        assert torch.allclose(moe(x), dense(x), atol=1e-6)
+
+
+def test_dense_models_have_no_expert_tensors_and_count_all_parameters_as_active():
+    dense = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=VOCAB, hidden_dim=96))
+    assert not any("router" in n or "shared" in n for n, _ in dense.named_parameters())
+    assert dense.num_active_params() == dense.num_params()
+    moe = Transformer(moe_config(n_experts=8, n_experts_active=2))
+    idle = 2 * (8 - 2) * 3 * 64 * 96  # layers x idle experts x three matrices
+    assert moe.num_params() - moe.num_active_params() == idle
+
+
+def test_balancing_loss_is_switch_transformers_and_expert_load_counts_every_routed_slot():
+    cfg, model = random_moe(n_experts=4, n_experts_active=2, moe_aux_loss_coef=0.5)
+    model.train()
+    tokens = torch.randint(0, VOCAB, (2, 24))
+    stats = []
+    model.hidden(tokens, moe_stats=stats)
+    for layer, (aux, load) in enumerate(stats):
+        assert int(load.sum()) == 2 * 24 * 2
+        # recompute from the layer's own router on the same inputs
+        captured = {}
+        hook = model.layers[layer].feed_forward.router.register_forward_hook(
+            lambda m, i, o: captured.setdefault("logits", o.detach()))
+        model.hidden(tokens)
+        hook.remove()
+        probs = torch.softmax(captured["logits"].reshape(-1, 4).double(), -1)
+        share = load.double() / load.sum()
+        assert abs(aux.item() - 4 * float((share * probs.mean(0)).sum())) < 1e-5
+    _, loss = model(tokens, tokens)
+    with torch.no_grad():
+        model.eval()
+        _, ce = model(tokens, tokens)  # evaluation: cross-entropy alone
+    want = 0.5 * float(torch.stack([a for a, _ in stats]).mean())
+    assert abs(float(loss) - float(ce) - want) < 1e-5
+    assert model.pop_expert_load() == torch.stack([n for _, n in stats]).tolist()
+    assert model.pop_expert_load() is None
+
+
+def test_every_expert_gets_a_gradient_even_one_that_receives_no_token():
+    cfg, model = random_moe(n_experts=4, n_experts_active=1)
+    model.train()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.feed_forward.router.weight.zero_()
+            layer.feed_forward.router.weight[0] += 0  # all ties: expert 0 takes every token
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    _, loss = model(tokens, tokens)
+    loss.backward()
+    load = model.pop_expert_load()
+    assert all(row == [32, 0, 0, 0] for row in load)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for g in grads.values())  # DDP needs every parameter in the graph
+    w1 = grads["layers.0.feed_forward.w1.weight"]
+    assert w1[0].abs().sum() > 0 and w1[1:].abs().sum() == 0
+
+
+def test_pretraining_an_moe_logs_expert_load_and_plots_it(tmp_path):
+    from test_data import synthetic_documents, write_jsonl
+    from test_train import small_configs
+    from tinyllm.corpus import Source
+    from tinyllm.data import prepare
+    from tinyllm.tokenizer import train_tokenizer
+    from tinyllm.train import loop
+    from tinyllm.train.pretrain import pretrain
+    tok = str(train_tokenizer(iter(synthetic_documents(300, seed=5)), 512, tmp_path / "tok"))
+    src = write_jsonl(tmp_path / "corpus.jsonl", [{"text": d} for d in synthetic_documents(300)])
+    prepare([Source(src)], tok, str(tmp_path / "data"), val_fraction=0.1, progress=False)
+    model_cfg, train_cfg = small_configs(str(tmp_path / "data"), tmp_path / "out", n_experts=4, n_experts_active=2,
+                                         hidden_dim=48, max_steps=12)
+    pretrain(model_cfg, train_cfg, progress=False)
+    records = loop.Metrics.read(str(tmp_path / "out" / loop.METRICS_NAME))
+    loads = [r["expert_load"] for r in records if "loss" in r]
+    tokens_per_step = train_cfg.batch_size * model_cfg.max_seq_len
+    assert len(loads) == 12
+    assert all(len(load) == 2 and all(sum(row) == tokens_per_step * 2 for row in load) for load in loads)
+    assert os.path.getsize(tmp_path / "out" / loop.EXPERTS_PLOT_NAME) > 1000
+    first, last = records[0]["loss"], [r["loss"] for r in records if "loss" in r][-1]
+    assert last < first - 0.5  # it learns
+
+
+# ---- formats ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / f"tok{VOCAB}.bin"
+    write_synthetic_tokenizer(path, VOCAB)
+    return path
+
+
+def torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0][0].numpy()
+
+
+def quantized_reference(model, cfg, type_):
+    """A torch model holding the weights as a GGUF of this type stores them."""
+    from tinyllm.formats.gguf import dequantized
+    w = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    reference = Transformer(cfg).eval()
+    reference.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in dequantized(w, cfg, type_).items()})
+    return reference
+
+
+PROMPT = [1, 17, 201, 45, 88, 3, 250, 120, 9, 61, 33, 7]
+
+
+@pytest.mark.noasan
+@pytest.mark.parametrize("n_experts,k,n_kv_heads,type_", [(4, 1, 2, "f32"), (4, 2, 4, "f32"), (8, 2, 2, "f32"),
+                                                          (8, 2, 2, "q8_0"), (4, 2, 2, "q4_0"), (8, 3, 1, "f16")])
+def test_llama_cpp_runs_our_moe_gguf_with_our_logits(tmp_path, tok_path, n_experts, k, n_kv_heads, type_):
+    from tinyllm.formats.gguf import read_gguf, write_gguf
+    cfg, model = random_moe(seed=n_experts + k, n_experts=n_experts, n_experts_active=k, n_kv_heads=n_kv_heads)
+    path = tmp_path / "moe.gguf"
+    write_gguf(path, model, cfg, tokenizer=tok_path, type=type_)
+    back, w, _ = read_gguf(path)
+    assert (back.n_experts, back.n_experts_active, back.n_shared_experts) == (n_experts, k, 0)
+    reference = quantized_reference(model, cfg, type_) if type_ != "f32" else model
+    got, top, _ = LlamaCpp(path).complete(PROMPT, 24)
+    assert got == reference.generate(PROMPT, 24)
+    ours = log_softmax(torch_logits(reference, PROMPT + got[:-1])[len(PROMPT) - 1:])
+    error = max(abs(lp - ours[pos, i]) for pos, entries in enumerate(top) for i, lp in entries.items())
+    # llama.cpp rounds activations (to 8 bits for q8_0/q4_0, to halves for f16) and we do not; routing is
+    # discontinuous, so a router logit it moves can swap an expert where two are nearly tied, which moves
+    # logprobs by tenths. A wrong expert layout moves them by units (the test below).
+    assert error <= (1e-3 if type_ == "f32" else 0.4)
+
+
+@pytest.mark.noasan
+def test_llama_cpp_expert_layout_is_ours(tmp_path, tok_path):
+    """Experts stored in another order (the router unchanged) give other logits in llama.cpp: the agreement
+    above is a real test of the stacked (n_experts, rows, cols) layout."""
+    from tinyllm.formats.gguf import write_gguf
+    cfg, model = random_moe(seed=7, n_experts=4, n_experts_active=2)
+    write_gguf(tmp_path / "right.gguf", model, cfg, tokenizer=tok_path)
+    sd = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    for i in range(cfg.n_layers):
+        for m in ("w1", "w2", "w3"):
+            sd[f"layers.{i}.feed_forward.{m}.weight"] = sd[f"layers.{i}.feed_forward.{m}.weight"][[1, 0, 3, 2]]
+    write_gguf(tmp_path / "swapped.gguf", sd, cfg, tokenizer=tok_path)
+    right = LlamaCpp(tmp_path / "right.gguf").complete(PROMPT, 8)[1]
+    swapped = LlamaCpp(tmp_path / "swapped.gguf").complete(PROMPT, 8)[1]
+    ours = log_softmax(torch_logits(model, PROMPT))[-1]  # the first generated position's logprobs
+    assert max(abs(lp - ours[i]) for i, lp in right[0].items()) < 1e-3
+    assert max(abs(lp - ours[i]) for i, lp in swapped[0].items()) > 1.0
+
+
+def test_gguf_round_trip_keeps_the_experts(tmp_path, tok_path):
+    from tinyllm.formats.gguf import read_gguf, write_gguf
+    cfg, model = random_moe(n_experts=8, n_experts_active=2)
+    write_gguf(tmp_path / "m.gguf", model, cfg, tokenizer=tok_path)
+    back, w, _ = read_gguf(tmp_path / "m.gguf")
+    assert back == cfg
+    for name, p in model.state_dict().items():
+        assert np.array_equal(w[name], p.numpy()), name
+
+
+def test_formats_without_shared_experts_or_experts_refuse_them(tmp_path):
+    from tinyllm.formats.gguf import write_gguf
+    from tinyllm.formats.llama2c import write_model
+    cfg, model = random_moe(n_shared_experts=1)
+    with pytest.raises(FormatError, match="shared expert"):
+        write_gguf(tmp_path / "s.gguf", model, cfg)
+    assert not (tmp_path / "s.gguf").exists()
+    cfg, model = random_moe()
+    with pytest.raises(FormatError, match="dense models only"):
+        write_model(tmp_path / "m.bin", model, cfg)
+    assert not (tmp_path / "m.bin").exists()
+
+
+def _rewritten_gguf(tmp_path, tok_path, edit):
+    """A valid MoE GGUF re-written through gguf's writer with edit(fields, tensors) applied."""
+    import gguf
+    from tinyllm.formats.gguf import write_gguf
+    cfg, model = random_moe()
+    src = tmp_path / "src.gguf"
+    write_gguf(src, model, cfg, tokenizer=tok_path)
+    r = gguf.GGUFReader(src)
+    fields = {f.name: f for f in r.fields.values() if not f.name.startswith("GGUF.")}
+    tensors = [(t.name, np.array(t.data)) for t in r.tensors]
+    ints, tensors = edit({"llama.expert_count": 4, "llama.expert_used_count": 2}, tensors)
+    out = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(out, "llama")
+    for name, f in fields.items():
+        if name in ("general.architecture", "llama.expert_count", "llama.expert_used_count"):
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_array(name, f.contents())
+        else:
+            w.add_key_value(name, f.contents(), f.types[0])
+    for name, value in ints.items():
+        if value is not None:
+            w.add_uint32(name, value)
+    for name, data in tensors:
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda kv, t: ({**kv, "llama.expert_used_count": 5}, t), "expert_used_count 5 must be 1 to"),
+    (lambda kv, t: ({**kv, "llama.expert_used_count": 0}, t), "expert_used_count 0 must be 1 to"),
+    (lambda kv, t: ({**kv, "llama.expert_count": 0}, t), "expert_count is 0"),
+    (lambda kv, t: ({**kv, "llama.expert_count": 8}, t), "ffn_gate_inp.weight has shape"),
+    (lambda kv, t: (kv, [(n, d[:, :3] if n == "blk.1.ffn_gate_inp.weight" else d) for n, d in t]),
+     "blk.1.ffn_gate_inp.weight has shape"),
+    (lambda kv, t: ({**kv, "llama.expert_count": None, "llama.expert_used_count": None}, t),
+     "unexpected tensor blk.0.ffn_gate_inp.weight"),
+])
+def test_moe_gguf_whose_expert_counts_disagree_is_refused(tmp_path, tok_path, edit, words):
+    from tinyllm.formats.gguf import read_gguf
+    path = _rewritten_gguf(tmp_path, tok_path, edit)
+    with pytest.raises(FormatError, match=words):
+        read_gguf(path)
+
+
+def test_moe_preset_has_the_active_compute_of_stories15m():
+    from tinyllm.config import build_configs, load_preset
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    dense = Transformer(build_configs(load_preset(os.path.join(root, "stories15M.toml")))[0])
+    moe_cfg = build_configs(load_preset(os.path.join(root, "stories15M-moe.toml")))[0]
+    moe = Transformer(moe_cfg)
+    assert moe_cfg.n_experts > moe_cfg.n_experts_active > 1  # top-1 would give the router no gradient
+    assert abs(moe.flops_per_token() / dense.flops_per_token() - 1) < 0.01
+    assert moe.num_params() > 2 * dense.num_params()
+    json.dumps(moe_cfg.to_dict())
+
+
+def test_lora_on_an_moe_model_adapts_attention_and_refuses_the_experts():
+    from tinyllm.errors import ConfigError
+    from tinyllm.lora import apply_lora, lora_layers
+    _, model = random_moe()
+    with pytest.raises(ConfigError, match="experts of a mixture-of-experts layer"):
+        apply_lora(model, 4, targets="ffn")
+    assert not lora_layers(model)  # nothing changed
+    apply_lora(model, 4, targets="attn")
+    assert len(lora_layers(model)) == 2 * 4

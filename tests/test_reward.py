@@ -136,6 +136,43 @@ def test_reward_model_separates_held_out_pairs_of_a_synthetic_preference(tmp_pat
     assert sum(r["chosen_reward"] > r["rejected_reward"] for r in scored) == round(stats["accuracy"] * 40)
 
 
+def test_lora_reward_model_holds_only_adapters_and_head_and_separates_held_out_pairs(tmp_path, tok, capsys):
+    """`reward train --lora-rank`: the frozen body's adapters and the head train, the checkpoint holds those
+    alone and names its base; scored from that checkpoint (merged into the base), held-out pairs are
+    separated above chance; a base of other weights is refused in one line."""
+    import torch
+    from tinyllm.cli import main
+    from tinyllm.formats.checkpoint import load_checkpoint
+    from tinyllm.train.reward import load_reward_model, score_records
+    cfg, lm = tiny_model(seed=5)
+    start = save_as_checkpoint(tmp_path / "sft.pt", lm, cfg)
+    data = _write_jsonl(tmp_path / "pairs.jsonl", _synthetic_pairs(64, seed=1))
+    flags = ["--max-steps", "30", "--batch-size", "8", "--lr", "1e-2", "--min-lr", "1e-3", "--warmup-steps", "3",
+             "--log-interval", "10", "--eval-interval", "15", "--eval-steps", "2", "--no-compile", "--dtype", "fp32",
+             "--device", "cpu", "--no-progress"]
+    assert main(["reward", "train", "--checkpoint", str(start), "--data", data, "--tokenizer", str(tok.path),
+                 "--val-fraction", "0.25", "--lora-rank", "4", "--lora-targets", "attn", "--out-dir",
+                 str(tmp_path / "rm"), *flags]) == 0, capsys.readouterr().err
+    ckpt = load_checkpoint(str(tmp_path / "rm" / "ckpt.pt"))
+    adapters = {f"layers.{i}.attention.{m}.lora_{ab}" for i in range(cfg.n_layers) for m in ("wq", "wk", "wv", "wo")
+                for ab in "ab"}
+    assert set(ckpt["model"]) == adapters | {"reward_head.weight", "reward_head.bias"}
+    assert ckpt["extra"]["kind"] == "reward" and ckpt["extra"]["lora"]["rank"] == 4
+    assert ckpt["extra"]["lora"]["base"]["path"] == str(start)
+    assert all(ckpt["model"][k].abs().max() > 0 for k in adapters if k.endswith("lora_b"))  # the adapters trained
+    model, _ = load_reward_model(str(tmp_path / "rm" / "ckpt.pt"))
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith("reward_head.")}
+    assert any(not torch.equal(v, lm.state_dict()[k]) for k, v in body.items())  # merged: W + scale B A
+    held = _write_jsonl(tmp_path / "held.jsonl", _synthetic_pairs(40, seed=99))
+    _, stats, _ = score_records(model, tok, [held])
+    assert stats["pairs"] == 40 and stats["accuracy"] >= 0.75 and stats["mean_margin"] > 0, stats  # chance: 0.5
+    save_as_checkpoint(start, tiny_model(seed=6)[1], cfg)  # the base replaced by other weights
+    capsys.readouterr()
+    assert main(["reward", "score", "--checkpoint", str(tmp_path / "rm" / "ckpt.pt"), "--data", held]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the adapter was trained on another base"), err
+
+
 # ---- the commands -----------------------------------------------------------------------------------
 
 def test_reward_commands_train_resume_and_score_every_record_kind(tmp_path, tok, capsys):

@@ -374,12 +374,12 @@ class Sample:
 RESUMED = "with --resume: the run's"
 
 
-def _add_lora_arguments(parser, base: str):
+def _add_lora_arguments(parser, base: str, merged_by: str = "`tinyllm export`"):
     """--lora-rank/--lora-alpha/--lora-targets (tinyllm.lora), saved in the run's checkpoints."""
     group = parser.add_argument_group(f"LoRA: train low-rank adapters of the projections on the frozen {base}")
     group.add_argument("--lora-rank", type=int, metavar="R",
                        help=f"train rank-R adapters instead of all weights; checkpoints then hold only the adapters "
-                            f"and name their base (path and weights' sha256); `tinyllm export` merges them (default: "
+                            f"and name their base (path and weights' sha256); {merged_by} merges them (default: "
                             f"off; {RESUMED})")
     group.add_argument("--lora-alpha", type=float, metavar="A",
                        help=f"the adapters' update is scaled by A / R (default: 2R; {RESUMED})")
@@ -708,7 +708,8 @@ evaluation val_accuracy (share of held-out pairs whose chosen answer scores high
 Writes OUT_DIR/ckpt.pt, best.pt, metrics.jsonl and loss.png like the other stages; ckpt.pt keeps
 this command's options, so `tinyllm reward train --out-dir OUT_DIR --resume` continues the run.
 The checkpoints are marked as a reward model: `tinyllm reward score` reads them, export, sample,
-eval, sft and dpo refuse them."""
+eval, sft and dpo refuse them. With --lora-rank the body stays frozen and only its LoRA adapters
+and the head train; the checkpoints then hold those alone and name --checkpoint as their base."""
 
     @staticmethod
     def add_arguments(parser):
@@ -731,6 +732,8 @@ eval, sft and dpo refuse them."""
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
         parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
                             help="stop with a checkpoint at step N as if out of time (--resume continues)")
+        _add_lora_arguments(parser, "--checkpoint (the reward head trains in full beside them)",
+                            merged_by="`tinyllm reward score` (and rl --reward-model)")
         group = parser.add_argument_group("config keys (train keys; the model comes from the checkpoint)")
         add_config_arguments(group)
 
@@ -747,7 +750,7 @@ eval, sft and dpo refuse them."""
                                resume=start.resume, system=o["system"], skip_bad=o["skip_bad"],
                                val_fraction=o["val_fraction"], checkpoint=o["checkpoint"],
                                stop_at_step=args.stop_at_step, progress=not args.no_progress,
-                               log=lambda m: print(m, file=sys.stderr) if master else None)
+                               log=lambda m: print(m, file=sys.stderr) if master else None, lora=start.lora)
         if not master:
             return 0
         return finish("trained the reward model", summary, args._argv)

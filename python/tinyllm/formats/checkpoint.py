@@ -238,7 +238,7 @@ def export_adapter(path: str, out: str, base: str | None = None, type: str = "f3
     merged = merged_weights(Transformer(cfg), base_weights, ckpt, path, base_path)  # checks keys and shapes too
     config = record_config(record, path)
     pairs = {f"{module}.weight": (ckpt["model"][f"{module}.lora_a"], ckpt["model"][f"{module}.lora_b"])
-             for module in sorted({k.rpartition(".")[0] for k in ckpt["model"]})}
+             for module in sorted(k[:-len(".lora_a")] for k in ckpt["model"] if k.endswith(".lora_a"))}
     info = write_lora_adapter(out, pairs, config.alpha, cfg, type=type)
     return {**info, "record": record, "config": cfg, "base_path": base_path, "base_weights": base_weights,
             "merged": merged}

@@ -6,7 +6,9 @@
 reward(prompt, answer) = head(final normed hidden state at the last token of prompt + answer), the
 </s> that closes the answer: the one position whose causal context is the whole exchange. The model is
 the starting (SFT or pretrained) checkpoint's Transformer without its next-token classifier, plus
-head = Linear(dim, 1); every weight trains. loss = -log sigmoid(reward(chosen) - reward(rejected)).
+head = Linear(dim, 1); every weight trains, or with --lora-rank the head and LoRA adapters of the
+frozen body (tinyllm.lora: the checkpoints then hold only those and name the starting checkpoint as
+their base). loss = -log sigmoid(reward(chosen) - reward(rejected)).
 
 Pairs are read as DPO reads them (tinyllm.train.pairs: prompt text or messages, or LLaMA-Factory's
 conversations; a pair with an empty chosen or rejected answer stops the read with its place, or is
@@ -34,7 +36,8 @@ from ..chat import encode
 from ..config import ModelConfig
 from ..errors import DataError, FormatError
 from ..fileio import atomic_write
-from ..formats.checkpoint import KIND_KEY, REWARD_KIND, load_checkpoint
+from ..formats.checkpoint import KIND_KEY, REWARD_KIND, adapter_base, load_checkpoint
+from ..lora import FULL_MODULES_ATTR, LORA_OPTIONS, LoRAConfig, adapter_record, merged_weights, start_adapters
 from ..model import Transformer
 from .pairs import load_pairs, refuse_empty_answers, to_pair
 from .loop import setup, teardown, train
@@ -49,7 +52,7 @@ REWARD_DEFAULTS = {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 10, "max_steps": 
                    "out_dir": "out/reward"}
 # the stage's options, saved in its checkpoints (tinyllm.train.stage)
 REWARD_OPTIONS = {"checkpoint": None, "data": None, "tokenizer": None, "system": "", "skip_bad": False,
-                  "val_fraction": 0.05}
+                  "val_fraction": 0.05, **LORA_OPTIONS}
 
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -65,6 +68,7 @@ class RewardModel(Transformer):
         nn.init.normal_(self.reward_head.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.reward_head.bias)
         self.checkpoint_extra = {KIND_KEY: REWARD_KIND}  # formats.checkpoint.save_checkpoint adds it to extra
+        setattr(self, FULL_MODULES_ATTR, ("reward_head",))  # with LoRA the new head trains in full
 
     def forward(self, tokens, last):
         h = self.hidden(tokens)
@@ -88,13 +92,26 @@ def load_reward_model(path: str, device="cpu") -> tuple[RewardModel, dict]:
     if (ckpt.get("extra") or {}).get(KIND_KEY) != REWARD_KIND:
         raise FormatError(f"not a reward model: train one with `tinyllm reward train --checkpoint {path} ...` "
                           f"({path})")
+    weights = ckpt["model"] if adapter_record(ckpt) is None else _merged_reward_weights(ckpt, path)  # its own errors
     try:
         model = RewardModel(ModelConfig.from_dict(ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
     except (ValueError, TypeError, RuntimeError) as e:
         raise FormatError(f"reward checkpoint weights do not fit its config: {str(e).splitlines()[0]} ({path})") \
             from None
     return model.to(device).eval(), ckpt
+
+
+def _merged_reward_weights(ckpt: dict, path: str) -> dict:
+    """A LoRA reward run's checkpoint (adapters + head) folded into the language model it names as base:
+    the state dict of the plain reward model. The base's shape and fingerprint are checked."""
+    base = (adapter_record(ckpt).get("base") or {}).get("path")
+    if not base or not os.path.isfile(base):
+        raise FormatError(f"this LoRA reward model's base checkpoint is gone ({base}); its adapters need it ({path})")
+    base_path, base_weights = adapter_base(ckpt, path)
+    model = RewardModel(ModelConfig.from_dict(ckpt["model_config"]))
+    return merged_weights(model, base_weights, ckpt, path, base_path,
+                          load_base=lambda w: model.load_language_model(w, base_path))
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -193,14 +210,16 @@ class RewardLoss:
 
 def reward_train(model_cfg, train_cfg, tok, data_paths, *, weights=None, resume=None, system: str = "",
                  skip_bad: bool = False, val_fraction: float = 0.05, checkpoint: str | None = None,
-                 stop_at_step: int | None = None, progress: bool = True, log=print) -> dict:
+                 stop_at_step: int | None = None, progress: bool = True, log=print,
+                 lora: LoRAConfig | None = None) -> dict:
     """Train a reward model whose body starts from weights (a language model's state dict), or resume a
-    reward run; returns the loop's summary plus the data report. checkpoint: the file weights came from."""
+    reward run; returns the loop's summary plus the data report. checkpoint: the file weights came from.
+    lora: train the head and adapters of this config on the frozen body (their base: checkpoint)."""
     paths = path_list(data_paths)
     tokenizer_path = absolute(getattr(tok, "path", None))
     stage = stage_record(STAGE_NAME, {"checkpoint": absolute(checkpoint), "data": [absolute(p) for p in paths],
                                       "tokenizer": tokenizer_path, "system": system, "skip_bad": skip_bad,
-                                      "val_fraction": val_fraction})
+                                      "val_fraction": val_fraction, **(lora.options() if lora else {})})
     pairs, report = load_pairs(paths, system=system, skip_bad=skip_bad)
     T = model_cfg.max_seq_len
     tokenized = tokenize_reward_pairs(tok, pairs, T, report)
@@ -214,6 +233,8 @@ def reward_train(model_cfg, train_cfg, tok, data_paths, *, weights=None, resume=
         model = RewardModel(model_cfg)
         if weights is not None:  # replaced by the checkpoint's weights on resume
             model.load_language_model(weights, checkpoint or "the starting weights")
+        if lora is not None:  # the language model's weights are the adapters' base, frozen
+            start_adapters(model, lora, checkpoint, weights)
         model.checkpoint_extra.update({"tokenizer": tokenizer_path, "started_from": absolute(checkpoint)})
         collate = functools.partial(collate_reward_pairs, seq_len=T)
         batches = ExampleBatches(train_pairs, train_cfg.batch_size, train_cfg.seed, collate, env.rank, env.world)

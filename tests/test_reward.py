@@ -173,6 +173,19 @@ def test_lora_reward_model_holds_only_adapters_and_head_and_separates_held_out_p
     assert len(err) == 1 and err[0].startswith("error: the adapter was trained on another base"), err
 
 
+@pytest.mark.parametrize("rank, message", [("0", "--lora-rank must be a whole number of at least 1, got 0"),
+                                           ("999", "--lora-rank 999 is larger than layers.0.attention.wq allows")])
+def test_reward_train_refuses_a_lora_rank_the_layers_cannot_take(tmp_path, tok, capsys, rank, message):
+    from tinyllm.cli import main
+    cfg, lm = tiny_model(seed=7)
+    start = save_as_checkpoint(tmp_path / "sft.pt", lm, cfg)
+    data = _write_jsonl(tmp_path / "pairs.jsonl", _synthetic_pairs(6, seed=3))
+    assert main(["reward", "train", "--checkpoint", str(start), "--data", data, "--tokenizer", str(tok.path),
+                 "--lora-rank", rank, "--out-dir", str(tmp_path / "o"), *TRAIN_FLAGS]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: " + message) and not (tmp_path / "o" / "ckpt.pt").exists(), err
+
+
 # ---- the commands -----------------------------------------------------------------------------------
 
 def test_reward_commands_train_resume_and_score_every_record_kind(tmp_path, tok, capsys):

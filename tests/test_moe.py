@@ -331,3 +331,58 @@ def test_lora_on_an_moe_model_adapts_attention_and_refuses_the_experts():
     assert not lora_layers(model)  # nothing changed
     apply_lora(model, 4, targets="attn")
     assert len(lora_layers(model)) == 2 * 4
+
+
+# ---- Hugging Face MixtralForCausalLM ------------------------------------------------------------------------
+
+@pytest.mark.noasan
+@pytest.mark.parametrize("n_experts,k,n_kv_heads", [(4, 1, 2), (8, 2, 4), (4, 3, 1)])
+def test_transformers_runs_our_mixtral_export_with_our_logits_and_greedy_ids(tmp_path, n_experts, k, n_kv_heads):
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face peer: pip install transformers")
+    from tinyllm.formats.hf import read_hf, write_hf
+    cfg, model = random_moe(seed=11, n_experts=n_experts, n_experts_active=k, n_kv_heads=n_kv_heads,
+                            tie_embeddings=False)
+    write_hf(tmp_path / "hf", model, cfg)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor([PROMPT])).logits[0].numpy()
+        greedy = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False)[0, len(PROMPT):].tolist()
+    ours = torch_logits(model, PROMPT)
+    assert np.abs(theirs - ours).max() <= 1e-4 * np.abs(ours).max()
+    assert greedy == model.generate(PROMPT, 16)
+    back, w = read_hf(tmp_path / "hf")
+    assert back == cfg
+    for name, p in model.state_dict().items():
+        assert np.array_equal(w[name], p.numpy()), name
+
+
+@pytest.mark.noasan
+def test_a_mixtral_checkpoint_made_by_transformers_imports_with_its_logits(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face peer: pip install transformers")
+    from tinyllm.formats.hf import read_hf
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-6,
+                                        sliding_window=None, tie_word_embeddings=False)
+    hf = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3 if p.dim() >= 2 else 1.0)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    cfg, w = read_hf(tmp_path / "hf")
+    assert (cfg.n_experts, cfg.n_experts_active, cfg.norm_eps) == (4, 2, 1e-6)
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict({k: torch.from_numpy(v) for k, v in w.items()})
+    with torch.no_grad():
+        want = hf(torch.tensor([PROMPT])).logits[0].numpy()
+    assert np.abs(torch_logits(ours, PROMPT) - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_mixtral_export_refuses_shared_experts(tmp_path):
+    from tinyllm.formats.hf import write_hf
+    cfg, model = random_moe(n_shared_experts=1)
+    with pytest.raises(FormatError, match="shared expert"):
+        write_hf(tmp_path / "hf", model, cfg)
+    assert not (tmp_path / "hf").exists()

@@ -10,6 +10,11 @@ What we write, for general.architecture "llama":
   and tokenizer.chat_template: a Jinja spelling of tinyllm.chat's template;
 - tensors under llama.cpp's names (token_embd, blk.N.attn_q/k/v/output, ffn_gate/up/down,
   attn_norm, ffn_norm, output_norm, output).
+- MoE models (ModelConfig.n_experts > 0) as llama.cpp's llama-architecture MoE: llama.expert_count and
+  expert_used_count, and per layer ffn_gate_inp (the router, n_experts x dim) and ffn_gate/up/down_exps,
+  the experts stacked (ne [cols, rows, n_experts]: each expert one contiguous matrix). llama.cpp routes
+  llama MoE as we do (softmax, the top expert_used_count renormalised); it has no shared experts, so the
+  writer refuses a model with them.
 
 RoPE layout: GGUF "llama" rotates adjacent pairs (x[2i], x[2i+1]) (llama.cpp's ROPE_TYPE_NORM;
 its Hugging Face converter permutes q/k rows *into* this layout). That is our torch model's and

@@ -1,4 +1,4 @@
-"""Hugging Face directories (LlamaForCausalLM): a writer and an importer.
+"""Hugging Face directories (LlamaForCausalLM; MixtralForCausalLM for MoE models): a writer and an importer.
 
 A directory holds config.json, model.safetensors (written here with struct + json: an 8-byte
 little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}}, the raw bytes) and,
@@ -8,6 +8,11 @@ with the chat template.
 RoPE layout: our model rotates adjacent pairs (x[2i], x[2i+1]) of each head; transformers' Llama rotates
 halves (x[i], x[i + head_dim/2]). The writer permutes the rows of wq and wk so that each head lists its
 even rows, then its odd rows (permute_for_hf); the importer undoes it (permute_from_hf).
+
+MoE: Mixtral routes as we do (softmax, the top num_experts_per_tok renormalised). The writer stores each
+expert as its own tensors (block_sparse_moe.experts.{e}.w1/w2/w3, the Hub's layout, which transformers
+reads); the importer also takes transformers 5's fused mlp.experts.gate_up_proj/down_proj. Shared experts
+have no Mixtral form: the writer refuses them.
 """
 from __future__ import annotations
 
@@ -114,6 +119,10 @@ def _write_hf_files(out: Path, model_or_state_dict, cfg: ModelConfig, tokenizer_
     tied = not has_separate_classifier(w, cfg)
     names = hf_names(cfg)
     tensors = {}
+    if cfg.n_shared_experts:
+        raise FormatError(f"this MoE model has {cfg.n_shared_experts} shared expert(s), which MixtralForCausalLM has "
+                          f"no weights for (transformers would run it without them); export it to a checkpoint "
+                          f"instead, or train without --n-shared-experts")
     for ours, theirs in names.items():
         if ours == "output.weight" and tied:
             continue
@@ -122,7 +131,12 @@ def _write_hf_files(out: Path, model_or_state_dict, cfg: ModelConfig, tokenizer_
             a = permute_for_hf(a, cfg.n_heads)
         elif ours.endswith("attention.wk.weight"):
             a = permute_for_hf(a, cfg.n_kv_heads)
-        tensors[theirs] = a.astype(np.float16) if dtype == "float16" else a
+        if dtype == "float16":
+            a = a.astype(np.float16)
+        if isinstance(theirs, list):  # stacked experts: one tensor per expert
+            tensors.update(zip(theirs, a))
+        else:
+            tensors[theirs] = a
     write_safetensors(out / "model.safetensors", tensors)
     bos, eos, vocab_pieces = 1, 2, None
     if tokenizer_model is not None:
@@ -131,7 +145,7 @@ def _write_hf_files(out: Path, model_or_state_dict, cfg: ModelConfig, tokenizer_
         bos = facts.pieces.index("<s>") if "<s>" in facts.pieces else None
         eos = facts.pieces.index("</s>") if "</s>" in facts.pieces else None
     hf_config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        **_architecture_config(cfg), "hidden_act": "silu",
         "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
@@ -143,6 +157,16 @@ def _write_hf_files(out: Path, model_or_state_dict, cfg: ModelConfig, tokenizer_
     _write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
     if tokenizer_model is not None:
         _write_tokenizer(out, tokenizer_model, vocab_pieces, chat_template)
+
+
+def _architecture_config(cfg: ModelConfig) -> dict:
+    """config.json's architecture keys: LlamaForCausalLM, or MixtralForCausalLM for an MoE model (whose
+    router is ours: softmax, the top num_experts_per_tok renormalised)."""
+    if not cfg.is_moe:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": cfg.n_experts,
+            "num_experts_per_tok": cfg.n_experts_active, "router_aux_loss_coef": cfg.moe_aux_loss_coef,
+            "output_router_logits": False, "router_jitter_noise": 0.0, "sliding_window": None}
 
 
 def _write_json(path, obj):
@@ -180,8 +204,11 @@ def read_hf(in_dir) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     except FileNotFoundError:
         raise FormatError(f"no config.json in {d}") from None
     archs = c.get("architectures") or []
-    if c.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
-        raise FormatError(f"not a llama model (model_type {c.get('model_type')!r}) ({d})")
+    mixtral = c.get("model_type") == "mixtral" or "MixtralForCausalLM" in archs
+    if c.get("model_type") != "llama" and "LlamaForCausalLM" not in archs and not mixtral:
+        raise FormatError(f"not a llama or mixtral model (model_type {c.get('model_type')!r}) ({d})")
+    if mixtral and c.get("sliding_window"):
+        raise FormatError(f"sliding-window attention ({c['sliding_window']}) is not supported ({d})")
     if c.get("rope_scaling") or (c.get("rope_parameters") or {}).get("rope_type", "default") != "default":
         raise FormatError(f"RoPE scaling is not supported ({d})")
     if c.get("hidden_act", "silu") != "silu" or c.get("attention_bias") or c.get("mlp_bias"):
@@ -192,8 +219,8 @@ def read_hf(in_dir) -> tuple[ModelConfig, dict[str, np.ndarray]]:
                       n_kv_heads=c.get("num_key_value_heads") or n_heads, vocab_size=c["vocab_size"],
                       hidden_dim=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
                       norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-                      tie_embeddings=bool(c.get("tie_word_embeddings", False)))
-    if c.get("head_dim", cfg.head_dim) != cfg.head_dim:
+                      tie_embeddings=bool(c.get("tie_word_embeddings", False)), **_expert_counts(c, mixtral, d))
+    if (c.get("head_dim") or cfg.head_dim) != cfg.head_dim:  # transformers writes null for the default
         raise FormatError(f"head_dim {c['head_dim']} is not hidden_size / num_attention_heads ({d})")
     files = [d / "model.safetensors"]
     index = d / "model.safetensors.index.json"
@@ -204,9 +231,22 @@ def read_hf(in_dir) -> tuple[ModelConfig, dict[str, np.ndarray]]:
         if not f.is_file():
             raise FormatError(f"missing {f.name} in {d} (only safetensors checkpoints are read)")
         hf.update(read_safetensors(f))
+    if cfg.is_moe:
+        _unfuse_experts(hf, cfg)
     w = {}
     shapes = tensor_shapes(cfg)
     for ours, theirs in hf_names(cfg).items():
+        if isinstance(theirs, list):  # one tensor per expert, stacked into ours
+            missing = [t for t in theirs if t not in hf]
+            if missing:
+                raise FormatError(f"tensor {missing[0]} is missing ({d})")
+            shape = shapes[ours][1:]
+            for t in theirs:
+                if hf[t].shape != shape:
+                    raise FormatError(f"tensor {t} has shape {list(hf[t].shape)} but config.json implies "
+                                      f"{list(shape)}: the weights and config.json are from different models ({d})")
+            w[ours] = np.ascontiguousarray(np.stack([hf[t] for t in theirs]), dtype=np.float32)
+            continue
         if theirs not in hf:
             if ours == "output.weight":
                 continue
@@ -224,6 +264,36 @@ def read_hf(in_dir) -> tuple[ModelConfig, dict[str, np.ndarray]]:
         w["output.weight"] = w["tok_embeddings.weight"]
         cfg.tie_embeddings = True
     return cfg, w
+
+
+def _expert_counts(c: dict, mixtral: bool, d) -> dict:
+    """ModelConfig's expert fields of a config.json (none for Llama)."""
+    if not mixtral:
+        return {}
+    try:
+        return {"n_experts": int(c["num_local_experts"]), "n_experts_active": int(c["num_experts_per_tok"]),
+                "moe_aux_loss_coef": float(c.get("router_aux_loss_coef", 0.01))}
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"a mixtral config.json needs integer num_local_experts and num_experts_per_tok ({d})") from None
+
+
+def _unfuse_experts(hf: dict, cfg: ModelConfig):
+    """transformers 5 keeps a layer's experts fused (mlp.experts.gate_up_proj (E, 2 hidden, dim), w1 rows first,
+    and mlp.experts.down_proj, mlp.gate): split such tensors in place into the Hub's per-expert names."""
+    for i in range(cfg.n_layers):
+        old, new = f"model.layers.{i}.block_sparse_moe", f"model.layers.{i}.mlp"
+        if f"{new}.gate.weight" in hf:
+            hf[f"{old}.gate.weight"] = hf.pop(f"{new}.gate.weight")
+        gate_up, down = hf.pop(f"{new}.experts.gate_up_proj", None), hf.pop(f"{new}.experts.down_proj", None)
+        if gate_up is None or down is None:
+            continue
+        if gate_up.shape != (cfg.n_experts, 2 * cfg.hidden_dim, cfg.dim):
+            raise FormatError(f"tensor {new}.experts.gate_up_proj has shape {list(gate_up.shape)}, config.json implies "
+                              f"{[cfg.n_experts, 2 * cfg.hidden_dim, cfg.dim]}")
+        for e in range(cfg.n_experts):
+            hf[f"{old}.experts.{e}.w1.weight"] = gate_up[e, :cfg.hidden_dim]
+            hf[f"{old}.experts.{e}.w3.weight"] = gate_up[e, cfg.hidden_dim:]
+            hf[f"{old}.experts.{e}.w2.weight"] = down[e]
 
 
 def tokenizer_of(in_dir) -> Path | None:

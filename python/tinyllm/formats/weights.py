@@ -32,6 +32,10 @@ GGUF_MOE_NAMES = {"feed_forward.router": "ffn_gate_inp", "feed_forward.w1": "ffn
                   "feed_forward.w3": "ffn_up_exps", "feed_forward.w2": "ffn_down_exps"}
 # the shared experts' FeedForward of an MoE layer (no GGUF llama or Mixtral name: those formats refuse them)
 SHARED_EXPERT_MATRICES = ["feed_forward.shared.w1", "feed_forward.shared.w2", "feed_forward.shared.w3"]
+# an MoE layer in a Hugging Face MixtralForCausalLM checkpoint (the Hub's layout, which transformers reads):
+# the router, and each expert's matrices as a tensor of its own ({e}: the expert's index)
+HF_MOE_NAMES = {"feed_forward.router": "block_sparse_moe.gate", "feed_forward.w1": "block_sparse_moe.experts.{e}.w1",
+                "feed_forward.w2": "block_sparse_moe.experts.{e}.w2", "feed_forward.w3": "block_sparse_moe.experts.{e}.w3"}
 GGUF_GLOBAL_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
                      "output.weight": "output.weight"}
 HF_GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -126,10 +130,14 @@ def gguf_names(cfg: ModelConfig) -> dict[str, str]:
     return names
 
 
-def hf_names(cfg: ModelConfig) -> dict[str, str]:
-    """Our name -> transformers' name for every tensor of cfg."""
+def hf_names(cfg: ModelConfig) -> dict[str, str | list[str]]:
+    """Our name -> transformers' name for every tensor of cfg; an MoE model's stacked experts map to the
+    list of their experts' names."""
     names = dict(HF_GLOBAL_NAMES)
+    layer_names = {**HF_LAYER_NAMES, **HF_MOE_NAMES} if cfg.is_moe else HF_LAYER_NAMES
     for i in range(cfg.n_layers):
-        for ours, theirs in HF_LAYER_NAMES.items():
-            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+        for ours, theirs in layer_names.items():
+            theirs = f"model.layers.{i}.{theirs}.weight"
+            names[f"layers.{i}.{ours}.weight"] = ([theirs.format(e=e) for e in range(cfg.n_experts)]
+                                                  if "{e}" in theirs else theirs)
     return names

@@ -386,3 +386,87 @@ def test_mixtral_export_refuses_shared_experts(tmp_path):
     with pytest.raises(FormatError, match="shared expert"):
         write_hf(tmp_path / "hf", model, cfg)
     assert not (tmp_path / "hf").exists()
+
+
+# ---- every training stage runs MoE configs (one code path) ----------------------------------------------------
+
+@pytest.mark.noasan
+def test_sft_dpo_eval_and_hf_export_take_an_moe_checkpoint(tmp_path, capsys):
+    from chat_helpers import save_as_checkpoint, tiny_model, train_small_tokenizer
+    from test_dpo import _synthetic_pairs, _write_jsonl
+    from tinyllm.cli import main
+    from tinyllm.formats.checkpoint import load_model
+    tok = train_small_tokenizer(tmp_path / "tok")
+    cfg, model = tiny_model(seed=3, n_experts=4, n_experts_active=2)
+    start = save_as_checkpoint(tmp_path / "pre.pt", model, cfg)
+    common = ["--tokenizer", str(tok), "--no-compile", "--dtype", "fp32", "--device", "cpu", "--no-progress",
+              "--log-interval", "1"]
+    sft_data = _write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "你好", "output": "你好，朋友！"},
+                                                    {"instruction": "谢谢", "output": "不用谢。"}])
+    rc = main(["sft", "--checkpoint", str(start), "--data", sft_data, "--val-fraction", "0", "--max-steps", "30",
+               "--batch-size", "2", "--lr", "3e-3", "--warmup-steps", "3", "--out-dir", str(tmp_path / "sft"), *common])
+    assert rc == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
+    train = [r for r in records if "loss" in r]
+    assert train[-1]["loss"] < 0.5 * train[0]["loss"]
+    assert all(len(r["expert_load"]) == cfg.n_layers and len(r["expert_load"][0]) == 4 for r in train)
+    tuned, tuned_cfg = load_model(str(tmp_path / "sft" / "ckpt.pt"))
+    assert tuned_cfg == cfg and isinstance(tuned.layers[0].feed_forward, MoEFeedForward)
+
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", _synthetic_pairs(8, seed=3))
+    rc = main(["dpo", "--checkpoint", str(tmp_path / "sft" / "ckpt.pt"), "--data", pairs, "--beta", "0.2",
+               "--max-steps", "3", "--batch-size", "2", "--out-dir", str(tmp_path / "dpo"), *common])
+    assert rc == 0, capsys.readouterr().err
+    assert all("reward_accuracy" in r and "expert_load" in r
+               for r in map(json.loads, open(tmp_path / "dpo" / "metrics.jsonl")) if "loss" in r)
+
+    text = tmp_path / "held.txt"
+    text.write_text("你好，朋友！\n\n不用谢。\n", encoding="utf-8")
+    capsys.readouterr()
+    rc = main(["eval", "--model", str(tmp_path / "sft" / "ckpt.pt"), "--tokenizer", str(tok), "--text", str(text),
+               "--no-progress"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 < report["perplexity"]["bits_per_character"] < 20
+
+    rc = main(["export", "--checkpoint", str(tmp_path / "sft" / "ckpt.pt"), "--format", "hf",
+               "--out", str(tmp_path / "hf"), "--tokenizer", str(tok)])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_local_experts"] == 4
+    rc = main(["export", "--checkpoint", str(tmp_path / "sft" / "ckpt.pt"), "--format", "llama2c",
+               "--out", str(tmp_path / "m.bin")])
+    assert rc != 0 and "dense models only" in capsys.readouterr().err
+    assert not (tmp_path / "m.bin").exists()
+
+
+@pytest.mark.noasan
+def test_ddp_two_processes_train_an_moe_like_one_process_with_doubled_accumulation(tmp_path):
+    import subprocess
+    import sys
+    from test_data import synthetic_documents, write_jsonl
+    from tinyllm.corpus import Source
+    from tinyllm.data import prepare
+    from tinyllm.formats.checkpoint import load_checkpoint
+    from tinyllm.tokenizer import train_tokenizer
+    from tinyllm.train import loop
+    tok = str(train_tokenizer(iter(synthetic_documents(300, seed=5)), 512, tmp_path / "tok"))
+    src = write_jsonl(tmp_path / "corpus.jsonl", [{"text": d} for d in synthetic_documents(300)])
+    prepare([Source(src)], tok, str(tmp_path / "data"), val_fraction=0.1, progress=False)
+    common = ["--data-dir", str(tmp_path / "data"), "--max-steps", "6", "--log-interval", "1", "--eval-interval", "6",
+              "--device", "cpu", "--dtype", "fp32", "--no-compile", "--no-progress", "--batch-size", "4",
+              "--dim", "32", "--n-layers", "2", "--n-heads", "2", "--max-seq-len", "32", "--vocab-size", "512",
+              "--hidden-dim", "48", "--n-experts", "4", "--n-experts-active", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"single": [sys.executable, "-m", "tinyllm.cli", "pretrain", *common, "--grad-accum", "2"],
+            "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "tinyllm.cli", "pretrain", *common, "--grad-accum", "1"]}
+    for name, argv in runs.items():
+        r = subprocess.run(argv + ["--out-dir", str(tmp_path / name)], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    losses = {name: [r["loss"] for r in loop.Metrics.read(str(tmp_path / name / loop.METRICS_NAME)) if "loss" in r]
+              for name in runs}
+    assert len(losses["single"]) == len(losses["ddp"]) == 6
+    assert max(abs(a - b) for a, b in zip(losses["single"], losses["ddp"])) < 1e-5
+    a, b = (load_checkpoint(str(tmp_path / name / loop.CHECKPOINT_NAME))["model"] for name in runs)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

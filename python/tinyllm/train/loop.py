@@ -288,7 +288,9 @@ def describe_run(model, model_cfg: ModelConfig, cfg: TrainConfig, env: Env, toke
         f"device          {env.device} x {env.world} process(es), {'bf16 autocast' if env.bf16 else 'fp32'}, "
         f"compile {'on' if compiled else 'off'}" + (" (compilation failed: eager)" if cfg.compile and not compiled
                                                      else ""),
-        f"parameters      {n_params:,} ({n_params / 1e6:.2f}M)",
+        f"parameters      {n_params:,} ({n_params / 1e6:.2f}M)" + (
+            f", {model.num_active_params():,} active per token ({model_cfg.n_experts_active} of "
+            f"{model_cfg.n_experts} experts)" if model_cfg.is_moe else ""),
         f"memory          ~{(state + acts) / 2**30:.2f} GiB per process "
         f"(weights+grads+AdamW {state / 2**20:.0f} MiB, activations ~{acts / 2**20:.0f} MiB)",
         f"tokens per step {tokens_per_step:,} (batch {B} x seq {T} x accum {cfg.grad_accum} x {env.world} proc)",

@@ -183,7 +183,7 @@ void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, i
 
 int tl_kernels_quantize(tl_quant_x *xq, const tl_matrix *w, const float *x, int n) {
 #ifdef TL_INT8
-    return int8_active(w) && tl_quantize_x(xq, x, n, w->cols);
+    return int8_active(w) && tl_quantize_x(xq, x, n, w->cols, tl_kernels_active() == TL_KERNELS_VNNI);
 #else
     (void)xq, (void)w, (void)x, (void)n;
     return 0;

@@ -16,6 +16,7 @@
  * quantization. maddubs sums pairs into int16: 2 * 128 * 127 and 2 * 15 * 127 cannot saturate. */
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels_simd.h"
 
@@ -28,11 +29,14 @@ int tl_int8_fits(const tl_matrix *w) {
     return w->type == TL_TYPE_Q8_0 || w->type == TL_TYPE_Q4_0;
 }
 
-/* One buffer per calling thread (a matmul quantizes on the caller; its workers only read it),
- * freed when the thread exits (a server may run each request on a new thread). */
+/* Two buffers per thread, freed when the thread exits (a server may run each request on a new
+ * thread): the activations (a matmul quantizes on its caller; the workers only read them) and the
+ * weight rows vnni's batched tile unpacks (on each worker). */
+enum { SCRATCH_ACTIVATIONS, SCRATCH_WEIGHTS, N_SCRATCH };
+
 typedef struct {
-    void *data;
-    size_t bytes;
+    void *data[N_SCRATCH];
+    size_t bytes[N_SCRATCH];
 } quant_buffer;
 
 static pthread_key_t quant_key;
@@ -40,14 +44,14 @@ static pthread_once_t quant_key_once = PTHREAD_ONCE_INIT;
 
 static void quant_buffer_free(void *p) {
     quant_buffer *buf = p;
-    free(buf->data);
+    for (int i = 0; i < N_SCRATCH; i++) free(buf->data[i]);
     free(buf);
 }
 
 static void quant_key_create(void) { pthread_key_create(&quant_key, quant_buffer_free); }
 
-/* This thread's buffer, at least bytes long; NULL if out of memory. */
-static void *quant_scratch(size_t bytes) {
+/* This thread's buffer `which`, at least bytes long (64-byte aligned); NULL if out of memory. */
+static void *quant_scratch(int which, size_t bytes) {
     pthread_once(&quant_key_once, quant_key_create);
     quant_buffer *buf = pthread_getspecific(quant_key);
     if (buf == NULL) {
@@ -57,32 +61,66 @@ static void *quant_scratch(size_t bytes) {
             return NULL;
         }
     }
-    if (bytes > buf->bytes) {
-        void *grown = realloc(buf->data, bytes);
-        if (grown == NULL) return NULL;
-        buf->data = grown;
-        buf->bytes = bytes;
+    if (bytes > buf->bytes[which]) {
+        void *grown = NULL;
+        if (posix_memalign(&grown, 64, bytes) != 0) return NULL;
+        free(buf->data[which]);
+        buf->data[which] = grown;
+        buf->bytes[which] = bytes;
     }
-    return buf->data;
+    return buf->data[which];
 }
 
 #ifdef TL_X86
 static void quantize_blocks_avx2(int8_t *q, float *d, float *dsum, const float *x, size_t blocks);
 #endif
 
-/* x (n x cols, cols a multiple of 32) as int8 blocks in this thread's buffer; 0 if out of memory. */
-int tl_quantize_x(tl_quant_x *xq, const float *x, int n, int cols) {
-    const size_t blocks = (size_t)n * (cols / TL_QK);
-    float *d = quant_scratch(blocks * 2 * sizeof(float) + (size_t)n * cols);
+/* The row-major blocks again for vnni's batched tile (tl_quant_x says the layout): a copy of 4 bytes
+ * per token and 4 columns, n x cols bytes per matmul against n x rows x cols multiply-adds. */
+static void lay_out_groups(int8_t *qt, int32_t *sumt, float *dt, const int8_t *q, const float *d, int n, int nb) {
+    const int groups = (n + 15) / 16;
+    memset(qt, 0, (size_t)groups * nb * 512);
+    memset(sumt, 0, (size_t)groups * nb * 16 * sizeof(int32_t));
+    memset(dt, 0, (size_t)groups * nb * 16 * sizeof(float));
+    for (int t = 0; t < n; t++) {
+        const int g = t / 16, l = t % 16;
+        for (int b = 0; b < nb; b++) {
+            const int8_t *src = q + ((size_t)t * nb + b) * TL_QK;
+            const size_t gb = (size_t)g * nb + b;
+            int sum = 0;
+            for (int c = 0; c < 8; c++) memcpy(qt + (gb * 8 + c) * 64 + 4 * l, src + 4 * c, 4);
+            for (int j = 0; j < TL_QK; j++) sum += src[j];
+            sumt[gb * 16 + l] = -sum;
+            dt[gb * 16 + l] = d[(size_t)t * nb + b];
+        }
+    }
+}
+
+int tl_quantize_x(tl_quant_x *xq, const float *x, int n, int cols, int tiled) {
+    const int nb = cols / TL_QK;
+    const size_t blocks = (size_t)n * nb;
+    const int groups = tiled && n >= TL_VNNI_TILE_MIN_TOKENS ? (n + 15) / 16 : 0;
+    const size_t group_blocks = (size_t)groups * nb;
+    /* scales, sums, tile sums and scales, then the two copies of the values (64-byte aligned) */
+    const size_t head = (blocks * 2 + group_blocks * 32) * sizeof(float);
+    const size_t head_aligned = (head + 63) & ~(size_t)63;
+    float *d = quant_scratch(SCRATCH_ACTIVATIONS, head_aligned + group_blocks * 512 + (size_t)n * cols);
     if (d == NULL) return 0; /* the float path then */
     float *dsum = d + blocks;
-    int8_t *q = (int8_t *)(dsum + blocks);
+    int32_t *sumt = (int32_t *)(dsum + blocks);
+    float *dt = (float *)(sumt + group_blocks * 16);
+    int8_t *qt = (int8_t *)d + head_aligned;
+    int8_t *q = qt + group_blocks * 512;
 #ifdef TL_X86
     quantize_blocks_avx2(q, d, dsum, x, blocks);
 #else
     tl_quantize_blocks_neon(q, d, dsum, x, blocks);
 #endif
-    *xq = (tl_quant_x){q, d, dsum, cols / TL_QK};
+    *xq = (tl_quant_x){q, d, dsum, nb, NULL, NULL, NULL, 0};
+    if (groups > 0) {
+        lay_out_groups(qt, sumt, dt, q, d, n, nb);
+        xq->qt = qt, xq->sumt = sumt, xq->dt = dt, xq->groups = groups;
+    }
     return 1;
 }
 #endif /* TL_INT8 */
@@ -209,7 +247,7 @@ TL_TARGET_END
 
 /* The same kernel with vpdpbusd (AVX512-VNNI on 256-bit vectors): one instruction per block and
  * row instead of maddubs + madd, accumulating in int32 without the int16 step. */
-TL_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+TL_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 
 ALWAYS_INLINE __m256i dot32_vnni(int type, __m256i wq, __m256i xq) {
     if (type == TL_TYPE_Q4_0) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, xq);
@@ -272,7 +310,122 @@ ALWAYS_INLINE void rows_i8_vnni_type(int type, float *out, size_t os, const tl_m
         for (int t = 0; t < n; t++) tile_i8_vnni(type, 1, 1, w, r, xq, t, out, os);
 }
 
+/* ---- vnni's batched tile (n >= TL_VNNI_TILE_MIN_TOKENS) ---------------------------------------------
+ * One token at a time, each 32-byte weight block costs per token two sign transfers, a vpdpbusd, a
+ * conversion and an FMA (the kernels above). Here the lanes are tokens instead: 4 bytes of a weight
+ * row are broadcast to all 16 lanes of a 512-bit vpdpbusd against the same 4 columns of 16 tokens
+ * (x laid out so by tl_quantize_x), so a block is 8 vpdpbusd for 16 tokens, then one conversion and
+ * one FMA for them, and each broadcast weight is used for 2 groups (32 tokens), each token vector
+ * for 4 rows. vpdpbusd wants the broadcast operand unsigned: the weights are unpacked once per 4
+ * rows as u = w + 128 (q8_0, int8) or the q4_0 nibble u = w + 8, and the integer dot then carries
+ * 128 (or 8) times the sum of the token's values, which the accumulator starts at minus that (exact:
+ * |u * x| sums stay below 2^21). */
+#define TILE_ROWS 4
+#define TILE_GROUPS 2
+
+/* Rows r .. r + R - 1 of w as unsigned bytes (row i, block b at wu + (i * nb + b) * 32) and each
+ * block's scale (dw[i * nb + b]). */
+ALWAYS_INLINE void unpack_rows_u8(int type, const tl_matrix *w, int r, int R, uint8_t *wu, float *dw) {
+    const size_t stride = row_bytes(w);
+    const int nb = w->cols / TL_QK;
+    const int blocks_per_scale = type == TL_TYPE_Q8 ? w->group_size / TL_QK : 1;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    for (int i = 0; i < R; i++) {
+        const unsigned char *row = (const unsigned char *)w->data + (size_t)(r + i) * stride;
+        for (int b = 0; b < nb; b++) {
+            __m256i u;
+            if (type == TL_TYPE_Q4_0) {
+                const __m128i q = _mm_loadu_si128((const __m128i *)(row + (size_t)b * TL_Q4_0_BLOCK_BYTES + 2));
+                u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+            } else {
+                u = _mm256_xor_si256(wblock_i8(type, row, b), bias);
+            }
+            _mm256_store_si256((__m256i *)(wu + ((size_t)i * nb + b) * TL_QK), u);
+            dw[(size_t)i * nb + b] = block_scale(type, w, row, r + i, b / blocks_per_scale);
+        }
+    }
+}
+
+/* out[t * os + r + i] for R unpacked rows and the tokens t of groups g0 .. g0 + G - 1 (t < n). */
+ALWAYS_INLINE void tile_u8_vnni(int type, int R, int G, const uint8_t *wu, const float *dw, int nb,
+                               const tl_quant_x *xq, int g0, float *out, size_t os, int r, int n) {
+    const int shift = type == TL_TYPE_Q4_0 ? 3 : 7; /* the offset of u: 8 or 128 */
+    __m512 acc[TILE_ROWS][TILE_GROUPS];
+    for (int i = 0; i < R; i++)
+        for (int g = 0; g < G; g++) acc[i][g] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m512i dot[TILE_ROWS][TILE_GROUPS];
+        for (int g = 0; g < G; g++) {
+            const size_t gb = (size_t)(g0 + g) * nb + b;
+            const __m512i start = _mm512_slli_epi32(_mm512_loadu_si512(xq->sumt + gb * 16), shift);
+            for (int i = 0; i < R; i++) dot[i][g] = start;
+        }
+        for (int c = 0; c < 8; c++) {
+            __m512i xv[TILE_GROUPS];
+            for (int g = 0; g < G; g++)
+                xv[g] = _mm512_load_si512(xq->qt + (((size_t)(g0 + g) * nb + b) * 8 + c) * 64);
+            for (int i = 0; i < R; i++) {
+                int32_t w4;
+                memcpy(&w4, wu + ((size_t)i * nb + b) * TL_QK + 4 * c, 4);
+                const __m512i wv = _mm512_set1_epi32(w4);
+                for (int g = 0; g < G; g++) dot[i][g] = _mm512_dpbusd_epi32(dot[i][g], wv, xv[g]);
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            const __m512 dx = _mm512_loadu_ps(xq->dt + ((size_t)(g0 + g) * nb + b) * 16);
+            for (int i = 0; i < R; i++) {
+                const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(dw[(size_t)i * nb + b]), dx);
+                acc[i][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][g]), scale, acc[i][g]);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const int t0 = (g0 + g) * 16, tokens = n - t0 < 16 ? n - t0 : 16;
+        for (int i = 0; i < R; i++) {
+            float lanes[16];
+            _mm512_storeu_ps(lanes, acc[i][g]);
+            for (int l = 0; l < tokens; l++) out[(size_t)(t0 + l) * os + r + i] = lanes[l];
+        }
+    }
+}
+
+/* Rows [r0, r1) for every token: 4 rows unpacked at a time, then 2 groups of 16 tokens at a time. */
+ALWAYS_INLINE void rows_tile_vnni_type(int type, float *out, size_t os, const tl_matrix *w, int r0, int r1,
+                                       const tl_quant_x *xq, int n, uint8_t *wu, float *dw) {
+    const int nb = xq->blocks;
+    for (int r = r0; r < r1;) {
+        const int R = r1 - r >= TILE_ROWS ? TILE_ROWS : 1;
+        unpack_rows_u8(type, w, r, R, wu, dw);
+        int g = 0;
+        for (; g + TILE_GROUPS <= xq->groups; g += TILE_GROUPS) {
+            if (R == TILE_ROWS) tile_u8_vnni(type, TILE_ROWS, TILE_GROUPS, wu, dw, nb, xq, g, out, os, r, n);
+            else tile_u8_vnni(type, 1, TILE_GROUPS, wu, dw, nb, xq, g, out, os, r, n);
+        }
+        for (; g < xq->groups; g++) {
+            if (R == TILE_ROWS) tile_u8_vnni(type, TILE_ROWS, 1, wu, dw, nb, xq, g, out, os, r, n);
+            else tile_u8_vnni(type, 1, 1, wu, dw, nb, xq, g, out, os, r, n);
+        }
+        r += R;
+    }
+}
+
+/* The tile's rows; 0 if its weight buffer cannot be had (the caller then goes one token at a time). */
+static int rows_tile_vnni(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n) {
+    const size_t wu_bytes = (size_t)TILE_ROWS * w->cols;
+    uint8_t *wu = quant_scratch(SCRATCH_WEIGHTS, wu_bytes + (size_t)TILE_ROWS * xq->blocks * sizeof(float));
+    if (wu == NULL) return 0;
+    float *dw = (float *)(wu + wu_bytes);
+    switch (w->type) {
+    case TL_TYPE_Q8: rows_tile_vnni_type(TL_TYPE_Q8, out, os, w, r0, r1, xq, n, wu, dw); break;
+    case TL_TYPE_Q8_0: rows_tile_vnni_type(TL_TYPE_Q8_0, out, os, w, r0, r1, xq, n, wu, dw); break;
+    default: rows_tile_vnni_type(TL_TYPE_Q4_0, out, os, w, r0, r1, xq, n, wu, dw); break;
+    }
+    return 1;
+}
+
 void tl_rows_i8_vnni(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n) {
+    if (xq->groups > 0 && rows_tile_vnni(out, os, w, r0, r1, xq, n)) return;
     switch (w->type) {
     case TL_TYPE_Q8: rows_i8_vnni_type(TL_TYPE_Q8, out, os, w, r0, r1, xq, n); break;
     case TL_TYPE_Q8_0: rows_i8_vnni_type(TL_TYPE_Q8_0, out, os, w, r0, r1, xq, n); break;

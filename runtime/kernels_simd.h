@@ -64,6 +64,13 @@ typedef struct {
     const float *d;      /* n x cols/32 block scales */
     const float *dsum;   /* n x cols/32: d * sum of the block's quantized values (the q4_0 offset) */
     int blocks;          /* blocks per token: cols / 32 */
+    /* The same values for vnni's batched tile (NULL, 0 unless laid out): tokens in groups of 16, a
+     * group's 4 columns side by side in one 64-byte vector (token l at bytes 4l..4l+3), the missing
+     * tokens of the last group zero. */
+    const int8_t *qt;    /* groups x blocks x 8 x 64 bytes */
+    const int32_t *sumt; /* groups x blocks x 16: minus the sum of each token's 32 quantized values */
+    const float *dt;     /* groups x blocks x 16: each token's block scale */
+    int groups;          /* ceil(n / 16) */
 } tl_quant_x;
 
 /* kernels_dispatch.c, for kernels_parallel.c: a matmul job quantizes x once, then runs its chunks. */
@@ -154,9 +161,11 @@ void tl_rows_i8_dotprod(float *out, size_t os, const tl_matrix *w, int r0, int r
 #endif
 #ifdef TL_INT8
 /* kernels_int8.c: whether the int8 paths take w; x quantized in this thread's buffer (0 if out of
- * memory). */
+ * memory), with tiled set also laid out for vnni's batched tile where n >= TL_VNNI_TILE_MIN_TOKENS. */
 int tl_int8_fits(const tl_matrix *w);
-int tl_quantize_x(tl_quant_x *xq, const float *x, int n, int cols);
+int tl_quantize_x(tl_quant_x *xq, const float *x, int n, int cols, int tiled);
+/* The fewest tokens for which vnni's batched tile is laid out and run (fewer: one token at a time). */
+#define TL_VNNI_TILE_MIN_TOKENS 4
 #endif
 
 #endif

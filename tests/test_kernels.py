@@ -342,7 +342,7 @@ def test_int8_paths_are_opt_in_and_fall_back_where_missing():
 
 
 @pytest.mark.parametrize("path", AVAILABLE_INT8)
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 9, 16, 31, 33])  # vnni: one token at a time below 4, tiles of 16 from 4
 @pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: f"type{c[0]}-{c[1]}x{c[2]}-g{c[3]}")
 def test_int8_kernel_is_within_the_activation_rounding_of_the_scalar_reference(case, n, path):
     m = Matrix(*case)

@@ -9,7 +9,12 @@
  *
  * Every count and length is checked against the bytes left in the file before it is used, tensor
  * data must lie inside the file, and the llama tensors must have exactly the shapes the
- * hyper-parameters imply. Matrices stay in the mapping in their stored type (F32, F16, Q8_0, Q4_0);
+ * hyper-parameters imply. Mixture-of-experts models (llama.expert_count > 0) are llama.cpp's llama MoE:
+ * per layer a router blk.N.ffn_gate_inp.weight [dim, n_experts] and the experts' matrices stacked in
+ * blk.N.ffn_{gate,up}_exps.weight [dim, hidden, n_experts] and ffn_down_exps.weight [hidden, dim,
+ * n_experts] instead of ffn_gate/ffn_up/ffn_down; each expert's matrix is one contiguous slice, viewed in
+ * place (the three tensors may differ in type, as llama.cpp's quantizer makes them).
+ * Matrices stay in the mapping in their stored type (F32, F16, Q8_0, Q4_0);
  * the norm vectors are copied to fp32. llama's GGUF layout rotates adjacent pairs in RoPE (llama.cpp's
  * converter permutes Hugging Face q/k into it), which is what our forward pass does.
  * LoRA adapter files are GGUF files too: tl_read_gguf_adapter reads them under the same checks for lora.c.
@@ -363,6 +368,37 @@ static tl_status take_matrix(const gguf_file *g, const char *name, int rows, int
     return TL_OK;
 }
 
+/* Matrix `which` (0: w1, 1: w2, 2: w3) of an expert. */
+static tl_matrix *expert_matrix(tl_expert *x, int which) {
+    return which == 0 ? &x->w1 : which == 1 ? &x->w2 : &x->w3;
+}
+
+/* The 3-D tensor `name` holding n matrices of rows x cols, one after another (GGUF extents [cols, rows, n],
+ * llama.cpp's *_exps layout): matrix `which` of experts[e] becomes a view of matrix e, used in place. Each
+ * matrix is whole blocks of its type (the parser requires rows of whole blocks), so matrix e starts e times
+ * its size after the first. */
+static tl_status take_experts(const gguf_file *g, const char *name, int rows, int cols, int n, int which,
+                              tl_expert *experts) {
+    const gguf_tensor *t = find_tensor(g, name);
+    if (t == NULL) return tl_fail(TL_ERR_FORMAT, "%s: required tensor %s is missing", g->path, name);
+    if (t->n_dims != 3 || t->ne[0] != (uint64_t)cols || t->ne[1] != (uint64_t)rows || t->ne[2] != (uint64_t)n)
+        return tl_fail(TL_ERR_FORMAT, "%s: tensor %s has shape [%llu, %llu, %llu] (%u dims), expected [%d, %d, %d] "
+                       "(%d experts of %d x %d)", g->path, name, (unsigned long long)t->ne[0],
+                       (unsigned long long)t->ne[1], (unsigned long long)t->ne[2], t->n_dims, cols, rows, n, n, rows,
+                       cols);
+    const size_t size = (size_t)(t->nbytes / (uint64_t)n); /* exact: n divides the element count, blocks a row */
+    for (int e = 0; e < n; e++) {
+        tl_matrix *m = expert_matrix(&experts[e], which);
+        m->type = ggml_to_tl[t->type];
+        m->data = t->data + (size_t)e * size;
+        m->scales = NULL;
+        m->rows = rows;
+        m->cols = cols;
+        m->group_size = t->type == G_Q8_0 || t->type == G_Q4_0 ? TL_QK : 0;
+    }
+    return TL_OK;
+}
+
 /* The vector `name` of n values, converted to fp32 into dst. */
 static tl_status take_norm(const gguf_file *g, const char *name, int n, float *dst) {
     const gguf_tensor *t = find_tensor(g, name);
@@ -378,6 +414,27 @@ static tl_status take_norm(const gguf_file *g, const char *name, int n, float *d
 }
 
 /* ---- the model ------------------------------------------------------------------------------------ */
+
+/* llama.expert_count / expert_used_count: both absent (or 0) for a dense model. The same rules, in the
+ * same words, as python/tinyllm/formats/gguf.py _read_expert_counts. */
+static tl_status read_expert_counts(const gguf_file *g, tl_config *c) {
+    int count = 0, used = 0;
+    tl_status st;
+    if ((st = get_int(g, "llama.expert_count", 0, 0, 0, 1 << 30, &count)) != TL_OK ||
+        (st = get_int(g, "llama.expert_used_count", 0, 0, 0, 1 << 30, &used)) != TL_OK)
+        return st;
+    if (count == 0 && used != 0)
+        return tl_fail(TL_ERR_FORMAT, "%s: llama.expert_used_count is %d but llama.expert_count is 0", g->path, used);
+    if (count > 0 && (used < 1 || used > count))
+        return tl_fail(TL_ERR_FORMAT, "%s: llama.expert_used_count %d must be 1 to llama.expert_count (%d)", g->path,
+                       used, count);
+    if (count > TL_MAX_EXPERTS)
+        return tl_fail(TL_ERR_FORMAT, "%s: llama.expert_count %d is more than the %d tinyllm runs", g->path, count,
+                       TL_MAX_EXPERTS);
+    c->n_experts = count;
+    c->n_experts_active = used;
+    return TL_OK;
+}
 
 static tl_status read_config(const gguf_file *g, tl_config *c) {
     uint64_t len = 0;
@@ -408,16 +465,16 @@ static tl_status read_config(const gguf_file *g, tl_config *c) {
     if (v != c->vocab_size)
         return tl_fail(TL_ERR_FORMAT, "%s: llama.vocab_size %d differs from token_embd.weight's %d rows", g->path, v,
                        c->vocab_size);
+    if ((st = read_expert_counts(g, c)) != TL_OK) return st;
     st = tl_config_validate(c, g->path);
     if (st != TL_OK) return st;
     const int head_dim = c->dim / c->n_heads;
     if ((st = get_int(g, "llama.rope.dimension_count", 0, head_dim, head_dim, head_dim, &v)) != TL_OK ||
         (st = get_int(g, "llama.attention.key_length", 0, head_dim, head_dim, head_dim, &v)) != TL_OK ||
-        (st = get_int(g, "llama.attention.value_length", 0, head_dim, head_dim, head_dim, &v)) != TL_OK ||
-        (st = get_int(g, "llama.expert_count", 0, 0, 0, 0, &v)) != TL_OK) {
+        (st = get_int(g, "llama.attention.value_length", 0, head_dim, head_dim, head_dim, &v)) != TL_OK) {
         char reason[400];
         snprintf(reason, sizeof(reason), "%s", tl_last_error());
-        return tl_fail(st, "%s (tinyllm runs dense llama models with full-width RoPE)", reason);
+        return tl_fail(st, "%s (tinyllm runs llama models with full-width RoPE)", reason);
     }
     const unsigned char *scaling = get_string(g, "llama.rope.scaling.type", &len, &st);
     if (st != TL_OK) return st;
@@ -474,14 +531,75 @@ static tl_status read_vocab(const gguf_file *g, int vocab_size, tl_embedded_voca
     return TL_OK;
 }
 
+/* The parts of a layer's tensor names, blk.N.<part>.weight: every layer's, a dense layer's feed-forward and
+ * a mixture-of-experts layer's (router, then gate, down, up experts). */
+static const char *const LAYER_PARTS[] = {"attn_q", "attn_k", "attn_v", "attn_output", "attn_norm", "ffn_norm"};
+static const char *const DENSE_PARTS[] = {"ffn_gate", "ffn_down", "ffn_up"};
+static const char *const MOE_PARTS[] = {"ffn_gate_inp", "ffn_gate_exps", "ffn_down_exps", "ffn_up_exps"};
+
+static int part_in(const char *part, const char *const *parts, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(part, parts[i]) == 0) return 1;
+    return 0;
+}
+
+/* Tensor t's name, NUL-terminated (cut at 100 bytes) into name; 1 with *layer and part (31 bytes at most)
+ * when it is blk.<layer>.<part>.weight spelled exactly so for a layer below n_layers. */
+static int layer_tensor(const gguf_tensor *t, int n_layers, char name[128], int *layer, char part[32]) {
+    snprintf(name, 128, "%.*s", (int)(t->name_len < 100 ? t->name_len : 100), (const char *)t->name);
+    int used = 0;
+    return sscanf(name, "blk.%d.%31[a-z_].weight%n", layer, part, &used) == 2 && used == (int)strlen(name) &&
+           *layer >= 0 && *layer < n_layers;
+}
+
+/* A dense feed-forward tensor in a mixture-of-experts model, or an expert tensor in a dense one: the file
+ * means another model than its expert counts say (checked first, to name the tensor rather than what
+ * the other kind lacks). */
+static tl_status check_ffn_kind(const gguf_file *g, const tl_config *c) {
+    char name[128], part[32];
+    int layer = 0;
+    for (uint64_t i = 0; i < g->n_tensors; i++) {
+        if (!layer_tensor(&g->tensors[i], c->n_layers, name, &layer, part)) continue;
+        if (c->n_experts > 0 && part_in(part, DENSE_PARTS, 3))
+            return tl_fail(TL_ERR_FORMAT, "%s: unexpected tensor %s for a %d-layer llama model with %d experts (a "
+                           "dense feed-forward tensor in a mixture-of-experts layer)", g->path, name, c->n_layers,
+                           c->n_experts);
+        if (c->n_experts == 0 && part_in(part, MOE_PARTS, 4))
+            return tl_fail(TL_ERR_FORMAT, "%s: unexpected tensor %s for a %d-layer llama model (a mixture-of-experts "
+                           "tensor, but llama.expert_count is absent or 0)", g->path, name, c->n_layers);
+    }
+    return TL_OK;
+}
+
+/* Layer l's feed-forward of a mixture-of-experts model: the router and the n_experts views of each of the
+ * three expert tensors. */
+static tl_status take_moe(const gguf_file *g, const tl_config *c, int l, tl_layer *w) {
+    char name[64];
+    snprintf(name, sizeof(name), "blk.%d.ffn_gate_inp.weight", l);
+    tl_status st = take_matrix(g, name, c->n_experts, c->dim, &w->router);
+    /* w1 = gate (hidden x dim), w2 = down (dim x hidden), w3 = up (hidden x dim) */
+    const struct { const char *part; int rows, cols; } exps[3] = {
+        {"ffn_gate_exps", c->hidden_dim, c->dim}, {"ffn_down_exps", c->dim, c->hidden_dim},
+        {"ffn_up_exps", c->hidden_dim, c->dim}};
+    for (int i = 0; i < 3 && st == TL_OK; i++) {
+        snprintf(name, sizeof(name), "blk.%d.%s.weight", l, exps[i].part);
+        st = take_experts(g, name, exps[i].rows, exps[i].cols, c->n_experts, i, w->experts);
+    }
+    return st;
+}
+
 static tl_status load_weights(tl_model *m, const gguf_file *g) {
     const tl_config *c = &m->config;
     const int dim = c->dim, hidden = c->hidden_dim, L = c->n_layers;
     const int kv_dim = dim / c->n_heads * c->n_kv_heads;
+    tl_status st = check_ffn_kind(g, c);
+    if (st != TL_OK) return st;
     m->layers = calloc((size_t)L, sizeof(tl_layer));
     m->owned = malloc(((size_t)2 * L + 1) * dim * sizeof(float));
-    if (!m->layers || !m->owned) return tl_fail(TL_ERR_MEMORY, "out of memory loading %s", g->path);
-    tl_status st = take_matrix(g, "token_embd.weight", c->vocab_size, dim, &m->token_embedding);
+    if (c->n_experts > 0) m->experts = calloc((size_t)L * c->n_experts, sizeof(tl_expert));
+    if (!m->layers || !m->owned || (c->n_experts > 0 && !m->experts))
+        return tl_fail(TL_ERR_MEMORY, "out of memory loading %s", g->path);
+    st = take_matrix(g, "token_embd.weight", c->vocab_size, dim, &m->token_embedding);
     if (st == TL_OK) st = take_norm(g, "output_norm.weight", dim, m->owned);
     m->rms_final = m->owned;
     if (st == TL_OK && !c->shared_classifier) st = take_matrix(g, "output.weight", c->vocab_size, dim, &m->classifier);
@@ -489,14 +607,20 @@ static tl_status load_weights(tl_model *m, const gguf_file *g) {
     for (int l = 0; l < L && st == TL_OK; l++) {
         tl_layer *w = &m->layers[l];
         float *att = m->owned + ((size_t)2 * l + 1) * dim, *ffn = att + dim;
+        /* attention, then a dense layer's feed-forward (an MoE layer's comes from take_moe) */
         const struct { const char *suffix; tl_matrix *dst; int rows, cols; } mats[] = {
             {"attn_q", &w->wq, dim, dim},       {"attn_k", &w->wk, kv_dim, dim},  {"attn_v", &w->wv, kv_dim, dim},
             {"attn_output", &w->wo, dim, dim},  {"ffn_gate", &w->w1, hidden, dim}, {"ffn_down", &w->w2, dim, hidden},
             {"ffn_up", &w->w3, hidden, dim}};
+        const size_t n_mats = c->n_experts > 0 ? 4 : sizeof(mats) / sizeof(mats[0]);
         char name[64];
-        for (size_t i = 0; i < sizeof(mats) / sizeof(mats[0]) && st == TL_OK; i++) {
+        for (size_t i = 0; i < n_mats && st == TL_OK; i++) {
             snprintf(name, sizeof(name), "blk.%d.%s.weight", l, mats[i].suffix);
             st = take_matrix(g, name, mats[i].rows, mats[i].cols, mats[i].dst);
+        }
+        if (c->n_experts > 0 && st == TL_OK) {
+            w->experts = m->experts + (size_t)l * c->n_experts;
+            st = take_moe(g, c, l, w);
         }
         snprintf(name, sizeof(name), "blk.%d.attn_norm.weight", l);
         if (st == TL_OK) st = take_norm(g, name, dim, att);
@@ -506,21 +630,20 @@ static tl_status load_weights(tl_model *m, const gguf_file *g) {
         w->rms_ffn = ffn;
     }
     if (st != TL_OK) return st;
-    const uint64_t expected = (uint64_t)L * 9 + 2 + !c->shared_classifier;
+    /* a layer: 4 attention matrices, 2 norms, then 3 dense matrices or a router and 3 expert tensors */
+    const uint64_t expected = (uint64_t)L * (c->n_experts > 0 ? 10 : 9) + 2 + !c->shared_classifier;
     if (g->n_tensors != expected) { /* a tensor we would ignore could change the model's meaning */
         for (uint64_t i = 0; i < g->n_tensors; i++) {
             const gguf_tensor *t = &g->tensors[i];
-            char name[128];
-            snprintf(name, sizeof(name), "%.*s", (int)(t->name_len < 100 ? t->name_len : 100), (const char *)t->name);
-            static const char *parts[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down",
-                                          "ffn_up", "attn_norm", "ffn_norm"};
-            int known = !strcmp(name, "token_embd.weight") || !strcmp(name, "output_norm.weight") ||
+            char name[128], part[32];
+            int layer = -1;
+            int known = 0;
+            if (layer_tensor(t, L, name, &layer, part))
+                known = part_in(part, LAYER_PARTS, 6) ||
+                        (c->n_experts > 0 ? part_in(part, MOE_PARTS, 4) : part_in(part, DENSE_PARTS, 3));
+            else
+                known = !strcmp(name, "token_embd.weight") || !strcmp(name, "output_norm.weight") ||
                         !strcmp(name, "output.weight");
-            int layer = -1, used = 0;
-            char part[32];
-            if (!known && sscanf(name, "blk.%d.%31[a-z_].weight%n", &layer, part, &used) == 2 &&
-                used == (int)strlen(name) && layer >= 0 && layer < L)
-                for (size_t k = 0; k < sizeof(parts) / sizeof(parts[0]); k++) known |= !strcmp(part, parts[k]);
             known = known && find_tensor(g, name) == t; /* the second of two equal names is unexpected */
             if (!known)
                 return tl_fail(TL_ERR_FORMAT, "%s: unexpected tensor %s for a %d-layer llama model", g->path, name, L);

@@ -9,7 +9,8 @@
  * that is A (rank x cols) and B (rows x rank), row-major, F32 or F16. W x then becomes
  * W x + scale * alpha / rank * B (A x), llama.cpp's rule (alpha 0 or absent: scale alone), scale being
  * the caller's. The product stays two small matmuls on the worker pool, never folded into W: W may be
- * quantized, and it stays mapped.
+ * quantized, and it stays mapped. A mixture-of-experts layer has no ffn_gate/down/up: an adapter naming
+ * them is refused (its attention matrices take adapters as a dense layer's do).
  */
 #include <math.h>
 #include <stdio.h>
@@ -155,6 +156,12 @@ static tl_status attach(tl_model *m, tl_adapter *ad, const tl_gguf_adapter *g, c
     for (size_t s = 0; s < n_slots && st == TL_OK; s += 2) {
         if (slots[s] == NULL && slots[s + 1] == NULL) continue;
         const int layer = (int)(s / 2 / TL_LAYER_MATRICES), which = (int)(s / 2 % TL_LAYER_MATRICES);
+        if (which >= TL_W1 && m->layers[layer].experts != NULL) { /* the layer has no dense w1..w3 to adapt */
+            st = tl_fail(TL_ERR_MISMATCH, "%s: blk.%d.%s.weight: layer %d is a mixture of %d experts; tinyllm applies "
+                         "LoRA to the attention of such layers only", path, layer, MATRIX_NAMES[which], layer,
+                         m->config.n_experts);
+            break;
+        }
         st = check_pair(slots[s], slots[s + 1], layer_matrix(&m->layers[layer], which), layer, which, path);
         pairs++;
     }

@@ -28,6 +28,10 @@ tl_status tl_config_validate(const tl_config *c, const char *path) {
                        c->n_heads, c->n_kv_heads);
     if ((c->dim / c->n_heads) % 2 != 0)
         return tl_fail(TL_ERR_FORMAT, "%s: head size %d is odd (RoPE needs pairs)", path, c->dim / c->n_heads);
+    if (c->n_experts < 0 || c->n_experts > TL_MAX_EXPERTS ||
+        (c->n_experts > 0 ? c->n_experts_active < 1 || c->n_experts_active > c->n_experts : c->n_experts_active != 0))
+        return tl_fail(TL_ERR_FORMAT, "%s: %d experts, %d active per token (0 to %d experts, 1 to all of them active)",
+                       path, c->n_experts, c->n_experts_active, TL_MAX_EXPERTS);
     if (!(c->rope_theta > 0.0f) || !isfinite(c->rope_theta) || !(c->norm_eps >= 0.0f) || !isfinite(c->norm_eps))
         return tl_fail(TL_ERR_FORMAT, "%s: invalid rope_theta %g or norm_eps %g", path, c->rope_theta, c->norm_eps);
     return TL_OK;
@@ -64,6 +68,7 @@ void tl_model_free(tl_model *m) {
     tl_adapters_free(m);
     tl_unmap_file(&m->file);
     free(m->layers);
+    free(m->experts);
     free(m->rope_freq);
     free(m->owned);
     free(m);
@@ -94,11 +99,18 @@ typedef struct {
     float *rope_cos, *rope_sin; /* (rows, head_dim/2) cos/sin of position * frequency of each row's token */
     float *lora_mid, *lora_tmp; /* (rows, dim) (rows, max(dim, hidden_dim)) LoRA products, once the model has
                                    adapters (lora_reserve) */
+    /* mixture-of-experts routing of a step (MoE models only; k = n_experts_active): */
+    float *moe_probs;      /* (rows, n_experts) router probabilities */
+    int *moe_start;        /* (n_experts + 1) where each expert's rows begin in moe_row */
+    int *moe_row;          /* (rows * k) the rows routed to expert 0, then those of expert 1, ... */
+    float *moe_weight;     /* (rows * k) the renormalised router weight of each moe_row entry */
+    float *moe_x, *moe_y;  /* (rows, dim) one expert's gathered inputs and its outputs */
 } activations;
 
 static void activations_free(activations *a) {
     free(a->x); free(a->xb); free(a->xb2); free(a->hb); free(a->hb2); free(a->q); free(a->k); free(a->v);
     free(a->rope_cos); free(a->rope_sin); free(a->lora_mid); free(a->lora_tmp);
+    free(a->moe_probs); free(a->moe_start); free(a->moe_row); free(a->moe_weight); free(a->moe_x); free(a->moe_y);
     memset(a, 0, sizeof(*a));
 }
 
@@ -121,6 +133,19 @@ static int activations_alloc(activations *a, const tl_config *c, int rows) {
     if (!a->x || !a->xb || !a->xb2 || !a->hb || !a->hb2 || !a->q || !a->k || !a->v || !a->rope_cos || !a->rope_sin) {
         activations_free(a);
         return 0;
+    }
+    if (c->n_experts > 0) {
+        const size_t e = (size_t)c->n_experts, routed = r * c->n_experts_active;
+        a->moe_probs = calloc(r * e, sizeof(float));
+        a->moe_start = calloc(e + 1, sizeof(int));
+        a->moe_row = calloc(routed, sizeof(int));
+        a->moe_weight = calloc(routed, sizeof(float));
+        a->moe_x = calloc(r * c->dim, sizeof(float));
+        a->moe_y = calloc(r * c->dim, sizeof(float));
+        if (!a->moe_probs || !a->moe_start || !a->moe_row || !a->moe_weight || !a->moe_x || !a->moe_y) {
+            activations_free(a);
+            return 0;
+        }
     }
     a->rows = rows;
     return 1;
@@ -328,6 +353,85 @@ static void add_into(float *a, const float *b, size_t n) {
     for (size_t i = 0; i < n; i++) a[i] += b[i];
 }
 
+/* One token's experts from its router probabilities probs[0..n): chosen[0..k) receives the k most probable,
+ * most probable first and the lower index first among equals (the torch model's stable descending sort),
+ * weight[0..k) their probabilities renormalised to sum to 1. */
+static void top_k(const float *probs, int n, int k, int *chosen, float *weight) {
+    unsigned char taken[TL_MAX_EXPERTS] = {0};
+    float sum = 0.0f;
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < n; e++)
+            if (!taken[e] && (best < 0 || probs[e] > probs[best])) best = e; /* strict: ties keep the lower */
+        taken[best] = 1;
+        chosen[j] = best;
+        weight[j] = probs[best];
+        sum += probs[best];
+    }
+    for (int j = 0; j < k; j++) weight[j] /= sum;
+}
+
+/* The mixture-of-experts feed-forward of rows tokens (the normed inputs in a->xb): each token's k experts'
+ * SwiGLU outputs, weighted by the router, added into the residual a->x. The rows are grouped by expert, so
+ * that each expert chosen in this step runs once, as one matmul over its rows (its weights read once per
+ * step, as a dense FFN's are), and an expert no row chose costs nothing; one row (decode) runs exactly
+ * its k experts. Outputs are summed in expert order, as the torch model does. */
+static void moe_ffn(const tl_model *m, const tl_layer *w, activations *a, int rows) {
+    const tl_config *c = &m->config;
+    const int n_experts = c->n_experts, k = c->n_experts_active, dim = c->dim, hidden = c->hidden_dim;
+    int chosen[TL_MAX_EXPERTS];
+    float weight[TL_MAX_EXPERTS];
+    /* route every row, counting the rows of each expert into moe_start[e + 1] */
+    tl_matmul(a->moe_probs, (size_t)n_experts, &w->router, a->xb, rows);
+    memset(a->moe_start, 0, ((size_t)n_experts + 1) * sizeof(int));
+    for (int t = 0; t < rows; t++) {
+        float *probs = a->moe_probs + (size_t)t * n_experts;
+        tl_softmax(probs, n_experts);
+        top_k(probs, n_experts, k, chosen, weight);
+        for (int j = 0; j < k; j++) a->moe_start[chosen[j] + 1]++;
+    }
+    /* group: expert e's rows at moe_row[moe_start[e] ..), in row order (a counting sort; each row's experts
+     * are picked again from its probabilities rather than kept) */
+    for (int e = 0; e < n_experts; e++) a->moe_start[e + 1] += a->moe_start[e];
+    int fill[TL_MAX_EXPERTS];
+    memcpy(fill, a->moe_start, (size_t)n_experts * sizeof(int));
+    for (int t = 0; t < rows; t++) {
+        top_k(a->moe_probs + (size_t)t * n_experts, n_experts, k, chosen, weight);
+        for (int j = 0; j < k; j++) {
+            const int slot = fill[chosen[j]]++;
+            a->moe_row[slot] = t;
+            a->moe_weight[slot] = weight[j];
+        }
+    }
+    /* each expert over its rows: gather, w2(silu(w1 x) * w3 x), scatter with the router's weights */
+    float *out = a->xb2;
+    memset(out, 0, (size_t)rows * dim * sizeof(float));
+    for (int e = 0; e < n_experts; e++) {
+        const int first = a->moe_start[e], n = a->moe_start[e + 1] - first;
+        if (n == 0) continue;
+        const tl_expert *x = &w->experts[e];
+        const float *in = a->xb; /* all rows, in order: no copy */
+        if (n < rows) {
+            for (int i = 0; i < n; i++)
+                memcpy(a->moe_x + (size_t)i * dim, a->xb + (size_t)a->moe_row[first + i] * dim, dim * sizeof(float));
+            in = a->moe_x;
+        }
+        float *const gate_up[2] = {a->hb, a->hb2};
+        const tl_matrix *const w13[2] = {&x->w1, &x->w3};
+        tl_matmul_many(2, gate_up, w13, in, n);
+        swiglu_job gate = {a->hb, a->hb2, hidden};
+        tl_parallel_for(n, swiglu_row, &gate);
+        tl_matmul(a->moe_y, dim, &x->w2, a->hb, n);
+        for (int i = 0; i < n; i++) {
+            float *dst = out + (size_t)a->moe_row[first + i] * dim;
+            const float *y = a->moe_y + (size_t)i * dim;
+            const float g = a->moe_weight[first + i];
+            for (int d = 0; d < dim; d++) dst[d] += g * y[d];
+        }
+    }
+    add_into(a->x, out, (size_t)rows * dim);
+}
+
 /* The rows (<= a->rows) tokens of segs[0..n_segs), which cover rows 0..rows-1 in order, through the
  * network: the matmuls take all rows at once, norms and RoPE go row by row, attention segment by
  * segment. logits receives every row's logits (rows x vocab) with all_rows, else the last row's of
@@ -371,9 +475,13 @@ static void forward(const tl_model *m, activations *a, const segment *segs, int 
         tl_matmul(a->xb2, dim, &w->wo, a->xb, rows);
         lora(w, TL_WO, a, a->xb, a->xb2, rows);
         add_into(a->x, a->xb2, (size_t)rows * dim);
-        /* feed-forward: w2(silu(w1 x) * w3 x) */
+        /* feed-forward: w2(silu(w1 x) * w3 x), or a mixture of such experts */
         for (int t = 0; t < rows; t++)
             tl_rmsnorm(a->xb + (size_t)t * dim, a->x + (size_t)t * dim, w->rms_ffn, dim, c->norm_eps);
+        if (w->experts != NULL) {
+            moe_ffn(m, w, a, rows);
+            continue;
+        }
         float *const gate_up[2] = {a->hb, a->hb2};
         const tl_matrix *const w13[2] = {&w->w1, &w->w3};
         tl_matmul_many(2, gate_up, w13, a->xb, rows);

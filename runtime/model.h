@@ -17,11 +17,23 @@ typedef struct tl_lora {
 /* The per-layer matrices an adapter may change, in tl_layer's order (lora.c names them). */
 enum { TL_WQ, TL_WK, TL_WV, TL_WO, TL_W1, TL_W2, TL_W3, TL_LAYER_MATRICES };
 
+/* Experts a mixture-of-experts layer may have. python/tinyllm/config.py MAX_EXPERTS is the same number:
+ * change both together. Far beyond tiny models; it bounds the routing scratch of a token. */
+#define TL_MAX_EXPERTS 256
+
+/* One expert of a mixture-of-experts layer: a SwiGLU feed-forward whose matrices are views into the
+ * layer's 3-D expert tensors (GGUF ffn_{gate,down,up}_exps, one contiguous rows x cols slice each). */
+typedef struct {
+    tl_matrix w1, w2, w3;     /* (hidden,dim) (dim,hidden) (hidden,dim) */
+} tl_expert;
+
 typedef struct {
     const float *rms_att;   /* (dim) attention RMSNorm weight */
     const float *rms_ffn;   /* (dim) FFN RMSNorm weight */
     tl_matrix wq, wk, wv, wo; /* (dim,dim) (kv_dim,dim) (kv_dim,dim) (dim,dim) */
-    tl_matrix w1, w2, w3;     /* (hidden,dim) (dim,hidden) (hidden,dim) */
+    tl_matrix w1, w2, w3;     /* (hidden,dim) (dim,hidden) (hidden,dim); unused (rows 0) in an MoE layer */
+    tl_matrix router;         /* MoE: (n_experts, dim), the router's logits per expert */
+    tl_expert *experts;       /* MoE: n_experts (into tl_model.experts); NULL in a dense layer */
     tl_lora *lora[TL_LAYER_MATRICES]; /* LoRA deltas on wq .. w3 (NULL: none) */
 } tl_layer;
 
@@ -52,6 +64,7 @@ struct tl_model {
     tl_matrix classifier;      /* (vocab, dim); the embedding when shared */
     const float *rms_final;    /* (dim) */
     tl_layer *layers;          /* n_layers */
+    tl_expert *experts;        /* n_layers x n_experts views for MoE models (layer l's at l * n_experts), else NULL */
     double *rope_freq;         /* (head_dim/2) theta^(-2i/head_dim); sessions turn it into cos/sin per step */
     float *owned;              /* weights a reader converted (e.g. f16 norms to f32), freed with the model */
     tl_embedded_vocab vocab;

@@ -61,15 +61,18 @@ typedef struct {
     int group_size;   /* quantization group (0 for f32) */
     int file_version; /* llama2.c format version (0, 1 or 2), or the GGUF version (2 or 3) */
     int file_format;  /* tl_format */
+    int n_experts;        /* mixture-of-experts feed-forward: experts per layer (GGUF llama.expert_count); 0: dense */
+    int n_experts_active; /* experts each token goes through (llama.expert_used_count); 0 when dense */
 } tl_config;
 
 typedef struct tl_model tl_model;
 
 /* Map a model file, validating every size: llama2.c (v0 legacy, v1 fp32, v2 int8) or GGUF (v2/v3,
- * arch "llama", tensors F32/F16/Q8_0/Q4_0), told apart by magic. Hyper-parameters are capped (dim 2^16,
- * hidden_dim 2^18, 1024 layers and heads, vocab 2^22, seq_len 2^20). What loading allocates is bounded
- * by the file: the weights stay mapped, the norms are copied as fp32, plus a few bytes per layer,
- * tensor and metadata entry; nothing depends on seq_len (RoPE is computed per step). */
+ * arch "llama", dense or mixture-of-experts as llama.cpp writes it, tensors F32/F16/Q8_0/Q4_0), told
+ * apart by magic. Hyper-parameters are capped (dim 2^16, hidden_dim 2^18, 1024 layers and heads, vocab
+ * 2^22, seq_len 2^20, 256 experts). What loading allocates is bounded by the file: the weights stay
+ * mapped, the norms are copied as fp32, plus a few bytes per layer, expert, tensor and metadata entry;
+ * nothing depends on seq_len (RoPE is computed per step). */
 tl_status tl_model_load(const char *path, tl_model **out);
 void tl_model_free(tl_model *model);
 void tl_model_config(const tl_model *model, tl_config *out);
@@ -83,7 +86,8 @@ void tl_model_config(const tl_model *model, tl_config *out);
  * before was computed without the adapter. Errors apply nothing: TL_ERR_IO (unreadable file),
  * TL_ERR_FORMAT (not a LoRA adapter: no GGUF, another general.type or adapter.type, truncated, a tensor
  * without its pair or with a name we do not apply, rank 0 or larger than its matrix, quantized tensors),
- * TL_ERR_MISMATCH (an adapter for another model: architecture, a layer the model lacks, a matrix's shape),
+ * TL_ERR_MISMATCH (an adapter for another model: architecture, a layer the model lacks, a matrix's shape, the
+ * ffn matrices of a mixture-of-experts layer, which has experts instead),
  * TL_ERR_ARGUMENT (a non-finite scale). */
 tl_status tl_model_add_adapter(tl_model *model, const char *path, float scale);
 

@@ -60,6 +60,7 @@ struct Model {
         d["weight_type"] = c.weight_type >= 0 && c.weight_type <= TL_TYPE_Q4_0 ? types[c.weight_type] : "?";
         d["group_size"] = c.group_size; d["file_version"] = c.file_version;
         d["file_format"] = c.file_format == TL_FORMAT_GGUF ? "gguf" : "llama2c";
+        d["n_experts"] = c.n_experts; d["n_experts_active"] = c.n_experts_active;
         return d;
     }
 };

@@ -16,7 +16,7 @@ from .errors import ConfigError, FormatError
 # small enough that no size computed from them overflows, and max_seq_len bounds what a context costs.
 MODEL_LIMITS = {"dim": 1 << 16, "hidden_dim": 1 << 18, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
                 "vocab_size": 1 << 22, "max_seq_len": 1 << 20}
-MAX_EXPERTS = 256  # experts per layer, as runtime/model.c allows
+MAX_EXPERTS = 256  # experts per layer: runtime/model.h TL_MAX_EXPERTS is the same number (change both together)
 MAX_PIECES = 1 << 28  # tokenizer pieces, as runtime/tokenizer.c allows
 # SentencePiece's piece types (ModelProto.SentencePiece.Type), which tok.bin and GGUF store
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -76,7 +76,10 @@ class Runtime:
                            n_kv_heads=c["n_kv_heads"], vocab_size=c["vocab_size"], max_seq_len=c["seq_len"],
                            rope_theta=_float32_as_written(c["rope_theta"]),
                            norm_eps=_float32_as_written(c["norm_eps"]),
-                           tie_embeddings=c["shared_classifier"])
+                           tie_embeddings=c["shared_classifier"],
+                           # a dense model keeps ModelConfig's default n_experts_active, as the readers do
+                           **({"n_experts": c["n_experts"], "n_experts_active": c["n_experts_active"]}
+                              if c["n_experts"] else {}))
 
     @property
     def file_info(self) -> dict:

@@ -281,7 +281,8 @@ def read_gguf(path) -> tuple[ModelConfig, dict[str, np.ndarray], Vocab | None]:
     w = {}
     for name, t in tensors.items():
         if name not in ours:
-            raise FormatError(f"unexpected tensor {name} for a {cfg.n_layers}-layer llama model ({path})")
+            raise FormatError(f"unexpected tensor {name} for a {cfg.n_layers}-layer llama model"
+                              f"{_ffn_kind_hint(name, cfg)} ({path})")
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         if shape != shapes[name]:
             raise FormatError(f"tensor {name} has shape {shape}, the model's hyper-parameters say {shapes[name]} "
@@ -320,6 +321,17 @@ def _read_expert_counts(field, path) -> dict:
     return {"n_experts": n_experts, "n_experts_active": used}
 
 
+def _ffn_kind_hint(name: str, cfg: ModelConfig) -> str:
+    """Why a feed-forward tensor does not belong, in the C reader's words (runtime/format_gguf.c
+    check_ffn_kind): a dense one in an MoE model or an expert one in a dense model; "" for other names."""
+    part = name.split(".")[2] if name.startswith("blk.") and name.count(".") == 3 else ""
+    if cfg.is_moe and part in ("ffn_gate", "ffn_down", "ffn_up"):
+        return f" with {cfg.n_experts} experts (a dense feed-forward tensor in a mixture-of-experts layer)"
+    if not cfg.is_moe and part in ("ffn_gate_inp", "ffn_gate_exps", "ffn_down_exps", "ffn_up_exps"):
+        return " (a mixture-of-experts tensor, but llama.expert_count is absent or 0)"
+    return ""
+
+
 def _check_llama_keys(field, cfg: ModelConfig, tensors: dict, path):
     """What the C reader refuses beyond the hyper-parameters: keys for a model it does not run."""
     vocab_size = field("llama.vocab_size", int, cfg.vocab_size)
@@ -329,8 +341,8 @@ def _check_llama_keys(field, cfg: ModelConfig, tensors: dict, path):
     for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
         value = field(key, int, cfg.head_dim)
         if value != cfg.head_dim:
-            raise FormatError(f"GGUF key {key} = {value}, not the head size {cfg.head_dim} (tinyllm runs dense llama "
-                              f"models with full-width RoPE) ({path})")
+            raise FormatError(f"GGUF key {key} = {value}, not the head size {cfg.head_dim} (tinyllm runs llama models "
+                              f"with full-width RoPE) ({path})")
     if field("llama.rope.scaling.type", str, "none") != "none":
         raise FormatError(f"RoPE scaling {field('llama.rope.scaling.type', str)!r} is not supported ({path})")
     if "rope_freqs.weight" in tensors:

@@ -35,19 +35,20 @@ void tl_swiglu(float *a, const float *b, int n);
 
 /* ---- matmuls and attention with run-time SIMD dispatch (kernels_dispatch.c) ------------------ */
 
-/* Kernel paths. The first matmul picks the best float-activation path the CPU supports (x86:
- * avx512, else avx2; AArch64: neon; else scalar), or the one named by TINYLLM_KERNELS=scalar|avx2|
+/* Kernel paths. The first matmul picks the default path (below), or the one named by TINYLLM_KERNELS=scalar|avx2|
  * avx512|avx2-int8|vnni|neon|neon-dotprod (a path the CPU lacks falls back to the best it has). The
  * three int8 paths quantize the activations to int8 blocks of 32 once per matmul and multiply q8_0,
  * q4_0 and llama2.c int8 weights with integer dot products (avx2-int8: maddubs/madd; vnni:
  * AVX512-VNNI vpdpbusd; neon-dotprod: SDOT); other types, and int8 groups that are not a multiple of
- * 32, take the avx512/avx2/neon float path. They are opt-in: they change the numbers slightly
- * (activation rounding) and are not faster in every case (kernels_dispatch.c). */
+ * 32, take the avx512/avx2/neon float path. They change the numbers slightly (activation rounding).
+ * Unnamed (NULL, "", or a name this build does not know), the default is vnni where the CPU has
+ * AVX512-VNNI, for q8_0 and q4_0 only (llama2.c int8 then takes avx512), else the best float path
+ * (kernels_dispatch.c says why). */
 typedef enum {
     TL_KERNELS_SCALAR = 0, TL_KERNELS_AVX2 = 1, TL_KERNELS_AVX512 = 2, TL_KERNELS_AVX2_INT8 = 3, TL_KERNELS_VNNI = 4,
     TL_KERNELS_NEON = 5, TL_KERNELS_NEON_DOTPROD = 6
 } tl_kernels;
-/* Select a path by name (NULL or "" = best available); returns the path now active. */
+/* Select a path by name (NULL or "" = the default); returns the path now active. */
 int tl_kernels_select(const char *name);
 int tl_kernels_active(void);
 const char *tl_kernels_name(int kernels);

@@ -3,14 +3,16 @@
  * file's kernel, else the scalar reference in kernels.c). Apart from the ISA files so that the
  * choice is plain C, which a build without SIMD (-DTL_NO_SIMD, other CPUs) compiles as it is.
  *
- * The default is the best float-activation path (avx512, else avx2, on AArch64 neon: the scalar
- * reference's numbers up to the order of float additions). The opt-in int8 paths (vnni, avx2-int8:
- * kernels_int8.c; neon-dotprod: kernels_neon.c) quantize the activations instead and use integer
- * dot products. They change the numbers (v2 files no longer match a torch model holding the
- * dequantized weights exactly), and bench/int8_kernels.py found them not faster across the board: 1
- * thread, vnni against avx512, decode 0.94-1.18x (15M Q8_0 to 42M Q4_0) but prefill 0.64-0.89x;
- * avx2-int8 against avx2 decode 1.1-1.8x. So the default stays float (neon-dotprod too: it has been
- * run only under qemu, which says nothing of speed).
+ * The float-activation paths (avx512, avx2, on AArch64 neon) give the scalar reference's numbers up
+ * to the order of float additions. The int8 paths (vnni, avx2-int8: kernels_int8.c; neon-dotprod:
+ * kernels_neon.c) quantize the activations instead and use integer dot products: other numbers (v2
+ * files no longer match a torch model holding the dequantized weights exactly). The default is the
+ * best float path, except that on an AVX512-VNNI CPU it is vnni for q8_0 and q4_0 (GGUF, whose
+ * llama.cpp numbers are int8-activation ones too): bench/int8_kernels.py, 1 thread, vnni against
+ * avx512, prefill 1.9-2.2x (its batched tile), decode 0.98-1.30x. llama2.c int8 (v2) stays on the
+ * float path unless vnni is asked for by name, and avx2-int8 stays opt-in (against avx2: decode
+ * 0.70-1.39x, prefill 0.85-1.18x), neon-dotprod too (run only under qemu, which says nothing of
+ * speed).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +30,8 @@
 /* Path selection */
 
 static int active_kernels = -1;
+/* Whether the int8 path takes llama2.c int8 too: when it was asked for by name, not by default. */
+static int int8_takes_q8 = 0;
 
 #ifdef TL_X86
 /* F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know "f16c". */
@@ -100,12 +104,21 @@ const char *tl_kernels_name(int kernels) {
     return kernels >= 0 && kernels < N_KERNELS ? kernel_names[kernels] : "scalar";
 }
 
+/* The default: vnni where the CPU has it (for q8_0 and q4_0 only), else the best float path. */
+static int default_kernels(void) {
+    return supported(TL_KERNELS_VNNI) ? TL_KERNELS_VNNI : best_supported();
+}
+
 int tl_kernels_select(const char *name) {
-    int want = best_supported();
+    int want = -1;
     for (int k = 0; name != NULL && k < N_KERNELS; k++)
         if (strcmp(name, kernel_names[k]) == 0) want = k;
+    int8_takes_q8 = want >= 0;
     if (want == TL_KERNELS_VNNI && !supported(want)) want = TL_KERNELS_AVX2_INT8;
-    if (!supported(want)) want = best_supported();
+    if (want < 0 || !supported(want)) {
+        want = default_kernels();
+        int8_takes_q8 = 0;
+    }
     active_kernels = want;
     return active_kernels;
 }
@@ -140,7 +153,8 @@ static int float_path(int kernels) {
 /* Whether the active path multiplies w with int8 activations. */
 static int int8_active(const tl_matrix *w) {
     const int k = tl_kernels_active();
-    return (k == TL_KERNELS_VNNI || k == TL_KERNELS_AVX2_INT8 || k == TL_KERNELS_NEON_DOTPROD) && tl_int8_fits(w);
+    return (k == TL_KERNELS_VNNI || k == TL_KERNELS_AVX2_INT8 || k == TL_KERNELS_NEON_DOTPROD) && tl_int8_fits(w) &&
+           (w->type != TL_TYPE_Q8 || int8_takes_q8);
 }
 
 static void rows_i8(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n) {

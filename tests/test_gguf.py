@@ -54,15 +54,21 @@ def random_model(seed=0, **kw):
     from tinyllm.model import Transformer
     torch.manual_seed(seed)
     cfg = _config(**kw)
-    model = Transformer(cfg).eval()
+    return cfg, spread_weights(Transformer(cfg).eval())
+
+
+def spread_weights(model, router_scale=12.0):
+    """Scale a freshly initialised model's weights in place so that logits spread over a few units; an MoE
+    router's by router_scale, so that tokens really go to different experts. Returns model."""
+    import torch
     with torch.no_grad():
         model.tok_embeddings.weight.mul_(8.0)
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-            elif p.dim() == 2 and "tok_embeddings" not in name:
-                p.mul_(4.0)
-    return cfg, model
+            elif p.dim() >= 2 and "tok_embeddings" not in name:
+                p.mul_(router_scale if "router" in name else 4.0)
+    return model
 
 
 def sharp_model(tokenizer_path, seed=1):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import write_synthetic_tokenizer
-from test_gguf import LlamaCpp, log_softmax
+from test_gguf import LlamaCpp, log_softmax, spread_weights
 from tinyllm.config import ModelConfig
 from tinyllm.errors import FormatError
 from tinyllm.model import FeedForward, MoEFeedForward, Transformer
@@ -28,15 +28,7 @@ def random_moe(seed=0, **kw):
     sharp enough that tokens really go to different experts."""
     torch.manual_seed(seed)
     cfg = moe_config(**kw)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        model.tok_embeddings.weight.mul_(8.0)
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif p.dim() >= 2 and "tok_embeddings" not in name:
-                p.mul_(12.0 if "router" in name else 4.0)
-    return cfg, model
+    return cfg, spread_weights(Transformer(cfg).eval())
 
 
 def reference_moe(ffn: MoEFeedForward, x: np.ndarray) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 One run on one machine measures, for the 15M / 42M / 110M llama2.c shapes (vocab 32000, random
 weights) and the weight types f32, q8_0, q4_0 (GGUF files written by tinyllm.formats.gguf, the same
-file for every runtime) plus llama2.c v2 int8 (our own Q8 .bin):
+file for every runtime) plus llama2.c v2 int8 (our own Q8 .bin; dense shapes only), and for
+15M-moe, configs/stories15M-moe.toml's mixture of experts (8 experts of hidden 384, top-2: the
+active compute of 15M, whose dense cells are its reference; GGUF only):
   - `run`           our CLI (its stderr: "achieved tok/s" decode, "prompt tok/s" prefill)
   - `Runtime`       tinyllm.Runtime (pybind11) in this process
   - `llama.cpp`     stock llama.cpp through PyPI xllamacpp (timings.predicted/prompt_per_second)
@@ -37,9 +39,12 @@ SHAPES = {  # llama2.c's stories models
     "15M": dict(dim=288, n_layers=6, n_heads=6),
     "42M": dict(dim=512, n_layers=8, n_heads=8),
     "110M": dict(dim=768, n_layers=12, n_heads=12),
+    # configs/stories15M-moe.toml: 15M with its FFN (hidden 768) as 8 experts of 384, 2 active per token
+    "15M-moe": dict(dim=288, n_layers=6, n_heads=6, hidden_dim=384, n_experts=8, n_experts_active=2),
 }
+MOE_DENSE = {"15M-moe": "15M"}  # an MoE shape and the dense shape of the same active compute
 # new tokens per decode run and prompt tokens per prefill run
-DECODE_TOKENS = {"15M": 128, "42M": 96, "110M": 48}
+DECODE_TOKENS = {"15M": 128, "42M": 96, "110M": 48, "15M-moe": 128}
 PROMPT_TOKENS = 128
 FILES = {  # label: (file suffix, what it is)
     "f32": ("f32.gguf", "GGUF F32"),
@@ -136,9 +141,12 @@ def random_state(cfg, seed: int) -> dict:
         w[p + "attention.wk.weight"] = normal(kv, cfg.dim)
         w[p + "attention.wv.weight"] = normal(kv, cfg.dim)
         w[p + "attention.wo.weight"] = normal(cfg.dim, cfg.dim)
-        w[p + "feed_forward.w1.weight"] = normal(cfg.hidden_dim, cfg.dim)
-        w[p + "feed_forward.w2.weight"] = normal(cfg.dim, cfg.hidden_dim)
-        w[p + "feed_forward.w3.weight"] = normal(cfg.hidden_dim, cfg.dim)
+        experts = (cfg.n_experts,) if cfg.is_moe else ()  # MoE: stacked (n_experts, rows, cols)
+        w[p + "feed_forward.w1.weight"] = normal(*experts, cfg.hidden_dim, cfg.dim)
+        w[p + "feed_forward.w2.weight"] = normal(*experts, cfg.dim, cfg.hidden_dim)
+        w[p + "feed_forward.w3.weight"] = normal(*experts, cfg.hidden_dim, cfg.dim)
+        if cfg.is_moe:  # a router sharp enough that tokens spread over the experts unevenly, as trained ones do
+            w[p + "feed_forward.router.weight"] = normal(cfg.n_experts, cfg.dim) * 10
     w["output.weight"] = w["tok_embeddings.weight"]
     return w
 
@@ -155,7 +163,8 @@ def make_models(model_dir: Path, shapes) -> dict:
     out = {}
     for shape in shapes:
         cfg = ModelConfig(**SHAPES[shape], vocab_size=VOCAB, max_seq_len=CONTEXT)
-        paths = {label: model_dir / f"{shape}.{suffix}" for label, (suffix, _) in FILES.items()}
+        paths = {label: model_dir / f"{shape}.{suffix}" for label, (suffix, _) in FILES.items()
+                 if not (cfg.is_moe and suffix.endswith(".bin"))}  # llama2.c files have no experts
         if not all(p.exists() for p in paths.values()):
             w = random_state(cfg, seed=list(SHAPES).index(shape))
             for label, path in paths.items():
@@ -171,8 +180,15 @@ def make_models(model_dir: Path, shapes) -> dict:
 def weight_bytes_per_token(path: Path, cfg) -> int:
     """Bytes of weights a decode step reads: every matrix once (the classifier is the embedding), but
     of the embedding only as much as the classifier reads, i.e. the whole file minus one copy of
-    nothing: the file size minus the header and norms is a close upper bound."""
-    return path.stat().st_size
+    nothing: the file size minus the header and norms is a close upper bound. An MoE step reads only
+    its n_experts_active experts: the idle experts' share of the parameters is taken off."""
+    size = path.stat().st_size
+    if not cfg.is_moe:
+        return size
+    expert = 3 * cfg.dim * cfg.hidden_dim * cfg.n_layers  # one expert of every layer
+    attention = (2 * cfg.dim + 2 * cfg.kv_dim) * cfg.dim * cfg.n_layers
+    total = cfg.vocab_size * cfg.dim + attention + cfg.n_experts * expert
+    return int(size * (total - (cfg.n_experts - cfg.n_experts_active) * expert) / total)
 
 
 # ---- runners --------------------------------------------------------------------------------------
@@ -330,7 +346,7 @@ def main(argv=None):
         return 0
     shapes = args.shapes.split(",")
     if args.quick:
-        args.repeats, shapes = 1, ["15M"]
+        args.repeats, shapes = 1, ["15M", "15M-moe"]
     types, impls = args.types.split(","), args.impls.split(",")
     started = time.time()
 
@@ -347,6 +363,8 @@ def main(argv=None):
         cfg, paths = models[shape]
         n_new = DECODE_TOKENS[shape]
         for label in types:
+            if label not in paths:  # llama2.c v2 for an MoE shape
+                continue
             path = paths[label]
             nbytes = weight_bytes_per_token(path, cfg)
             for threads in thread_counts:
@@ -437,6 +455,9 @@ def markdown(report) -> str:
                     ratio_d, ratio_p = " / ".join(rd), " / ".join(rp)
                 lines.append(f"| {shape} | {FILES[label][1]} | {impl} | {dec} | {pre} | {roof} | {ratio_d} | {ratio_p} |")
     lines += ["", "## Issue 7's goals in this run", ""] + goal_lines(report)
+    moe = moe_goal_lines(report)
+    if moe:
+        lines += ["", "## Issue 18's mixture-of-experts goals in this run", ""] + moe
     tok = report.get("tokenizer")
     if tok:
         lines += ["", f"Tokenizer: encoding {tok['bytes']:,} bytes ({tok['chars']:,} characters) of modern Chinese "
@@ -469,7 +490,7 @@ def goal_lines(report) -> list[str]:
                     continue
                 peers = {"llama.cpp (this run)": peer}
                 table = report["peer_table_issue7"].get(shape, {})
-                if label == "f32" and t in (1, 2):
+                if label == "f32" and t in (1, 2) and table:
                     peers["llama2.c run.c (issue table)"] = table["llama2.c f32"][t - 1]
                 best_name, best = max(((k, v) for k, v in peers.items() if v), key=lambda kv: kv[1], default=(None, None))
                 if best:
@@ -491,6 +512,32 @@ def goal_lines(report) -> list[str]:
                 if run_d and rt_d:
                     out.append(f"- Runtime vs run {shape} {label} {t}t: {rt_d / run_d:.2f}x "
                                f"({'met' if rt_d >= 0.97 * run_d else 'NOT met'}: within 3%)")
+    return out
+
+
+def moe_goal_lines(report) -> list[str]:
+    """Issue 18's goals for each MoE shape: decode and prefill >= 1.2x llama.cpp on the same file, and decode
+    within 1.3x of the time of the dense shape with the same active compute (same type and threads)."""
+    res = report["results"]
+    def get(shape, label, impl, threads, key):
+        for r in res:
+            if (r["shape"], r["type"], r["impl"], r["threads"]) == (shape, label, impl, threads):
+                return r[key]
+        return None
+    out = []
+    threads = sorted({r["threads"] for r in res})
+    for shape, dense in MOE_DENSE.items():
+        for label in ("f32", "q8_0", "q4_0"):
+            for t in threads:
+                for key, what in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+                    ours, peer = get(shape, label, "run", t, key), get(shape, label, "llama.cpp", t, key)
+                    if ours and peer:
+                        out.append(f"- {what} {shape} {label} {t}t: ours {ours:.0f} vs llama.cpp {peer:.0f}: "
+                                   f"{ours / peer:.2f}x, goal 1.2x {'met' if ours >= 1.2 * peer else 'NOT met'}")
+                ours, base = get(shape, label, "run", t, "decode_tok_s"), get(dense, label, "run", t, "decode_tok_s")
+                if ours and base:
+                    out.append(f"- decode time {shape} vs dense {dense} {label} {t}t: {base / ours:.2f}x "
+                               f"({ours:.0f} vs {base:.0f} tok/s), goal <= 1.3x {'met' if base / ours <= 1.3 else 'NOT met'}")
     return out
 
 

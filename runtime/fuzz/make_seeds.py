@@ -3,7 +3,7 @@
     python runtime/fuzz/make_seeds.py build/fuzz/seeds     (what `make fuzz-build` runs)
 
 Writes <out>/llama2c (v0/v1/v2 model files), <out>/gguf (F32, F16, Q8_0, Q4_0, with and without a
-tokenizer), <out>/tokbin (tok.bin files) and <out>/encode (text), plus the crafted good and bad files
+tokenizer; dense and mixture-of-experts), <out>/tokbin (tok.bin files) and <out>/encode (text), plus the crafted good and bad files
 of runtime/fuzz/crafted.py (crafted_* in llama2c, gguf and tokbin). Every seed stays under 64 KB (tiny
 dims) so that the fuzzers run thousands of inputs a second. The tiny models and tokenizers come from
 the test helpers (tests/conftest.py, tests/test_gguf.py), so seeds follow the formats as tested.
@@ -30,6 +30,11 @@ conftest.SHAPES.update({
     "fuzz_untied": dict(dim=8, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=11, hidden_dim=8, max_seq_len=4,
                         tie_embeddings=False),
     "fuzz_q32": dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=16, hidden_dim=32, max_seq_len=8),
+    # mixture-of-experts GGUF (router + *_exps tensors): top-1 of 4 over 2 layers, top-2 of 3 in Q8_0/Q4_0 blocks
+    "fuzz_moe": dict(dim=8, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=11, hidden_dim=8, max_seq_len=6,
+                     n_experts=4, n_experts_active=1),
+    "fuzz_moe_q32": dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=16, hidden_dim=32, max_seq_len=8,
+                         n_experts=3, n_experts_active=2),
 })
 
 TEXTS = [
@@ -65,7 +70,7 @@ def llama2c_seeds(out: Path, tmp: Path):
 
 def gguf_seeds(out: Path, tmp: Path):
     from tinyllm.formats.gguf import write_gguf
-    for shape in ("fuzz_tied", "fuzz_untied", "fuzz_q32"):
+    for shape in ("fuzz_tied", "fuzz_untied", "fuzz_q32", "fuzz_moe", "fuzz_moe_q32"):
         cfg, model = conftest.random_model(shape)
         tok = tmp / f"tok{cfg.vocab_size}.bin"
         conftest.write_synthetic_tokenizer(tok, cfg.vocab_size)

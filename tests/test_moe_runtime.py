@@ -260,6 +260,41 @@ def test_greedy_ids_agree_across_torch_run_runtime_and_llama_cpp(tmp_path, tok_p
     assert r.stdout.decode().rstrip("\n") == prompt + rt.decode(want)
 
 
+@pytest.mark.noasan
+def test_server_answers_concurrent_requests_on_an_moe_model_as_runtime_does(tmp_path, tok_path):
+    """tinyllm serve batches concurrent sequences through tl_batch_step: 4 greedy completions at once, each
+    the text Runtime generates alone."""
+    import json
+    import threading
+    import tinyllm
+    from conftest import Server
+    from test_server import post
+    cfg, model = random_moe(seed=23, n_experts=8, n_experts_active=2)
+    path = write(tmp_path, model, cfg, tok_path)
+    rt = tinyllm.Runtime(path)
+    prompts = [text_of(ids_for(20 + i, 3 + 5 * i)[1:]) for i in range(4)]
+    want = [rt.generate(p, max_new_tokens=16, temperature=0) for p in prompts]
+    assert all(len(w) == 16 for w in want)  # no EOS: 16 tokens of one character each
+    server = Server(path)
+    try:
+        got = [None] * len(prompts)
+
+        def ask(i):
+            body = {"prompt": prompts[i], "max_tokens": 16, "temperature": 0, "repetition_penalty": 1.0}
+            got[i] = post(server, "/v1/completions", json.dumps(body).encode())
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        server.stop()
+    for (status, answer), text in zip(got, want):
+        assert status == 200, answer
+        assert answer["choices"][0]["text"] == text
+
+
 # ---- LoRA -------------------------------------------------------------------------------------------------------
 
 def test_lora_adapter_on_an_moe_layer_feed_forward_is_refused_attention_is_applied(tmp_path, tok_path):

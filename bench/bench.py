@@ -9,6 +9,9 @@ active compute of 15M, whose dense cells are its reference; GGUF only):
   - `Runtime`       tinyllm.Runtime (pybind11) in this process
   - `llama.cpp`     stock llama.cpp through PyPI xllamacpp (timings.predicted/prompt_per_second)
   - `scalar`        our `run` with TINYLLM_KERNELS=scalar (the reference kernels)
+  - `run:avx512`    our `run` with TINYLLM_KERNELS=avx512 (the float-activation kernels; `run` is the
+                    default: vnni's int8 activations for q8_0/q4_0 on an AVX512-VNNI CPU); any
+                    `run:<path>` in --impls runs that TINYLLM_KERNELS path
 at 1 thread and all physical cores, greedy, the same context. Each figure is the median of
 --repeats runs (fewer for the scalar reference). Also: machine facts, a measured memory bandwidth,
 and decode as % of the roofline bandwidth / bytes of weights read per token.
@@ -200,11 +203,11 @@ def prompt_text(n: int, variant: int = 0) -> str:
 
 
 def time_run(path: Path, tok: Path, threads: int, n_new: int, scalar: bool = False,
-             variant: int = 0) -> tuple[float, float]:
-    """(decode tok/s, prefill tok/s) from one `run` process."""
+             variant: int = 0, kernels: str | None = None) -> tuple[float, float]:
+    """(decode tok/s, prefill tok/s) from one `run` process (on TINYLLM_KERNELS=kernels if given)."""
     env = dict(os.environ)
-    if scalar:
-        env["TINYLLM_KERNELS"] = "scalar"
+    if kernels or scalar:
+        env["TINYLLM_KERNELS"] = kernels or "scalar"
     cmd = [str(RUN), str(path), "-t", "0", "-n", str(PROMPT_TOKENS + 1 + n_new), "-j", str(threads),
            "-i", prompt_text(PROMPT_TOKENS, variant)]
     if path.suffix == ".bin":
@@ -333,7 +336,7 @@ def main(argv=None):
     ap.add_argument("--scalar-repeats", type=int, default=1)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--types", default=",".join(FILES))
-    ap.add_argument("--impls", default="run,Runtime,llama.cpp,scalar")
+    ap.add_argument("--impls", default="run,run:avx512,Runtime,llama.cpp,scalar")
     ap.add_argument("--threads", default="", help="comma-separated thread counts (default: 1 and all cores)")
     ap.add_argument("--out", default=str(ROOT / "bench"))
     ap.add_argument("--quick", action="store_true", help="1 repeat, 15M only (a smoke test)")
@@ -376,8 +379,9 @@ def main(argv=None):
                     repeats = args.scalar_repeats if impl == "scalar" else args.repeats
                     runner = None
                     try:
-                        if impl == "run" or impl == "scalar":
-                            measure = lambda i: time_run(path, tok, threads, n_new, impl == "scalar", i)  # noqa: E731
+                        if impl == "run" or impl == "scalar" or impl.startswith("run:"):
+                            kernels = impl[4:] if impl.startswith("run:") else None
+                            measure = lambda i: time_run(path, tok, threads, n_new, impl == "scalar", i, kernels)  # noqa: E731
                         else:
                             runner = (RuntimeRunner(path, tok, threads) if impl == "Runtime"
                                       else LlamaCppRunner(path, threads))
@@ -434,7 +438,8 @@ def markdown(report) -> str:
              f"{m['copy_bandwidth_gbs_1core']} GB/s; roofline % = decode tok/s x file bytes / bandwidth "
              f"(models under the 32 MB L3 can exceed 100%).", "",
              "tok/s, 1 thread / all threads. `run` and `Runtime` are ours; `scalar` is our reference kernels "
-             "(TINYLLM_KERNELS=scalar, 1 thread); ratio = run / llama.cpp.", "",
+             "(TINYLLM_KERNELS=scalar, 1 thread); `run:avx512` is `run` on the float-activation kernels "
+             "(TINYLLM_KERNELS=avx512; `run` is the default path); ratio = run / llama.cpp.", "",
              "| shape | type | impl | decode tok/s | prefill tok/s | decode % roofline | ratio decode | ratio prefill |",
              "|---|---|---|---|---|---|---|---|"]
     threads = sorted({r["threads"] for r in res})
@@ -445,10 +450,10 @@ def markdown(report) -> str:
                 pre = " / ".join(fmt(get(shape, label, impl, t, "prefill_tok_s")) for t in threads)
                 roof = " / ".join(fmt(get(shape, label, impl, t, "roofline_pct")) for t in threads)
                 ratio_d = ratio_p = ""
-                if impl == "run":
+                if impl == "run" or impl.startswith("run:"):
                     rd, rp = [], []
                     for t in threads:
-                        ours_d, ours_p = get(shape, label, "run", t, "decode_tok_s"), get(shape, label, "run", t, "prefill_tok_s")
+                        ours_d, ours_p = get(shape, label, impl, t, "decode_tok_s"), get(shape, label, impl, t, "prefill_tok_s")
                         peer_d, peer_p = get(shape, label, "llama.cpp", t, "decode_tok_s"), get(shape, label, "llama.cpp", t, "prefill_tok_s")
                         rd.append(f"{ours_d / peer_d:.2f}" if ours_d and peer_d else "–")
                         rp.append(f"{ours_p / peer_p:.2f}" if ours_p and peer_p else "–")
@@ -488,10 +493,7 @@ def goal_lines(report) -> list[str]:
                 ours, peer = get(shape, label, "run", t, "decode_tok_s"), get(shape, label, "llama.cpp", t, "decode_tok_s")
                 if not ours:
                     continue
-                peers = {"llama.cpp (this run)": peer}
-                table = report["peer_table_issue7"].get(shape, {})
-                if label == "f32" and t in (1, 2) and table:
-                    peers["llama2.c run.c (issue table)"] = table["llama2.c f32"][t - 1]
+                peers = {"llama.cpp (this run)": peer}  # only peers measured in this run (issue 17 item 5)
                 best_name, best = max(((k, v) for k, v in peers.items() if v), key=lambda kv: kv[1], default=(None, None))
                 if best:
                     ok = ours >= 1.2 * best
@@ -500,7 +502,7 @@ def goal_lines(report) -> list[str]:
                 ours_p, peer_p = get(shape, label, "run", t, "prefill_tok_s"), get(shape, label, "llama.cpp", t, "prefill_tok_s")
                 if ours_p and peer_p:
                     out.append(f"- prefill {shape} {label} {t}t: ours {ours_p:.0f} vs llama.cpp {peer_p:.0f}: "
-                               f"{'met' if ours_p >= peer_p else 'NOT met'}")
+                               f"{ours_p / peer_p:.2f}x, goal 1.2x {'met' if ours_p >= 1.2 * peer_p else 'NOT met'}")
     for shape in shapes:
         for label in dict.fromkeys(r["type"] for r in res if r["shape"] == shape):
             one, many = get(shape, label, "run", 1, "decode_tok_s"), get(shape, label, "run", max(threads), "decode_tok_s")
@@ -508,6 +510,11 @@ def goal_lines(report) -> list[str]:
                 out.append(f"- threads {shape} {label}: {max(threads)}t {many:.0f} vs 1t {one:.0f} tok/s: "
                            f"{'met' if many >= one else 'NOT met'} (more threads never slower)")
             for t in threads:
+                for key, what in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+                    new, old = get(shape, label, "run", t, key), get(shape, label, "run:avx512", t, key)
+                    if new and old:
+                        out.append(f"- kernels {shape} {label} {t}t {what}: default {new:.0f} vs TINYLLM_KERNELS=avx512 "
+                                   f"{old:.0f} tok/s: {new / old:.2f}x")
                 run_d, rt_d = get(shape, label, "run", t, "decode_tok_s"), get(shape, label, "Runtime", t, "decode_tok_s")
                 if run_d and rt_d:
                     out.append(f"- Runtime vs run {shape} {label} {t}t: {rt_d / run_d:.2f}x "

@@ -173,7 +173,8 @@ PORTABLE = build/portable
 # model:how its greedy ids must compare
 PORTABLE_MODELS = models/stories15M.bin:near models/chat15M.bin:near models/stories15M_q8_0.gguf:near \
                   models/chat15M_q8_0.gguf:near $(PORTABLE)/stories15M_f32.bin:exact \
-                  $(PORTABLE)/stories15M_f16.gguf:exact $(PORTABLE)/stories15M_q4_0.gguf:near
+                  $(PORTABLE)/stories15M_f16.gguf:exact $(PORTABLE)/stories15M_q4_0.gguf:near \
+                  $(PORTABLE)/moe_f32.gguf:exact $(PORTABLE)/moe_q4_0.gguf:near
 
 $(A64)/libtinyllm.so: $(LIB_SRC) $(HEADERS)
 	@mkdir -p $(A64)
@@ -205,8 +206,16 @@ $(PORTABLE)/stories15M_%.gguf: models/stories15M.bin | setup
 	@mkdir -p $(PORTABLE)
 	$(PYTHON) -m tinyllm.cli convert --type $* $< $@
 
+# a random mixture-of-experts GGUF (tests/test_moe.py's: 8 experts, top-2, GQA) for the MoE forward pass
+$(PORTABLE)/moe_%.gguf: tests/test_moe.py | setup
+	@mkdir -p $(PORTABLE)
+	$(PYTHON) -c "import sys; sys.path.insert(0, 'tests'); from test_moe import random_moe; \
+	from tinyllm.formats.gguf import write_gguf; cfg, m = random_moe(1, n_experts=8, n_experts_active=2); \
+	write_gguf('$@', m, cfg, type='$*')"
+
 test-aarch64: all build/native/test_portable build/nosimd/test_portable $(A64)/run $(A64)/test_portable \
-              $(PORTABLE)/stories15M_f32.bin $(PORTABLE)/stories15M_f16.gguf $(PORTABLE)/stories15M_q4_0.gguf
+              $(PORTABLE)/stories15M_f32.bin $(PORTABLE)/stories15M_f16.gguf $(PORTABLE)/stories15M_q4_0.gguf \
+              $(PORTABLE)/moe_f32.gguf $(PORTABLE)/moe_q4_0.gguf
 	@fail=0; \
 	build/native/test_portable kernels || fail=1; \
 	build/nosimd/test_portable kernels --lack avx2,avx512,avx2-int8,vnni,neon,neon-dotprod || fail=1; \

@@ -402,6 +402,25 @@ def test_bad_moe_files_are_one_clear_error_from_every_reader(tmp_path, tok_path,
     assert r.returncode != 0 and len(err.strip().splitlines()) == 1 and re.search(words, err), err
 
 
+def test_expert_tensors_of_different_types_run_each_in_its_own(tmp_path, tok_path):
+    """ffn_up_exps in F16 beside F32 gate and down experts (llama.cpp's quantizer mixes types across these
+    tensors too; within one tensor every expert has its type by construction): accepted, and each matrix
+    computes in its own type. The reference holds the up experts rounded to halves."""
+    import tinyllm
+    cfg, model = random_moe()  # the model _rewritten_gguf writes
+    path = _rewritten_gguf(tmp_path, tok_path, lambda kv, t: (kv, [
+        (n, d.astype(np.float16) if n.endswith("ffn_up_exps.weight") else d) for n, d in t]))
+    reference = type(model)(cfg).eval()
+    state = model.state_dict()
+    for i in range(cfg.n_layers):
+        key = f"layers.{i}.feed_forward.w3.weight"
+        state[key] = state[key].half().float()
+    reference.load_state_dict(state)
+    ids = ids_for(14, 40)
+    assert close(tinyllm.Runtime(path).logits(ids), torch_logits(reference, ids))
+    assert close(one_token_at_a_time(path, ids), torch_logits(reference, ids))
+
+
 def test_the_good_file_behind_the_bad_ones_loads(tmp_path, tok_path):
     """_rewritten_gguf with no edit is a valid MoE file: the refusals above are the edits'."""
     import tinyllm

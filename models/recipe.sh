@@ -111,3 +111,100 @@ tinyllm dpo make-pairs --model models/chat15M.bin --data $S/llamafactory_alpaca_
     --tokenizer "$W/tok/tok.model" --out "$W/pairs.jsonl" --max-new-tokens 128 --seed 1 --threads 2
 tinyllm dpo --checkpoint "$W/sft/ckpt.pt" --data "$W/pairs.jsonl" --tokenizer "$W/tok/tok.model" --out-dir "$W/dpo" \
     --beta 0.1 --batch-size 16 --max-steps 200 --lr 1e-5 --min-lr 1e-6 --warmup-steps 10 --eval-interval 50
+
+# 6. Optional (ALIGN=1): DPO against RL (GRPO with a reward model) from the bundled chat15M, the worked example of
+#    models/README.md ("Aligning chat15M"); neither result was shipped. One thread each, beside other work.
+if [[ ${ALIGN:-0} == 1 ]]; then
+A="$W/align"
+mkdir -p "$A"
+tinyllm convert models/chat15M.bin "$A/chat.pt" --tokenizer models/tok5000.model
+# our pairs' prompts: single-turn conversations (answer 10-120 characters, question 4-100) of sft's own split,
+# 5,000 from its train part and 200 from its val part (chat15M never trained on those)
+python - "$A" <<'PY'
+import json, random, sys
+from tinyllm.eval import held_out_split
+S = "../shared/data/sft/"
+train, val = held_out_split([S + "alpaca_chinese_52k.jsonl.gz", S + "coig_cqia_subset.jsonl.gz",
+                             S + "kdconv_dialogues.jsonl.gz", S + "llamafactory_alpaca_zh_demo.json"])
+def keep(c):
+    return (len(c) == 2 and c[0]["role"] == "user" and c[1]["role"] == "assistant"
+            and 10 <= len(c[1]["content"]) <= 120 and 4 <= len(c[0]["content"]) <= 100)
+tr, va = [c for c in train if keep(c)], [c for c in val if keep(c)]
+rng = random.Random(7)
+rng.shuffle(tr); rng.shuffle(va)
+for name, rows in (("src_train", tr[:5000]), ("src_heldout", va[:200])):
+    with open(f"{sys.argv[1]}/{name}.jsonl", "w") as f:
+        f.writelines(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in rows)
+PY
+for part in train:1001 heldout:1; do
+    OMP_NUM_THREADS=1 tinyllm dpo make-pairs --model models/chat15M.bin --data "$A/src_${part%%:*}.jsonl" \
+        --tokenizer models/tok5000.model --out "$A/pairs_${part%%:*}_raw.jsonl" --max-new-tokens 128 \
+        --temperature 0.7 --seed "${part##*:}" --threads 1
+done
+# length-matched pairs only (chosen 0.7x to 1.4x the rejected's characters); held out: the first 50 of the val
+# part and 15 of the 300 shared pairs; the held-out prompts and their reference answers (bits/char) from the 50
+python - "$A" <<'PY'
+import json, random, sys
+A = sys.argv[1]
+def read(p): return [json.loads(l) for l in open(p, encoding="utf-8")]
+def write(p, rows):
+    with open(f"{A}/{p}", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+def matched(r): return 0.7 <= len(r["chosen"]) / max(1, len(r["rejected"])) <= 1.4
+own = [r for r in read(f"{A}/pairs_train_raw.jsonl") if matched(r)]
+held = [r for r in read(f"{A}/pairs_heldout_raw.jsonl") if matched(r)][:50]
+shared = json.load(open("../shared/data/dpo/llamafactory_dpo_zh_demo.json", encoding="utf-8"))
+order = list(range(len(shared)))
+random.Random(7).shuffle(order)
+write("own_train.jsonl", own); write("own_heldout.jsonl", held)
+write("shared_train.jsonl", [shared[i] for i in order[15:]]); write("shared_heldout.jsonl", [shared[i] for i in order[:15]])
+write("rl_prompts.jsonl", [{"prompt": r["prompt"]} for r in own])
+write("heldout_prompts.jsonl", [{"prompt": r["prompt"]} for r in held])
+with open(f"{A}/heldout_answers.txt", "w", encoding="utf-8") as f:
+    f.write("\n\n".join(r["chosen"].replace("\n\n", "\n") for r in held) + "\n")
+PY
+TRAIN_PAIRS=(--data "$A/own_train.jsonl" --data "$A/shared_train.jsonl")
+# the reward model (LoRA rank 16): planned for 150 steps, stopped at step 54 for time; best.pt is step 50
+OMP_NUM_THREADS=1 tinyllm reward train --checkpoint "$A/chat.pt" "${TRAIN_PAIRS[@]}" --tokenizer models/tok5000.model \
+    --out-dir "$A/rm" --lora-rank 16 --lr 2e-3 --min-lr 2e-4 --warmup-steps 10 --max-steps 150 --batch-size 16 \
+    --eval-interval 50 --ckpt-interval 50 --no-compile --stop-at-step 54
+for h in own shared; do tinyllm reward score --checkpoint "$A/rm" --data "$A/${h}_heldout.jsonl" --out "$A/rm_${h}_heldout.jsonl"; done
+# DPO: planned for 150 steps, stopped at step 100 for time
+OMP_NUM_THREADS=1 tinyllm dpo --checkpoint "$A/chat.pt" "${TRAIN_PAIRS[@]}" --tokenizer models/tok5000.model --out-dir "$A/dpo" \
+    --beta 0.1 --lr 1e-5 --min-lr 1e-6 --warmup-steps 10 --max-steps 150 --batch-size 16 --eval-interval 50 \
+    --ckpt-interval 50 --no-compile --stop-at-step 100
+# GRPO on the held-in prompts with the reward model: 40 steps of 4 prompts x 4 answers
+OMP_NUM_THREADS=1 tinyllm rl --checkpoint "$A/chat.pt" --prompts "$A/rl_prompts.jsonl" --reward-model "$A/rm/best.pt" \
+    --tokenizer models/tok5000.model --group-size 4 --batch-size 4 --max-new-tokens 96 --beta 0.05 --clip 0.2 \
+    --temperature 0.8 --lr 2e-5 --min-lr 2e-6 --warmup-steps 5 --max-steps 40 --ckpt-interval 10 --threads 1 \
+    --log-interval 1 --out-dir "$A/rl" --no-compile
+for m in dpo rl; do
+    tinyllm export --checkpoint "$A/$m/ckpt.pt" --format llama2c --version 2 --out "$A/${m}15M.bin" --tokenizer models/tok5000.bin
+done
+# every model measured the same way: bits/char on the held-out references and the card's modern val documents,
+# reward of its answers to the held-out prompts (seed 1 at t 0.7, and greedy), the five sample questions
+python -c "import json, sys; sys.path.insert(0, 'models'); from measure import heldout_texts
+open('$A/modern_val.jsonl', 'w').writelines(json.dumps({'text': t}, ensure_ascii=False) + '\n' for t in heldout_texts()['modern'])"
+for m in models/chat15M.bin "$A/dpo15M.bin" "$A/rl15M.bin"; do
+    n=$(basename "$m" .bin)
+    tinyllm eval --model "$m" --tokenizer models/tok5000.bin --text "$A/heldout_answers.txt" --out "$A/$n.bpc_answers.json"
+    tinyllm eval --model "$m" --tokenizer models/tok5000.bin --text "$A/modern_val.jsonl" --out "$A/$n.bpc_modern.json"
+    for t in 0.7 0; do
+        tinyllm eval --model "$m" --tokenizer models/tok5000.bin --prompts "$A/heldout_prompts.jsonl" --temperature $t \
+            --seed 1 --max-new-tokens 128 --generations-out "$A/$n.gen$t.jsonl" --out /dev/null
+        python -c "import json, sys; [print(json.dumps({'prompt': r['prompt'], 'answer': r['output']}, ensure_ascii=False))
+                   for r in map(json.loads, open(sys.argv[1]))]" "$A/$n.gen$t.jsonl" > "$A/$n.answers$t.jsonl"
+        tinyllm reward score --checkpoint "$A/rm" --data "$A/$n.answers$t.jsonl" --out "$A/$n.scored$t.jsonl"
+    done
+    i=0
+    for q in 中国的首都是哪里？ 请介绍一下你自己。 怎样才能保持健康？ 给我讲一个关于小猫的故事。 天空为什么是蓝色的？; do
+        i=$((i + 1)); echo "$q" | ./run "$m" -z models/tok5000.bin -m chat -t 0.7 -s $i -n 200 -j 1
+    done
+done
+# and the answer evaluation of "Answer evaluation (chat models)" above
+for m in "$A/dpo15M.bin" "$A/rl15M.bin"; do
+    tinyllm eval --model "$m" --tokenizer models/tok5000.bin --answers $S/alpaca_chinese_52k.jsonl.gz \
+        --answers $S/coig_cqia_subset.jsonl.gz --answers $S/kdconv_dialogues.jsonl.gz \
+        --answers $S/llamafactory_alpaca_zh_demo.json --max-new-tokens 64 --answers-out "${m%.bin}.answers.jsonl"
+done
+fi

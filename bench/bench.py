@@ -9,8 +9,8 @@ active compute of 15M, whose dense cells are its reference; GGUF only):
   - `Runtime`       tinyllm.Runtime (pybind11) in this process
   - `llama.cpp`     stock llama.cpp through PyPI xllamacpp (timings.predicted/prompt_per_second)
   - `scalar`        our `run` with TINYLLM_KERNELS=scalar (the reference kernels)
-  - `run:avx512`    our `run` with TINYLLM_KERNELS=avx512 (the float-activation kernels; `run` is the
-                    default: vnni's int8 activations for q8_0/q4_0 on an AVX512-VNNI CPU); any
+  - `run:vnni`      our `run` with TINYLLM_KERNELS=vnni (int8 activations with VNNI dot products for
+                    q8_0/q4_0/llama2.c int8, opt-in; `run` is the default float-activation path); any
                     `run:<path>` in --impls runs that TINYLLM_KERNELS path
 at 1 thread and all physical cores, greedy, the same context. Each figure is the median of
 --repeats runs (fewer for the scalar reference). Also: machine facts, a measured memory bandwidth,
@@ -336,7 +336,7 @@ def main(argv=None):
     ap.add_argument("--scalar-repeats", type=int, default=1)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--types", default=",".join(FILES))
-    ap.add_argument("--impls", default="run,run:avx512,Runtime,llama.cpp,scalar")
+    ap.add_argument("--impls", default="run,run:vnni,Runtime,llama.cpp,scalar")
     ap.add_argument("--threads", default="", help="comma-separated thread counts (default: 1 and all cores)")
     ap.add_argument("--out", default=str(ROOT / "bench"))
     ap.add_argument("--quick", action="store_true", help="1 repeat, 15M only (a smoke test)")
@@ -438,8 +438,8 @@ def markdown(report) -> str:
              f"{m['copy_bandwidth_gbs_1core']} GB/s; roofline % = decode tok/s x file bytes / bandwidth "
              f"(models under the 32 MB L3 can exceed 100%).", "",
              "tok/s, 1 thread / all threads. `run` and `Runtime` are ours; `scalar` is our reference kernels "
-             "(TINYLLM_KERNELS=scalar, 1 thread); `run:avx512` is `run` on the float-activation kernels "
-             "(TINYLLM_KERNELS=avx512; `run` is the default path); ratio = run / llama.cpp.", "",
+             "(TINYLLM_KERNELS=scalar, 1 thread); `run:vnni` is `run` on the opt-in int8-activation kernels "
+             "(TINYLLM_KERNELS=vnni; `run` is the default float path); ratio = run / llama.cpp.", "",
              "| shape | type | impl | decode tok/s | prefill tok/s | decode % roofline | ratio decode | ratio prefill |",
              "|---|---|---|---|---|---|---|---|"]
     threads = sorted({r["threads"] for r in res})
@@ -511,9 +511,9 @@ def goal_lines(report) -> list[str]:
                            f"{'met' if many >= one else 'NOT met'} (more threads never slower)")
             for t in threads:
                 for key, what in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
-                    new, old = get(shape, label, "run", t, key), get(shape, label, "run:avx512", t, key)
+                    new, old = get(shape, label, "run:vnni", t, key), get(shape, label, "run", t, key)
                     if new and old:
-                        out.append(f"- kernels {shape} {label} {t}t {what}: default {new:.0f} vs TINYLLM_KERNELS=avx512 "
+                        out.append(f"- kernels {shape} {label} {t}t {what}: TINYLLM_KERNELS=vnni {new:.0f} vs the default "
                                    f"{old:.0f} tok/s: {new / old:.2f}x")
                 run_d, rt_d = get(shape, label, "run", t, "decode_tok_s"), get(shape, label, "Runtime", t, "decode_tok_s")
                 if run_d and rt_d:

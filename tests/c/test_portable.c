@@ -347,7 +347,7 @@ static void check_row_range(void) {
     for (int s = 0; s < 3; s++)
         for (int i = 0; i < 25; i++) {
             if (i >= 5 && i < 14) {
-                double want = 0, rounding = 0; /* rounding: what int8 activations (vnni, the x86 default) may move */
+                double want = 0, rounding = 0; /* rounding: what int8 activations (vnni, when named) may move */
                 for (int j = 0; j < 64; j++) want += (double)x[s * 64 + j] * t.dense[i * 64 + j];
                 for (int b = 0; b < 64; b += 32) {
                     double amax = 0, w_abs = 0;
@@ -489,9 +489,8 @@ static int cmd_kernels(int argc, char **argv) {
         }
     }
     printf("\n");
-    for (int p = 0; p < N_PATHS; p++) /* of the int8 paths only vnni is a default (kernels_dispatch.c) */
-        CHECK(PATHS[p].kernels != best || !PATHS[p].int8 || best == TL_KERNELS_VNNI,
-              "the default path %s quantizes activations", PATHS[p].name);
+    for (int p = 0; p < N_PATHS; p++) /* the int8 paths are opt-in (kernels_dispatch.c) */
+        CHECK(PATHS[p].kernels != best || !PATHS[p].int8, "the default path %s quantizes activations", PATHS[p].name);
     tl_kernels_select(NULL);
     int checked = 0;
     for (int c = 0; c < N_CASES; c++)

@@ -4,10 +4,13 @@ count it measures as faster) against eager fp32, in one run; MFU against a peak 
 
     python bench/train_bench.py                      # stories15M shape, vocab 5000, seq 256, batch 32
     python bench/train_bench.py --before             # also the settings before issue 20, side by side
+    python bench/train_bench.py --flash-attention    # also the default with torch's flash attention kernel
     python bench/train_bench.py --preset stories110M --device cuda
 
 Each setting: the first step (a cold torch.compile unless --warm-cache; timed separately), warmup
 steps, then several timed windows, alternating between settings; the reported figure is the median window.
+Beside wall-clock tok/s each window also counts tokens per CPU-second of this process: on a machine shared
+with other work, a 1-thread setting's CPU time hardly moves with the load, so ratios of it are the A/B to trust.
 MFU: model FLOPs per token (6N + attention, Transformer.flops_per_token) x tok/s over the best bf16 (or
 fp32) matmul FLOP/s among the model's own shapes on the setting's threads, sampled between windows. One
 default step then runs under the torch profiler: seconds per phase (data, forward, backward, optimizer) and
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -39,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 
 from tinyllm.config import build_configs, load_preset  # noqa: E402
+from tinyllm import model as tinyllm_model  # noqa: E402
 from tinyllm.model import Transformer  # noqa: E402
 from tinyllm.train.loop import (DEFAULT_THREADS, Env, _train_step, _wrap, choose_threads, cpu_supports_bf16,  # noqa: E402
                                make_optimizer, peak_flops, resolve_device)
@@ -70,9 +75,13 @@ def cpu_name() -> str:
 class Setting:
     """One way to train (compiled or not, bf16 or fp32, threads, optimizer): its model, optimizer and windows."""
 
-    def __init__(self, name, model_cfg, train_cfg, device, bf16, compile_model, fused_adamw=True, threads=None):
+    def __init__(self, name, model_cfg, train_cfg, device, bf16, compile_model, fused_adamw=True, threads=None,
+                 blocked_attention=True):
         torch.manual_seed(0)
         self.name, self.device, self.train_cfg = name, device, train_cfg
+        # False: torch's flash kernel on CPU too, as before issue 20 (the model reads the limit when traced)
+        self.blocked_max_seq = tinyllm_model.BLOCKED_ATTENTION_MAX_SEQ if blocked_attention else 0
+        self.blocked_attention = blocked_attention
         self.env = Env(device=device, bf16=bf16)
         self.model = Transformer(model_cfg).to(device).train()
         if fused_adamw:
@@ -86,18 +95,21 @@ class Setting:
             self.picked = choose_threads(self.model, self.env)
             threads = torch.get_num_threads()
         else:
-            self.picked = f"{threads} threads (fixed)"
+            self.picked = f"{threads} thread{'s' if threads > 1 else ''} (fixed)"
         self.threads = threads
         self.run_model, self.compiled = _wrap(self.model, self.env, compile_model)
         self.batches = RandomBatches(train_cfg.batch_size, model_cfg.max_seq_len, model_cfg.vocab_size)
         self.tokens_per_step = train_cfg.batch_size * model_cfg.max_seq_len * train_cfg.grad_accum
         self.flops_per_token = self.model.flops_per_token(model_cfg.max_seq_len)
         self.rates: list[float] = []
+        self.cpu_rates: list[float] = []
         self.first_step_s = None
 
     def on_threads(self):
-        """Each setting runs (and compiles, on its first step: inductor bakes the count in) on its own threads."""
+        """Each setting runs (and compiles, on its first step: inductor bakes the count in) on its own threads
+        and with its own attention path."""
         torch.set_num_threads(self.threads)
+        tinyllm_model.BLOCKED_ATTENTION_MAX_SEQ = self.blocked_max_seq
 
     def step(self):
         _train_step(self.run_model, self.model, self.optimizer, self.batches, _loss, self.train_cfg, self.env)
@@ -118,13 +130,14 @@ class Setting:
 
     def window(self, steps: int):
         self.on_threads()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(steps):
             self.step()
         self.sync()
         self.rates.append(self.tokens_per_step * steps / (time.perf_counter() - start))
-        print(f"  {self.name}: window {len(self.rates)}: {self.rates[-1]:,.0f} tok/s "
-              f"(load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+        self.cpu_rates.append(self.tokens_per_step * steps / (time.process_time() - cpu_start))
+        print(f"  {self.name}: window {len(self.rates)}: {self.rates[-1]:,.0f} tok/s, "
+              f"{self.cpu_rates[-1]:,.0f} tok per CPU-s (load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
 
     def profiled_step(self) -> dict:
         """Seconds per phase of one step, from the torch profiler: the loop's own step cut into labelled parts."""
@@ -151,8 +164,11 @@ class Setting:
         peak = peaks.get((dtype, self.threads)) or peak_flops(self.env, self.train_cfg)
         return {"setting": self.name, "compiled": self.compiled, "bf16": self.env.bf16, "threads": self.threads,
                 "picked_threads": self.picked, "fused_adamw": self.fused_adamw,
+                "blocked_attention": self.blocked_attention,
                 "tokens_per_step": self.tokens_per_step, "first_step_s": round(self.first_step_s, 2),
                 "window_tok_per_s": [round(r, 1) for r in self.rates], "median_tok_per_s": round(median, 1),
+                "window_tok_per_cpu_s": [round(r, 1) for r in self.cpu_rates],
+                "median_tok_per_cpu_s": round(statistics.median(self.cpu_rates), 1),
                 "model_tflops": round(median * self.flops_per_token / 1e12, 4),
                 "peak_tflops": round(peak / 1e12, 4) if peak else None, "peak_dtype": dtype,
                 "mfu": round(median * self.flops_per_token / peak, 4) if peak else None}
@@ -218,7 +234,9 @@ LOSS_NAMES = ("log_softmax", "nll_loss", "cross_entropy")
 
 def breakdown(prof, vocab_size: int) -> dict:
     """Seconds per phase, and per kind of work inside them: matmuls, attention, compiled (fused) kernels,
-    and the logits/loss share (matmuls with a vocab-sized operand plus the softmax/NLL kernels)."""
+    and the logits/loss share (matmuls with a vocab-sized operand plus the softmax/NLL kernels). Attention is
+    torch's flash kernel or the blocked CPU attention: its batched matmuls (the model's only bmm) and its
+    fused masked softmax kernels."""
     phases = {p: 0.0 for p in PHASES}
     kinds = {"matmul": 0.0, "attention": 0.0, "compiled kernels": 0.0, "logits/loss": 0.0}
     others: dict[str, float] = {}
@@ -229,12 +247,14 @@ def breakdown(prof, vocab_size: int) -> dict:
             continue
         self_s = event.self_cpu_time_total / 1e6
         shapes = str(getattr(event, "input_shapes", ""))
-        is_matmul = name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")
+        is_matmul = name in ("aten::mm", "aten::addmm", "aten::matmul")
+        is_attention = "scaled_dot_product" in name or name == "aten::bmm" or (
+            "cpp_fused" in name and "log_softmax" not in name and ("__softmax" in name or "masked_fill" in name))
         if any(key in name for key in LOSS_NAMES) or (is_matmul and str(vocab_size) in shapes):
             kinds["logits/loss"] += self_s
         if is_matmul:
             kinds["matmul"] += self_s
-        elif "scaled_dot_product" in name:
+        elif is_attention:
             kinds["attention"] += self_s
         elif "cpp_fused" in name or name.startswith("## Call CompiledFxGraph"):
             kinds["compiled kernels"] += self_s
@@ -258,6 +278,10 @@ def main():
     ap.add_argument("--eager-windows", type=int, default=3, help="timed windows for eager fp32")
     ap.add_argument("--before", action="store_true",
                     help="also time the settings before issue 20 (compile + bf16, for-loop AdamW, all threads)")
+    ap.add_argument("--flash-attention", action="store_true",
+                    help="also time the default with torch's flash attention on CPU (before issue 20's blocked one)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="run every setting on this many threads (default: the trainer's pick; eager: all)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="reuse torch's inductor cache (default: a fresh one, so compile time is a cold compile)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "train_results.json"))
@@ -272,14 +296,21 @@ def main():
     torch._inductor.config.cpp.enable_kernel_profile = True
     load_before = os.getloadavg()
     precision = " + bf16" if default_bf16 else ", fp32"
-    default = Setting(f"default (compile{precision}, fused AdamW, picked threads)", model_cfg, train_cfg,
-                      device, default_bf16, True)
+    threads = args.threads
+    picked = "picked threads" if threads is None else f"{threads} thread{'s' if threads > 1 else ''}"
+    default = Setting(f"default (compile{precision}, fused AdamW, {picked})", model_cfg, train_cfg,
+                      device, default_bf16, True, threads=threads)
     settings = [default]
+    if args.flash_attention:
+        settings.append(Setting(f"default with flash attention (compile{precision}, {picked})", model_cfg,
+                                train_cfg, device, default_bf16, True, threads=default.threads,
+                                blocked_attention=False))
     if args.before:
-        settings.append(Setting(f"before (compile{precision}, for-loop AdamW, {DEFAULT_THREADS} threads)",
+        n = threads or DEFAULT_THREADS
+        settings.append(Setting(f"before (compile{precision}, for-loop AdamW, flash attention, {n} threads)",
                                 model_cfg, train_cfg, device, default_bf16, True, fused_adamw=False,
-                                threads=DEFAULT_THREADS))
-    eager = Setting("eager fp32", model_cfg, train_cfg, device, False, False, threads=DEFAULT_THREADS)
+                                threads=n, blocked_attention=False))
+    eager = Setting("eager fp32", model_cfg, train_cfg, device, False, False, threads=threads or DEFAULT_THREADS)
     settings.append(eager)
     for s in settings:
         s.warm_up(args.warmup if s is not eager else 1)
@@ -315,8 +346,13 @@ def main():
         "step_breakdown_default": phase_breakdown,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if args.before:
-        report["speedup_default_vs_before"] = round(results[0]["median_tok_per_s"] / results[1]["median_tok_per_s"], 2)
+    for r in results[1:-1]:  # the A/B of each other compiled setting against the default, window by window
+        key = "before" if r["setting"].startswith("before") else "flash_attention"
+        other = next(s for s in settings if s.name == r["setting"])
+        report[f"speedup_default_vs_{key}"] = round(results[0]["median_tok_per_s"] / r["median_tok_per_s"], 2)
+        report[f"cpu_speedup_default_vs_{key}"] = round(statistics.median(
+            a / b for a, b in zip(default.cpu_rates, other.cpu_rates)), 3)
+    report["command"] = shlex.join(["python", "bench/train_bench.py", *sys.argv[1:]])
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print_report(report, args)
 
@@ -327,13 +363,14 @@ def print_report(report: dict, args):
           f"{report['flops_per_token'] / 1e6:.1f} MFLOP/token) on {report['device']} ({report['cpu']}, "
           f"{report['cpu_threads']} threads; load avg before {report['loadavg_before'][0]:.2f}, "
           f"after {report['loadavg_after'][0]:.2f})\n")
-    print("| setting | threads | tokens/s (median) | windows | first step (compile) | TFLOP/s | MFU (vs peak) |")
-    print("|---|---|---:|---|---:|---:|---:|")
+    print("| setting | threads | tokens/s (median) | windows | tok per CPU-s | first step (compile) | TFLOP/s "
+          "| MFU (vs peak) |")
+    print("|---|---|---:|---|---:|---:|---:|---:|")
     for r in report["results"]:
         windows = ", ".join(f"{w:,.0f}" for w in r["window_tok_per_s"])
         mfu = f"{r['mfu']:.1%} (of {r['peak_dtype']} {r['peak_tflops']:.3f})" if r["mfu"] else "n/a"
         print(f"| {r['setting']} | {r['picked_threads']} | {r['median_tok_per_s']:,.0f} | {windows} | "
-              f"{r['first_step_s']:.1f} s | {r['model_tflops']:.3f} | {mfu} |")
+              f"{r['median_tok_per_cpu_s']:,.0f} | {r['first_step_s']:.1f} s | {r['model_tflops']:.3f} | {mfu} |")
     if report["matmul_peak_tflops"]:
         print("\nmatmul peak of the model's shapes (median of rounds, best shape): " +
               ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in report["matmul_peak_tflops"].items()))
@@ -342,7 +379,9 @@ def print_report(report: dict, args):
     print("| phase | s | share |\n|---|---:|---:|")
     for name, secs in {**b["phases_s"], **{f"  of which {k}": v for k, v in b["kinds_s"].items()}}.items():
         print(f"| {name} | {secs:.3f} | {secs / max(b['step_s'], 1e-9):.0%} |")
-    extra = f"; default vs before: {report['speedup_default_vs_before']:.2f}x" if "speedup_default_vs_before" in report else ""
+    extra = "".join(f"; default vs {key}: {report[f'speedup_default_vs_{key}']:.2f}x wall, "
+                    f"{report[f'cpu_speedup_default_vs_{key}']:.3f}x per CPU-s"
+                    for key in ("flash_attention", "before") if f"speedup_default_vs_{key}" in report)
     print(f"\ndefault vs eager fp32: {report['speedup_default_vs_eager_fp32']:.1f}x{extra}; results in {args.out}")
 
 

@@ -22,6 +22,7 @@ Writes bench/results.json and bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -418,14 +419,24 @@ def main(argv=None):
     print(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'} in {info['seconds']} s")
 
 
+def cell(res: list, shape: str, label: str, impl: str, threads: int, key: str):
+    """One figure of the run's results (None when the run has no such cell)."""
+    for r in res:
+        if (r["shape"], r["type"], r["impl"], r["threads"]) == (shape, label, impl, threads):
+            return r[key]
+    return None
+
+
+def peer_goal(what: str, shape: str, label: str, threads: int, ours: float, peer: float) -> str:
+    """The 1.2x-llama.cpp goal line of one cell."""
+    return (f"- {what} {shape} {label} {threads}t: ours {ours:.0f} vs llama.cpp {peer:.0f}: "
+            f"{ours / peer:.2f}x, goal 1.2x {'met' if ours >= 1.2 * peer else 'NOT met'}")
+
+
 def markdown(report) -> str:
     m = report["machine"]
     res = report["results"]
-    def get(shape, label, impl, threads, key):
-        for r in res:
-            if (r["shape"], r["type"], r["impl"], r["threads"]) == (shape, label, impl, threads):
-                return r[key]
-        return None
+    get = functools.partial(cell, res)
     def fmt(v, digits=0):
         return "–" if v is None else f"{v:,.{digits}f}"
     lines = ["# Benchmark results", "",
@@ -479,11 +490,7 @@ def markdown(report) -> str:
 def goal_lines(report) -> list[str]:
     """Each goal of issue 7 checked against this run's figures: met / not met, with the numbers."""
     res = report["results"]
-    def get(shape, label, impl, threads, key):
-        for r in res:
-            if (r["shape"], r["type"], r["impl"], r["threads"]) == (shape, label, impl, threads):
-                return r[key]
-        return None
+    get = functools.partial(cell, res)
     out = []
     threads = sorted({r["threads"] for r in res})
     shapes = list(dict.fromkeys(r["shape"] for r in res))
@@ -501,8 +508,7 @@ def goal_lines(report) -> list[str]:
                                f"{ours / best:.2f}x, goal 1.2x {'met' if ok else 'NOT met'}")
                 ours_p, peer_p = get(shape, label, "run", t, "prefill_tok_s"), get(shape, label, "llama.cpp", t, "prefill_tok_s")
                 if ours_p and peer_p:
-                    out.append(f"- prefill {shape} {label} {t}t: ours {ours_p:.0f} vs llama.cpp {peer_p:.0f}: "
-                               f"{ours_p / peer_p:.2f}x, goal 1.2x {'met' if ours_p >= 1.2 * peer_p else 'NOT met'}")
+                    out.append(peer_goal("prefill", shape, label, t, ours_p, peer_p))
     for shape in shapes:
         for label in dict.fromkeys(r["type"] for r in res if r["shape"] == shape):
             one, many = get(shape, label, "run", 1, "decode_tok_s"), get(shape, label, "run", max(threads), "decode_tok_s")
@@ -526,11 +532,7 @@ def moe_goal_lines(report) -> list[str]:
     """Issue 18's goals for each MoE shape: decode and prefill >= 1.2x llama.cpp on the same file, and decode
     within 1.3x of the time of the dense shape with the same active compute (same type and threads)."""
     res = report["results"]
-    def get(shape, label, impl, threads, key):
-        for r in res:
-            if (r["shape"], r["type"], r["impl"], r["threads"]) == (shape, label, impl, threads):
-                return r[key]
-        return None
+    get = functools.partial(cell, res)
     out = []
     threads = sorted({r["threads"] for r in res})
     for shape, dense in MOE_DENSE.items():
@@ -539,8 +541,7 @@ def moe_goal_lines(report) -> list[str]:
                 for key, what in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
                     ours, peer = get(shape, label, "run", t, key), get(shape, label, "llama.cpp", t, key)
                     if ours and peer:
-                        out.append(f"- {what} {shape} {label} {t}t: ours {ours:.0f} vs llama.cpp {peer:.0f}: "
-                                   f"{ours / peer:.2f}x, goal 1.2x {'met' if ours >= 1.2 * peer else 'NOT met'}")
+                        out.append(peer_goal(what, shape, label, t, ours, peer))
                 ours, base = get(shape, label, "run", t, "decode_tok_s"), get(dense, label, "run", t, "decode_tok_s")
                 if ours and base:
                     out.append(f"- decode time {shape} vs dense {dense} {label} {t}t: {base / ours:.2f}x "

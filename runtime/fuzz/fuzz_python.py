@@ -54,6 +54,11 @@ def _expected_shapes(cfg) -> dict:
                  "attention.wv": (cfg.kv_dim, cfg.dim), "attention.wo": (cfg.dim, cfg.dim),
                  "feed_forward.w1": (cfg.hidden_dim, cfg.dim), "feed_forward.w2": (cfg.dim, cfg.hidden_dim),
                  "feed_forward.w3": (cfg.hidden_dim, cfg.dim)}
+    if cfg.n_experts:  # a mixture-of-experts layer: the router and each matrix stacked over the experts
+        e = cfg.n_experts
+        per_layer.update({"feed_forward.router": (e, cfg.dim), "feed_forward.w1": (e, cfg.hidden_dim, cfg.dim),
+                          "feed_forward.w2": (e, cfg.dim, cfg.hidden_dim),
+                          "feed_forward.w3": (e, cfg.hidden_dim, cfg.dim)})
     for i in range(cfg.n_layers):
         for key, shape in per_layer.items():
             shapes[f"layers.{i}.{key}.weight"] = shape

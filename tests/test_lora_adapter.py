@@ -354,7 +354,6 @@ def test_lora_export_f16_round_trips_and_refuses_what_is_no_lora_checkpoint_or_i
                                                                                       capsys):
     """f16 A and B are the checkpoint's rounded; a whole model's checkpoint, a base of other weights, a gone
     base and a non-.gguf name are one line each, with nothing written."""
-    import torch
     from tinyllm.cli import main
     from tinyllm.formats.checkpoint import save_checkpoint
     from tinyllm.formats.gguf import read_lora_adapter

@@ -167,13 +167,15 @@ def full_weights(ckpt: dict, path: str, base: str | None = None) -> dict:
     return merged_weights(Transformer(_model_config(ckpt, path)), base_weights, ckpt, path, base_path)
 
 
-def adapter_base(ckpt: dict, path: str, base: str | None = None) -> tuple[str, dict]:
+def adapter_base(ckpt: dict, path: str, base: str | None = None, gone: str | None = None) -> tuple[str, dict]:
     """(path, whole weights) of a LoRA checkpoint's base: base when given, else the path the adapter names;
-    a base of another shape is refused (its fingerprint is checked where the adapters are applied)."""
+    a base of another shape is refused (its fingerprint is checked where the adapters are applied). gone:
+    the error when the named base is missing, "{base}" standing for its path (default: merge's advice)."""
     base_path = base or (adapter_record(ckpt).get("base") or {}).get("path")
     if base is None and (not base_path or not os.path.isfile(base_path)):  # a --base given: load_checkpoint says
-        raise FormatError(f"this LoRA checkpoint's base checkpoint is gone ({base_path}); merge it with "
-                          f"`tinyllm lora merge --checkpoint {path} --base BASE --out merged.pt` ({path})")
+        gone = gone or (f"this LoRA checkpoint's base checkpoint is gone ({{base}}); merge it with "
+                        f"`tinyllm lora merge --checkpoint {path} --base BASE --out merged.pt`")
+        raise FormatError(f"{gone.format(base=base_path)} ({path})")
     base_ckpt = load_checkpoint(base_path)
     cfg, base_cfg = _model_config(ckpt, path), _model_config(base_ckpt, base_path)
     if base_cfg != cfg:
@@ -230,11 +232,9 @@ def export_adapter(path: str, out: str, base: str | None = None, type: str = "f3
                           f"LoRA adapters come from a run with --lora-rank ({path})")
     if os.path.splitext(out)[1].lower() != ".gguf":
         raise FormatError(f"a LoRA adapter is written as GGUF: name the output *.gguf ({out})")
-    named = (record.get("base") or {}).get("path")
-    if base is None and not (named and os.path.isfile(named)):
-        raise FormatError(f"this LoRA checkpoint's base checkpoint is gone ({named}); name it with --base ({path})")
     cfg = _model_config(ckpt, path)
-    base_path, base_weights = adapter_base(ckpt, path, base)
+    base_path, base_weights = adapter_base(ckpt, path, base,
+                                           gone="this LoRA checkpoint's base checkpoint is gone ({base}); name it with --base")
     merged = merged_weights(Transformer(cfg), base_weights, ckpt, path, base_path)  # checks keys and shapes too
     config = record_config(record, path)
     pairs = {f"{module}.weight": (ckpt["model"][f"{module}.lora_a"], ckpt["model"][f"{module}.lora_b"])

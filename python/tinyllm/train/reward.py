@@ -105,10 +105,8 @@ def load_reward_model(path: str, device="cpu") -> tuple[RewardModel, dict]:
 def _merged_reward_weights(ckpt: dict, path: str) -> dict:
     """A LoRA reward run's checkpoint (adapters + head) folded into the language model it names as base:
     the state dict of the plain reward model. The base's shape and fingerprint are checked."""
-    base = (adapter_record(ckpt).get("base") or {}).get("path")
-    if not base or not os.path.isfile(base):
-        raise FormatError(f"this LoRA reward model's base checkpoint is gone ({base}); its adapters need it ({path})")
-    base_path, base_weights = adapter_base(ckpt, path)
+    base_path, base_weights = adapter_base(
+        ckpt, path, gone="this LoRA reward model's base checkpoint is gone ({base}); its adapters need it")
     model = RewardModel(ModelConfig.from_dict(ckpt["model_config"]))
     return merged_weights(model, base_weights, ckpt, path, base_path,
                           load_base=lambda w: model.load_language_model(w, base_path))

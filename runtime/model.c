@@ -353,6 +353,24 @@ static void add_into(float *a, const float *b, size_t n) {
     for (size_t i = 0; i < n; i++) a[i] += b[i];
 }
 
+/* out (n rows of dim) = w2(silu(w1 in) * w3 in), the SwiGLU of a dense layer or of one expert, in a->hb and
+ * a->hb2; with the LoRA deltas of layer lora_of on w1, w3 and w2 (NULL for an expert: adapters never
+ * touch experts). out may be in: w2 reads a->hb. */
+static void swiglu_ffn(const tl_matrix *w1, const tl_matrix *w3, const tl_matrix *w2, const tl_layer *lora_of,
+                       activations *a, const float *in, float *out, int n, int hidden, int dim) {
+    float *const gate_up[2] = {a->hb, a->hb2};
+    const tl_matrix *const w13[2] = {w1, w3};
+    tl_matmul_many(2, gate_up, w13, in, n);
+    if (lora_of != NULL) {
+        lora(lora_of, TL_W1, a, in, a->hb, n);
+        lora(lora_of, TL_W3, a, in, a->hb2, n);
+    }
+    swiglu_job gate = {a->hb, a->hb2, hidden};
+    tl_parallel_for(n, swiglu_row, &gate);
+    tl_matmul(out, dim, w2, a->hb, n);
+    if (lora_of != NULL) lora(lora_of, TL_W2, a, a->hb, out, n);
+}
+
 /* One token's experts from its router probabilities probs[0..n): chosen[0..k) receives the k most probable,
  * most probable first and the lower index first among equals (the torch model's stable descending sort),
  * weight[0..k) their probabilities renormalised to sum to 1. */
@@ -416,12 +434,7 @@ static void moe_ffn(const tl_model *m, const tl_layer *w, activations *a, int ro
                 memcpy(a->moe_x + (size_t)i * dim, a->xb + (size_t)a->moe_row[first + i] * dim, dim * sizeof(float));
             in = a->moe_x;
         }
-        float *const gate_up[2] = {a->hb, a->hb2};
-        const tl_matrix *const w13[2] = {&x->w1, &x->w3};
-        tl_matmul_many(2, gate_up, w13, in, n);
-        swiglu_job gate = {a->hb, a->hb2, hidden};
-        tl_parallel_for(n, swiglu_row, &gate);
-        tl_matmul(a->moe_y, dim, &x->w2, a->hb, n);
+        swiglu_ffn(&x->w1, &x->w3, &x->w2, NULL, a, in, a->moe_y, n, hidden, dim);
         for (int i = 0; i < n; i++) {
             float *dst = out + (size_t)a->moe_row[first + i] * dim;
             const float *y = a->moe_y + (size_t)i * dim;
@@ -482,15 +495,7 @@ static void forward(const tl_model *m, activations *a, const segment *segs, int 
             moe_ffn(m, w, a, rows);
             continue;
         }
-        float *const gate_up[2] = {a->hb, a->hb2};
-        const tl_matrix *const w13[2] = {&w->w1, &w->w3};
-        tl_matmul_many(2, gate_up, w13, a->xb, rows);
-        lora(w, TL_W1, a, a->xb, a->hb, rows);
-        lora(w, TL_W3, a, a->xb, a->hb2, rows);
-        swiglu_job gate = {a->hb, a->hb2, hidden};
-        tl_parallel_for(rows, swiglu_row, &gate);
-        tl_matmul(a->xb, dim, &w->w2, a->hb, rows);
-        lora(w, TL_W2, a, a->hb, a->xb, rows);
+        swiglu_ffn(&w->w1, &w->w3, &w->w2, w, a, a->xb, a->xb, rows, hidden, dim);
         add_into(a->x, a->xb, (size_t)rows * dim);
     }
     if (logits == NULL) return;

@@ -5,6 +5,7 @@ count it measures as faster) against eager fp32, in one run; MFU against a peak 
     python bench/train_bench.py                      # stories15M shape, vocab 5000, seq 256, batch 32
     python bench/train_bench.py --before             # also the settings before issue 20, side by side
     python bench/train_bench.py --flash-attention    # also the default with torch's flash attention kernel
+    python bench/train_bench.py --preset stories15M-moe --looped-experts   # MoE: also the expert loop
     python bench/train_bench.py --preset stories110M --device cuda
 
 Each setting: the first step (a cold torch.compile unless --warm-cache; timed separately), warmup
@@ -45,6 +46,8 @@ sys.path.insert(0, str(ROOT / "python"))
 from tinyllm.config import build_configs, load_preset  # noqa: E402
 from tinyllm import model as tinyllm_model  # noqa: E402
 from tinyllm.model import Transformer  # noqa: E402
+
+GROUPED_MM_DTYPE = tinyllm_model.grouped_mm_dtype  # MoE: the grouped experts' switch
 from tinyllm.train.loop import (DEFAULT_THREADS, Env, _train_step, _wrap, choose_threads, cpu_supports_bf16,  # noqa: E402
                                make_optimizer, peak_flops, resolve_device)
 
@@ -76,12 +79,14 @@ class Setting:
     """One way to train (compiled or not, bf16 or fp32, threads, optimizer): its model, optimizer and windows."""
 
     def __init__(self, name, model_cfg, train_cfg, device, bf16, compile_model, fused_adamw=True, threads=None,
-                 blocked_attention=True):
+                 blocked_attention=True, grouped_experts=True, key="default"):
         torch.manual_seed(0)
-        self.name, self.device, self.train_cfg = name, device, train_cfg
+        self.name, self.device, self.train_cfg, self.key = name, device, train_cfg, key
         # False: torch's flash kernel on CPU too, as before issue 20 (the model reads the limit when traced)
         self.blocked_max_seq = tinyllm_model.BLOCKED_ATTENTION_MAX_SEQ if blocked_attention else 0
         self.blocked_attention = blocked_attention
+        # False: an MoE model runs its experts one by one (the looped reference), as before the grouped matmuls
+        self.grouped_mm_dtype = GROUPED_MM_DTYPE if grouped_experts else (lambda x: None)
         self.env = Env(device=device, bf16=bf16)
         self.model = Transformer(model_cfg).to(device).train()
         if fused_adamw:
@@ -110,6 +115,7 @@ class Setting:
         and with its own attention path."""
         torch.set_num_threads(self.threads)
         tinyllm_model.BLOCKED_ATTENTION_MAX_SEQ = self.blocked_max_seq
+        tinyllm_model.grouped_mm_dtype = self.grouped_mm_dtype
 
     def step(self):
         _train_step(self.run_model, self.model, self.optimizer, self.batches, _loss, self.train_cfg, self.env)
@@ -280,6 +286,8 @@ def main():
                     help="also time the settings before issue 20 (compile + bf16, for-loop AdamW, all threads)")
     ap.add_argument("--flash-attention", action="store_true",
                     help="also time the default with torch's flash attention on CPU (before issue 20's blocked one)")
+    ap.add_argument("--looped-experts", action="store_true",
+                    help="MoE presets: also time the default with the experts run one by one (before the grouped matmuls)")
     ap.add_argument("--threads", type=int, default=None,
                     help="run every setting on this many threads (default: the trainer's pick; eager: all)")
     ap.add_argument("--warm-cache", action="store_true",
@@ -304,12 +312,16 @@ def main():
     if args.flash_attention:
         settings.append(Setting(f"default with flash attention (compile{precision}, {picked})", model_cfg,
                                 train_cfg, device, default_bf16, True, threads=default.threads,
-                                blocked_attention=False))
+                                blocked_attention=False, key="flash_attention"))
+    if args.looped_experts:
+        settings.append(Setting(f"default with looped experts (compile{precision}, {picked})", model_cfg,
+                                train_cfg, device, default_bf16, True, threads=default.threads,
+                                grouped_experts=False, key="looped_experts"))
     if args.before:
         n = threads or DEFAULT_THREADS
         settings.append(Setting(f"before (compile{precision}, for-loop AdamW, flash attention, {n} threads)",
                                 model_cfg, train_cfg, device, default_bf16, True, fused_adamw=False,
-                                threads=n, blocked_attention=False))
+                                threads=n, blocked_attention=False, key="before"))
     eager = Setting("eager fp32", model_cfg, train_cfg, device, False, False, threads=threads or DEFAULT_THREADS)
     settings.append(eager)
     for s in settings:
@@ -347,8 +359,8 @@ def main():
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     for r in results[1:-1]:  # the A/B of each other compiled setting against the default, window by window
-        key = "before" if r["setting"].startswith("before") else "flash_attention"
         other = next(s for s in settings if s.name == r["setting"])
+        key = other.key
         report[f"speedup_default_vs_{key}"] = round(results[0]["median_tok_per_s"] / r["median_tok_per_s"], 2)
         report[f"cpu_speedup_default_vs_{key}"] = round(statistics.median(
             a / b for a, b in zip(default.cpu_rates, other.cpu_rates)), 3)
@@ -381,7 +393,7 @@ def print_report(report: dict, args):
         print(f"| {name} | {secs:.3f} | {secs / max(b['step_s'], 1e-9):.0%} |")
     extra = "".join(f"; default vs {key}: {report[f'speedup_default_vs_{key}']:.2f}x wall, "
                     f"{report[f'cpu_speedup_default_vs_{key}']:.3f}x per CPU-s"
-                    for key in ("flash_attention", "before") if f"speedup_default_vs_{key}" in report)
+                    for key in ("flash_attention", "looped_experts", "before") if f"speedup_default_vs_{key}" in report)
     print(f"\ndefault vs eager fp32: {report['speedup_default_vs_eager_fp32']:.1f}x{extra}; results in {args.out}")
 
 

@@ -12,7 +12,7 @@ from conftest import write_synthetic_tokenizer
 from test_gguf import LlamaCpp, log_softmax, spread_weights
 from tinyllm.config import ModelConfig
 from tinyllm.errors import FormatError
-from tinyllm.model import FeedForward, MoEFeedForward, Transformer
+from tinyllm.model import FeedForward, MoEFeedForward, Transformer, grouped_mm_dtype, route
 
 VOCAB = 300
 
@@ -59,6 +59,64 @@ def test_moe_feed_forward_matches_a_per_token_reference(n_experts, k):
         got = ffn(x).numpy().reshape(-1, cfg.dim)
     want = reference_moe(ffn, x.numpy().reshape(-1, cfg.dim))
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("n_experts,k", [(4, 1), (8, 2)])
+def test_grouped_experts_compute_the_reference_in_fp32(n_experts, k):
+    cfg, model = random_moe(n_experts=n_experts, n_experts_active=k)
+    ffn = model.layers[0].feed_forward
+    x = torch.randn(40, cfg.dim)
+    with torch.no_grad():
+        _, weights, experts = route(ffn.router(x), k)
+        got = ffn.grouped_experts(x, weights, experts, torch.float32).numpy()
+    want = reference_moe(ffn, x.numpy())
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def expert_grads(ffn, x):
+    ffn.zero_grad()
+    ffn(x).square().sum().backward()
+    return torch.cat([getattr(ffn, n).weight.grad.flatten() for n in ("w1", "w2", "w3", "router")])
+
+
+@pytest.mark.parametrize("idle_expert", [False, True])
+def test_bf16_training_takes_grouped_experts_close_to_the_loop_with_its_gradients(idle_expert):
+    cfg, model = random_moe(n_experts=4, n_experts_active=2)
+    ffn = model.layers[0].feed_forward.train()
+    x = torch.randn(64, cfg.dim) * 3
+    if idle_expert:  # expert 3 never wins: an empty group (its logit is below every other's for x >= 0)
+        x = x.abs()
+        with torch.no_grad():
+            ffn.router.weight[3] = -10 * ffn.router.weight[:3].abs().sum(0)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert grouped_mm_dtype(x) == torch.bfloat16
+        out, grads = ffn(x), expert_grads(ffn, x)
+        with torch.no_grad():
+            _, weights, experts = route(ffn.router(x), 2)
+            looped = ffn.looped_experts(x, weights, experts)
+    assert grouped_mm_dtype(x) is None  # fp32 outside autocast: the loop
+    assert bool((experts == 3).any()) is not idle_expert
+    ref_out, ref_grads = ffn(x).detach(), expert_grads(ffn, x)  # fp32 loop
+    out = out.detach()
+    assert float((out.float() - ref_out).abs().max()) <= 0.03 * float(ref_out.abs().max())
+    assert float((out.float() - looped).abs().max()) <= 0.03 * float(ref_out.abs().max())
+    assert float((grads - ref_grads).norm()) <= 0.03 * float(ref_grads.norm())
+    if idle_expert:
+        assert ffn.w1.weight.grad[3].abs().sum() == 0 and ffn.w1.weight.grad[:3].abs().sum() > 0
+
+
+def test_torch_compile_fuses_the_grouped_experts_without_graph_breaks():
+    cfg, model = random_moe(n_experts=4, n_experts_active=2)
+    ffn = model.layers[0].feed_forward.train()
+    x = torch.randn(2, 32, cfg.dim)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(ffn)
+    with torch.autocast("cpu", torch.bfloat16):
+        report = explained(x, [])
+        eager = ffn(x, [])
+        compiled = torch.compile(ffn, fullgraph=True)(x, [])
+    assert report.graph_break_count == 0, report.break_reasons
+    assert torch.allclose(compiled.detach().float(), eager.detach().float(), atol=0.02 * float(eager.abs().max()))
 
 
 def test_router_ties_go_to_the_lowest_expert_indices():

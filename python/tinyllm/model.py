@@ -184,6 +184,23 @@ class MoEFeedForward(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         probs, weights, experts = route(self.router(x), self.k)
+        dtype = grouped_mm_dtype(x)
+        if dtype is None:
+            out = self.looped_experts(x, weights, experts)
+        else:
+            out = self.grouped_experts(x, weights, experts, dtype)
+        out = self.dropout(out.type_as(x)).reshape(shape)
+        if self.shared is not None:
+            out = out + self.shared(x.reshape(shape))
+        if moe_stats is not None:
+            load = F.one_hot(experts.flatten(), self.n_experts).sum(0)  # bincount's shape depends on the data
+            share = load.float() / experts.numel()
+            moe_stats.append((self.n_experts * (share * probs.mean(0)).sum(), load))
+        return out
+
+    def looped_experts(self, x, weights, experts):
+        """The reference: expert by expert on the rows routed to it, in the input's dtype. Its shapes depend
+        on the routing, so torch.compile cannot fuse it; grouped_experts is the fast path for training."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in range(self.n_experts):
             # every expert runs, on the rows routed to it (maybe none): each parameter gets a gradient every
@@ -192,14 +209,39 @@ class MoEFeedForward(nn.Module):
             h = x[rows]
             y = self.w2(F.silu(self.w1(h, e)) * self.w3(h, e), e)
             out.index_add_(0, rows, y.float() * weights[rows, slot, None])
-        out = self.dropout(out.type_as(x)).reshape(shape)
-        if self.shared is not None:
-            out = out + self.shared(x.reshape(shape))
-        if moe_stats is not None:
-            load = torch.bincount(experts.flatten(), minlength=self.n_experts)
-            share = load.float() / experts.numel()
-            moe_stats.append((self.n_experts * (share * probs.mean(0)).sum(), load))
         return out
+
+    def grouped_experts(self, x, weights, experts, dtype):
+        """All experts in three grouped matmuls: the (token, slot) rows sorted by expert, so that each expert
+        multiplies one contiguous group of them (grouped_mm's offs: where each group ends), then put back
+        in order and summed with the router's weights. Every shape is fixed by the batch, so torch.compile
+        fuses it; an expert with no rows is an empty group and gets a zero gradient."""
+        tokens, k = experts.shape
+        flat = experts.flatten()
+        order = torch.argsort(flat, stable=True)
+        ends = torch.cumsum(F.one_hot(flat, self.n_experts).sum(0), 0).to(torch.int32)
+        rows = x[order // k].to(dtype)
+
+        def grouped(a, linear):  # a @ each expert's weight.T, group by group
+            return F.grouped_mm(a, linear.weight.to(dtype).transpose(1, 2), offs=ends)
+
+        y = grouped(F.silu(grouped(rows, self.w1)) * grouped(rows, self.w3), self.w2)
+        y = torch.empty_like(y).index_copy(0, order, y)  # back to (token, slot) order
+        return (y.view(tokens, k, -1).float() * weights[..., None]).sum(1)
+
+
+def grouped_mm_dtype(x):
+    """The dtype for MoEFeedForward.grouped_experts, or None for the looped reference. Grouped matmuls need
+    bf16 under torch.compile (and on CUDA, a Hopper or newer GPU), so they serve bf16 autocast, the fast
+    training path; fp32 (evaluation, export checks, tests against the reference) takes the loop."""
+    device = x.device.type
+    if not hasattr(F, "grouped_mm") or device not in ("cpu", "cuda"):
+        return None
+    if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != torch.bfloat16:
+        return None
+    if device == "cuda" and torch.cuda.get_device_capability(x.device) < (9, 0):
+        return None
+    return torch.bfloat16
 
 
 class Block(nn.Module):

@@ -218,7 +218,7 @@ test-aarch64: all build/native/test_portable build/nosimd/test_portable $(A64)/r
               $(PORTABLE)/moe_f32.gguf $(PORTABLE)/moe_q4_0.gguf
 	@fail=0; \
 	build/native/test_portable kernels || fail=1; \
-	build/nosimd/test_portable kernels --lack avx2,avx512,avx2-int8,vnni,neon,neon-dotprod || fail=1; \
+	build/nosimd/test_portable kernels --lack avx2,avx512,avx2-int8,vnni,amx,neon,neon-dotprod || fail=1; \
 	$(QEMU_AARCH64) $(A64)/test_portable kernels --have neon,neon-dotprod || fail=1; \
 	QEMU_CPU=cortex-a53 $(QEMU_AARCH64) $(A64)/test_portable kernels --have neon --lack neon-dotprod || fail=1; \
 	for spec in $(PORTABLE_MODELS); do \

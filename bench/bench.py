@@ -12,6 +12,8 @@ active compute of 15M, whose dense cells are its reference; GGUF only):
   - `run:vnni`      our `run` with TINYLLM_KERNELS=vnni (int8 activations with VNNI dot products for
                     q8_0/q4_0/llama2.c int8, opt-in; `run` is the default float-activation path); any
                     `run:<path>` in --impls runs that TINYLLM_KERNELS path
+  - `run:amx`       the same with vnni's batched tile on AMX-INT8 tiles (prefill, batched decode),
+                    measured only where the CPU has amx_int8 (elsewhere the path would fall back)
 at 1 thread and all physical cores, greedy, the same context. Each figure is the median of
 --repeats runs (fewer for the scalar reference). Also: machine facts, a measured memory bandwidth,
 and decode as % of the roofline bandwidth / bytes of weights read per token.
@@ -80,7 +82,7 @@ def machine_info() -> dict:
                 flags = line.split(":", 1)[1].split()
                 info["simd_flags"] = [f for f in flags if f in (
                     "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                    "avx_vnni", "avx512_bf16")]
+                    "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")]
     except OSError:
         pass
     info["logical_cpus"] = os.cpu_count()
@@ -337,7 +339,7 @@ def main(argv=None):
     ap.add_argument("--scalar-repeats", type=int, default=1)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--types", default=",".join(FILES))
-    ap.add_argument("--impls", default="run,run:vnni,Runtime,llama.cpp,scalar")
+    ap.add_argument("--impls", default="run,run:vnni,run:amx,Runtime,llama.cpp,scalar")
     ap.add_argument("--threads", default="", help="comma-separated thread counts (default: 1 and all cores)")
     ap.add_argument("--out", default=str(ROOT / "bench"))
     ap.add_argument("--quick", action="store_true", help="1 repeat, 15M only (a smoke test)")
@@ -355,6 +357,9 @@ def main(argv=None):
     started = time.time()
 
     info = machine_info()
+    if "amx_int8" not in info.get("simd_flags", []) and "run:amx" in impls:
+        impls.remove("run:amx")  # TINYLLM_KERNELS=amx would fall back to vnni: the same cell twice
+        print("no amx_int8 on this CPU: run:amx left out", flush=True)
     bw = memory_bandwidth_gbs()
     info["copy_bandwidth_gbs_1core"] = round(bw, 1)
     print(f"machine: {info.get('cpu')} ({info['physical_cores']} cores), copy bandwidth {bw:.1f} GB/s", flush=True)
@@ -414,6 +419,7 @@ def main(argv=None):
     report = dict(machine=info, context=CONTEXT, prompt_tokens=PROMPT_TOKENS, decode_tokens=DECODE_TOKENS,
                   peer_table_issue7=PEER_TABLE, results=results, tokenizer=tokenizer)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "RESULTS.md").write_text(markdown(report))
     print(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'} in {info['seconds']} s")
@@ -493,6 +499,7 @@ def goal_lines(report) -> list[str]:
     get = functools.partial(cell, res)
     out = []
     threads = sorted({r["threads"] for r in res})
+    kernel_impls = [i for i in dict.fromkeys(r["impl"] for r in res) if i.startswith("run:")]
     shapes = list(dict.fromkeys(r["shape"] for r in res))
     for shape in shapes:
         for label in ("f32", "q8_0", "q4_0"):
@@ -516,11 +523,12 @@ def goal_lines(report) -> list[str]:
                 out.append(f"- threads {shape} {label}: {max(threads)}t {many:.0f} vs 1t {one:.0f} tok/s: "
                            f"{'met' if many >= one else 'NOT met'} (more threads never slower)")
             for t in threads:
-                for key, what in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
-                    new, old = get(shape, label, "run:vnni", t, key), get(shape, label, "run", t, key)
-                    if new and old:
-                        out.append(f"- kernels {shape} {label} {t}t {what}: TINYLLM_KERNELS=vnni {new:.0f} vs the default "
-                                   f"{old:.0f} tok/s: {new / old:.2f}x")
+                for impl in kernel_impls:
+                    for key, what in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+                        new, old = get(shape, label, impl, t, key), get(shape, label, "run", t, key)
+                        if new and old:
+                            out.append(f"- kernels {shape} {label} {t}t {what}: TINYLLM_KERNELS={impl[4:]} {new:.0f} "
+                                       f"vs the default {old:.0f} tok/s: {new / old:.2f}x")
                 run_d, rt_d = get(shape, label, "run", t, "decode_tok_s"), get(shape, label, "Runtime", t, "decode_tok_s")
                 if run_d and rt_d:
                     out.append(f"- Runtime vs run {shape} {label} {t}t: {rt_d / run_d:.2f}x "

@@ -36,16 +36,16 @@ void tl_swiglu(float *a, const float *b, int n);
 /* ---- matmuls and attention with run-time SIMD dispatch (kernels_dispatch.c) ------------------ */
 
 /* Kernel paths. The first matmul picks the default path (below), or the one named by TINYLLM_KERNELS=scalar|avx2|
- * avx512|avx2-int8|vnni|neon|neon-dotprod (a path the CPU lacks falls back to the best it has). The
- * three int8 paths quantize the activations to int8 blocks of 32 once per matmul and multiply q8_0,
+ * avx512|avx2-int8|vnni|amx|neon|neon-dotprod (a path the CPU lacks falls back to the best it has). The
+ * four int8 paths quantize the activations to int8 blocks of 32 once per matmul and multiply q8_0,
  * q4_0 and llama2.c int8 weights with integer dot products (avx2-int8: maddubs/madd; vnni:
- * AVX512-VNNI vpdpbusd; neon-dotprod: SDOT); other types, and int8 groups that are not a multiple of
+ * AVX512-VNNI vpdpbusd; amx: vnni with its batched tile on AMX-INT8 tiles; neon-dotprod: SDOT); other types, and int8 groups that are not a multiple of
  * 32, take the avx512/avx2/neon float path. They change the numbers slightly (activation rounding)
  * and are opt-in. Unnamed (NULL, "", or a name this build does not know), the default is the best
  * float path (kernels_dispatch.c says why vnni is not the default yet). */
 typedef enum {
     TL_KERNELS_SCALAR = 0, TL_KERNELS_AVX2 = 1, TL_KERNELS_AVX512 = 2, TL_KERNELS_AVX2_INT8 = 3, TL_KERNELS_VNNI = 4,
-    TL_KERNELS_NEON = 5, TL_KERNELS_NEON_DOTPROD = 6
+    TL_KERNELS_NEON = 5, TL_KERNELS_NEON_DOTPROD = 6, TL_KERNELS_AMX = 7
 } tl_kernels;
 /* Select a path by name (NULL or "" = the default); returns the path now active. */
 int tl_kernels_select(const char *name);

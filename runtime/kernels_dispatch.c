@@ -9,7 +9,11 @@
  * files no longer match a torch model holding the dequantized weights exactly). The default is the
  * best float path (default_kernels says why vnni is not, yet); the int8 paths are opt-in by name.
  * Named, vnni takes q8_0, q4_0 and llama2.c int8: bench/int8_kernels.py, 1 thread, vnni against
- * avx512, prefill 1.9-2.2x (its batched tile), decode 0.98-1.30x; avx2-int8 against avx2: decode
+ * avx512, prefill 1.9-2.2x (its batched tile), decode 0.98-1.30x; amx is vnni with that tile on AMX
+ * tiles (the same bits: tests/test_kernels.py), and no faster on a 2-core Sapphire Rapids VM (bench.py,
+ * 128-token prefill, amx / vnni: 42M-110M Q8_0/Q4_0 0.96-1.14x, 15M-moe 0.78-1.14x): each block's tile
+ * of integer dots still goes through memory to be scaled, which costs what the vpdpbusd it saves did;
+ * avx2-int8 against avx2: decode
  * 0.70-1.39x, prefill 0.85-1.18x; neon-dotprod has run only under qemu, which says nothing of speed.
  */
 #include <stdlib.h>
@@ -45,6 +49,13 @@ static int x86_avx512(void) {
     return x86_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl");
 }
+
+/* AMX-TILE and AMX-INT8 from CPUID leaf 7 (EDX bits 24, 25), and Linux's permission to use them. */
+static int x86_amx_int8(void) {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return 0;
+    return (edx & (1u << 24)) && (edx & (1u << 25)) && tl_amx_permitted();
+}
 #endif
 
 #ifdef TL_ARM_DOTPROD
@@ -70,6 +81,7 @@ static int supported(int kernels) {
     case TL_KERNELS_AVX2: case TL_KERNELS_AVX2_INT8: return x86_avx2();
     case TL_KERNELS_AVX512: return x86_avx512();
     case TL_KERNELS_VNNI: return x86_avx512() && __builtin_cpu_supports("avx512vnni");
+    case TL_KERNELS_AMX: return supported(TL_KERNELS_VNNI) && x86_amx_int8();
 #endif
 #ifdef TL_ARM
     case TL_KERNELS_NEON: return 1; /* Advanced SIMD is part of every AArch64 CPU */
@@ -92,7 +104,7 @@ static int best_supported(void) {
 static const char *const kernel_names[] = {
     [TL_KERNELS_SCALAR] = "scalar", [TL_KERNELS_AVX2] = "avx2", [TL_KERNELS_AVX512] = "avx512",
     [TL_KERNELS_AVX2_INT8] = "avx2-int8", [TL_KERNELS_VNNI] = "vnni", [TL_KERNELS_NEON] = "neon",
-    [TL_KERNELS_NEON_DOTPROD] = "neon-dotprod",
+    [TL_KERNELS_NEON_DOTPROD] = "neon-dotprod", [TL_KERNELS_AMX] = "amx",
 };
 #define N_KERNELS ((int)(sizeof(kernel_names) / sizeof(kernel_names[0])))
 
@@ -115,6 +127,7 @@ int tl_kernels_select(const char *name) {
     int want = -1;
     for (int k = 0; name != NULL && k < N_KERNELS; k++)
         if (strcmp(name, kernel_names[k]) == 0) want = k;
+    if (want == TL_KERNELS_AMX && !supported(want)) want = TL_KERNELS_VNNI;
     if (want == TL_KERNELS_VNNI && !supported(want)) want = TL_KERNELS_AVX2_INT8;
     if (want < 0 || !supported(want)) want = default_kernels();
     active_kernels = want;
@@ -139,7 +152,7 @@ static int simd_fits(const tl_matrix *w, int width) {
 /* The float-activation path an int8 path uses for the other types and for attention. */
 static int float_path(int kernels) {
     switch (kernels) {
-    case TL_KERNELS_VNNI: return TL_KERNELS_AVX512;
+    case TL_KERNELS_VNNI: case TL_KERNELS_AMX: return TL_KERNELS_AVX512;
     case TL_KERNELS_AVX2_INT8: return TL_KERNELS_AVX2;
     case TL_KERNELS_NEON_DOTPROD: return TL_KERNELS_NEON;
     default: return kernels;
@@ -151,13 +164,17 @@ static int float_path(int kernels) {
 /* Whether the active path multiplies w with int8 activations. */
 static int int8_active(const tl_matrix *w) {
     const int k = tl_kernels_active();
-    return (k == TL_KERNELS_VNNI || k == TL_KERNELS_AVX2_INT8 || k == TL_KERNELS_NEON_DOTPROD) && tl_int8_fits(w);
+    return (k == TL_KERNELS_VNNI || k == TL_KERNELS_AMX || k == TL_KERNELS_AVX2_INT8 || k == TL_KERNELS_NEON_DOTPROD) &&
+           tl_int8_fits(w);
 }
 
 static void rows_i8(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n) {
 #ifdef TL_X86
-    if (tl_kernels_active() == TL_KERNELS_VNNI) tl_rows_i8_vnni(out, out_stride, w, r0, r1, xq, n);
-    else tl_rows_i8_avx2(out, out_stride, w, r0, r1, xq, n);
+    switch (tl_kernels_active()) {
+    case TL_KERNELS_AMX: tl_rows_i8_amx(out, out_stride, w, r0, r1, xq, n); break;
+    case TL_KERNELS_VNNI: tl_rows_i8_vnni(out, out_stride, w, r0, r1, xq, n); break;
+    default: tl_rows_i8_avx2(out, out_stride, w, r0, r1, xq, n); break;
+    }
 #else
     tl_rows_i8_dotprod(out, out_stride, w, r0, r1, xq, n);
 #endif
@@ -194,7 +211,8 @@ void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, i
 
 int tl_kernels_quantize(tl_quant_x *xq, const tl_matrix *w, const float *x, int n) {
 #ifdef TL_INT8
-    return int8_active(w) && tl_quantize_x(xq, x, n, w->cols, tl_kernels_active() == TL_KERNELS_VNNI);
+    const int k = tl_kernels_active();
+    return int8_active(w) && tl_quantize_x(xq, x, n, w->cols, k == TL_KERNELS_VNNI || k == TL_KERNELS_AMX);
 #else
     (void)xq, (void)w, (void)x, (void)n;
     return 0;

@@ -17,6 +17,8 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "kernels_simd.h"
 
@@ -431,6 +433,124 @@ void tl_rows_i8_vnni(float *out, size_t os, const tl_matrix *w, int r0, int r1, 
     case TL_TYPE_Q8_0: rows_i8_vnni_type(TL_TYPE_Q8_0, out, os, w, r0, r1, xq, n); break;
     default: rows_i8_vnni_type(TL_TYPE_Q4_0, out, os, w, r0, r1, xq, n); break;
     }
+}
+
+TL_TARGET_END
+#endif /* TL_X86 */
+
+#ifdef TL_X86
+/* ---- amx: vnni's batched tile on AMX tiles (TINYLLM_KERNELS=amx) ---------------------------------
+ * The same unsigned weights and token groups as vnni's tile, multiplied by the tile unit instead:
+ * TDPBUSD takes A = 16 unpacked weight rows x one block (16 x 32 unsigned bytes, row i of wu) and
+ * B = one block of a token group as tl_quantize_x lays it out (8 rows of 4 columns x 16 tokens: the
+ * VNNI layout AMX wants), giving C = 16 rows x 16 tokens of integer block dots in one instruction
+ * where vnni's tile needs 128 vpdpbusd. Each block's C is stored, offset and scaled exactly as vnni's
+ * tile does it (the same integers, the same float operations in the same order), so the two give
+ * the same bits; rows left over from 16 and one-token matmuls go to vnni's kernels.
+ *
+ * Linux hands out AMX state only to a process that asked for it (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XTILEDATA); tl_amx_permitted asks once, and a kernel that refuses leaves the path unsupported. */
+
+#define AMX_ROWS 16
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_permitted = -1;
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+
+static void amx_request(void) {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    amx_permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    amx_permitted = 0;
+#endif
+}
+
+int tl_amx_permitted(void) {
+    pthread_once(&amx_once, amx_request);
+    return amx_permitted;
+}
+
+/* The tile configuration (palette 1): tmm0 C (16 x 16 int32), tmm1 A (16 rows x 32 bytes), tmm2 B
+ * (8 rows x 64 bytes). */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+TL_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")
+
+static void amx_configure(void) {
+    amx_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette = 1;
+    cfg.rows[0] = AMX_ROWS, cfg.colsb[0] = 64;
+    cfg.rows[1] = AMX_ROWS, cfg.colsb[1] = TL_QK;
+    cfg.rows[2] = TL_QK / 4, cfg.colsb[2] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+/* out[t * os + r + i] for the 16 unpacked rows at wu and the tokens t of group g (t < n). */
+ALWAYS_INLINE void tile_u8_amx(int type, const uint8_t *wu, const float *dw, int nb, const tl_quant_x *xq, int g,
+                               float *out, size_t os, int r, int n) {
+    const int shift = type == TL_TYPE_Q4_0 ? 3 : 7; /* the offset of u: 8 or 128 */
+    int32_t dots[AMX_ROWS][16] __attribute__((aligned(64)));
+    __m512 acc[AMX_ROWS];
+    for (int i = 0; i < AMX_ROWS; i++) acc[i] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const size_t gb = (size_t)g * nb + b;
+        _tile_zero(0);
+        _tile_loadd(1, wu + (size_t)b * TL_QK, (size_t)nb * TL_QK);
+        _tile_loadd(2, xq->qt + gb * 8 * 64, 64);
+        _tile_dpbusd(0, 1, 2);
+        _tile_stored(0, dots, 64);
+        const __m512i start = _mm512_slli_epi32(_mm512_loadu_si512(xq->sumt + gb * 16), shift);
+        const __m512 dx = _mm512_loadu_ps(xq->dt + gb * 16);
+        for (int i = 0; i < AMX_ROWS; i++) {
+            const __m512i dot = _mm512_add_epi32(start, _mm512_load_si512(dots[i]));
+            const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(dw[(size_t)i * nb + b]), dx);
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i]);
+        }
+    }
+    const int t0 = g * 16, tokens = n - t0 < 16 ? n - t0 : 16;
+    for (int i = 0; i < AMX_ROWS; i++) {
+        float lanes[16];
+        _mm512_storeu_ps(lanes, acc[i]);
+        for (int l = 0; l < tokens; l++) out[(size_t)(t0 + l) * os + r + i] = lanes[l];
+    }
+}
+
+ALWAYS_INLINE void rows_tile_amx_type(int type, float *out, size_t os, const tl_matrix *w, int r0, int r1,
+                                      const tl_quant_x *xq, int n, uint8_t *wu, float *dw) {
+    const int nb = xq->blocks;
+    for (int r = r0; r < r1; r += AMX_ROWS) {
+        unpack_rows_u8(type, w, r, AMX_ROWS, wu, dw);
+        for (int g = 0; g < xq->groups; g++) tile_u8_amx(type, wu, dw, nb, xq, g, out, os, r, n);
+    }
+}
+
+/* Rows [r0, r0 + 16k) on the tiles; returns how many rows it did (0 if its buffer cannot be had). */
+static int rows_tile_amx(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n) {
+    const int rows = (r1 - r0) / AMX_ROWS * AMX_ROWS;
+    if (rows == 0) return 0;
+    const size_t wu_bytes = (size_t)AMX_ROWS * w->cols;
+    uint8_t *wu = quant_scratch(SCRATCH_WEIGHTS, wu_bytes + (size_t)AMX_ROWS * xq->blocks * sizeof(float));
+    if (wu == NULL) return 0;
+    float *dw = (float *)(wu + wu_bytes);
+    amx_configure(); /* per call: the configuration is per thread, and released below */
+    switch (w->type) {
+    case TL_TYPE_Q8: rows_tile_amx_type(TL_TYPE_Q8, out, os, w, r0, r0 + rows, xq, n, wu, dw); break;
+    case TL_TYPE_Q8_0: rows_tile_amx_type(TL_TYPE_Q8_0, out, os, w, r0, r0 + rows, xq, n, wu, dw); break;
+    default: rows_tile_amx_type(TL_TYPE_Q4_0, out, os, w, r0, r0 + rows, xq, n, wu, dw); break;
+    }
+    _tile_release();
+    return rows;
+}
+
+void tl_rows_i8_amx(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n) {
+    if (xq->groups > 0) r0 += rows_tile_amx(out, os, w, r0, r1, xq, n);
+    if (r0 < r1) tl_rows_i8_vnni(out, os, w, r0, r1, xq, n);
 }
 
 TL_TARGET_END

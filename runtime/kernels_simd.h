@@ -114,6 +114,10 @@ void tl_attend_avx2(float *out, const float *q, const void *keys, const void *va
 /* kernels_int8.c: rows by avx2-int8 and by vnni. */
 void tl_rows_i8_avx2(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n);
 void tl_rows_i8_vnni(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n);
+/* kernels_int8.c: rows by amx (vnni's kernels, its batched tile on AMX tiles), and whether Linux lets
+ * this process use AMX state (asked once). */
+void tl_rows_i8_amx(float *out, size_t os, const tl_matrix *w, int r0, int r1, const tl_quant_x *xq, int n);
+int tl_amx_permitted(void);
 
 /* Helpers the ISA copies share, compiled for AVX2 + FMA + F16C: each inlines into any kernel built
  * for that or more (the AVX-512 and VNNI targets include it). */

@@ -7,6 +7,9 @@ and scalar agree up to the order of float additions, which the tolerances below 
 sum |w| |x|. The opt-in int8 paths (vnni, avx2-int8) quantize the activations: they are tested
 against the bound of that rounding, and against numpy doing the same quantization.
 """
+import subprocess
+import sys
+
 import cffi
 import numpy as np
 import pytest
@@ -30,8 +33,8 @@ klib = kffi.dlopen(LIB_PATH)
 
 F32, Q8, F16, Q8_0, Q4_0 = 0, 1, 2, 3, 4
 PATHS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 5}
-INT8_PATHS = {"avx2-int8": 3, "vnni": 4, "neon-dotprod": 6}
-FLOAT_PATH_OF = {"avx2-int8": "avx2", "vnni": "avx512", "neon-dotprod": "neon"}  # what takes their other types
+INT8_PATHS = {"avx2-int8": 3, "vnni": 4, "amx": 7, "neon-dotprod": 6}
+FLOAT_PATH_OF = {"avx2-int8": "avx2", "vnni": "avx512", "amx": "avx512", "neon-dotprod": "neon"}  # what takes their other types
 
 
 def best_path() -> int:
@@ -306,7 +309,9 @@ AVAILABLE_INT8 = [name for name, level in INT8_PATHS.items() if path_available(n
 # q8_0, q4_0 and llama2.c int8 (groups of whole 32-blocks); rows off the 4-row tiles
 INT8_CASES = [(Q8_0, 5, 32, 0), (Q8_0, 11, 64, 0), (Q8_0, 13, 96, 0), (Q8_0, 3, 288, 0), (Q8_0, 9, 768, 0),
               (Q4_0, 5, 32, 0), (Q4_0, 11, 64, 0), (Q4_0, 13, 96, 0), (Q4_0, 7, 288, 0), (Q4_0, 9, 768, 0),
-              (Q8, 5, 32, 32), (Q8, 7, 96, 32), (Q8, 10, 128, 64), (Q8, 3, 288, 96), (Q8, 6, 768, 64)]
+              (Q8, 5, 32, 32), (Q8, 7, 96, 32), (Q8, 10, 128, 64), (Q8, 3, 288, 96), (Q8, 6, 768, 64),
+              # amx: whole 16-row tiles, and rows left over for vnni's
+              (Q8_0, 16, 64, 0), (Q8_0, 37, 288, 0), (Q4_0, 48, 96, 0), (Q4_0, 19, 768, 0), (Q8, 35, 128, 64)]
 
 
 def quantized_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -337,13 +342,38 @@ def cpu_flags() -> set:
 def test_int8_paths_are_opt_in_and_fall_back_where_missing():
     assert best_path() in PATHS.values()  # the default stays a float-activation path (kernels_dispatch.c)
     for name, level in INT8_PATHS.items():
-        got = klib.tl_kernels_select(name.encode())  # missing: vnni falls back to avx2-int8, else the default
-        assert got == level or (name not in AVAILABLE_INT8 and got in (best_path(), INT8_PATHS["avx2-int8"]))
+        got = klib.tl_kernels_select(name.encode())  # missing: amx falls back to vnni, vnni to avx2-int8, else the default
+        fallbacks = (best_path(), INT8_PATHS["avx2-int8"], INT8_PATHS["vnni"])
+        assert got == level or (name not in AVAILABLE_INT8 and got in fallbacks)
     flags = cpu_flags()  # where Linux says the CPU has them, the int8 paths must be there
     if {"avx2", "fma", "f16c"} <= flags:
         assert "avx2-int8" in AVAILABLE_INT8
     if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
         assert "vnni" in AVAILABLE_INT8
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"} <= flags and amx_allowed():
+        assert "amx" in AVAILABLE_INT8
+
+
+def amx_allowed() -> bool:
+    """Whether this Linux grants AMX state at all (ARCH_REQ_XCOMP_PERM for XTILEDATA, 5.16+), asked in a
+    child process so that the answer does not depend on this one having asked."""
+    code = ("import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
+            "raise SystemExit(0 if libc.syscall(158, 0x1023, 18) == 0 else 1)")  # SYS_arch_prctl on x86_64
+    return subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.skipif("amx" not in AVAILABLE_INT8, reason="this CPU or kernel has no AMX-INT8")
+@pytest.mark.parametrize("n", [4, 16, 17, 40])
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: f"type{c[0]}-{c[1]}x{c[2]}-g{c[3]}")
+def test_amx_gives_the_bits_of_vnni(case, n):
+    """amx is vnni's batched tile on AMX tiles: the same integer block dots, offset and scaled in the same
+    float order, so the same bits (rows off the 16-row tiles go to vnni's kernels anyway)."""
+    m = Matrix(*case)
+    x = np.random.default_rng(11).standard_normal((n, case[2])).astype(np.float32)
+    klib.tl_kernels_select(b"vnni")
+    vnni = product(m, x, klib.tl_matmul_rows)
+    klib.tl_kernels_select(b"amx")
+    assert np.array_equal(product(m, x, klib.tl_matmul_rows), vnni)
 
 
 @pytest.mark.parametrize("path", AVAILABLE_INT8)

@@ -204,7 +204,7 @@ typedef struct {
 static const path_info PATHS[] = {
     {"scalar", TL_KERNELS_SCALAR, 0}, {"avx2", TL_KERNELS_AVX2, 0}, {"avx512", TL_KERNELS_AVX512, 0},
     {"avx2-int8", TL_KERNELS_AVX2_INT8, 1}, {"vnni", TL_KERNELS_VNNI, 1}, {"neon", TL_KERNELS_NEON, 0},
-    {"neon-dotprod", TL_KERNELS_NEON_DOTPROD, 1},
+    {"neon-dotprod", TL_KERNELS_NEON_DOTPROD, 1}, {"amx", TL_KERNELS_AMX, 1},
 };
 #define N_PATHS ((int)(sizeof(PATHS) / sizeof(PATHS[0])))
 
@@ -231,6 +231,7 @@ static const int CASES[][4] = {
     {TL_TYPE_Q8, 6, 36, 12}, {TL_TYPE_Q8_0, 5, 32, 0}, {TL_TYPE_Q8_0, 11, 288, 0}, {TL_TYPE_Q8_0, 3, 1088, 0},
     {TL_TYPE_Q4_0, 5, 32, 0}, {TL_TYPE_Q4_0, 11, 288, 0}, {TL_TYPE_Q4_0, 3, 1088, 0},
     {TL_TYPE_Q8_0, 9, 768, 0}, {TL_TYPE_Q4_0, 13, 96, 0}, {TL_TYPE_Q8, 3, 288, 96},
+    {TL_TYPE_Q8_0, 33, 288, 0}, {TL_TYPE_Q4_0, 16, 64, 0}, /* amx's 16-row tiles, and rows left over */
 };
 #define N_CASES ((int)(sizeof(CASES) / sizeof(CASES[0])))
 static const int TOKENS[] = {1, 2, 3, 4, 5, 9};

@@ -208,3 +208,18 @@ for m in "$A/dpo15M.bin" "$A/rl15M.bin"; do
         --answers $S/llamafactory_alpaca_zh_demo.json --max-new-tokens 64 --answers-out "${m%.bin}.answers.jsonl"
 done
 fi
+
+# 7. Tried and not shipped (models/README.md, "A mixture-of-experts story model against the dense one"):
+#    configs/stories15M-moe.toml against configs/stories15M at equal CPU time, both from scratch on the
+#    shards of step 2b ("$W/data2b"), side by side, one thread each. MOE=1 bash models/recipe.sh repeats it
+#    (the second command of each: the step counts the first 17.6 minutes' rates fit into 30 minutes).
+if [ "${MOE:-0}" = 1 ]; then
+for run in dense:configs/stories15M.toml:740 moe:configs/stories15M-moe.toml:342; do
+    IFS=: read -r name cfg steps <<< "$run"
+    ( OMP_NUM_THREADS=1 tinyllm pretrain --config "$cfg" --data-dir "$W/data2b" --out-dir "$W/cal_$name" \
+          --batch-size 16 --max-steps 2000 --lr 8e-4 --min-lr 8e-5 --warmup-steps 50 --eval-interval 100 \
+          --eval-steps 10 --ckpt-interval 100 --max-minutes 17.6
+      OMP_NUM_THREADS=1 tinyllm pretrain --out-dir "$W/cal_$name" --resume --max-steps "$steps" ) &
+done
+wait
+fi

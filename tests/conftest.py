@@ -12,6 +12,12 @@ SHARED = ROOT.parent / "shared"
 SHARED_DATA = SHARED / "data"
 UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 
+# MKL's sgemm (torch's CPU fp32 matmul) may round differently with the alignment of its operands unless
+# its conditional numerical reproducibility mode is strict: the tests that train the same run twice
+# (RL, resume) compare bit for bit, and failed about one run in two without it. Read when MKL starts,
+# so before torch is imported; subprocesses inherit it.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 # model shapes the runtime must agree with torch on
 SHAPES = {
     "mha_tied": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=96, max_seq_len=80),

@@ -44,12 +44,13 @@ typedef struct {
     pthread_mutex_t busy;       /* held by the caller of a job */
     pthread_t workers[MAX_WORKERS];
     int n_workers;
-    /* the current job: written by the caller before it publishes `generation` */
+    /* the current job: written by the caller while `next` is closed (below), read by a worker once it
+     * has claimed a chunk (fn, ctx) or between loading `next` and claiming (n_chunks) */
     void (*fn)(void *ctx, int chunk);
     void *ctx;
-    int n_chunks;
+    atomic_int n_chunks;
     atomic_uint generation;     /* bumped for every job */
-    atomic_uint_least64_t next; /* (generation << 32) | next unclaimed chunk */
+    atomic_uint_least64_t next; /* (generation << 32) | next unclaimed chunk, CLOSED while a job is set up */
     atomic_int done;            /* chunks finished in the current job */
     atomic_int sleeping;        /* workers waiting on `wake` */
     atomic_int quit;
@@ -74,16 +75,26 @@ static long now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-/* Claim and run chunks of job `gen` until none are left (or a newer job has replaced it). */
+/* A chunk index beyond any job's: `next` holds it while the caller sets a job up. */
+#define CLOSED 0xFFFFFFFFu
+
+/* Claim and run chunks of job `gen` until none are left (or a newer job has replaced it).
+ *
+ * Why the job's fields are read where they are: a worker may reach here late, after job `gen` is done
+ * and while the caller writes the next job's fields. The caller closes `next` under the new generation
+ * before it writes them, so a claim (the compare-exchange) succeeds only if `next` still held job
+ * `gen`'s counter after n_chunks was read, which makes n_chunks job `gen`'s. (Reading all fields once
+ * before the loop, as this did, let a late worker judge job `gen`'s last counter against the next job's
+ * larger n_chunks, claim a chunk that did not exist, run the next job's chunk with it and count it done:
+ * the caller could then return before one of its chunks was written.) fn and ctx are read after the
+ * claim: the caller changes them only once every claimed chunk is done. */
 static void run_chunks(unsigned gen) {
-    void (*fn)(void *, int) = pool.fn;
-    void *ctx = pool.ctx;
-    const uint64_t n = (uint64_t)pool.n_chunks;
     uint64_t v = atomic_load(&pool.next);
     for (;;) {
+        const uint64_t n = (uint64_t)atomic_load(&pool.n_chunks);
         if ((unsigned)(v >> 32) != gen || (v & 0xFFFFFFFFu) >= n) return;
         if (!atomic_compare_exchange_weak(&pool.next, &v, v + 1)) continue;
-        fn(ctx, (int)(v & 0xFFFFFFFFu));
+        pool.fn(pool.ctx, (int)(v & 0xFFFFFFFFu));
         atomic_fetch_add(&pool.done, 1);
         v = atomic_load(&pool.next);
     }
@@ -149,12 +160,13 @@ void tl_parallel_for(int n_chunks, void (*fn)(void *ctx, int chunk), void *ctx) 
         return;
     }
     const unsigned gen = atomic_load(&pool.generation) + 1;
+    atomic_store(&pool.next, (uint64_t)gen << 32 | CLOSED); /* no claim of the last job from here on */
     pool.fn = fn;
     pool.ctx = ctx;
-    pool.n_chunks = n_chunks;
+    atomic_store(&pool.n_chunks, n_chunks);
     atomic_store(&pool.done, 0);
-    atomic_store(&pool.next, (uint64_t)gen << 32);
-    atomic_store(&pool.generation, gen); /* publishes the job (sequentially consistent) */
+    atomic_store(&pool.next, (uint64_t)gen << 32);      /* open: chunk 0 is next */
+    atomic_store(&pool.generation, gen); /* wakes the spinning workers (sequentially consistent) */
     if (atomic_load(&pool.sleeping) > 0) {
         pthread_mutex_lock(&pool.lock);
         pthread_cond_broadcast(&pool.wake);

@@ -112,13 +112,13 @@ const char *tl_kernels_name(int kernels) {
     return kernels >= 0 && kernels < N_KERNELS ? kernel_names[kernels] : "scalar";
 }
 
-/* The default: the best float path. vnni is faster (prefill ~2x with its batched tile) but not yet the
- * default: its tile and its one-token kernel add the same integer block dots in other float orders,
- * so an activation on a rounding boundary of the next matmul's int8 quantization can round one way in
- * a prefill and the other token by token (stories15M_q8_0.gguf: prefill logits off token-by-token
- * ones by 0.7% of their scale), and a batched step then differs from a sequence alone. Making it the
- * default needs the two kernels to agree bit for bit, and a torch reference that quantizes activations
- * as we do for the model-level tests. */
+/* The default: the best float path. vnni is faster (prefill ~2x with its batched tile) but not yet
+ * the default: it rounds the activations to int8 blocks, which moves logits (stories15M.bin: by up to
+ * 0.09, as tests/test_kernels.py's greedy-ids test reports), and the model-level tests compare
+ * quantized models with torch holding the dequantized weights in float: they need a torch reference
+ * that quantizes activations as we do first. (Its one-token kernel and its batched tile give a token
+ * the same bits, so a batched step equals its sequences alone on vnni too: tests/test_kernels.py,
+ * tests/test_batch.py.) */
 static int default_kernels(void) {
     return best_supported();
 }

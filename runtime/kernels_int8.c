@@ -79,7 +79,8 @@ static void quantize_blocks_avx2(int8_t *q, float *d, float *dsum, const float *
 
 /* The row-major blocks again for vnni's batched tile (tl_quant_x says the layout): a copy of 4 bytes
  * per token and 4 columns, n x cols bytes per matmul against n x rows x cols multiply-adds. */
-static void lay_out_groups(int8_t *qt, int32_t *sumt, float *dt, const int8_t *q, const float *d, int n, int nb) {
+static void lay_out_groups(int8_t *qt, int32_t *sumt, float *dt, const int8_t *q, const int32_t *isum, const float *d,
+                           int n, int nb) {
     const int groups = (n + 15) / 16;
     memset(qt, 0, (size_t)groups * nb * 512);
     memset(sumt, 0, (size_t)groups * nb * 16 * sizeof(int32_t));
@@ -89,10 +90,8 @@ static void lay_out_groups(int8_t *qt, int32_t *sumt, float *dt, const int8_t *q
         for (int b = 0; b < nb; b++) {
             const int8_t *src = q + ((size_t)t * nb + b) * TL_QK;
             const size_t gb = (size_t)g * nb + b;
-            int sum = 0;
             for (int c = 0; c < 8; c++) memcpy(qt + (gb * 8 + c) * 64 + 4 * l, src + 4 * c, 4);
-            for (int j = 0; j < TL_QK; j++) sum += src[j];
-            sumt[gb * 16 + l] = -sum;
+            sumt[gb * 16 + l] = -isum[(size_t)t * nb + b];
             dt[gb * 16 + l] = d[(size_t)t * nb + b];
         }
     }
@@ -103,13 +102,15 @@ int tl_quantize_x(tl_quant_x *xq, const float *x, int n, int cols, int tiled) {
     const size_t blocks = (size_t)n * nb;
     const int groups = tiled && n >= TL_VNNI_TILE_MIN_TOKENS ? (n + 15) / 16 : 0;
     const size_t group_blocks = (size_t)groups * nb;
-    /* scales, sums, tile sums and scales, then the two copies of the values (64-byte aligned) */
-    const size_t head = (blocks * 2 + group_blocks * 32) * sizeof(float);
+    /* scales, scaled and integer sums, tile sums and scales, then the two copies of the values (64-byte
+     * aligned) */
+    const size_t head = (blocks * 3 + group_blocks * 32) * sizeof(float);
     const size_t head_aligned = (head + 63) & ~(size_t)63;
     float *d = quant_scratch(SCRATCH_ACTIVATIONS, head_aligned + group_blocks * 512 + (size_t)n * cols);
     if (d == NULL) return 0; /* the float path then */
     float *dsum = d + blocks;
-    int32_t *sumt = (int32_t *)(dsum + blocks);
+    int32_t *isum = (int32_t *)(dsum + blocks);
+    int32_t *sumt = isum + blocks;
     float *dt = (float *)(sumt + group_blocks * 16);
     int8_t *qt = (int8_t *)d + head_aligned;
     int8_t *q = qt + group_blocks * 512;
@@ -118,9 +119,14 @@ int tl_quantize_x(tl_quant_x *xq, const float *x, int n, int cols, int tiled) {
 #else
     tl_quantize_blocks_neon(q, d, dsum, x, blocks);
 #endif
-    *xq = (tl_quant_x){q, d, dsum, nb, NULL, NULL, NULL, 0};
+    for (size_t b = 0; b < blocks; b++) {
+        int sum = 0;
+        for (int j = 0; j < TL_QK; j++) sum += q[b * TL_QK + j];
+        isum[b] = sum;
+    }
+    *xq = (tl_quant_x){q, d, dsum, isum, nb, NULL, NULL, NULL, 0};
     if (groups > 0) {
-        lay_out_groups(qt, sumt, dt, q, d, n, nb);
+        lay_out_groups(qt, sumt, dt, q, isum, d, n, nb);
         xq->qt = qt, xq->sumt = sumt, xq->dt = dt, xq->groups = groups;
     }
     return 1;
@@ -247,69 +253,76 @@ void tl_rows_i8_avx2(float *out, size_t os, const tl_matrix *w, int r0, int r1, 
 
 TL_TARGET_END
 
-/* The same kernel with vpdpbusd (AVX512-VNNI on 256-bit vectors): one instruction per block and
- * row instead of maddubs + madd, accumulating in int32 without the int16 step. */
+/* vnni (AVX512-VNNI): vpdpbusd on 256-bit vectors for one token at a time (lanes_i8_vnni), on 512-bit
+ * vectors for the batched tile, both adding each block's exact integer dot in the same float order. */
 TL_TARGET_BEGIN("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 
-ALWAYS_INLINE __m256i dot32_vnni(int type, __m256i wq, __m256i xq) {
-    if (type == TL_TYPE_Q4_0) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, xq);
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
+/* The exact integer dots of 8 rows' blocks with one token (d[i]: row i's 8 partial sums) as 8 int32
+ * lanes in row order: horizontal adds pair the rows up, then the two 128-bit halves are added. */
+ALWAYS_INLINE __m256i sum_rows8(const __m256i d[8]) {
+    const __m256i ab = _mm256_hadd_epi32(d[0], d[1]), cd = _mm256_hadd_epi32(d[2], d[3]);
+    const __m256i ef = _mm256_hadd_epi32(d[4], d[5]), gh = _mm256_hadd_epi32(d[6], d[7]);
+    const __m256i abcd = _mm256_hadd_epi32(ab, cd), efgh = _mm256_hadd_epi32(ef, gh); /* low halves | high halves */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(abcd, efgh, 0x20), _mm256_permute2x128_si256(abcd, efgh, 0x31));
 }
 
-/* out[(t0 + t) * os + r + i] = row r + i of W . token t0 + t of xq, for R rows x T tokens: each
- * weight block is loaded once for the T tokens (AVX-512 has 32 ymm registers: 4 rows x 4 tokens of accumulators). */
-ALWAYS_INLINE void tile_i8_vnni(int type, int R, int T, const tl_matrix *w, int r, const tl_quant_x *xq, int t0,
-                               float *out, size_t os) {
+/* out[(t0 + t) * os + r + i] = row r + i of W . token t0 + t of xq, for R <= 8 rows x T tokens (the
+ * matmuls of fewer tokens than the batched tile takes: decode). The lanes are rows: per block, each
+ * row's exact integer dot (vpdpbusd of the tile's unsigned weights u with the token's values, summed
+ * across by sum_rows8, less the offset of u times the token's sum), converted and scaled by d_w * d_x
+ * into the row's lane of the accumulator, block after block. That is the batched tile's arithmetic
+ * lane for lane (its lanes are tokens), so a token's outputs have the same bits whichever kernel
+ * computed them: a batched step equals its sequences alone, and a prompt's logits do not depend on
+ * how it was chunked. */
+ALWAYS_INLINE void lanes_i8_vnni(int type, int R, int T, const tl_matrix *w, int r, const tl_quant_x *xq, int t0,
+                                float *out, size_t os) {
     const size_t stride = row_bytes(w), block_bytes = wblock_bytes_i8(type);
     const int nb = xq->blocks;
-    const unsigned char *row[4];
-    __m256 acc[4][4];
-    float offset[4][4]; /* q4_0: sum over blocks of d_w * d_x * sum(q_x), taken 8 times off the end */
-    for (int i = 0; i < R; i++) {
-        row[i] = (const unsigned char *)w->data + (size_t)(r + i) * stride;
-        for (int t = 0; t < T; t++) {
-            acc[i][t] = _mm256_setzero_ps();
-            offset[i][t] = 0.0f;
-        }
-    }
     const int blocks_per_scale = type == TL_TYPE_Q8 ? w->group_size / TL_QK : 1;
-    for (int g = 0, b = 0; b < nb; g++) {
-        float dw[4];
-        for (int i = 0; i < R; i++) dw[i] = block_scale(type, w, row[i], r + i, g);
-        for (const int end = b + blocks_per_scale; b < end; b++) {
-            __m256i xv[4];
-            float dx[4];
-            for (int t = 0; t < T; t++) {
-                const size_t tb = (size_t)(t0 + t) * nb + b;
-                xv[t] = _mm256_loadu_si256((const __m256i *)(xq->q + tb * TL_QK));
-                dx[t] = xq->d[tb];
-            }
-            for (int i = 0; i < R; i++) {
-                _mm_prefetch((const char *)row[i] + (size_t)b * block_bytes + PREFETCH_BYTES, _MM_HINT_T0);
-                const __m256i wv = wblock_i8(type, row[i], b);
-                for (int t = 0; t < T; t++) {
-                    const __m256i dot = dot32_vnni(type, wv, xv[t]);
-                    acc[i][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw[i] * dx[t]), acc[i][t]);
-                    if (type == TL_TYPE_Q4_0) offset[i][t] += dw[i] * xq->dsum[(size_t)(t0 + t) * nb + b];
-                }
-            }
+    const int shift = type == TL_TYPE_Q4_0 ? 3 : 7; /* the offset of u: 8 or 128 */
+    const unsigned char *row[8];
+    for (int i = 0; i < 8; i++) row[i] = (const unsigned char *)w->data + (size_t)(r + (i < R ? i : 0)) * stride;
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    float dw[8] = {0};
+    for (int b = 0; b < nb; b++) {
+        if (b % blocks_per_scale == 0)
+            for (int i = 0; i < R; i++) dw[i] = block_scale(type, w, row[i], r + i, b / blocks_per_scale);
+        __m256i xv[2], dot[2][8], offset[2];
+        float dx[2];
+        for (int t = 0; t < T; t++) {
+            const size_t tb = (size_t)(t0 + t) * nb + b;
+            xv[t] = _mm256_loadu_si256((const __m256i *)(xq->q + tb * TL_QK));
+            dx[t] = xq->d[tb];
+            offset[t] = _mm256_set1_epi32(xq->isum[tb] * (1 << shift));
+        }
+        for (int i = 0; i < 8; i++) {
+            _mm_prefetch((const char *)row[i] + (size_t)b * block_bytes + PREFETCH_BYTES, _MM_HINT_T0);
+            __m256i u = wblock_i8(type, row[i], b); /* q4_0: the nibble, w + 8 */
+            if (type != TL_TYPE_Q4_0) u = _mm256_xor_si256(u, _mm256_set1_epi8((char)0x80)); /* w + 128 */
+            for (int t = 0; t < T; t++) dot[t][i] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv[t]);
+        }
+        const __m256 scales = _mm256_loadu_ps(dw);
+        for (int t = 0; t < T; t++) {
+            const __m256i exact = _mm256_sub_epi32(sum_rows8(dot[t]), offset[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), _mm256_mul_ps(scales, _mm256_set1_ps(dx[t])), acc[t]);
         }
     }
-    for (int i = 0; i < R; i++)
-        for (int t = 0; t < T; t++) out[(size_t)(t0 + t) * os + r + i] = hsum_256(acc[i][t]) - 8.0f * offset[i][t];
+    for (int t = 0; t < T; t++) {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, acc[t]);
+        for (int i = 0; i < R; i++) out[(size_t)(t0 + t) * os + r + i] = lanes[i];
+    }
 }
 
-/* Rows [r0, r1) for every token, 4 rows x 4 tokens at a time (the 4 weight rows stay in L1). */
+/* Rows [r0, r1) for every token, 8 rows x 2 tokens at a time (the 8 weight rows stay in L1). */
 ALWAYS_INLINE void rows_i8_vnni_type(int type, float *out, size_t os, const tl_matrix *w, int r0, int r1,
                                      const tl_quant_x *xq, int n) {
-    int r = r0;
-    for (; r + 4 <= r1; r += 4) {
+    for (int r = r0; r < r1; r += 8) {
+        const int R = r1 - r < 8 ? r1 - r : 8;
         int t = 0;
-        for (; t + 4 <= n; t += 4) tile_i8_vnni(type, 4, 4, w, r, xq, t, out, os);
-        for (; t < n; t++) tile_i8_vnni(type, 4, 1, w, r, xq, t, out, os);
+        for (; t + 2 <= n; t += 2) lanes_i8_vnni(type, R, 2, w, r, xq, t, out, os);
+        for (; t < n; t++) lanes_i8_vnni(type, R, 1, w, r, xq, t, out, os);
     }
-    for (; r < r1; r++)
-        for (int t = 0; t < n; t++) tile_i8_vnni(type, 1, 1, w, r, xq, t, out, os);
 }
 
 /* ---- vnni's batched tile (n >= TL_VNNI_TILE_MIN_TOKENS) ---------------------------------------------

@@ -63,6 +63,7 @@ typedef struct {
     const int8_t *q;     /* n x cols quantized values */
     const float *d;      /* n x cols/32 block scales */
     const float *dsum;   /* n x cols/32: d * sum of the block's quantized values (the q4_0 offset) */
+    const int32_t *isum; /* n x cols/32: the sum of the block's quantized values */
     int blocks;          /* blocks per token: cols / 32 */
     /* The same values for vnni's batched tile (NULL, 0 unless laid out): tokens in groups of 16, a
      * group's 4 columns side by side in one 64-byte vector (token l at bytes 4l..4l+3), the missing

@@ -6,10 +6,11 @@ runs them under ASan; the last ones check the pybind11 binding (tinyllm._runtime
 import threading
 import time
 
+import cffi
 import numpy as np
 import pytest
 
-from capi import CError, check, ffi, lib
+from capi import LIB_PATH, CError, check, ffi, lib
 from conftest import SHAPES, random_model, write_synthetic_tokenizer
 
 STEPS = 32
@@ -17,6 +18,23 @@ STEPS = 32
 ATOL = 1e-5
 # weights: llama2.c fp32 (v1) and int8 (v2), GGUF Q8_0 and Q4_0
 KINDS = ["f32", "q8", "q8_0", "q4_0"]
+
+# the kernel paths of the library capi loads (the same handle), which kernels.h keeps out of the public
+# header: the int8-activation paths this CPU has (tests/test_kernels.py's levels)
+_kffi = cffi.FFI()
+_kffi.cdef("int tl_kernels_select(const char *name);")
+_klib = _kffi.dlopen(LIB_PATH)
+INT8_PATHS = {"avx2-int8": 3, "vnni": 4, "amx": 7, "neon-dotprod": 6}
+
+
+def _has_path(name):
+    try:
+        return _klib.tl_kernels_select(name.encode()) == INT8_PATHS[name]
+    finally:
+        _klib.tl_kernels_select(_kffi.NULL)
+
+
+AVAILABLE_INT8 = [name for name in INT8_PATHS if _has_path(name)]
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +206,29 @@ def test_batched_greedy_decoding_equals_each_sequence_alone(model_path, c_model,
 def test_batched_decoding_of_quantized_weights_equals_each_sequence_alone(model_path, c_model, shape, kind, threads):
     m = c_model(model_path(shape, kind))
     prompts = prompts_for(7, m.vocab, seed=1)
+    logits, tokens = batched_greedy(m, prompts, STEPS)
+    for i, prompt in enumerate(prompts):
+        alone_logits, alone_tokens = solo_greedy(m, prompt, STEPS)
+        assert tokens[i] == alone_tokens, f"sequence {i}"
+        np.testing.assert_allclose(logits[i], alone_logits, rtol=0, atol=ATOL, err_msg=f"sequence {i}")
+
+
+@pytest.fixture
+def kernels(request):
+    _klib.tl_kernels_select(request.param.encode())
+    yield request.param
+    _klib.tl_kernels_select(_kffi.NULL)
+
+
+@pytest.mark.parametrize("kernels", AVAILABLE_INT8, indirect=True)
+@pytest.mark.parametrize("threads", [2], indirect=True)
+@pytest.mark.parametrize("kind", ["q8", "q8_0", "q4_0"])
+@pytest.mark.parametrize("n", [3, 7, 31])
+def test_batched_decoding_on_an_int8_path_equals_each_sequence_alone(model_path, c_model, kind, n, threads, kernels):
+    """With the activations quantized too: a batch of 4 or more tokens goes through vnni's (amx's) batched
+    tile, a sequence alone through its one-token kernel, and the two must agree bit for bit."""
+    m = c_model(model_path("gqa_odd_vocab", kind))
+    prompts = prompts_for(n, m.vocab, seed=2)
     logits, tokens = batched_greedy(m, prompts, STEPS)
     for i, prompt in enumerate(prompts):
         alone_logits, alone_tokens = solo_greedy(m, prompt, STEPS)

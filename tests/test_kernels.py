@@ -395,6 +395,24 @@ def test_int8_kernel_is_within_the_activation_rounding_of_the_scalar_reference(c
 
 
 @pytest.mark.parametrize("path", AVAILABLE_INT8)
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 16, 17, 40])
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: f"type{c[0]}-{c[1]}x{c[2]}-g{c[3]}")
+def test_int8_tokens_get_the_same_bits_alone_and_in_a_batch(case, n, path):
+    """Each token's outputs do not depend on how many tokens share the matmul: vnni's one-token kernel
+    (below 4 tokens) and its batched tile (amx's: 16-row tiles) add the same exact integer block dots
+    in the same float order, so a batched decode step equals its sequences alone, and a prompt's
+    logits do not depend on its chunks. (avx2-int8 and neon-dotprod have one kernel for every n.)"""
+    m = Matrix(*case)
+    x = np.random.default_rng(12).standard_normal((n, case[2])).astype(np.float32)
+    klib.tl_kernels_select(path.encode())
+    batched = product(m, x, klib.tl_matmul_rows)
+    alone = np.concatenate([product(m, x[t:t + 1], klib.tl_matmul_rows) for t in range(n)])
+    assert np.array_equal(batched, alone)
+    pairs = np.concatenate([product(m, x[t:t + 2], klib.tl_matmul_rows) for t in range(0, n, 2)])
+    assert np.array_equal(batched, pairs)
+
+
+@pytest.mark.parametrize("path", AVAILABLE_INT8)
 @pytest.mark.parametrize("n", [1, 6])
 def test_threaded_int8_matmul_equals_the_rows_kernel(path, n):
     """tl_matmul quantizes x once for all its worker chunks: the same numbers as one tl_matmul_rows."""

@@ -58,12 +58,6 @@ FILES = {  # label: (file suffix, what it is)
     "q4_0": ("q4_0.gguf", "GGUF Q4_0"),
     "q8_v2": ("v2.bin", "llama2.c v2 int8 (group 32/64)"),
 }
-# issue 7's peer figures (2-core machine, decode tok/s at 1 / 2 threads; llama.cpp Q8_0 prefill, 2 threads)
-PEER_TABLE = {
-    "15M": {"llama.cpp f32": (187, 398), "llama.cpp q8_0": (663, 1059), "llama2.c f32": (282, 729), "prefill": 8314},
-    "42M": {"llama.cpp f32": (75, 119), "llama.cpp q8_0": (231, 550), "llama2.c f32": (69, 143), "prefill": 2413},
-    "110M": {"llama.cpp f32": (25, 43), "llama.cpp q8_0": (56, 105), "llama2.c f32": (27, 51), "prefill": 779},
-}
 CELL_BUDGET_S = 40  # a cell stops repeating after this long (keeps `make bench` under 15 minutes)
 FIRST_CHAR = 0x4E00  # synthetic vocabulary: one character per piece, so text and ids map one to one
 N_BYTE_PIECES = 256
@@ -417,7 +411,7 @@ def main(argv=None):
     info["load_average_end"] = os.getloadavg()
     info["seconds"] = round(time.time() - started, 1)
     report = dict(machine=info, context=CONTEXT, prompt_tokens=PROMPT_TOKENS, decode_tokens=DECODE_TOKENS,
-                  peer_table_issue7=PEER_TABLE, results=results, tokenizer=tokenizer)
+                  results=results, tokenizer=tokenizer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -485,11 +479,6 @@ def markdown(report) -> str:
         lines += ["", f"Tokenizer: encoding {tok['bytes']:,} bytes ({tok['chars']:,} characters) of modern Chinese "
                   f"stories into {tok['tokens']:,} ids with a 5000-piece BPE: sentencepiece {tok['sentencepiece_s']} s, "
                   f"ours {tok['ours_s']} s (best of 3, one core); identical ids: {tok['identical_ids']}."]
-    lines += ["", "Issue 7's peer table (same kind of machine, measured earlier; decode tok/s 1 / 2 threads):", "",
-              "| shape | llama.cpp F32 | llama.cpp Q8_0 | llama2.c run.c F32 | llama.cpp prefill Q8_0 2t |", "|---|---|---|---|---|"]
-    for shape, p in report["peer_table_issue7"].items():
-        lines.append(f"| {shape} | {p['llama.cpp f32'][0]} / {p['llama.cpp f32'][1]} | {p['llama.cpp q8_0'][0]} / "
-                     f"{p['llama.cpp q8_0'][1]} | {p['llama2.c f32'][0]} / {p['llama2.c f32'][1]} | {p['prefill']} |")
     return "\n".join(lines) + "\n"
 
 

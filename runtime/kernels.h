@@ -51,6 +51,8 @@ typedef enum {
 int tl_kernels_select(const char *name);
 int tl_kernels_active(void);
 const char *tl_kernels_name(int kernels);
+/* The float-activation path that takes an int8 path's other types (a float path: itself). */
+int tl_kernels_float(int kernels);
 
 /* out (n x rows, row t at out + t * out_stride) = x (n x cols) @ W^T for n tokens; parallel over
  * output rows (serial when the product is too small to pay for waking threads). */

@@ -134,6 +134,17 @@ int tl_kernels_select(const char *name) {
     return active_kernels;
 }
 
+/* The float-activation path an int8 path uses for the other types and for attention (a float path:
+ * itself). */
+int tl_kernels_float(int kernels) {
+    switch (kernels) {
+    case TL_KERNELS_VNNI: case TL_KERNELS_AMX: return TL_KERNELS_AVX512;
+    case TL_KERNELS_AVX2_INT8: return TL_KERNELS_AVX2;
+    case TL_KERNELS_NEON_DOTPROD: return TL_KERNELS_NEON;
+    default: return kernels;
+    }
+}
+
 int tl_kernels_active(void) {
     if (active_kernels < 0) tl_kernels_select(getenv("TINYLLM_KERNELS"));
     return active_kernels;
@@ -149,15 +160,6 @@ static int simd_fits(const tl_matrix *w, int width) {
     return 1;
 }
 
-/* The float-activation path an int8 path uses for the other types and for attention. */
-static int float_path(int kernels) {
-    switch (kernels) {
-    case TL_KERNELS_VNNI: case TL_KERNELS_AMX: return TL_KERNELS_AVX512;
-    case TL_KERNELS_AVX2_INT8: return TL_KERNELS_AVX2;
-    case TL_KERNELS_NEON_DOTPROD: return TL_KERNELS_NEON;
-    default: return kernels;
-    }
-}
 #endif
 
 #ifdef TL_INT8
@@ -190,7 +192,7 @@ void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, i
     }
 #endif
 #ifdef TL_X86
-    const int k = float_path(tl_kernels_active());
+    const int k = tl_kernels_float(tl_kernels_active());
     if (k == TL_KERNELS_AVX512 && simd_fits(w, 16)) {
         tl_rows_avx512(out, out_stride, w, r0, r1, x, n);
         return;
@@ -201,7 +203,7 @@ void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, i
     }
 #endif
 #ifdef TL_ARM
-    if (float_path(tl_kernels_active()) == TL_KERNELS_NEON && simd_fits(w, 8)) {
+    if (tl_kernels_float(tl_kernels_active()) == TL_KERNELS_NEON && simd_fits(w, 8)) {
         tl_rows_neon(out, out_stride, w, r0, r1, x, n);
         return;
     }
@@ -233,7 +235,7 @@ void tl_matmul_rows_xq(float *out, size_t out_stride, const tl_matrix *w, int r0
 void tl_attend(float *out, const float *q, const void *keys, const void *values, size_t kv_stride,
                int n_keys, int head_dim, float scale, int f16, float *att) {
 #if defined(TL_X86) || defined(TL_ARM)
-    switch (float_path(tl_kernels_active())) {
+    switch (tl_kernels_float(tl_kernels_active())) {
 #ifdef TL_X86
     case TL_KERNELS_AVX512: tl_attend_avx512(out, q, keys, values, kv_stride, n_keys, head_dim, scale, f16, att); return;
     case TL_KERNELS_AVX2: tl_attend_avx2(out, q, keys, values, kv_stride, n_keys, head_dim, scale, f16, att); return;

@@ -11,8 +11,17 @@ pytestmark = pytest.mark.noasan
 @pytest.mark.parametrize("fmt, kind", [("llama2c", 0), ("llama2c", 1), ("llama2c", 2),
                                        ("gguf", "f32"), ("gguf", "q8_0"), ("gguf", "q4_0")])
 def test_faithful_exports_pass_the_check(tmp_path, fmt, kind):
-    from tinyllm.config import ModelConfig
     from tinyllm.formats.verify import check_export
+    path, model = small_export(tmp_path, fmt, kind)
+    info = check_export(path, model)
+    assert info["max_rel_diff"] < 1e-4
+    quantized = kind in (2, "q8_0", "q4_0")
+    assert (info["max_logit_drift"] > 1e-5) == quantized
+
+
+def small_export(tmp_path, fmt, kind):
+    """(path, torch model) of a small random model exported as fmt (llama2c version kind, or GGUF type kind)."""
+    from tinyllm.config import ModelConfig
     from tinyllm.model import Transformer
     torch.manual_seed(0)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, max_seq_len=32)
@@ -24,10 +33,36 @@ def test_faithful_exports_pass_the_check(tmp_path, fmt, kind):
     else:
         from tinyllm.formats.llama2c import write_model
         write_model(path, model, cfg, version=kind)
-    info = check_export(path, model)
-    assert info["max_rel_diff"] < 1e-4
-    quantized = kind in (2, "q8_0", "q4_0")
-    assert (info["max_logit_drift"] > 1e-5) == quantized
+    return path, model
+
+
+INT8_PATHS = ["vnni", "amx", "avx2-int8", "neon-dotprod"]
+
+
+@pytest.mark.parametrize("fmt, kind", [("llama2c", 2), ("gguf", "q8_0"), ("gguf", "q4_0")])
+def test_the_check_holds_on_an_int8_kernel_path_and_leaves_it_active(tmp_path, fmt, kind):
+    """With TINYLLM_KERNELS=vnni (or another int8 path) the runtime rounds activations to int8, which moves a
+    faithful quantized file's logits by ~0.25%: the check runs the C side on the float path behind it, then
+    gives the int8 path back."""
+    from tinyllm import _runtime
+    from tinyllm.formats.verify import check_export
+    path, model = small_export(tmp_path, fmt, kind)
+    int8 = next((p for p in INT8_PATHS if _runtime.select_kernels(p) == p), None)
+    if int8 is None:
+        _runtime.select_kernels("")
+        pytest.skip("this CPU has no int8 kernel path")
+    try:
+        c_model = _runtime.Model(str(path))  # the int8 path really moves these logits beyond the tolerance
+        tokens = list(range(1, 17))
+        on_int8 = _runtime.Session(c_model, 0).feed(tokens, True)
+        _runtime.select_kernels(_runtime.float_kernels())
+        on_float = _runtime.Session(c_model, 0).feed(tokens, True)
+        assert np.abs(on_int8 - on_float).max() > 1e-4 * np.abs(on_float).max()
+        _runtime.select_kernels(int8)
+        assert check_export(path, model)["max_rel_diff"] < 1e-4
+        assert _runtime.kernels() == int8
+    finally:
+        _runtime.select_kernels("")
 
 
 def test_an_export_with_swapped_weights_fails_the_check(tmp_path):

@@ -10,6 +10,11 @@
 
 extern "C" {
 #include "tinyllm.h"
+/* kernels.h's path selection (the rest of that header is the kernels themselves) */
+int tl_kernels_select(const char *name);
+int tl_kernels_active(void);
+const char *tl_kernels_name(int kernels);
+int tl_kernels_float(int kernels);
 }
 
 namespace py = pybind11;
@@ -276,6 +281,12 @@ PYBIND11_MODULE(_runtime, m) {
     m.doc() = "Low-level binding of the tinyllm C runtime; use tinyllm.Runtime instead.";
     m.def("set_threads", &tl_set_threads, "Threads for the matmuls (<= 0: physical cores).");
     m.def("get_threads", &tl_get_threads);
+    m.def("kernels", [] { return std::string(tl_kernels_name(tl_kernels_active())); },
+          "The kernel path the matmuls take: TINYLLM_KERNELS when this CPU has it, else the default.");
+    m.def("float_kernels", [] { return std::string(tl_kernels_name(tl_kernels_float(tl_kernels_active()))); },
+          "The float-activation path behind the active one (the active one if it is a float path).");
+    m.def("select_kernels", [](const std::string &name) { return std::string(tl_kernels_name(tl_kernels_select(name.c_str()))); },
+          py::arg("name"), "Take the path of that name for this process (\"\" or unknown: the default); returns the path taken.");
     py::class_<Model>(m, "Model")
         .def(py::init<const std::string &>())
         .def("add_adapter", &Model::add_adapter, py::arg("path"), py::arg("scale") = 1.0f)

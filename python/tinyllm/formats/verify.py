@@ -7,6 +7,7 @@ stores them (dequantized), and their drift from fp32 is reported.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -34,6 +35,18 @@ def _stored_model(path):
     return to_model(cfg, w)
 
 
+@contextlib.contextmanager
+def _float_kernels():
+    """The C runtime on its float-activation kernels meanwhile: an int8 path (TINYLLM_KERNELS=vnni, say)
+    rounds the activations too, which moves a faithful file's logits by ~0.25% and would fail the check."""
+    active = _runtime.kernels()
+    _runtime.select_kernels(_runtime.float_kernels())
+    try:
+        yield
+    finally:
+        _runtime.select_kernels(active)
+
+
 def check_export(path, model, tokenizer_path=None, n_tokens: int = 16, seed: int = 0) -> dict:
     """Raise TinyLLMError if the C runtime's logits for the exported file differ from torch's.
 
@@ -43,7 +56,8 @@ def check_export(path, model, tokenizer_path=None, n_tokens: int = 16, seed: int
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=min(n_tokens, cfg.max_seq_len)).tolist()
     c_model = _runtime.Model(str(path))
     quantized = c_model.config()["weight_type"] != "f32"
-    got = _runtime.Session(c_model, 0).feed(tokens, True)
+    with _float_kernels():
+        got = _runtime.Session(c_model, 0).feed(tokens, True)
     reference = _torch_logits(_stored_model(path) if quantized else model, tokens)
     rel = float(np.abs(got - reference).max() / max(np.abs(reference).max(), 1e-30))
     if not rel < TOLERANCE:

@@ -12,6 +12,9 @@ import cffi
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = ROOT / "runtime" / "tinyllm.h"
 LIB_PATH = os.environ.get("TINYLLM_LIB", str(ROOT / "libtinyllm.so"))
+# the kernel path the run asked for (TINYLLM_KERNELS, "" = the default): tests that select other paths put
+# this one back, so that `TINYLLM_KERNELS=vnni make test` runs the rest of the suite on vnni
+ENV_KERNELS = os.environ.get("TINYLLM_KERNELS", "").encode()
 
 
 def _cdef_from_header(text: str) -> str:

@@ -10,7 +10,7 @@ import cffi
 import numpy as np
 import pytest
 
-from capi import LIB_PATH, CError, check, ffi, lib
+from capi import ENV_KERNELS, LIB_PATH, CError, check, ffi, lib
 from conftest import SHAPES, random_model, write_synthetic_tokenizer
 
 STEPS = 32
@@ -31,7 +31,7 @@ def _has_path(name):
     try:
         return _klib.tl_kernels_select(name.encode()) == INT8_PATHS[name]
     finally:
-        _klib.tl_kernels_select(_kffi.NULL)
+        _klib.tl_kernels_select(ENV_KERNELS)
 
 
 AVAILABLE_INT8 = [name for name in INT8_PATHS if _has_path(name)]
@@ -217,7 +217,7 @@ def test_batched_decoding_of_quantized_weights_equals_each_sequence_alone(model_
 def kernels(request):
     _klib.tl_kernels_select(request.param.encode())
     yield request.param
-    _klib.tl_kernels_select(_kffi.NULL)
+    _klib.tl_kernels_select(ENV_KERNELS)
 
 
 @pytest.mark.parametrize("kernels", AVAILABLE_INT8, indirect=True)

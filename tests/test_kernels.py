@@ -14,7 +14,7 @@ import cffi
 import numpy as np
 import pytest
 
-from capi import LIB_PATH, check, ffi, lib
+from capi import ENV_KERNELS, LIB_PATH, check, ffi, lib
 
 kffi = cffi.FFI()
 kffi.cdef("""
@@ -45,7 +45,7 @@ def path_available(name: str, level: int) -> bool:
     try:
         return klib.tl_kernels_select(name.encode()) == level
     finally:
-        klib.tl_kernels_select(kffi.NULL)
+        klib.tl_kernels_select(ENV_KERNELS)
 
 
 # x86: avx2 and avx512 where the CPU has them; AArch64: neon (tests/c/test_portable.c runs under qemu)
@@ -55,7 +55,7 @@ SIMD_PATHS = [name for name, level in PATHS.items() if level > 0 and path_availa
 @pytest.fixture(autouse=True)
 def restore_best_path():
     yield
-    klib.tl_kernels_select(kffi.NULL)
+    klib.tl_kernels_select(ENV_KERNELS)
 
 
 def ptr(a, ctype="float *"):

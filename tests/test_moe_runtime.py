@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from capi import LIB_PATH, lib, load_status
+from capi import ENV_KERNELS, LIB_PATH, lib, load_status
 from conftest import RUN_BIN, write_synthetic_tokenizer
 from test_batch import CModel
 from test_gguf import LlamaCpp
@@ -103,7 +103,7 @@ def float_kernels():
     else:
         _klib.tl_kernels_select(b"scalar")
     yield
-    _klib.tl_kernels_select(_kffi.NULL)
+    _klib.tl_kernels_select(ENV_KERNELS)
 
 
 def all_at_once(path, ids):

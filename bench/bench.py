@@ -9,10 +9,10 @@ active compute of 15M, whose dense cells are its reference; GGUF only):
   - `Runtime`       tinyllm.Runtime (pybind11) in this process
   - `llama.cpp`     stock llama.cpp through PyPI xllamacpp (timings.predicted/prompt_per_second)
   - `scalar`        our `run` with TINYLLM_KERNELS=scalar (the reference kernels)
-  - `run:vnni`      our `run` with TINYLLM_KERNELS=vnni (int8 activations with VNNI dot products for
-                    q8_0/q4_0/llama2.c int8, opt-in; `run` is the default float-activation path); any
-                    `run:<path>` in --impls runs that TINYLLM_KERNELS path
-  - `run:amx`       the same with vnni's batched tile on AMX-INT8 tiles (prefill, batched decode),
+  - `run:avx512`    our `run` with TINYLLM_KERNELS=avx512, the float-activation kernels (`run` is the
+                    default: vnni where the CPU has AVX512-VNNI, int8 activations with VNNI dot products
+                    for q8_0/q4_0/llama2.c int8); any `run:<path>` in --impls runs that TINYLLM_KERNELS path
+  - `run:amx`       vnni with its batched tile on AMX-INT8 tiles (prefill, batched decode),
                     measured only where the CPU has amx_int8 (elsewhere the path would fall back)
 at 1 thread and all physical cores, greedy, the same context. Each figure is the median of
 --repeats runs (fewer for the scalar reference). Also: machine facts, a measured memory bandwidth,
@@ -333,7 +333,7 @@ def main(argv=None):
     ap.add_argument("--scalar-repeats", type=int, default=1)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--types", default=",".join(FILES))
-    ap.add_argument("--impls", default="run,run:vnni,run:amx,Runtime,llama.cpp,scalar")
+    ap.add_argument("--impls", default="run,run:avx512,run:amx,Runtime,llama.cpp,scalar")
     ap.add_argument("--threads", default="", help="comma-separated thread counts (default: 1 and all cores)")
     ap.add_argument("--out", default=str(ROOT / "bench"))
     ap.add_argument("--quick", action="store_true", help="1 repeat, 15M only (a smoke test)")
@@ -449,8 +449,9 @@ def markdown(report) -> str:
              f"{m['copy_bandwidth_gbs_1core']} GB/s; roofline % = decode tok/s x file bytes / bandwidth "
              f"(models under the 32 MB L3 can exceed 100%).", "",
              "tok/s, 1 thread / all threads. `run` and `Runtime` are ours; `scalar` is our reference kernels "
-             "(TINYLLM_KERNELS=scalar, 1 thread); `run:vnni` is `run` on the opt-in int8-activation kernels "
-             "(TINYLLM_KERNELS=vnni; `run` is the default float path); ratio = run / llama.cpp.", "",
+             "(TINYLLM_KERNELS=scalar, 1 thread); `run` takes the default path (vnni's int8 activations for "
+             "Q8_0/Q4_0/int8 where the CPU has AVX512-VNNI), `run:avx512` the float-activation kernels, `run:amx` "
+             "vnni's batched tile on AMX tiles; ratio = run / llama.cpp.", "",
              "| shape | type | impl | decode tok/s | prefill tok/s | decode % roofline | ratio decode | ratio prefill |",
              "|---|---|---|---|---|---|---|---|"]
     threads = sorted({r["threads"] for r in res})

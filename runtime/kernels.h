@@ -40,9 +40,9 @@ void tl_swiglu(float *a, const float *b, int n);
  * four int8 paths quantize the activations to int8 blocks of 32 once per matmul and multiply q8_0,
  * q4_0 and llama2.c int8 weights with integer dot products (avx2-int8: maddubs/madd; vnni:
  * AVX512-VNNI vpdpbusd; amx: vnni with its batched tile on AMX-INT8 tiles; neon-dotprod: SDOT); other types, and int8 groups that are not a multiple of
- * 32, take the avx512/avx2/neon float path. They change the numbers slightly (activation rounding)
- * and are opt-in. Unnamed (NULL, "", or a name this build does not know), the default is the best
- * float path (kernels_dispatch.c says why vnni is not the default yet). */
+ * 32, take the avx512/avx2/neon float path. They change the numbers slightly (activation rounding).
+ * Unnamed (NULL, "", or a name this build does not know), the default is vnni where the CPU has it,
+ * else the best float path (kernels_dispatch.c says why). */
 typedef enum {
     TL_KERNELS_SCALAR = 0, TL_KERNELS_AVX2 = 1, TL_KERNELS_AVX512 = 2, TL_KERNELS_AVX2_INT8 = 3, TL_KERNELS_VNNI = 4,
     TL_KERNELS_NEON = 5, TL_KERNELS_NEON_DOTPROD = 6, TL_KERNELS_AMX = 7

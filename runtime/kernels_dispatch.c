@@ -6,9 +6,9 @@
  * The float-activation paths (avx512, avx2, on AArch64 neon) give the scalar reference's numbers up
  * to the order of float additions. The int8 paths (vnni, avx2-int8: kernels_int8.c; neon-dotprod:
  * kernels_neon.c) quantize the activations instead and use integer dot products: other numbers (v2
- * files no longer match a torch model holding the dequantized weights exactly). The default is the
- * best float path (default_kernels says why vnni is not, yet); the int8 paths are opt-in by name.
- * Named, vnni takes q8_0, q4_0 and llama2.c int8: bench/int8_kernels.py, 1 thread, vnni against
+ * files no longer match a torch model holding the dequantized weights exactly). The default is vnni
+ * where the CPU has it, else the best float path (default_kernels says why); the others are chosen by
+ * name. vnni takes q8_0, q4_0 and llama2.c int8: bench/int8_kernels.py, 1 thread, vnni against
  * avx512, prefill 1.9-2.2x (its batched tile), decode 0.98-1.30x; amx is vnni with that tile on AMX
  * tiles (the same bits: tests/test_kernels.py), and no faster on a 2-core Sapphire Rapids VM (bench.py,
  * 128-token prefill, amx / vnni: 42M-110M Q8_0/Q4_0 0.96-1.14x, 15M-moe 0.78-1.14x): each block's tile
@@ -93,7 +93,7 @@ static int supported(int kernels) {
     }
 }
 
-/* The best float-activation path: the default. */
+/* The best float-activation path. */
 static int best_supported(void) {
     static const int order[] = {TL_KERNELS_AVX512, TL_KERNELS_AVX2, TL_KERNELS_NEON};
     for (size_t i = 0; i < sizeof(order) / sizeof(order[0]); i++)
@@ -112,15 +112,16 @@ const char *tl_kernels_name(int kernels) {
     return kernels >= 0 && kernels < N_KERNELS ? kernel_names[kernels] : "scalar";
 }
 
-/* The default: the best float path. vnni is faster (prefill ~2x with its batched tile) but not yet
- * the default: it rounds the activations to int8 blocks, which moves logits (stories15M.bin: by up to
- * 0.09, as tests/test_kernels.py's greedy-ids test reports), and the model-level tests compare
- * quantized models with torch holding the dequantized weights in float: they need a torch reference
- * that quantizes activations as we do first. (Its one-token kernel and its batched tile give a token
- * the same bits, so a batched step equals its sequences alone on vnni too: tests/test_kernels.py,
- * tests/test_batch.py.) */
+/* The default: vnni where the CPU has it, else the best float path. vnni rounds the activations to
+ * int8 blocks, which moves logits by about 0.1-0.3% of the largest (so the tests that compare models
+ * with torch holding the dequantized weights pin the float path: tests/conftest.py's float_path), and
+ * it is faster (the figures at the top: prefill about 2x the avx512 path with its batched tile, decode
+ * 0.98-1.30x). Its one-token kernel and its batched tile give a token the same bits, so a batched
+ * step equals its sequences alone. amx stays opt-in (no faster than vnni here); avx2-int8 against
+ * avx2 is a wash (decode 0.70-1.39x), and neon-dotprod has not been timed on hardware: the float path
+ * stays the default there. */
 static int default_kernels(void) {
-    return best_supported();
+    return supported(TL_KERNELS_VNNI) ? TL_KERNELS_VNNI : best_supported();
 }
 
 int tl_kernels_select(const char *name) {

@@ -1,4 +1,4 @@
-/* kernels_int8.c - the opt-in int8-activation kernels (TINYLLM_KERNELS=avx2-int8 or vnni): the
+/* kernels_int8.c - the int8-activation kernels (vnni: the default where the CPU has it; avx2-int8): the
  * activations quantized once per matmul, then integer dot products with q8_0, q4_0 and llama2.c
  * int8 weights, on AVX2 (maddubs/madd) and on AVX512-VNNI (vpdpbusd). Apart from the float kernels
  * because they compute other numbers (activation rounding) and own a per-thread quantization buffer,

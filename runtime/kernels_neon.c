@@ -8,7 +8,7 @@
  * weights to floats once and multiplies it with 4 tokens at a time (16 accumulators of the 32
  * vector registers).
  *
- * TINYLLM_KERNELS=neon-dotprod, opt-in like the x86 int8 paths: the activations quantized once per
+ * TINYLLM_KERNELS=neon-dotprod (opt-in: not timed on hardware yet): the activations quantized once per
  * matmul (kernels_int8.c; the same int8 blocks as on x86), then SDOT, Armv8.2's signed 8-bit dot
  * product, per 32-column block. Signed x signed, so q4_0 nibbles just lose their offset of 8 before
  * the product (x86 needs an unsigned operand and takes the offset off at the end). Compiled in a

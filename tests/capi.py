@@ -27,6 +27,47 @@ ffi = cffi.FFI()
 ffi.cdef(_cdef_from_header(HEADER.read_text()))
 lib = ffi.dlopen(LIB_PATH)
 
+# the kernel paths (kernels.h keeps them out of the public header): a second cffi handle on the same
+# library (dlopen of the same path: the same active path as lib's)
+_kffi = cffi.FFI()
+_kffi.cdef("""
+int tl_kernels_select(const char *name);
+int tl_kernels_active(void);
+int tl_kernels_float(int kernels);
+const char *tl_kernels_name(int kernels);
+""")
+_klib = _kffi.dlopen(LIB_PATH)
+FLOAT_PATHS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 5}
+INT8_PATHS = {"avx2-int8": 3, "vnni": 4, "amx": 7, "neon-dotprod": 6}
+
+
+def select_kernels(name: str | None) -> int:
+    """Take the kernel path of that name (None or "": the default); returns the level now active."""
+    return _klib.tl_kernels_select(_kffi.NULL if name is None else name.encode())
+
+
+def restore_kernels() -> int:
+    """Back to the path the run asked for (TINYLLM_KERNELS, else the default)."""
+    return _klib.tl_kernels_select(ENV_KERNELS)
+
+
+def has_kernels(name: str) -> bool:
+    """Whether this build and CPU have that path (selecting it does not fall back to another)."""
+    try:
+        return select_kernels(name) == {**FLOAT_PATHS, **INT8_PATHS}[name]
+    finally:
+        restore_kernels()
+
+
+def active_kernels() -> str:
+    """The name of the C API's active kernel path."""
+    return _kffi.string(_klib.tl_kernels_name(_klib.tl_kernels_active())).decode()
+
+
+def float_kernels() -> str:
+    """The float-activation path behind the active one (itself if it is one)."""
+    return _kffi.string(_klib.tl_kernels_name(_klib.tl_kernels_float(_klib.tl_kernels_active()))).decode()
+
 
 def last_error() -> str:
     return ffi.string(lib.tl_last_error()).decode("utf-8", errors="replace")

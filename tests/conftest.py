@@ -75,6 +75,32 @@ def random_model(shape: str, seed: int = 0):
 
 
 @pytest.fixture
+def float_path(monkeypatch):
+    """The float-activation kernel path behind the active one, for the C API, tinyllm.Runtime (the pybind11
+    extension holds its own copy of the choice) and `run` subprocesses (TINYLLM_KERNELS): for tests of
+    something other than the kernels (formats, adapters, UTF-8 output, a sampled trajectory) that compare
+    with torch holding the dequantized weights, whose activations the int8 paths (vnni, the default where
+    the CPU has it) would round. (A torch model rounding its matmul inputs the same way is no substitute: it
+    matches to float rounding only until one value lands within that rounding of a half step, which happens
+    within a few positions on the bundled models, and from there one flipped value moves later logits by as
+    much as the rounding itself. The int8 kernels are tested at the matmul level instead: test_kernels.py.)"""
+    from capi import ENV_KERNELS, float_kernels, restore_kernels, select_kernels
+    name = float_kernels()
+    select_kernels(name)
+    monkeypatch.setenv("TINYLLM_KERNELS", name)
+    try:
+        from tinyllm import _runtime
+    except ImportError:  # under ASan runs the extension is left out
+        _runtime = None
+    if _runtime is not None:
+        _runtime.select_kernels(name)
+    yield name
+    restore_kernels()
+    if _runtime is not None:
+        _runtime.select_kernels(ENV_KERNELS.decode())
+
+
+@pytest.fixture
 def model_file(tmp_path):
     """factory: model_file(shape, version) -> (cfg, torch model, path of the written .bin)."""
     def make(shape="gqa_odd_vocab", version=1, seed=0):

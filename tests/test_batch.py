@@ -6,11 +6,10 @@ runs them under ASan; the last ones check the pybind11 binding (tinyllm._runtime
 import threading
 import time
 
-import cffi
 import numpy as np
 import pytest
 
-from capi import ENV_KERNELS, LIB_PATH, CError, check, ffi, lib
+from capi import INT8_PATHS, CError, check, ffi, has_kernels, lib, restore_kernels, select_kernels
 from conftest import SHAPES, random_model, write_synthetic_tokenizer
 
 STEPS = 32
@@ -19,22 +18,7 @@ ATOL = 1e-5
 # weights: llama2.c fp32 (v1) and int8 (v2), GGUF Q8_0 and Q4_0
 KINDS = ["f32", "q8", "q8_0", "q4_0"]
 
-# the kernel paths of the library capi loads (the same handle), which kernels.h keeps out of the public
-# header: the int8-activation paths this CPU has (tests/test_kernels.py's levels)
-_kffi = cffi.FFI()
-_kffi.cdef("int tl_kernels_select(const char *name);")
-_klib = _kffi.dlopen(LIB_PATH)
-INT8_PATHS = {"avx2-int8": 3, "vnni": 4, "amx": 7, "neon-dotprod": 6}
-
-
-def _has_path(name):
-    try:
-        return _klib.tl_kernels_select(name.encode()) == INT8_PATHS[name]
-    finally:
-        _klib.tl_kernels_select(ENV_KERNELS)
-
-
-AVAILABLE_INT8 = [name for name in INT8_PATHS if _has_path(name)]
+AVAILABLE_INT8 = [name for name in INT8_PATHS if has_kernels(name)]
 
 
 @pytest.fixture(scope="module")
@@ -215,9 +199,9 @@ def test_batched_decoding_of_quantized_weights_equals_each_sequence_alone(model_
 
 @pytest.fixture
 def kernels(request):
-    _klib.tl_kernels_select(request.param.encode())
+    select_kernels(request.param)
     yield request.param
-    _klib.tl_kernels_select(ENV_KERNELS)
+    restore_kernels()
 
 
 @pytest.mark.parametrize("kernels", AVAILABLE_INT8, indirect=True)

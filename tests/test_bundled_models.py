@@ -43,7 +43,7 @@ def test_bits_per_char_on_heldout_text_is_within_2_percent_of_the_card(name, hel
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(CARD["models"]) if n.endswith(".bin")])
-def test_torch_on_the_exported_file_agrees_with_the_c_runtime(name):
+def test_torch_on_the_exported_file_agrees_with_the_c_runtime(name, float_path):
     import torch
 
     import tinyllm

@@ -2,10 +2,11 @@
 and the f16 KV cache.
 
 The kernels are called through cffi on internal entry points of libtinyllm.so (kernels.h; a
-test-only cdef below). The default paths multiply every weight type with float activations, so SIMD
+test-only cdef below). The float paths multiply every weight type with float activations, so SIMD
 and scalar agree up to the order of float additions, which the tolerances below bound relative to
-sum |w| |x|. The opt-in int8 paths (vnni, avx2-int8) quantize the activations: they are tested
-against the bound of that rounding, and against numpy doing the same quantization.
+sum |w| |x|. The int8 paths (vnni, the default where the CPU has it; avx2-int8, amx, neon-dotprod)
+quantize the activations: they are tested against the bound of that rounding, and against numpy doing
+the same quantization.
 """
 import subprocess
 import sys
@@ -14,13 +15,11 @@ import cffi
 import numpy as np
 import pytest
 
-from capi import ENV_KERNELS, LIB_PATH, check, ffi, lib
+from capi import FLOAT_PATHS, INT8_PATHS, LIB_PATH, check, ffi, has_kernels, lib, restore_kernels, select_kernels
 
 kffi = cffi.FFI()
 kffi.cdef("""
 typedef struct { int type; const void *data; const float *scales; int rows, cols; int group_size; } tl_matrix;
-int tl_kernels_select(const char *name);
-int tl_kernels_active(void);
 void tl_matmul_rows_scalar(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const float *x, int n);
 void tl_matmul_rows(float *out, size_t out_stride, const tl_matrix *w, int r0, int r1, const float *x, int n);
 void tl_matmul(float *out, size_t out_stride, const tl_matrix *w, const float *x, int n);
@@ -32,30 +31,21 @@ float tl_fp16_to_fp32(uint16_t h);
 klib = kffi.dlopen(LIB_PATH)
 
 F32, Q8, F16, Q8_0, Q4_0 = 0, 1, 2, 3, 4
-PATHS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 5}
-INT8_PATHS = {"avx2-int8": 3, "vnni": 4, "amx": 7, "neon-dotprod": 6}
 FLOAT_PATH_OF = {"avx2-int8": "avx2", "vnni": "avx512", "amx": "avx512", "neon-dotprod": "neon"}  # what takes their other types
 
 
 def best_path() -> int:
-    return klib.tl_kernels_select(kffi.NULL)
-
-
-def path_available(name: str, level: int) -> bool:
-    try:
-        return klib.tl_kernels_select(name.encode()) == level
-    finally:
-        klib.tl_kernels_select(ENV_KERNELS)
+    return select_kernels(None)
 
 
 # x86: avx2 and avx512 where the CPU has them; AArch64: neon (tests/c/test_portable.c runs under qemu)
-SIMD_PATHS = [name for name, level in PATHS.items() if level > 0 and path_available(name, level)]
+SIMD_PATHS = [name for name, level in FLOAT_PATHS.items() if level > 0 and has_kernels(name)]
 
 
 @pytest.fixture(autouse=True)
 def restore_best_path():
     yield
-    klib.tl_kernels_select(ENV_KERNELS)
+    restore_kernels()
 
 
 def ptr(a, ctype="float *"):
@@ -124,16 +114,16 @@ def test_simd_kernel_equals_the_scalar_reference(case, n, path):
     m = Matrix(*case)
     x = np.random.default_rng(2).standard_normal((n, case[2])).astype(np.float32)
     reference = product(m, x, klib.tl_matmul_rows_scalar)
-    assert klib.tl_kernels_select(path.encode()) == PATHS[path]
+    assert select_kernels(path) == FLOAT_PATHS[path]
     got = product(m, x, klib.tl_matmul_rows)
     bound = np.abs(x).astype(np.float64) @ np.abs(m.dense).T
     assert np.all(np.abs(got - reference) <= 1e-5 * bound)
 
 
 @pytest.mark.parametrize("n", [3, 17])  # vnni: one token at a time, then its batched tile
-@pytest.mark.parametrize("path", ["scalar"] + SIMD_PATHS + [p for p in INT8_PATHS if path_available(p, INT8_PATHS[p])])
+@pytest.mark.parametrize("path", ["scalar"] + SIMD_PATHS + [p for p in INT8_PATHS if has_kernels(p)])
 def test_row_ranges_write_only_their_rows_with_the_output_stride(path, n):
-    klib.tl_kernels_select(path.encode())
+    select_kernels(path)
     m = Matrix(Q8_0, 19, 64)
     x = np.random.default_rng(3).standard_normal((n, 64)).astype(np.float32)
     out = np.full((n, 25), -7.0, dtype=np.float32)  # stride 25 > 19 rows
@@ -147,7 +137,7 @@ def test_row_ranges_write_only_their_rows_with_the_output_stride(path, n):
 
 @pytest.mark.parametrize("path", ["scalar"] + SIMD_PATHS)
 def test_threaded_matmul_equals_the_rows_kernel(path):
-    klib.tl_kernels_select(path.encode())
+    select_kernels(path)
     m = Matrix(F32, 301, 96)
     x = np.random.default_rng(4).standard_normal((6, 96)).astype(np.float32)
     out = np.zeros((6, 301), dtype=np.float32)
@@ -173,9 +163,9 @@ def test_simd_attention_equals_the_scalar_reference(path, f16, head_dim):
                        head_dim ** -0.5, f16, ptr(att))
         return out
 
-    klib.tl_kernels_select(b"scalar")
+    select_kernels("scalar")
     reference = attend()
-    klib.tl_kernels_select(path.encode())
+    select_kernels(path)
     got = attend()
     assert np.allclose(got, reference, rtol=1e-5, atol=1e-6)
     k, v = keys[:, :head_dim].astype(np.float64), values[:, :head_dim].astype(np.float64)
@@ -258,7 +248,7 @@ def tokens_for(cfg, n=75, seed=7):
 @pytest.mark.parametrize("version", [1, 2])
 def test_prefill_logits_equal_token_by_token_logits(numpy_model, version, path_name):
     """75 tokens (more than one 64-token prefill batch) at once, against one at a time."""
-    klib.tl_kernels_select(path_name.encode())
+    select_kernels(path_name)
     cfg, path = numpy_model(version)
     tokens = tokens_for(cfg)
     batched = session_logits(path, [tokens])
@@ -275,7 +265,7 @@ def test_prefill_logits_equal_token_by_token_logits(numpy_model, version, path_n
 def test_simd_model_logits_match_torch(model_file, version, path_name):
     from tinyllm.formats.llama2c import load_model
     import torch
-    klib.tl_kernels_select(path_name.encode())
+    select_kernels(path_name)
     cfg, _, path = model_file("mqa_separate_classifier", version)
     tokens = tokens_for(cfg, 60)
     with torch.no_grad():
@@ -288,7 +278,7 @@ def test_simd_model_logits_match_torch(model_file, version, path_name):
 def test_f16_kv_cache_stays_within_its_tolerance(numpy_model, path_name):
     """Halves keep 11 significant bits: keys and values round by at most 2^-11 relative, so the
     logits move by about 1e-3 of their scale; 5e-3 bounds it with margin. f32 is the reference."""
-    klib.tl_kernels_select(path_name.encode())
+    select_kernels(path_name)
     cfg, path = numpy_model(1)
     tokens = tokens_for(cfg)
     f32 = session_logits(path, [tokens[:40], tokens[40:]])
@@ -299,13 +289,13 @@ def test_f16_kv_cache_stays_within_its_tolerance(numpy_model, path_name):
 
 
 def test_unknown_kernel_name_selects_the_best_path():
-    assert klib.tl_kernels_select(b"no-such-path") == best_path()
-    assert klib.tl_kernels_select(b"scalar") == 0
+    assert select_kernels("no-such-path") == best_path()
+    assert select_kernels("scalar") == 0
 
 
-# ---- int8 activations (TINYLLM_KERNELS=vnni / avx2-int8) --------------------------------------------
+# ---- int8 activations (vnni, the default where present; avx2-int8, amx, neon-dotprod) --------------------------------------------
 
-AVAILABLE_INT8 = [name for name, level in INT8_PATHS.items() if path_available(name, level)]
+AVAILABLE_INT8 = [name for name, level in INT8_PATHS.items() if has_kernels(name)]
 # q8_0, q4_0 and llama2.c int8 (groups of whole 32-blocks); rows off the 4-row tiles
 INT8_CASES = [(Q8_0, 5, 32, 0), (Q8_0, 11, 64, 0), (Q8_0, 13, 96, 0), (Q8_0, 3, 288, 0), (Q8_0, 9, 768, 0),
               (Q4_0, 5, 32, 0), (Q4_0, 11, 64, 0), (Q4_0, 13, 96, 0), (Q4_0, 7, 288, 0), (Q4_0, 9, 768, 0),
@@ -339,10 +329,13 @@ def cpu_flags() -> set:
         return set()
 
 
-def test_int8_paths_are_opt_in_and_fall_back_where_missing():
-    assert best_path() in PATHS.values()  # the default stays a float-activation path (kernels_dispatch.c)
+def test_the_default_is_vnni_where_the_cpu_has_it_and_int8_paths_fall_back_where_missing():
+    # vnni where it is there, else the best float path: avx2-int8, amx and neon-dotprod only by name
+    best_float = max((level for name, level in FLOAT_PATHS.items() if has_kernels(name)),
+                     key=[0, 5, 1, 2].index)  # scalar < neon < avx2 < avx512
+    assert best_path() == (INT8_PATHS["vnni"] if "vnni" in AVAILABLE_INT8 else best_float)
     for name, level in INT8_PATHS.items():
-        got = klib.tl_kernels_select(name.encode())  # missing: amx falls back to vnni, vnni to avx2-int8, else the default
+        got = select_kernels(name)  # missing: amx falls back to vnni, vnni to avx2-int8, else the default
         fallbacks = (best_path(), INT8_PATHS["avx2-int8"], INT8_PATHS["vnni"])
         assert got == level or (name not in AVAILABLE_INT8 and got in fallbacks)
     flags = cpu_flags()  # where Linux says the CPU has them, the int8 paths must be there
@@ -370,9 +363,9 @@ def test_amx_gives_the_bits_of_vnni(case, n):
     float order, so the same bits (rows off the 16-row tiles go to vnni's kernels anyway)."""
     m = Matrix(*case)
     x = np.random.default_rng(11).standard_normal((n, case[2])).astype(np.float32)
-    klib.tl_kernels_select(b"vnni")
+    select_kernels("vnni")
     vnni = product(m, x, klib.tl_matmul_rows)
-    klib.tl_kernels_select(b"amx")
+    select_kernels("amx")
     assert np.array_equal(product(m, x, klib.tl_matmul_rows), vnni)
 
 
@@ -383,7 +376,7 @@ def test_int8_kernel_is_within_the_activation_rounding_of_the_scalar_reference(c
     m = Matrix(*case)
     x = np.random.default_rng(8).standard_normal((n, case[2])).astype(np.float32)
     reference = product(m, x, klib.tl_matmul_rows_scalar)
-    assert klib.tl_kernels_select(path.encode()) == INT8_PATHS[path]
+    assert select_kernels(path) == INT8_PATHS[path]
     got = product(m, x, klib.tl_matmul_rows)
     float_noise = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(m.dense).T)
     assert np.all(np.abs(got - reference) <= activation_rounding_bound(m, x) + float_noise)
@@ -404,7 +397,7 @@ def test_int8_tokens_get_the_same_bits_alone_and_in_a_batch(case, n, path):
     logits do not depend on its chunks. (avx2-int8 and neon-dotprod have one kernel for every n.)"""
     m = Matrix(*case)
     x = np.random.default_rng(12).standard_normal((n, case[2])).astype(np.float32)
-    klib.tl_kernels_select(path.encode())
+    select_kernels(path)
     batched = product(m, x, klib.tl_matmul_rows)
     alone = np.concatenate([product(m, x[t:t + 1], klib.tl_matmul_rows) for t in range(n)])
     assert np.array_equal(batched, alone)
@@ -416,7 +409,7 @@ def test_int8_tokens_get_the_same_bits_alone_and_in_a_batch(case, n, path):
 @pytest.mark.parametrize("n", [1, 6])
 def test_threaded_int8_matmul_equals_the_rows_kernel(path, n):
     """tl_matmul quantizes x once for all its worker chunks: the same numbers as one tl_matmul_rows."""
-    klib.tl_kernels_select(path.encode())
+    select_kernels(path)
     for case in [(Q4_0, 301, 768, 0), (Q8_0, 130, 288, 0), (Q8, 101, 256, 64)]:
         m = Matrix(*case)
         x = np.random.default_rng(9).standard_normal((n, case[2])).astype(np.float32)
@@ -431,9 +424,9 @@ def test_int8_path_leaves_other_types_on_the_float_path(path):
     for case in [(F32, 9, 288, 0), (F16, 6, 64, 0), (Q8, 5, 48, 16)]:
         m = Matrix(*case)
         x = np.random.default_rng(10).standard_normal((3, case[2])).astype(np.float32)
-        klib.tl_kernels_select(FLOAT_PATH_OF[path].encode())
+        select_kernels(FLOAT_PATH_OF[path])
         float_path = product(m, x, klib.tl_matmul_rows)
-        klib.tl_kernels_select(path.encode())
+        select_kernels(path)
         assert np.array_equal(product(m, x, klib.tl_matmul_rows), float_path)
 
 
@@ -468,9 +461,9 @@ def test_int8_path_keeps_the_greedy_ids_of_the_bundled_models(name, path):
     the float path's top two logits are 0.044 apart; the rest agree over all 100 tokens)."""
     import warnings
     from conftest import ROOT
-    klib.tl_kernels_select(FLOAT_PATH_OF[path].encode())
+    select_kernels(FLOAT_PATH_OF[path])
     reference, reference_logits = greedy_ids(ROOT / "models" / name)
-    klib.tl_kernels_select(path.encode())
+    select_kernels(path)
     got, got_logits = greedy_ids(ROOT / "models" / name)
     first = next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), None)
     agreed = len(got) if first is None else first + 1

@@ -147,7 +147,7 @@ def test_adapter_round_trips_through_the_reader(files, tmp_path, type_):
 @pytest.mark.noasan
 @pytest.mark.parametrize("kind, scale, tolerance", [("f32-gqa", 1.0, 1e-4), ("f32-mha", 0.5, 1e-4),
                                                     ("q8_0-gqa", 1.0, 1e-4), ("f16-mha", 1.0, 1e-4)])
-def test_runtime_with_adapter_gives_the_logits_of_the_merged_model(files, kind, scale, tolerance):
+def test_runtime_with_adapter_gives_the_logits_of_the_merged_model(files, kind, scale, tolerance, float_path):
     """Every position's logits equal those of torch holding W + scale * alpha / rank * B A (W as the base
     file stores it, dequantized), and differ clearly from the base's: the adapter is applied, and right."""
     import tinyllm

@@ -7,12 +7,11 @@ stores them), greedy ids against `run`, Runtime and stock llama.cpp, and files w
 up refused by the C loader, `run` and the Python reader alike."""
 import subprocess
 
-import cffi
 import numpy as np
 import pytest
 import torch
 
-from capi import ENV_KERNELS, LIB_PATH, lib, load_status
+from capi import lib, load_status
 from conftest import RUN_BIN, write_synthetic_tokenizer
 from test_batch import CModel
 from test_gguf import LlamaCpp
@@ -22,14 +21,6 @@ from tinyllm.errors import FormatError
 # (n_experts, n_experts_active, n_kv_heads): top-1/2/3, 4 and 8 experts, MHA, GQA and MQA
 SHAPES = [(4, 1, 2), (4, 2, 4), (8, 2, 2), (8, 3, 1)]
 RTOL = 1e-4
-
-# the kernel path of the library capi loads (the same handle: dlopen of the same path), which kernels.h keeps
-# out of the public header
-_kffi = cffi.FFI()
-_kffi.cdef("int tl_kernels_select(const char *name);")
-_klib = _kffi.dlopen(LIB_PATH)
-FLOAT_PATHS = {"avx512": 2, "avx2": 1, "neon": 5}
-
 
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
@@ -93,19 +84,6 @@ def batch_steps(path, prompts, chunk=5):
         m.close()
 
 
-@pytest.fixture
-def float_kernels():
-    """The best float-activation kernel path for the C API: an int8 path (vnni may be the default for
-    Q8_0/Q4_0) rounds the activations, which moves logits by more than 1e-4 and can swap near-tied experts."""
-    for name, level in FLOAT_PATHS.items():
-        if _klib.tl_kernels_select(name.encode()) == level:
-            break
-    else:
-        _klib.tl_kernels_select(b"scalar")
-    yield
-    _klib.tl_kernels_select(ENV_KERNELS)
-
-
 def all_at_once(path, ids):
     """Logits of every position from one tl_session_feed of all ids (batched prefill, 64 rows a batch)."""
     m = CModel(path)
@@ -145,13 +123,12 @@ def test_runtime_logits_equal_torch_at_every_position_on_every_path(tmp_path, to
 
 
 @pytest.mark.parametrize("type_", ["f16", "q8_0", "q4_0"])
-def test_quantized_moe_equals_torch_holding_the_stored_weights(tmp_path, tok_path, type_, float_kernels):
-    """On the float-activation kernels (the C API's path is pinned; Runtime's extension keeps its default,
-    which may round activations to int8 for Q8_0/Q4_0, so only F16 is compared through it)."""
+def test_quantized_moe_equals_torch_holding_the_stored_weights(tmp_path, tok_path, type_, float_path):
+    """On the float-activation kernels (conftest's float_path): the int8 paths round the activations, which
+    moves logits by more than 1e-4 and can swap near-tied experts."""
     cfg, model = random_moe(seed=5, n_experts=8, n_experts_active=2)
     path = write(tmp_path, model, cfg, tok_path, type_)
-    rt = check_every_path(path, quantized_reference(model, cfg, type_), [ids_for(3, 70), ids_for(4, 12)],
-                          runtime=type_ == "f16")
+    rt = check_every_path(path, quantized_reference(model, cfg, type_), [ids_for(3, 70), ids_for(4, 12)])
     assert rt.file_info["weight_type"] == type_
 
 

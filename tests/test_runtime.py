@@ -50,7 +50,7 @@ def test_c_logits_match_torch_at_every_position(model_file, shape, version):
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_v2_logits_match_torch_holding_the_dequantized_weights(model_file, shape):
+def test_v2_logits_match_torch_holding_the_dequantized_weights(model_file, shape, float_path):
     from tinyllm.formats.llama2c import load_model
     cfg, model, path = model_file(shape, 2)
     dequantized = load_model(path)
@@ -80,7 +80,7 @@ def _run_greedy_text(path, tok_path, n_tokens):
 @pytest.mark.noasan
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_greedy_64_tokens_identical_across_torch_run_and_runtime(model_file, tmp_path, shape, version):
+def test_greedy_64_tokens_identical_across_torch_run_and_runtime(model_file, tmp_path, shape, version, float_path):
     import tinyllm
     from tinyllm.formats.llama2c import load_model
     cfg, _, path = model_file(shape, version)

@@ -116,7 +116,7 @@ def _sp_piece_bytes():
     return piece
 
 
-def test_completion_text_is_python_utf8_decoding_of_the_sampled_pieces_at_every_cut(chat_runtime):
+def test_completion_text_is_python_utf8_decoding_of_the_sampled_pieces_at_every_cut(chat_runtime, float_path):
     piece = _sp_piece_bytes()
     full = chat_runtime.completion(messages=CHAT_MESSAGES, max_new_tokens=60, **CHAT_SAMPLING)
     full_text = "".join(full)
@@ -133,12 +133,12 @@ def test_completion_text_is_python_utf8_decoding_of_the_sampled_pieces_at_every_
     assert held > 0  # some cut fell inside a character made of byte tokens
 
 
-def test_runtime_chat_answer_holds_no_partial_character(chat_runtime):
+def test_runtime_chat_answer_holds_no_partial_character(chat_runtime, float_path):
     answer = chat_runtime.chat(CHAT_MESSAGES, max_new_tokens=60, **CHAT_SAMPLING)
     assert "为\ufffd地方" in answer and "\ufffd\ufffd" not in answer
 
 
-def test_run_chat_writes_valid_utf8_at_every_step_budget(chat_runtime):
+def test_run_chat_writes_valid_utf8_at_every_step_budget(chat_runtime, float_path):
     def run(n):
         out = subprocess.run([RUN_BIN, str(CHAT_MODEL), "-m", "chat", "-s", "7", "-t", "1", "-p", "0.9", "-r", "1.1",
                               "-g", "4", "-n", str(n)], input="介绍一下北京\n".encode(), capture_output=True,

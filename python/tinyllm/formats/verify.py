@@ -37,7 +37,7 @@ def _stored_model(path):
 
 @contextlib.contextmanager
 def _float_kernels():
-    """The C runtime on its float-activation kernels meanwhile: an int8 path (TINYLLM_KERNELS=vnni, say)
+    """The C runtime on its float-activation kernels meanwhile: an int8 path (vnni, the default where the CPU has it)
     rounds the activations too, which moves a faithful file's logits by ~0.25% and would fail the check."""
     active = _runtime.kernels()
     _runtime.select_kernels(_runtime.float_kernels())

@@ -266,6 +266,23 @@ ALWAYS_INLINE __m256i sum_rows8(const __m256i d[8]) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(abcd, efgh, 0x20), _mm256_permute2x128_si256(abcd, efgh, 0x31));
 }
 
+/* Block b's scales of 8 rows as one vector: q8_0 and q4_0 keep an fp16 at each block's start, converted
+ * 8 at once; llama2.c int8 groups (TL_TYPE_Q8) have float scales apart, read only at a group's first
+ * block into dw. (Storing the 8 scales one by one and loading them back as a vector, as for Q8, costs
+ * a store-forwarding stall per block: it is on the decode path of every q8_0/q4_0 matmul.) */
+ALWAYS_INLINE __m256 row_scales8(int type, const tl_matrix *w, const unsigned char *const row[8], int r, int R, int b,
+                                 size_t block_bytes, int blocks_per_scale, float dw[8]) {
+    if (type != TL_TYPE_Q8) {
+        uint16_t h[8];
+        for (int i = 0; i < 8; i++) memcpy(&h[i], row[i] + (size_t)b * block_bytes, 2);
+        return _mm256_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2], (short)h[3], (short)h[4],
+                                              (short)h[5], (short)h[6], (short)h[7]));
+    }
+    if (b % blocks_per_scale == 0)
+        for (int i = 0; i < R; i++) dw[i] = block_scale(type, w, row[i], r + i, b / blocks_per_scale);
+    return _mm256_loadu_ps(dw);
+}
+
 /* out[(t0 + t) * os + r + i] = row r + i of W . token t0 + t of xq, for R <= 8 rows x T tokens (the
  * matmuls of fewer tokens than the batched tile takes: decode). The lanes are rows: per block, each
  * row's exact integer dot (vpdpbusd of the tile's unsigned weights u with the token's values, summed
@@ -285,8 +302,6 @@ ALWAYS_INLINE void lanes_i8_vnni(int type, int R, int T, const tl_matrix *w, int
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     float dw[8] = {0};
     for (int b = 0; b < nb; b++) {
-        if (b % blocks_per_scale == 0)
-            for (int i = 0; i < R; i++) dw[i] = block_scale(type, w, row[i], r + i, b / blocks_per_scale);
         __m256i xv[2], dot[2][8], offset[2];
         float dx[2];
         for (int t = 0; t < T; t++) {
@@ -301,7 +316,7 @@ ALWAYS_INLINE void lanes_i8_vnni(int type, int R, int T, const tl_matrix *w, int
             if (type != TL_TYPE_Q4_0) u = _mm256_xor_si256(u, _mm256_set1_epi8((char)0x80)); /* w + 128 */
             for (int t = 0; t < T; t++) dot[t][i] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv[t]);
         }
-        const __m256 scales = _mm256_loadu_ps(dw);
+        const __m256 scales = row_scales8(type, w, row, r, R, b, block_bytes, blocks_per_scale, dw);
         for (int t = 0; t < T; t++) {
             const __m256i exact = _mm256_sub_epi32(sum_rows8(dot[t]), offset[t]);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), _mm256_mul_ps(scales, _mm256_set1_ps(dx[t])), acc[t]);

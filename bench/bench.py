@@ -14,7 +14,8 @@ active compute of 15M, whose dense cells are its reference; GGUF only):
                     for q8_0/q4_0/llama2.c int8); any `run:<path>` in --impls runs that TINYLLM_KERNELS path
   - `run:amx`       vnni with its batched tile on AMX-INT8 tiles (prefill, batched decode),
                     measured only where the CPU has amx_int8 (elsewhere the path would fall back)
-at 1 thread and all physical cores, greedy, the same context. Each figure is the median of
+at 1 thread and all physical cores, greedy, the same context; and prefill of a prompt that fills the
+512-token context (110M Q8_0/Q4_0, `run` against llama.cpp). Each figure is the median of
 --repeats runs (fewer for the scalar reference). Also: machine facts, a measured memory bandwidth,
 and decode as % of the roofline bandwidth / bytes of weights read per token.
 
@@ -52,6 +53,10 @@ MOE_DENSE = {"15M-moe": "15M"}  # an MoE shape and the dense shape of the same a
 # new tokens per decode run and prompt tokens per prefill run
 DECODE_TOKENS = {"15M": 128, "42M": 96, "110M": 48, "15M-moe": 128}
 PROMPT_TOKENS = 128
+# issue 17's long-prompt goal: prefill of a 512-token context (the prompt fills it but for BOS and one new
+# token) for these shapes and types, `run` against llama.cpp
+LONG_PROMPT_TOKENS = CONTEXT - 2
+LONG_PREFILL = {"110M": ("q8_0", "q4_0")}
 FILES = {  # label: (file suffix, what it is)
     "f32": ("f32.gguf", "GGUF F32"),
     "q8_0": ("q8_0.gguf", "GGUF Q8_0"),
@@ -200,13 +205,13 @@ def prompt_text(n: int, variant: int = 0) -> str:
 
 
 def time_run(path: Path, tok: Path, threads: int, n_new: int, scalar: bool = False,
-             variant: int = 0, kernels: str | None = None) -> tuple[float, float]:
+             variant: int = 0, kernels: str | None = None, prompt_tokens: int = PROMPT_TOKENS) -> tuple[float, float]:
     """(decode tok/s, prefill tok/s) from one `run` process (on TINYLLM_KERNELS=kernels if given)."""
     env = dict(os.environ)
     if kernels or scalar:
         env["TINYLLM_KERNELS"] = kernels or "scalar"
-    cmd = [str(RUN), str(path), "-t", "0", "-n", str(PROMPT_TOKENS + 1 + n_new), "-j", str(threads),
-           "-i", prompt_text(PROMPT_TOKENS, variant)]
+    cmd = [str(RUN), str(path), "-t", "0", "-n", str(prompt_tokens + 1 + n_new), "-j", str(threads),
+           "-i", prompt_text(prompt_tokens, variant)]
     if path.suffix == ".bin":
         cmd += ["-z", str(tok)]
     return run_speeds(cmd, env)
@@ -264,9 +269,9 @@ class LlamaCppRunner:
         self.server = xlc.Server(p)
         self.calls = 0
 
-    def __call__(self, n_new: int) -> tuple[float, float]:
+    def __call__(self, n_new: int, prompt_tokens: int = PROMPT_TOKENS) -> tuple[float, float]:
         self.calls += 1
-        r = self.server.handle_completions({"prompt": prompt_text(PROMPT_TOKENS, self.calls), "n_predict": n_new, "temperature": 0.0,
+        r = self.server.handle_completions({"prompt": prompt_text(prompt_tokens, self.calls), "n_predict": n_new, "temperature": 0.0,
                                             "top_k": 1, "ignore_eos": True, "cache_prompt": False})
         if isinstance(r, str):
             r = json.loads(r)
@@ -405,18 +410,67 @@ def main(argv=None):
                     print(f"  {shape:>4} {label:>5} {impl:>9} {threads}t: decode {decode or 0:8.1f}  "
                           f"prefill {prefill or 0:8.1f} tok/s", flush=True)
 
+    long_prefill = measure_long_prefill(models, tok, shapes, types, thread_counts, args.repeats)
+
     (Path(args.models) / "tok").mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer_speed(Path(args.models) / "tok")
     print(f"tokenizer: {tokenizer}", flush=True)
     info["load_average_end"] = os.getloadavg()
     info["seconds"] = round(time.time() - started, 1)
     report = dict(machine=info, context=CONTEXT, prompt_tokens=PROMPT_TOKENS, decode_tokens=DECODE_TOKENS,
-                  results=results, tokenizer=tokenizer)
+                  results=results, long_prompt_tokens=LONG_PROMPT_TOKENS, long_prefill=long_prefill,
+                  tokenizer=tokenizer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "RESULTS.md").write_text(markdown(report))
     print(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'} in {info['seconds']} s")
+
+
+def measure_long_prefill(models, tok, shapes, types, thread_counts, repeats) -> list[dict]:
+    """Prefill tok/s of a LONG_PROMPT_TOKENS prompt (+BOS, one new token), `run` and llama.cpp, medians of
+    repeats, for the LONG_PREFILL cells this run has."""
+    rows = []
+    for shape, labels in LONG_PREFILL.items():
+        for label in labels:
+            if shape not in shapes or label not in types:
+                continue
+            path = models[shape][1][label]
+            for threads in thread_counts:
+                for impl in ("run", "llama.cpp"):
+                    try:
+                        if impl == "run":
+                            samples = [time_run(path, tok, threads, 1, variant=i, prompt_tokens=LONG_PROMPT_TOKENS)
+                                       for i in range(repeats)]
+                        else:
+                            runner = LlamaCppRunner(path, threads)
+                            runner(8)  # warm-up
+                            samples = [runner(1, LONG_PROMPT_TOKENS) for _ in range(repeats)]
+                            runner = None
+                    except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
+                        print(f"  long prefill {shape} {label} {impl} {threads}t: failed: {e}", flush=True)
+                        continue
+                    prefill = medians(samples)[1]
+                    rows.append(dict(shape=shape, type=label, impl=impl, threads=threads, repeats=len(samples),
+                                     prefill_tok_s=prefill))
+                    print(f"  long prefill {shape} {label} {impl:>9} {threads}t: {prefill or 0:8.1f} tok/s", flush=True)
+    return rows
+
+
+def long_prefill_lines(report) -> list[str]:
+    """Issue 17's goal: prefill of the long prompt >= 1.5x llama.cpp for each LONG_PREFILL cell."""
+    rows = report.get("long_prefill") or []
+    get = {(r["shape"], r["type"], r["impl"], r["threads"]): r["prefill_tok_s"] for r in rows}
+    out = []
+    for r in rows:
+        if r["impl"] != "run":
+            continue
+        ours, peer = r["prefill_tok_s"], get.get((r["shape"], r["type"], "llama.cpp", r["threads"]))
+        if ours and peer:
+            out.append(f"- prefill of a {report['long_prompt_tokens'] + 1}-token prompt (BOS included) {r['shape']} {r['type']} {r['threads']}t: "
+                       f"ours {ours:.0f} vs llama.cpp {peer:.0f}: {ours / peer:.2f}x, goal 1.5x "
+                       f"{'met' if ours >= 1.5 * peer else 'NOT met'}")
+    return out
 
 
 def cell(res: list, shape: str, label: str, impl: str, threads: int, key: str):
@@ -472,6 +526,9 @@ def markdown(report) -> str:
                     ratio_d, ratio_p = " / ".join(rd), " / ".join(rp)
                 lines.append(f"| {shape} | {FILES[label][1]} | {impl} | {dec} | {pre} | {roof} | {ratio_d} | {ratio_p} |")
     lines += ["", "## Issue 7's goals in this run", ""] + goal_lines(report)
+    long = long_prefill_lines(report)
+    if long:
+        lines += ["", "## Issue 17's long-prompt prefill goal in this run", ""] + long
     moe = moe_goal_lines(report)
     if moe:
         lines += ["", "## Issue 18's mixture-of-experts goals in this run", ""] + moe

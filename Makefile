@@ -160,9 +160,9 @@ fuzz-python: build/fuzz/seeds/.done build/fuzz/seeds/spmodel/.done
 # runs them under qemu-aarch64: the kernel paths against the scalar reference on qemu's default CPU
 # (NEON and SDOT) and on a Cortex-A53 (no SDOT: neon-dotprod must fall back); greedy ids on neon and
 # neon-dotprod of the bundled models and of f32/f16/q4_0 conversions of stories15M against this
-# machine's build (equal for f32/f16, tests/test_kernels.py's near-tie rule for quantized weights;
+# machine's build on its float path (TINYLLM_KERNELS=avx512, or the best float path it has: equal for f32/f16, tests/test_kernels.py's near-tie rule for quantized weights;
 # f32/f16 on neon only: neon-dotprod leaves them to neon, which the kernel checks hold it to bit for
-# bit); `run`'s text against this machine's. The driver checks this machine's build and one built with
+# bit); `run`'s text against this machine's (float path too). The driver checks this machine's build and one built with
 # -DTL_NO_SIMD (scalar paths only) the same way first.
 AARCH64_CC ?= aarch64-linux-gnu-gcc
 QEMU_AARCH64 ?= qemu-aarch64 -L /usr/aarch64-linux-gnu
@@ -223,7 +223,7 @@ test-aarch64: all build/native/test_portable build/nosimd/test_portable $(A64)/r
 	QEMU_CPU=cortex-a53 $(QEMU_AARCH64) $(A64)/test_portable kernels --have neon --lack neon-dotprod || fail=1; \
 	for spec in $(PORTABLE_MODELS); do \
 	    model=$${spec%:*}; mode=$${spec##*:}; out=$(PORTABLE)/$$(basename $$model); \
-	    build/native/test_portable greedy $$model $(GREEDY_TOKENS) $$out.x86 || fail=1; \
+	    TINYLLM_KERNELS=avx512 build/native/test_portable greedy $$model $(GREEDY_TOKENS) $$out.x86 || fail=1; \
 	    build/nosimd/test_portable greedy $$model $(GREEDY_TOKENS) $$out.scalar || fail=1; \
 	    build/native/test_portable compare $$out.x86 $$out.scalar $$mode || fail=1; \
 	    paths="neon neon-dotprod"; [ $$mode = exact ] && paths=neon; \
@@ -232,7 +232,7 @@ test-aarch64: all build/native/test_portable build/nosimd/test_portable $(A64)/r
 	        build/native/test_portable compare $$out.x86 $$out.$$k $$mode || fail=1; \
 	    done; \
 	done; \
-	./run models/stories15M.bin -z models/tok5000.bin -t 0 -j 1 -n $(GREEDY_TOKENS) -i "从前" > $(PORTABLE)/run.x86 2>/dev/null; \
+	TINYLLM_KERNELS=avx512 ./run models/stories15M.bin -z models/tok5000.bin -t 0 -j 1 -n $(GREEDY_TOKENS) -i "从前" > $(PORTABLE)/run.x86 2>/dev/null; \
 	$(QEMU_AARCH64) $(A64)/run models/stories15M.bin -z models/tok5000.bin -t 0 -j 1 -n $(GREEDY_TOKENS) -i "从前" \
 	    > $(PORTABLE)/run.aarch64 2>/dev/null || fail=1; \
 	if cmp -s $(PORTABLE)/run.x86 $(PORTABLE)/run.aarch64; then echo "run on aarch64: the same text as here"; \

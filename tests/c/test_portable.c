@@ -490,8 +490,15 @@ static int cmd_kernels(int argc, char **argv) {
         }
     }
     printf("\n");
-    for (int p = 0; p < N_PATHS; p++) /* the int8 paths are opt-in (kernels_dispatch.c) */
-        CHECK(PATHS[p].kernels != best || !PATHS[p].int8, "the default path %s quantizes activations", PATHS[p].name);
+    /* the default: vnni where it runs, else a float-activation path; the other int8 paths only by name
+     * (kernels_dispatch.c) */
+    int vnni_here = 0;
+    for (int p = 0; p < N_PATHS; p++)
+        if (PATHS[p].kernels == TL_KERNELS_VNNI && path_available(&PATHS[p])) vnni_here = 1;
+    for (int p = 0; p < N_PATHS; p++)
+        if (PATHS[p].kernels == best)
+            CHECK(vnni_here ? best == TL_KERNELS_VNNI : !PATHS[p].int8, "the default path is %s%s", PATHS[p].name,
+                  vnni_here ? ", not vnni" : ", which quantizes activations");
     tl_kernels_select(NULL);
     int checked = 0;
     for (int c = 0; c < N_CASES; c++)

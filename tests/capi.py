@@ -59,11 +59,6 @@ def has_kernels(name: str) -> bool:
         restore_kernels()
 
 
-def active_kernels() -> str:
-    """The name of the C API's active kernel path."""
-    return _kffi.string(_klib.tl_kernels_name(_klib.tl_kernels_active())).decode()
-
-
 def float_kernels() -> str:
     """The float-activation path behind the active one (itself if it is one)."""
     return _kffi.string(_klib.tl_kernels_name(_klib.tl_kernels_float(_klib.tl_kernels_active()))).decode()

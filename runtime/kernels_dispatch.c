@@ -113,7 +113,7 @@ const char *tl_kernels_name(int kernels) {
 }
 
 /* The default: vnni where the CPU has it, else the best float path. vnni rounds the activations to
- * int8 blocks, which moves logits by about 0.1-0.3% of the largest (so the tests that compare models
+ * int8 blocks, which moves logits by 0.2-1.6% of the largest (so the tests that compare models
  * with torch holding the dequantized weights pin the float path: tests/conftest.py's float_path), and
  * it is faster (the figures at the top: prefill about 2x the avx512 path with its batched tile, decode
  * 0.98-1.30x). Its one-token kernel and its batched tile give a token the same bits, so a batched

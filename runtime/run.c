@@ -24,8 +24,8 @@ static void usage(FILE *out) {
         "  -t <float>  temperature, 0 = greedy (default %.1f)\n"
         "  -p <float>  top-p (nucleus) sampling mass, 1 = off (default %.1f)\n"
         "  -k <int>    top-k: sample among the k most likely tokens, 0 = off (default %d)\n"
-        "  -r <float>  repetition penalty for the last %d tokens, 1 = off (default 1; chat %.1f)\n"
-        "  -g <int>    forbid repeating any n-gram of this size, 0 = off (default 0; chat %d)\n"
+        "  -r <float>  repetition penalty for the last %d tokens, 1 = off (default %.1f)\n"
+        "  -g <int>    forbid repeating any n-gram of this size, 0 = off (default %d)\n"
         "  -s <int>    random seed, 0 .. 2^64-1 (default 0 = from the clock)\n"
         "  -n <int>    steps, as in llama2.c: positions the model runs, prompt included (BOS is\n"
         "              position 0), each giving the next token; with no prompt -n 40 prints 40\n"
@@ -41,8 +41,8 @@ static void usage(FILE *out) {
         "  -a <path>   LoRA adapter to apply: a GGUF adapter file (llama.cpp's) made for this model\n"
         "  -w <float>  the adapter's scale: its change times w (default 1; 0 = off)\n"
         "  -h          this help\n",
-        TL_DEFAULT_TEMPERATURE, TL_DEFAULT_TOP_P, TL_DEFAULT_TOP_K, TL_CHAT_REPETITION_WINDOW,
-        TL_CHAT_REPETITION_PENALTY, TL_CHAT_NO_REPEAT_NGRAM);
+        TL_DEFAULT_TEMPERATURE, TL_DEFAULT_TOP_P, TL_DEFAULT_TOP_K, TL_DEFAULT_REPETITION_WINDOW,
+        TL_DEFAULT_REPETITION_PENALTY, TL_DEFAULT_NO_REPEAT_NGRAM);
 }
 
 static int fail(const char *what) {
@@ -209,7 +209,7 @@ int main(int argc, char **argv) {
     long steps = 0, threads = 0, top_k = 0, ngram = -1;
     unsigned long long seed = 0;
     float penalty = 0.0f;
-    int penalty_given = 0; /* else the mode's default */
+    int penalty_given = 0; /* else the default */
     for (int i = 2; i < argc; i += 2) {
         const char *flag = argv[i];
         if (strcmp(flag, "-h") == 0) {
@@ -263,11 +263,10 @@ int main(int argc, char **argv) {
     if (prompt && prompt[0] == '\0') return fail("empty prompt (-i \"\"); omit -i to start from BOS");
     if (scale_given && adapter_path == NULL) return fail("-w scales an adapter: name one with -a");
     params.top_k = (int)top_k;
-    /* small models loop: chat turns the repetition controls on unless told otherwise */
+    /* the repetition controls are on unless told otherwise (tl_sample_defaults: small models loop) */
+    if (penalty_given) params.repetition_penalty = penalty;
+    if (ngram >= 0) params.no_repeat_ngram = (int)ngram;
     const int chatting = strcmp(mode, "chat") == 0;
-    params.repetition_penalty = penalty_given ? penalty : (chatting ? TL_CHAT_REPETITION_PENALTY : 1.0f);
-    params.repetition_window = TL_CHAT_REPETITION_WINDOW;
-    params.no_repeat_ngram = ngram >= 0 ? (int)ngram : (chatting ? TL_CHAT_NO_REPEAT_NGRAM : 0);
     params.seed = seed > 0 ? seed : (unsigned long long)time(NULL);
     /* the sampler's own checks (NaN, negative, out of range), before the model is loaded */
     tl_sampler *check = NULL;

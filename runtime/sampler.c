@@ -23,7 +23,8 @@ struct tl_sampler {
 };
 
 tl_sample_params tl_sample_defaults(void) {
-    tl_sample_params p = {TL_DEFAULT_TEMPERATURE, TL_DEFAULT_TOP_P, TL_DEFAULT_TOP_K, 0, 1.0f, 0, 0};
+    tl_sample_params p = {TL_DEFAULT_TEMPERATURE, TL_DEFAULT_TOP_P, TL_DEFAULT_TOP_K, 0,
+                          TL_DEFAULT_REPETITION_PENALTY, TL_DEFAULT_REPETITION_WINDOW, TL_DEFAULT_NO_REPEAT_NGRAM};
     return p;
 }
 

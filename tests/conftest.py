@@ -10,6 +10,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_BIN = os.environ.get("TINYLLM_RUN", str(ROOT / "run"))
 SHARED = ROOT.parent / "shared"
 SHARED_DATA = SHARED / "data"
+# plain greedy decoding, the repetition controls (on by default) off: what torch's argmax gives, for the
+# tests that compare token ids with torch or llama.cpp (for Runtime and the samplers, and for `run`)
+PLAIN_GREEDY = dict(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
+PLAIN_GREEDY_RUN = ["-t", "0", "-r", "1", "-g", "0"]
 UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 
 # MKL's sgemm (torch's CPU fp32 matmul) may round differently with the alignment of its operands unless

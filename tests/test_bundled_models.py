@@ -14,6 +14,7 @@ CARD = json.loads((MODELS / "card.json").read_text(encoding="utf-8"))
 pytestmark = pytest.mark.noasan
 sys.path.insert(0, str(MODELS))
 import measure  # noqa: E402  (models/measure.py: the held-out rules and greedy prompts of the card)
+import repetition  # noqa: E402  (models/repetition.py: the loop measure and its prompts)
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +102,19 @@ def test_readme_first_command_does_not_echo_its_prompt():
                                "-n", "24", "-s", str(seed)], capture_output=True, timeout=60).stdout.decode()
                for seed in range(1, 11)]
     assert sum(s.startswith("从前从前") for s in stories) <= 1, stories
+
+
+@pytest.mark.parametrize("name", ["stories15M.bin", "chat15M.bin"])
+def test_greedy_text_does_not_loop_with_the_default_repetition_controls(name):
+    """Issue 15.5 on a few of models/repetition.py's prompts: 200 greedy tokens keep most of their character
+    4-grams distinct with the defaults, and loop without the controls (the measure can fail)."""
+    import tinyllm
+    rt = tinyllm.Runtime(MODELS / name)
+    mode, prompts = repetition.MODELS_MODES[name]
+    prompts = prompts[:4]
+    with_controls = repetition.measure(rt, mode, prompts, dict(temperature=0.0), seeds=[1] * len(prompts))
+    plain = repetition.measure(rt, mode, prompts, dict(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0),
+                               seeds=[1] * len(prompts))
+    assert all(r["distinct"] == 1.0 and r["distinct_chars"] >= 0.75 for r in with_controls), with_controls
+    assert min(r["distinct_chars"] for r in plain) < 0.5, plain
+

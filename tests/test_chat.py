@@ -173,19 +173,19 @@ def test_runtime_chat_feeds_only_new_turns_into_one_kv_cache(files):
     assert rt._chat.context[:len(ids)] == ids
 
 
-def test_runtime_chat_uses_the_chat_sampling_defaults(files):
+def test_runtime_chat_and_completions_use_the_repetition_defaults(files):
     import tinyllm
-    from tinyllm.sampling import CHAT_DEFAULTS
+    from tinyllm.sampling import DEFAULTS, REPETITION_WINDOW
     _, _, gguf_path = files
     rt = tinyllm.Runtime(gguf_path)
     rt.chat(CONVERSATION[1:2], max_new_tokens=1, temperature=0.0)
     used = rt._chat.params
     assert (used.repetition_penalty, used.repetition_window, used.no_repeat_ngram) == (
-        CHAT_DEFAULTS["repetition_penalty"], CHAT_DEFAULTS["repetition_window"], CHAT_DEFAULTS["no_repeat_ngram"])
+        DEFAULTS["repetition_penalty"], REPETITION_WINDOW, DEFAULTS["no_repeat_ngram"]) == (1.1, 64, 4)
     rt.chat(CONVERSATION[1:2], max_new_tokens=1, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0)
     assert (rt._chat.params.repetition_penalty, rt._chat.params.no_repeat_ngram) == (1.0, 0)
-    # a plain completion keeps the controls off unless asked
-    assert rt._params({}).repetition_penalty == 1.0 and rt._params({}).no_repeat_ngram == 0
+    # a plain completion has them on too (small models loop either way), unless asked otherwise
+    assert (rt._params({}).repetition_penalty, rt._params({}).no_repeat_ngram) == (1.1, 4)
 
 
 # ---- role tokens typed by a user are plain text (issue 14.14) ---------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from capi import ffi, last_error, lib
-from conftest import ROOT, RUN_BIN
+from conftest import PLAIN_GREEDY_RUN, ROOT, RUN_BIN
 
 TOKENIZER = ROOT / "models" / "tok5000.model"
 VOCAB = 5000
@@ -342,7 +342,7 @@ def test_lora_export_gives_llama_cpp_and_run_the_greedy_ids_of_our_merged_model(
     prompt = "从前有一只小猫"
     ids = plain.encode(prompt)
     steps = 24 - len(ids) + 1  # run's -n counts positions from BOS
-    r = subprocess.run([RUN_BIN, str(base), "-t", "0", "-n", "24", "-i", prompt, "-a", str(adapter)],
+    r = subprocess.run([RUN_BIN, str(base), *PLAIN_GREEDY_RUN, "-n", "24", "-i", prompt, "-a", str(adapter)],
                        capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
     want = Tokenizer(TOKENIZER).decode(torch_greedy(cfg, numpy_merged, ids, steps))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from capi import lib, load_status
-from conftest import RUN_BIN, write_synthetic_tokenizer
+from conftest import PLAIN_GREEDY_RUN, RUN_BIN, write_synthetic_tokenizer
 from test_batch import CModel
 from test_gguf import LlamaCpp
 from test_moe import VOCAB, _rewritten_gguf, quantized_reference, random_moe
@@ -231,7 +231,7 @@ def test_greedy_ids_agree_across_torch_run_runtime_and_llama_cpp(tmp_path, tok_p
     assert got == want
     # run: llama2.c's -n counts positions from BOS; the last one's token is printed too
     steps = len(ids) - 1 + n
-    r = subprocess.run([RUN_BIN, str(path), "-t", "0", "-n", str(steps), "-i", prompt], capture_output=True,
+    r = subprocess.run([RUN_BIN, str(path), *PLAIN_GREEDY_RUN, "-n", str(steps), "-i", prompt], capture_output=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode().rstrip("\n") == prompt + rt.decode(want)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from capi import check, ffi, lib
-from conftest import ROOT, random_model, write_synthetic_tokenizer
+from conftest import PLAIN_GREEDY, ROOT, random_model, write_synthetic_tokenizer
 
 pytestmark = pytest.mark.noasan
 
@@ -64,7 +64,7 @@ def test_encode_decode_round_trip_and_greedy_generate(runtime_model):
     assert rt.decode(ids) == prompt
     expected_ids = model.generate(ids, 30, temperature=0.0, eos_id=2)
     expected = "".join(pieces[t].decode() for t in expected_ids if t > 2)
-    assert rt.generate(prompt, max_new_tokens=30, temperature=0.0) == expected
+    assert rt.generate(prompt, max_new_tokens=30, **PLAIN_GREEDY) == expected
 
 
 def test_stream_yields_the_same_text_as_generate_for_a_seed(runtime_model):

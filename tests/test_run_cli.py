@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import RUN_BIN, write_synthetic_tokenizer
+from conftest import PLAIN_GREEDY_RUN, RUN_BIN, write_synthetic_tokenizer
 
 
 def run_cli(*args, stdin=b"", cwd=None):
@@ -43,11 +43,11 @@ def test_n_counts_positions_as_llama2c_does(model_file, tmp_path):
     greedy = torch_model.generate([1], 40, temperature=0.0, eos_id=2)
     assert len(greedy) == 40 and 2 not in greedy and greedy[0] != 1 and greedy[-1] != 1
     expected = b"".join(pieces[t] for t in greedy if t != 1).decode()  # BOS decodes to nothing
-    out = run_cli(path, "-z", tok, "-t", "0", "-n", 40)
+    out = run_cli(path, "-z", tok, *PLAIN_GREEDY_RUN, "-n", 40)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode().rstrip("\n") == expected
     # a prompt counts: BOS + 1 prompt token, then 39 sampled, 40 printed
-    out = run_cli(path, "-z", tok, "-t", "0", "-n", 40, "-i", pieces[greedy[0]].decode())
+    out = run_cli(path, "-z", tok, *PLAIN_GREEDY_RUN, "-n", 40, "-i", pieces[greedy[0]].decode())
     assert out.stdout.decode().rstrip("\n") == expected
 
 

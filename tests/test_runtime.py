@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from capi import CError, check, ffi, lib
-from conftest import RUN_BIN, SHAPES, random_model, write_synthetic_tokenizer
+from conftest import PLAIN_GREEDY, PLAIN_GREEDY_RUN, RUN_BIN, SHAPES, random_model, write_synthetic_tokenizer
 
 SEQ = 64
 
@@ -70,7 +70,7 @@ def _greedy_torch(model, cfg, n):
 
 def _run_greedy_text(path, tok_path, n_tokens):
     # llama2.c's -n: positions run from BOS on, each giving a token, so -n N prints N tokens after BOS
-    out = subprocess.run([RUN_BIN, str(path), "-z", str(tok_path), "-t", "0", "-n", str(n_tokens)],
+    out = subprocess.run([RUN_BIN, str(path), "-z", str(tok_path), *PLAIN_GREEDY_RUN, "-n", str(n_tokens)],
                          capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr.decode()
     assert b"tok/s" in out.stderr
@@ -92,7 +92,7 @@ def test_greedy_64_tokens_identical_across_torch_run_and_runtime(model_file, tmp
     expected_text = "".join(pieces[t].decode() for t in expected if t != 1)  # BOS decodes to nothing
 
     runtime = tinyllm.Runtime(path, tok_path)
-    assert runtime.generate_ids([1], SEQ, temperature=0.0) == expected
+    assert runtime.generate_ids([1], SEQ, **PLAIN_GREEDY) == expected
     assert _run_greedy_text(path, tok_path, SEQ) == expected_text
 
 

@@ -1,5 +1,7 @@
 """The C sampler and the Python sampler (tinyllm.sampling) pick the same tokens for the same seed,
 and the repetition controls do what they promise."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -38,8 +40,8 @@ def test_c_and_python_samplers_agree_for_a_seed(config):
     rng = np.random.default_rng(5)
     # a few base distributions reused often, so that repeats (and the penalties) happen
     bases = rng.normal(scale=2.0, size=(4, vocab)).astype(np.float32)
-    params = dict(seed=2024, **config)
-    c, py = CSampler(vocab, **params), Sampler(vocab, SampleParams(**params))
+    params = SampleParams(seed=2024, **config)  # the rest the defaults, for both (the C struct: every field)
+    c, py = CSampler(vocab, **dataclasses.asdict(params)), Sampler(vocab, params)
     c_tokens, py_tokens = [], []
     for step in range(steps):
         logits = bases[step % 4] + rng.normal(scale=0.1, size=vocab).astype(np.float32)

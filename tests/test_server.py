@@ -333,14 +333,11 @@ def test_api_docs_are_off_by_default(chat_server, path):
 
 
 def test_model_card_carries_the_sampling_defaults_the_server_uses(chat_server, client, runtime):
-    from tinyllm.sampling import CHAT_DEFAULTS, DEFAULTS
+    from tinyllm.sampling import DEFAULTS
     card = json.loads(http_get(chat_server, "/v1/models"))["data"][0]
-    assert card["sampling"]["completion"] == DEFAULTS
-    chat = {k: CHAT_DEFAULTS[k] for k in ("repetition_penalty", "no_repeat_ngram")}
-    assert card["sampling"]["chat"] == DEFAULTS | chat
+    assert card["sampling"]["completion"] == card["sampling"]["chat"] == DEFAULTS
     got = client.completions.create(model="chat15M", prompt="从前", max_tokens=30, seed=5)
-    table = {k: DEFAULTS[k] for k in ("temperature", "top_p", "top_k")}
-    assert got.choices[0].text == runtime.generate("从前", max_new_tokens=30, seed=5, **table)
+    assert got.choices[0].text == runtime.generate("从前", max_new_tokens=30, seed=5, **DEFAULTS)
 
 
 def test_role_tokens_typed_by_a_user_do_not_forge_turns(client, runtime):
@@ -493,7 +490,8 @@ def test_streamed_n_choices_each_join_to_their_answer(client, runtime):
 
 def test_logprobs_in_chat_and_completions_are_torchs_log_softmax(client, runtime):
     torch = pytest.importorskip("torch")
-    got = client.completions.create(model="chat15M", prompt="从前", max_tokens=8, temperature=0, logprobs=2)
+    got = client.completions.create(model="chat15M", prompt="从前", max_tokens=8, temperature=0, logprobs=2,
+                                    extra_body={"repetition_penalty": 1.0, "no_repeat_ngram": 0})
     lp = got.choices[0].logprobs
     ids = runtime.encode("从前")
     for token_text, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):

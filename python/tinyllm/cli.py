@@ -39,7 +39,7 @@ from .eval import (CHANCE, answer_eval, generations, held_out_split, load_backen
 from .fileio import atomic_write
 from .formats.convert import convert
 from .runtime import Runtime
-from .sampling import CHAT_DEFAULTS, Sampler, SampleParams
+from .sampling import Sampler, SampleParams
 from .tokenizer import Tokenizer, train_tokenizer
 from .train.pairs import make_pairs
 from .train.sft_data import SHORT_ANSWER_CHARS, add_data_arguments, load_conversations
@@ -958,7 +958,7 @@ class Eval:
             results["multiple_choice"] = multiple_choice(backend, read_mc(args.ceval), args.template,
                                                          args.max_per_subject, progress)
         if args.prompts:
-            params = SampleParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed, **CHAT_DEFAULTS)
+            params = SampleParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
             gens = generations(backend, read_prompts(args.prompts), args.generations_out,
                                max_new_tokens=args.max_new_tokens, params=params, progress=progress)
             results["generations"] = {"file": args.generations_out, "prompts": len(gens)}

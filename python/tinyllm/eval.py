@@ -60,7 +60,7 @@ from .fileio import atomic_write
 from .formats.convert import read_any
 from .formats.weights import to_model
 from .runtime import REPETITION_WINDOW, Runtime
-from .sampling import CHAT_DEFAULTS, Sampler, SampleParams
+from .sampling import Sampler, SampleParams
 from .tokenizer import Tokenizer
 from .train.sft_data import load_conversations, split_train_val, tokenize_conversation
 
@@ -364,7 +364,7 @@ def generations(backend, prompts: list[str], out_path: str, *, max_new_tokens: i
                 progress: bool = False) -> list[dict]:
     """Answer each prompt (a user message in the chat template) and write JSONL {prompt, output, tokens}."""
 
-    params = params or SampleParams(temperature=0.0, **CHAT_DEFAULTS)
+    params = params or SampleParams(temperature=0.0)
     out = []
     bar = tqdm(total=len(prompts), desc="generations", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), 32):  # the C backend answers 32 at a time, side by side
@@ -488,7 +488,7 @@ def answer_eval(backend, train: list, val: list, out_path: str | None = None, *,
     reference's log-likelihood rank among distractors, and the answer-token loss over the whole val split.
     out_path: one JSONL record per question (question, reference, answer, f1, rank)."""
     items = select_questions(train, val, count)
-    params = params or SampleParams(temperature=0.0, **CHAT_DEFAULTS)
+    params = params or SampleParams(temperature=0.0)
     records = []
     ranks = rank_answers(backend, items)
     for item, ranked in tqdm(list(zip(items, ranks)), desc="answers", unit="q", disable=not progress):

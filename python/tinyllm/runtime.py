@@ -16,9 +16,8 @@ from . import chat as chat_template
 from .chat import split_conversation
 from .config import ModelConfig
 from .errors import InvalidArgumentError, TinyLLMError
-from .sampling import CHAT_DEFAULTS, DEFAULTS, MODEL_SAMPLING_KEYS, SAMPLING_KEYS, SampleParams
+from .sampling import DEFAULTS, MODEL_SAMPLING_KEYS, REPETITION_WINDOW, SAMPLING_KEYS, SampleParams
 
-REPETITION_WINDOW = CHAT_DEFAULTS["repetition_window"]  # tokens the repetition penalty looks back over
 INT_MAX = 2**31 - 1  # the C side holds counts and ids in int
 
 
@@ -121,17 +120,15 @@ class Runtime:
         vocab = self._raw_config["vocab_size"]
         return [_check_int(f"{name}[{i}]", t, 0, vocab - 1) for i, t in enumerate(ids)]
 
-    def _params(self, sampling: dict, chat: bool = False, base: dict | None = None) -> SampleParams:
+    def _params(self, sampling: dict, base: dict | None = None) -> SampleParams:
         """One SampleParams from a method's sampling keywords (SAMPLING_KEYS): what is given and not None,
-        over `base`, over CHAT_DEFAULTS' repetition controls for chat, over sampling_defaults. A seed left
+        over `base`, over sampling_defaults. A seed left
         as None is drawn from os.urandom."""
         unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
         if unknown:
             raise InvalidArgumentError(f"unknown sampling argument {unknown[0]!r}; the sampling arguments are "
                                        f"{', '.join(SAMPLING_KEYS)}")
         p = dict(self.sampling_defaults)
-        if chat:
-            p.update({k: CHAT_DEFAULTS[k] for k in ("repetition_penalty", "no_repeat_ngram")})
         p.update(base or {})
         p.update({k: v for k, v in sampling.items() if v is not None})
         seed = p.get("seed")
@@ -167,13 +164,12 @@ class Runtime:
     def completion(self, prompt: str | None = None, messages=None, max_new_tokens: int = 256,
                    stop: Iterable[str] | None = None, **sampling) -> Completion:
         """A Completion of prompt, or of the chat messages' answer, in a fresh KV cache: the prompt is
-        fed now (errors surface here), the tokens are generated as it is iterated (for messages, the
-        repetition controls default to CHAT_DEFAULTS as in chat())."""
+        fed now (errors surface here), the tokens are generated as it is iterated."""
         if (prompt is None) == (messages is None):
             raise InvalidArgumentError("completion() takes a prompt or messages, not both")
         max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0, INT_MAX)
         stop = _check_stops(stop)
-        session, gen = self._generator(self._params(sampling, chat=messages is not None))
+        session, gen = self._generator(self._params(sampling))
         if messages is not None:
             system, turns = split_conversation([_plain(m) for m in messages])
             if turns[-1][1] is not None:
@@ -191,9 +187,11 @@ class Runtime:
         return "".join(self.stream(prompt, max_new_tokens, stop=stop, **sampling))
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, **sampling) -> list[int]:
-        """Sampled token ids after prompt_ids (EOS included when it ends the text); greedy unless told."""
+        """Sampled token ids after prompt_ids (EOS included when it ends the text); unless told, plain greedy:
+        the most likely token at every step, repetition controls off (what torch's or llama.cpp's argmax gives)."""
         max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0, INT_MAX)
-        _, gen = self._generator(self._params(sampling, base=dict(temperature=0.0, top_p=1.0, top_k=0)))
+        plain = dict(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, no_repeat_ngram=0)
+        _, gen = self._generator(self._params(sampling, base=plain))
         gen.prompt_ids(self._check_ids("prompt_ids", prompt_ids))
         out = []
         for _ in range(max_new_tokens):
@@ -213,7 +211,7 @@ class Runtime:
         max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0, INT_MAX)
         if logprobs is not None:
             logprobs = _check_int("logprobs", logprobs, 0, self._raw_config["vocab_size"])
-        params = self._params(sampling, chat=messages is not None)
+        params = self._params(sampling)
         return Sequence(self._prompt_ids(prompt, messages), params, max_new_tokens, _check_stops(stop),
                         logprobs, on_output)
 
@@ -263,7 +261,7 @@ class Runtime:
 
     def stream_chat(self, messages, max_new_tokens: int = 256, **sampling) -> Iterator[str]:
         """Yield the answer to messages ({"role", "content"} dicts in the chat template's order, ending with a
-        user message) piece by piece, stopping at </s>. Repetition controls are on by default (CHAT_DEFAULTS).
+        user message) piece by piece, stopping at </s>.
 
         The conversation stays in one KV cache: when messages extend the previous call's conversation and
         its answer (same sampling settings), only the new turns are fed; otherwise a fresh ChatSession starts."""
@@ -318,7 +316,7 @@ class ChatSession:
     def __init__(self, runtime: Runtime, **sampling):
         self.runtime = runtime
         self.settings = dict(sampling)  # as given: a later call with the same settings may continue this session
-        self.params = runtime._params(sampling, chat=True)  # what the sampler uses
+        self.params = runtime._params(sampling)  # what the sampler uses
         self._session, self._gen = runtime._generator(self.params)
         self.messages: list[dict] = []  # the conversation the cache holds (answers as returned)
         self._complete = True  # False while a reply is being generated or after one failed

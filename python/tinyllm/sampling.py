@@ -17,11 +17,13 @@ MASK64 = (1 << 64) - 1
 # constants hold the same numbers; tests/test_sampling_defaults.py keeps them equal), tinyllm.Runtime,
 # `tinyllm serve` and its web page (which reads them from /v1/models). A model file may carry its own
 # recommendation (GGUF keys tinyllm.sampling.*, see MODEL_SAMPLING_KEYS); it replaces these where the
-# user gives nothing. temperature 0.7: at 1.0 a 15M model writes word salad (models/README.md).
-DEFAULTS = dict(temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.0, no_repeat_ngram=0)
+# user gives nothing. temperature 0.7: at 1.0 a 15M model writes word salad (models/README.md). Both
+# repetition controls are on, for generation as for chat: without them the bundled models loop
+# (models/repetition.py: greedy stories keep 17% of their 4-grams distinct, sampled ones 80%).
+DEFAULTS = dict(temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.1, no_repeat_ngram=4)
 
-# Chat defaults on top of DEFAULTS: small models loop, so chat turns both repetition controls on.
-CHAT_DEFAULTS = dict(repetition_penalty=1.1, repetition_window=64, no_repeat_ngram=4)
+# The recent tokens the repetition penalty looks at (TL_DEFAULT_REPETITION_WINDOW).
+REPETITION_WINDOW = 64
 
 # The sampling keywords of tinyllm.Runtime's methods (and SampleParams' fields but the repetition window).
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "no_repeat_ngram")
@@ -37,7 +39,7 @@ class SampleParams:
     top_k: int = DEFAULTS["top_k"]                 # 0: off
     seed: int = 0                  # 0 picks a fixed non-zero state (like the C sampler)
     repetition_penalty: float = DEFAULTS["repetition_penalty"]  # > 1 penalizes recent tokens; 0 or 1: off
-    repetition_window: int = 0     # recent tokens the penalty looks at; 0: all
+    repetition_window: int = REPETITION_WINDOW  # recent tokens the penalty looks at; 0: all
     no_repeat_ngram: int = DEFAULTS["no_repeat_ngram"]          # n > 0 forbids repeating an n-gram of the history
 
 

@@ -49,7 +49,6 @@ from typing import AsyncIterator, Literal
 from .batching import PREFILL_CHUNK, Engine, Sequence, call_on_output
 from .errors import ContextLengthError, DataError, InvalidArgumentError, TinyLLMError
 from .runtime import INT_MAX, Runtime
-from .sampling import CHAT_DEFAULTS
 
 try:  # the server is an extra
     import anyio
@@ -677,10 +676,9 @@ def _check_model(name: str | None, model_id: str) -> None:
 def _model_card(model_id: str, runtime: Runtime) -> dict:
     """OpenAI's model object, plus the context length, the file's format and the sampling a request gets
     when it names none (tinyllm extensions; the web page takes its defaults from here)."""
-    chat = runtime.sampling_defaults | {k: CHAT_DEFAULTS[k] for k in ("repetition_penalty", "no_repeat_ngram")}
     return {"id": model_id, "object": "model", "created": int(os.path.getmtime(runtime.model_path)),
             "owned_by": "tinyllm", "context_length": runtime.config.max_seq_len, **runtime.file_info,
-            "sampling": {"completion": dict(runtime.sampling_defaults), "chat": chat}}
+            "sampling": {"completion": dict(runtime.sampling_defaults), "chat": dict(runtime.sampling_defaults)}}
 
 
 def _web_page() -> str:

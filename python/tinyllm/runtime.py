@@ -122,8 +122,7 @@ class Runtime:
 
     def _params(self, sampling: dict, base: dict | None = None) -> SampleParams:
         """One SampleParams from a method's sampling keywords (SAMPLING_KEYS): what is given and not None,
-        over `base`, over sampling_defaults. A seed left
-        as None is drawn from os.urandom."""
+        over `base`, over sampling_defaults. A seed left as None is drawn from os.urandom."""
         unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
         if unknown:
             raise InvalidArgumentError(f"unknown sampling argument {unknown[0]!r}; the sampling arguments are "

@@ -483,9 +483,11 @@ static int cmd_kernels(int argc, char **argv) {
         }
         CHECK(ok || !listed(have, PATHS[p].name), "path %s should be available here", PATHS[p].name);
         CHECK(!ok || !listed(lack, PATHS[p].name), "path %s should not be available here", PATHS[p].name);
-        if (!ok) { /* a path this CPU lacks falls back: vnni to avx2-int8 if that runs, else the default */
+        if (!ok) { /* a path this CPU lacks falls back: amx to vnni, vnni to avx2-int8 if that runs (an int8
+                    * path asked for stays int8), else the default */
             const int got = tl_kernels_select(PATHS[p].name);
-            CHECK(got == best || (PATHS[p].kernels == TL_KERNELS_VNNI && got == TL_KERNELS_AVX2_INT8),
+            const int int8_asked = PATHS[p].kernels == TL_KERNELS_VNNI || PATHS[p].kernels == TL_KERNELS_AMX;
+            CHECK(got == best || (int8_asked && got == TL_KERNELS_AVX2_INT8),
                   "missing path %s fell back to %s", PATHS[p].name, tl_kernels_name(got));
         }
     }

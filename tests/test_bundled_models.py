@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, RUN_BIN, SHARED_DATA
+from conftest import PLAIN_GREEDY, ROOT, RUN_BIN, SHARED_DATA
 
 MODELS = ROOT / "models"
 CARD = json.loads((MODELS / "card.json").read_text(encoding="utf-8"))
@@ -114,8 +114,7 @@ def test_greedy_text_does_not_loop_with_the_default_repetition_controls(name, fl
     mode, prompts = repetition.MODELS_MODES[name]
     prompts = prompts[:4]
     with_controls = repetition.measure(rt, mode, prompts, dict(temperature=0.0), seeds=[1] * len(prompts))
-    plain = repetition.measure(rt, mode, prompts, dict(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=0),
-                               seeds=[1] * len(prompts))
+    plain = repetition.measure(rt, mode, prompts, PLAIN_GREEDY, seeds=[1] * len(prompts))
     assert all(r["distinct"] == 1.0 and r["distinct_chars"] >= 0.75 for r in with_controls), with_controls
     assert min(r["distinct_chars"] for r in plain) < 0.5, plain
 

@@ -4,7 +4,7 @@ holds to torch; logprobs are checked against torch's log_softmax of the runtime'
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import PLAIN_GREEDY, ROOT
 
 pytestmark = pytest.mark.noasan
 MODEL = ROOT / "models" / "chat15M.bin"
@@ -134,8 +134,7 @@ def test_the_next_turn_of_a_conversation_reuses_the_cached_prefix(runtime):
 
 def test_logprobs_are_torchs_log_softmax_of_the_logits(runtime):
     torch = pytest.importorskip("torch")
-    seq = runtime.sequence("从前", max_new_tokens=6, temperature=0, repetition_penalty=1.0, no_repeat_ngram=0,
-                           logprobs=3)
+    seq = runtime.sequence("从前", max_new_tokens=6, logprobs=3, **PLAIN_GREEDY)
     run_all(engine(runtime), [seq])
     entries = list(seq.logprobs)
     assert len(entries) == seq.completion_tokens

@@ -1,12 +1,12 @@
-"""One table of sampling defaults (tinyllm.sampling.DEFAULTS) for every entry point, generation and chat alike:
-the C header `run` reads, tinyllm.Runtime and the server (tests/test_server.py and tests/test_web.py
-check the server and its page)."""
+"""One table of sampling defaults (tinyllm.sampling.DEFAULTS) for every entry point, generation and
+chat alike: the C header `run` reads, tinyllm.Runtime and the server (tests/test_server.py and
+tests/test_web.py check the server and its page)."""
 import re
 import subprocess
 
 import pytest
 
-from conftest import ROOT, RUN_BIN
+from conftest import PLAIN_GREEDY, ROOT, RUN_BIN
 
 MODEL = ROOT / "models" / "chat15M.bin"
 STORY_MODEL = ROOT / "models" / "stories15M.bin"
@@ -60,5 +60,4 @@ def test_runtime_without_arguments_samples_with_the_table():
     assert rt.chat(messages, max_new_tokens=30, seed=3) == rt.chat(messages, max_new_tokens=30, seed=3, **DEFAULTS)
     story = Runtime(STORY_MODEL)
     assert story.generate("从前", 60, temperature=0) == story.generate("从前", 60, **{**DEFAULTS, "temperature": 0})
-    assert story.generate("从前", 60, temperature=0) != \
-        story.generate("从前", 60, temperature=0, repetition_penalty=1.0, no_repeat_ngram=0)
+    assert story.generate("从前", 60, temperature=0) != story.generate("从前", 60, **PLAIN_GREEDY)

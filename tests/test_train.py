@@ -344,6 +344,10 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights_and_shape(shards,
     with pytest.raises(ConfigError, match="cannot change model keys"):
         resolve_configs(None, {"out_dir": str(tmp_path / "third"), "dim": 64}, resume=False, force=False,
                         init_from=start)
+    # dropout is a regularizer, not a shape: a continuation may turn it on
+    m3, _, _ = resolve_configs(None, {"out_dir": str(tmp_path / "third"), "dropout": 0.1}, resume=False,
+                               force=False, init_from=start)
+    assert m3.dropout == 0.1 and m3.dim == m.dim and m.dropout == 0.0
     # an interrupted run continues from its own checkpoint: the printed command must not name --init-from
     assert loop.resume_command(["pretrain", "--init-from", start, "--lr", "0"], "o") == \
         "tinyllm pretrain --out-dir o --resume"

@@ -16,7 +16,8 @@ from ..formats.checkpoint import full_weights, load_checkpoint
 from ..lora import LORA_OPTIONS, LoRAConfig, config_from_options, start_adapters
 from ..model import Transformer
 from .loop import describe_run, measure_step_time, setup, teardown, train
-from .stage import absolute, check_saved_file, model_keys, stage_options, stage_record, start_run
+from .stage import (REGULARIZER_MODEL_KEYS, absolute, check_saved_file, model_keys, stage_options, stage_record,
+                    start_run)
 
 # the options a LoRA continuation keeps in its checkpoints (a plain run keeps none: its weights are in them)
 PRETRAIN_OPTIONS = {"init_from": None, **LORA_OPTIONS}
@@ -24,14 +25,16 @@ PRETRAIN_OPTIONS = {"init_from": None, **LORA_OPTIONS}
 
 def resolve_run(config_path: str | None, overrides: dict, resume: bool, force: bool, init_from: str | None = None):
     """The run's Start (tinyllm.train.stage) with its configs. With init_from the model keys are that
-    checkpoint's (a different shape could not take its weights), the training keys the preset's."""
+    checkpoint's (a different shape could not take its weights; dropout may change), the training keys the
+    preset's."""
     preset = load_preset(config_path) if config_path else {}
     start = start_run("pretrain", preset, overrides, resume=resume, force=force,
-                      default_out_dir=TrainConfig.__dataclass_fields__["out_dir"].default)
+                      default_out_dir=TrainConfig.__dataclass_fields__["out_dir"].default,
+                      changeable_model_keys=REGULARIZER_MODEL_KEYS)
     if start.resumed is not None:
         return start
     if init_from:
-        changes = model_keys(overrides)
+        changes = [k for k in model_keys(overrides) if k not in REGULARIZER_MODEL_KEYS]
         if changes:
             raise ConfigError(f"cannot change model keys {changes} of the --init-from checkpoint ({init_from})")
         train_keys = {k: v for k, v in preset.items() if k not in ModelConfig.__dataclass_fields__}

@@ -20,12 +20,12 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .loop import setup, teardown, train
 from .sft_data import ExampleBatches, collate_sft, load_conversations, repeat_short_qa, split_train_val, tokenize_all
-from .stage import absolute, check_saved_file, model_keys, path_list, stage_options, stage_record, start_run
+from .stage import (REGULARIZER_MODEL_KEYS, absolute, check_saved_file, model_keys, path_list, stage_options,
+                    stage_record, start_run)
 
 # SFT starts from a trained model: a lower learning rate and a shorter schedule than pretraining
 SFT_DEFAULTS = {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 20, "max_steps": 1000, "batch_size": 16,
                 "eval_interval": 100, "eval_steps": 10, "ckpt_interval": 200, "out_dir": "out/sft"}
-ALLOWED_MODEL_KEYS = {"dropout"}
 # the options of the stage itself, saved in its checkpoints (tinyllm.train.stage): their defaults
 SFT_OPTIONS = {"checkpoint": None, "data": None, "tokenizer": None, "system": "", "skip_bad": False,
                "identity": "rewrite", "val_fraction": 0.02, "short_repeat": 1, **LORA_OPTIONS}
@@ -54,11 +54,11 @@ def resolve(stage: str, given: dict, overrides: dict, config_path: str | None, r
     resuming, only with start_weights_on_resume (dpo: they are the frozen reference) or for a LoRA run
     (they are its base)."""
     preset = load_preset(config_path) if config_path else {}
-    model_changes = [k for k in model_keys({**preset, **overrides}) if k not in ALLOWED_MODEL_KEYS]
+    model_changes = [k for k in model_keys({**preset, **overrides}) if k not in REGULARIZER_MODEL_KEYS]
     if model_changes:
         raise ConfigError(f"the model shape comes from the checkpoint; cannot set {model_changes}")
     start = start_run(stage, preset, overrides, resume=resume, force=force, default_out_dir=defaults["out_dir"],
-                      changeable_model_keys=ALLOWED_MODEL_KEYS)
+                      changeable_model_keys=REGULARIZER_MODEL_KEYS)
     saved = start.saved_options()
     options = stage_options(option_defaults, saved, given)
 

@@ -49,6 +49,11 @@ class Start:
         return dict(record.get("options") or {}) if isinstance(record, dict) else None
 
 
+# model keys that leave the weights' shapes alone, so a run may set them for weights it starts from
+# (--init-from, --resume, SFT's base checkpoint)
+REGULARIZER_MODEL_KEYS = frozenset({"dropout"})
+
+
 def model_keys(keys) -> list[str]:
     """The model config keys among keys, sorted."""
     return sorted(k for k in keys if k in ModelConfig.__dataclass_fields__)

@@ -25,7 +25,8 @@ requests in flight; a leak shows as peaks that keep rising).
 Beside them, two references for our own goals: the server as it was before continuous batching (--before,
 commit 5eb2b9f: every request its own KV cache and forward passes), built once from that commit into
 build/bench-serve/ and measured at 1 and the largest client count; and `run`'s decode tok/s for the same
-model, threads and answer length (what one client may expect at best).
+model, threads and answer length (what one client may expect at best), timed just before and just after
+our server's 1-client window, on a machine whose speed may drift.
 
 Writes bench/serve_results.json and bench/SERVE.md.
     python bench/serve_load.py [--quick] [--duration 12] [--threads N] [--clients 1,8,32] [--models chat15M,110M]
@@ -204,17 +205,18 @@ def start_server(name: str, model: Path, args) -> Server | LlamaServer:
     return LlamaServer(model, args.parallel, args.threads, context_length(model))
 
 
-def run_decode_speed(model: Path, threads: int) -> float | None:
-    """`run`'s decode tok/s on model: greedy, a chat question as the prompt, MAX_TOKENS new tokens (median of 3).
-    One question that neither model answers with an early EOS (a rate over a few tokens means nothing)."""
+def run_decode_speeds(model: Path, threads: int, times: int = 3) -> list[float]:
+    """`run`'s decode tok/s on model, `times` runs: plain greedy as the load asks for (GREEDY: repetition
+    controls off), a chat question as the prompt, MAX_TOKENS new tokens. One question that neither model
+    answers with an early EOS (a rate over a few tokens means nothing)."""
     speeds = []
-    for question in QUESTIONS[:1] * 3:
-        r = subprocess.run([str(ROOT / "run"), str(model), "-t", "0", "-j", str(threads), "-i", question,
-                            "-n", str(MAX_TOKENS + 24)], capture_output=True, text=True)
+    for _ in range(times):
+        r = subprocess.run([str(ROOT / "run"), str(model), "-t", "0", "-r", "1.0", "-g", "0", "-j", str(threads),
+                            "-i", QUESTIONS[0], "-n", str(MAX_TOKENS + 24)], capture_output=True, text=True)
         found = [line for line in r.stderr.splitlines() if line.startswith("achieved tok/s:")]
         if found:
             speeds.append(float(found[0].split(":")[1]))
-    return round(statistics.median(speeds), 1) if speeds else None
+    return speeds
 
 
 # ---- clients --------------------------------------------------------------------------------------
@@ -390,9 +392,17 @@ def measure(model_name: str, model: Path, server_name: str, args) -> tuple[list[
         print(f"  prefix: TTFT turn 1 {prefix['ttft_turn1_p50_s']} s, turn 2 {prefix['ttft_turn2_p50_s']} s "
               f"({prefix['errors']} errors)", flush=True)
         for clients in (sorted({min(args.clients), max(args.clients)}) if server_name == "before" else args.clients):
+            # our one-client window has `run` beside it: timed just before and just after (the server idle),
+            # since this machine's speed may drift between a reference taken elsewhere and the window
+            reference = server_name == "ours" and clients == 1
+            speeds = run_decode_speeds(model, args.threads) if reference else []
             results, samples, window, cpu = asyncio.run(load(server.url, pid, clients, args.warmup, args.duration))
+            speeds += run_decode_speeds(model, args.threads) if reference else []
             run = {"model": model_name, "server": server_name, "clients": clients,
                    **summarize_load(results, samples, window, cpu)}
+            if reference:
+                run["run_decode_tok_s"] = speeds
+                print(f"  `run` decode beside it: {speeds} tok/s", flush=True)
             runs.append(run)
             print(f"  {clients:>2} clients: {run['tokens_per_s']:8.1f} tok/s, latency p50/p99 "
                   f"{run['latency_p50_s']}/{run['latency_p99_s']} s, TTFT p50/p99 {run['ttft_p50_s']}/"
@@ -497,7 +507,8 @@ def markdown(report: dict) -> str:
         text += ["", f"## Against our server before continuous batching ({before}), and `run`", "",
                  f"The server of commit {before} (each request its own KV cache and forward passes), same slots "
                  f"(`--max-concurrent`), threads and load, after the two above; `run`: its decode tok/s on the same "
-                 f"file, greedy, {MAX_TOKENS} tokens after a question (median of 3).", "",
+                 f"file, plain greedy, {MAX_TOKENS} tokens after a question, median of 6 runs: 3 just before and 3 "
+                 f"just after our server's 1-client window (the server idle).", "",
                  "| model | clients | ours tok/s | before tok/s | ours / before | tok / server CPU-s: ours / before "
                  "| `run` decode tok/s | ours / `run` | ours streamed decode tok/s (p50) | streamed / `run` |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
@@ -507,7 +518,8 @@ def markdown(report: dict) -> str:
                 if "ours" not in cell or "before" not in cell:
                     continue
                 a, b = cell["ours"], cell["before"]
-                run_speed = report["run_decode"].get(name) if clients == 1 else None
+                speeds = a.get("run_decode_tok_s") if clients == 1 else None
+                run_speed = round(statistics.median(speeds), 1) if speeds else None
                 text.append(f"| {name} | {clients} | {a['tokens_per_s']} | {b['tokens_per_s']} | "
                             f"**{ratio(a['tokens_per_s'], b['tokens_per_s'])}** | "
                             f"{ratio(a['tokens_per_server_cpu_s'], b['tokens_per_server_cpu_s'])} | {fmt(run_speed)} | "
@@ -627,8 +639,6 @@ def main() -> int:
         report["servers"][name] = {}
         # alternate which server goes first, so that a machine getting busier or quieter favours neither
         report["order"][name] = order = ["ours", "llama-server"][::1 if i % 2 == 0 else -1]
-        report["run_decode"] = report.get("run_decode", {})
-        report["run_decode"][name] = run_decode_speed(path, args.threads)
         for server_name in order + (["before"] if args.before else []):
             runs, prefix, life = measure(name, path, server_name, args)
             report["runs"] += runs

@@ -223,3 +223,48 @@ for run in dense:configs/stories15M.toml:740 moe:configs/stories15M-moe.toml:342
 done
 wait
 fi
+
+# 8. The recipe study (models/study.jsonl, models/README.md "Recipe study"): short runs, one thread each, two
+#    side by side, compared by held-out bits/char per source (`python models/measure.py --per-source`).
+#    STUDY=1 bash models/recipe.sh repeats it. The mixes keep the sources of MIX2 in its order (a document's
+#    split follows its source's place, so the same documents stay held out) and append the rest.
+if [ "${STUDY:-0}" = 1 ]; then
+MIX3=(--input $D/pretrain/classical_novels.jsonl.xz:0.03
+      --input $D/pretrain/cmrc2017_children_stories.jsonl.gz:8
+      --input $D/pretrain/tiny_chinese_stories_simplified.jsonl.gz:8
+      --input $D/pretrain/cmrc2018_wiki_paragraphs.jsonl.gz:3
+      --input $M/c3_exam_passages.jsonl.xz:4
+      --input $M/chinese_literature_ner_re_texts.jsonl.xz:2
+      --input $M/drcd_wiki_paragraphs.jsonl.xz:2)
+MIX3B=("${MIX3[@]}" --input $M/csl_abstracts.jsonl.xz:1 --input $M/howtocook.jsonl.xz:1 --input $M/oi_wiki.jsonl.xz:0.5
+       --input $M/d2l_zh.jsonl.xz:1 --input $M/wangdoc_javascript_tutorial.jsonl.xz:0.5
+       --input $M/python_docs_zh_cn.jsonl.xz:0.2 --input $M/lawrefbook_laws.jsonl.xz:0.05
+       --input $M/debian_docs_zh_cn.jsonl.xz:0.5)
+study() {  # name, then pretrain flags
+    local name=$1; shift
+    OMP_NUM_THREADS=1 tinyllm pretrain --config configs/stories15M.toml --out-dir "$W/study/$name" --eval-interval 100 \
+        --ckpt-interval 100 --no-progress "$@"
+}
+mkdir -p "$W/study"
+tinyllm convert models/stories15M.bin "$W/study/init.pt" --tokenizer models/tok5000.model
+tinyllm data prepare "${MIX3[@]}" --drop-field-values "$DROP" --tokenizer models/tok5000.model --out "$W/data3"
+tinyllm data prepare "${MIX3B[@]}" --drop-field-values "$DROP" --tokenizer models/tok5000.model --out "$W/data3b"
+for v in 5000 8000 12000; do
+    tinyllm tokenizer train "${MIX3B[@]}" --drop-field-values "$DROP" --vocab-size $v --out "$W/tok3b_$v"
+    tinyllm data prepare "${MIX3B[@]}" --drop-field-values "$DROP" --tokenizer "$W/tok3b_$v/tok.model" \
+        --out "$W/data3b_tok$v"
+done
+C=(--init-from "$W/study/init.pt" --data-dir "$W/data3" --lr 3e-4 --min-lr 3e-5 --warmup-steps 20 --max-steps 330)
+study A_mix3_lr3e-4 "${C[@]}" & study B_mix3_lr3e-4_drop0.1 "${C[@]}" --dropout 0.1 --max-minutes 14 & wait
+T=(--lr 1e-3 --min-lr 1e-4 --warmup-steps 30 --max-minutes 11)  # --max-steps: what 11 minutes held at each size
+study T_scratch_tok5000new "${T[@]}" --data-dir "$W/data3b_tok5000" --max-steps 344 &
+study T_scratch_tok8000new "${T[@]}" --data-dir "$W/data3b_tok8000" --max-steps 308 & wait
+study T_scratch_tok12000new "${T[@]}" --data-dir "$W/data3b_tok12000" --max-steps 270 &
+study T_scratch_tok5000old "${T[@]}" --data-dir "$W/data3b" --max-steps 344 & wait
+python models/measure.py --per-source "$W/study/init.pt" "$W"/study/A_*/ckpt.pt "$W"/study/B_*/ckpt.pt \
+    --tokenizer models/tok5000.model
+for v in 5000 8000 12000; do
+    python models/measure.py --per-source "$W/study/T_scratch_tok${v}new/ckpt.pt" --tokenizer "$W/tok3b_$v/tok.model"
+done
+python models/measure.py --per-source "$W/study/T_scratch_tok5000old/ckpt.pt" --tokenizer models/tok5000.model
+fi

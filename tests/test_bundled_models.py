@@ -24,6 +24,18 @@ def heldout():
     return measure.test_slice(measure.heldout_texts(SHARED_DATA))
 
 
+def test_per_source_figures_hold_out_the_cards_documents():
+    """The recipe study's later mixes append sources to the card's: the documents the card holds out stay
+    held out, so its bits/char and the study's per-source figures are on the same text."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"held-out text comes from {SHARED_DATA}, which is absent")
+    card = measure.heldout_texts(SHARED_DATA)
+    by_source = measure.heldout_by_source(SHARED_DATA)
+    assert len(measure.PER_SOURCE) > len(measure.HELDOUT["inputs"])
+    assert by_source["modern"] == card["modern"] and by_source["classical_novels"] == card["classical"]
+    assert len(card["modern"]) == 68 and all(by_source[name] for name in by_source)
+
+
 @pytest.mark.parametrize("name", sorted(CARD["models"]))
 def test_greedy_output_is_the_recorded_one(name, float_path):
     """card.json's greedy text was written on the float path (vnni's rounded activations may part from it)."""

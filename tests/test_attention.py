@@ -53,3 +53,30 @@ def test_a_position_never_sees_a_later_token():
     a, b = model(tokens)[0], model(changed)[0]
     torch.testing.assert_close(a[0, :9], b[0, :9], rtol=0, atol=1e-6)
     assert not torch.allclose(a[0, 9:], b[0, 9:])
+
+
+def test_blocked_attention_drops_weights_as_sdpa_does():
+    """With dropout both paths are unbiased (kept weights scaled by 1 / (1 - p)): averaged over many draws
+    each gives the output without dropout; a single draw differs from it."""
+    p, draws = 0.3, 4000
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    many = [t.expand(draws, -1, -1, -1) for t in (q, k, v)]
+    torch.manual_seed(0)
+    ours = causal_attention_blocked(*many, dropout_p=p)
+    reference = F.scaled_dot_product_attention(*many, is_causal=True, dropout_p=p)
+    for out in (ours, reference):
+        torch.testing.assert_close(out.mean(0, keepdim=True), exact, rtol=0, atol=0.04)
+    assert not torch.allclose(ours[:1], exact, atol=0.04)
+    # the spread of a draw around the mean matches too (the same share of weights dropped)
+    spread = [float((out - exact).std()) for out in (ours, reference)]
+    assert abs(spread[0] - spread[1]) < 0.05 * spread[1], spread
+
+
+def test_training_with_dropout_keeps_the_blocked_path(monkeypatch):
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=16, max_seq_len=16, dropout=0.1)
+    module = Attention(cfg).train()
+    cos, sin = tinyllm_model.rope_tables(cfg.head_dim, 11, cfg.rope_theta)
+    _attention_output(module, torch.randn(2, 11, cfg.dim), cos, sin, True, monkeypatch)

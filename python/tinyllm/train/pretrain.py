@@ -34,7 +34,7 @@ def resolve_run(config_path: str | None, overrides: dict, resume: bool, force: b
     if start.resumed is not None:
         return start
     if init_from:
-        changes = [k for k in model_keys(overrides) if k not in REGULARIZER_MODEL_KEYS]
+        changes = model_keys(overrides, REGULARIZER_MODEL_KEYS)
         if changes:
             raise ConfigError(f"cannot change model keys {changes} of the --init-from checkpoint ({init_from})")
         train_keys = {k: v for k, v in preset.items() if k not in ModelConfig.__dataclass_fields__}

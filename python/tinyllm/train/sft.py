@@ -54,7 +54,7 @@ def resolve(stage: str, given: dict, overrides: dict, config_path: str | None, r
     resuming, only with start_weights_on_resume (dpo: they are the frozen reference) or for a LoRA run
     (they are its base)."""
     preset = load_preset(config_path) if config_path else {}
-    model_changes = [k for k in model_keys({**preset, **overrides}) if k not in REGULARIZER_MODEL_KEYS]
+    model_changes = model_keys({**preset, **overrides}, REGULARIZER_MODEL_KEYS)
     if model_changes:
         raise ConfigError(f"the model shape comes from the checkpoint; cannot set {model_changes}")
     start = start_run(stage, preset, overrides, resume=resume, force=force, default_out_dir=defaults["out_dir"],

@@ -54,9 +54,9 @@ class Start:
 REGULARIZER_MODEL_KEYS = frozenset({"dropout"})
 
 
-def model_keys(keys) -> list[str]:
-    """The model config keys among keys, sorted."""
-    return sorted(k for k in keys if k in ModelConfig.__dataclass_fields__)
+def model_keys(keys, allowed=()) -> list[str]:
+    """The model config keys among keys, sorted, but for those in allowed."""
+    return sorted(k for k in keys if k in ModelConfig.__dataclass_fields__ and k not in allowed)
 
 
 def start_run(stage: str, preset: dict, overrides: dict, *, resume: bool, force: bool, default_out_dir: str,
@@ -70,7 +70,7 @@ def start_run(stage: str, preset: dict, overrides: dict, *, resume: bool, force:
     path = start.checkpoint_path
     if resume:
         ckpt = load_checkpoint(path)
-        changes = [k for k in model_keys(overrides) if k not in changeable_model_keys]
+        changes = model_keys(overrides, changeable_model_keys)
         if changes:
             raise ConfigError(f"cannot change model keys {changes} when resuming ({path})")
         record = (ckpt.get("extra") or {}).get(STAGE_KEY)
